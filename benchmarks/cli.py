@@ -1,0 +1,263 @@
+"""`edgeops bench`: speed, memory and accuracy of models and bundles, side by side."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from edge_runtime.errors import EdgeOpsError, InvalidInputError
+
+QUANTIZED = ("int8", "int16x8", "dynamic", "static", "float16")
+
+
+def expand(paths: tuple[str, ...], artifact: str | None) -> list[dict]:
+    """Model files to benchmark: bare files as given; bundles give each artifact (or --artifact)."""
+    from edge_runtime.bundle import open_bundle
+
+    items = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise InvalidInputError(f"{p}: no such file or directory")
+        if p.is_file() and p.suffix.lower() in (".tflite", ".onnx"):
+            items.append({"path": p, "bundle": None, "artifact": None})
+            continue
+        if p.is_file() and not p.name.endswith((".tar.gz", ".tgz")):
+            raise InvalidInputError(f"{p}: not a model (.tflite, .onnx) or a bundle (directory or .tar.gz)")
+        bundle = open_bundle(p)
+        arts = [bundle.artifact(artifact)] if artifact else bundle.artifacts
+        for a in arts:
+            items.append({"path": bundle.root / a["file"], "bundle": bundle, "artifact": a})
+    return items
+
+
+def measure_in_child(path: Path, opts: dict) -> dict:
+    """Run one measurement in a fresh interpreter so that init time and peak RSS are this artifact's alone."""
+    args = json.dumps({"path": str(path), **opts})
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    res = subprocess.run([sys.executable, "-m", "benchmarks.runner", args], capture_output=True, text=True, env=env,
+                         timeout=3600)
+    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    if res.returncode != 0 or not lines:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgeOpsError(f"{path.name}: the benchmark process failed ({tail})")
+    doc = json.loads(lines[-1])
+    if "error" in doc:
+        err = InvalidInputError(doc["error"])
+        err.exit_code = doc.get("exit_code", 3)
+        raise err
+    return doc["ok"]
+
+
+def accuracy(item: dict, X, y, threads: int | None) -> float | None:
+    import numpy as np
+
+    import edge_runtime
+    from benchmarks.datasets import to_model_inputs
+
+    if item["bundle"] is not None:
+        model = edge_runtime.load(item["bundle"].root, artifact=item["artifact"]["file"], threads=threads)
+    else:
+        model = edge_runtime.load(item["path"], threads=threads)
+    Xm = to_model_inputs(X, model.manifest, model.input_spec.shape)
+    out = model.predict(Xm)
+    if out.ndim == 1 or out.shape[-1] == 1:
+        pred = (out.reshape(-1) > 0.5).astype(np.int64)
+    else:
+        pred = out.argmax(axis=1)
+    labels = model.labels
+    y = np.asarray(y)
+    if labels and y.dtype.kind not in "iu":
+        lookup = {str(label): i for i, label in enumerate(labels)}
+        y = np.array([lookup.get(str(v), -1) for v in y])
+    return round(float((pred == y.astype(np.int64)).mean()), 6)
+
+
+def compare(results: list[dict], budget: float) -> list[str]:
+    """Fill speed-up and size ratio against the first result, mark the pick, and return warnings."""
+    base = results[0]
+    warnings = []
+    for r in results:
+        r["speedup_vs_first"] = round(base["latency_ms"]["p50"] / r["latency_ms"]["p50"], 3) if r["latency_ms"]["p50"] else None
+        r["size_ratio_vs_first"] = round(r["model_bytes"] / base["model_bytes"], 4)
+        r["recommended"] = False
+    accs = [r["accuracy"] for r in results if r.get("accuracy") is not None]
+    eligible = results
+    if accs:
+        best = max(accs)
+        eligible = [r for r in results if r.get("accuracy") is not None and (best - r["accuracy"]) * 100 <= budget]
+    if eligible:
+        min(eligible, key=lambda r: r["latency_ms"]["p50"])["recommended"] = True
+    for r in results:
+        q = r.get("quantization")
+        if q in QUANTIZED:
+            floats = [o for o in results if o.get("bundle") == r.get("bundle") and o.get("format") == r.get("format")
+                      and o.get("quantization") == "none"]
+            # 5% slack: below that, "slower" is noise on a shared CPU
+            if floats and r["latency_ms"]["p50"] > 1.05 * floats[0]["latency_ms"]["p50"]:
+                ratio = r["latency_ms"]["p50"] / floats[0]["latency_ms"]["p50"]
+                warnings.append(f"{Path(r['artifact']).name} ({q}) is {ratio:.2f}x SLOWER than its float original "
+                                f"{Path(floats[0]['artifact']).name} on this CPU: quantization saves size here, not time")
+    return warnings
+
+
+def render_table(results: list[dict], machine: dict, warnings: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    bundles = sorted({r["bundle"] for r in results if r.get("bundle")})
+    table = Table(title=f"edgeops bench{' ' + ', '.join(bundles) if bundles else ''} on {machine['cpu']} "
+                        f"({machine['arch']}, {machine['cores']} cores"
+                        + (f", {machine['board']}" if machine.get("board") else "") + ")")
+    cols = ["artifact", "backend", "size KB", "init ms", "first ms", "p50 ms", "p90 ms", "p99 ms", "mean±std ms",
+            "inf/s", "RSS MB", "accuracy", "speed-up", "size x"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("artifact", "backend") else "right", no_wrap=True)
+    for r in results:
+        lat = r["latency_ms"]
+        table.add_row(
+            ("* " if r.get("recommended") else "  ") + Path(r["artifact"]).name, r["backend"],
+            f"{r['model_bytes'] / 1024:.1f}", f"{r['init_ms']:.1f}", f"{r['first_ms']:.3f}",
+            f"{lat['p50']:.4f}", f"{lat['p90']:.4f}", f"{lat['p99']:.4f}", f"{lat['mean']:.4f}±{lat['std']:.4f}",
+            f"{r['throughput_ips']:.0f}", f"{r['peak_rss_mb']}",
+            "-" if r.get("accuracy") is None else f"{r['accuracy'] * 100:.2f}%",
+            f"{r['speedup_vs_first']:.2f}x" if r.get("speedup_vs_first") else "-", f"{r['size_ratio_vs_first']:.2f}",
+        )
+    console.print(table)
+    versions = ", ".join(sorted({f"{r['backend']} {r['backend_version']}" for r in results}))
+    first = results[0]
+    console.print(f"{first['latency_ms']['runs']} measured runs per artifact after {first['warmup']['runs']} warm-up, "
+                  f"batch {first['batch']}, threads {first['threads'] or 'default'}; {versions}; "
+                  "speed-up and size against the first row; * = fastest within the accuracy budget")
+    for w in warnings:
+        console.print(f"warning: {w}")
+
+
+@click.command("bench")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--runs", default=100, show_default=True, type=click.IntRange(1), help="Measured runs per artifact.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Warm-up runs, reported apart.")
+@click.option("--duration", type=float, help="Also measure for at least S seconds.")
+@click.option("--threads", type=int, help="Inference threads (default: the backend's).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="Size of a dynamic batch dimension.")
+@click.option("--input-shape", "input_shape", multiple=True, help="NAME=D1,D2,... for inputs with dynamic dimensions.")
+@click.option("--artifact", help="Benchmark only this artifact of each bundle.")
+@click.option("--data", type=click.Path(), help="Labelled data (.npz X,y or .csv label last) for accuracy.")
+@click.option("--dataset", type=click.Choice(["digits", "wine", "breast_cancer"]), help="A bundled data set for accuracy.")
+@click.option("--accuracy-budget", default=1.0, show_default=True, help="Points of accuracy the pick may lose to the best.")
+@click.option("--json", "json_out", help="Write results as JSON to FILE ('-' for stdout).")
+@click.option("--csv", "csv_out", type=click.Path(), help="Write one row per artifact to FILE.")
+@click.option("--publish", help="Send the result to mqtt://host:port on edgeops/<fleet>/<device>/bench.")
+@click.option("--device-id", default=lambda: os.uname().nodename.split(".")[0], help="Device id for --publish.")
+@click.option("--fleet", default="default", show_default=True, help="Fleet for --publish.")
+@click.option("--store-profile", help="Also store the results against this board profile (for flash latency budgets).")
+@click.option("--in-process", is_flag=True, help="Measure in this process (faster; init time and RSS then accumulate).")
+def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifact, data, dataset, accuracy_budget,
+              json_out, csv_out, publish, device_id, fleet, store_profile, in_process):
+    """Benchmark PATHS (.tflite, .onnx, bundle dirs or .tar.gz) on this machine."""
+    if store_profile:
+        from devices.profiles import get_profile
+
+        get_profile(store_profile)
+    from benchmarks.machine import machine_info
+    from benchmarks.runner import measure, parse_input_shapes
+
+    shapes = parse_input_shapes(input_shape)
+    items = expand(paths, artifact)
+    labelled = None
+    if data or dataset:
+        from benchmarks.datasets import load_labelled
+
+        labelled = load_labelled(data, dataset)
+    opts = {"runs": runs, "warmup": warmup, "duration": duration, "threads": threads, "batch": batch,
+            "input_shapes": {k: list(v) for k, v in shapes.items()}}
+    results = []
+    show_progress = sys.stderr.isatty() and json_out != "-"
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=not show_progress) as progress:
+        task = progress.add_task("benchmarking", total=len(items))
+        for item in items:
+            progress.update(task, description=f"benchmarking {item['path'].name}")
+            if in_process:
+                r = measure(item["path"], runs=runs, warmup=warmup, duration=duration, threads=threads, batch=batch,
+                            input_shapes=shapes)
+            else:
+                r = measure_in_child(item["path"], opts)
+            r["bundle"] = item["bundle"].name if item["bundle"] else None
+            r["quantization"] = item["artifact"]["quantization"] if item["artifact"] else None
+            r["accuracy"] = accuracy(item, labelled[0], labelled[1], threads) if labelled else None
+            results.append(r)
+            progress.advance(task)
+    warnings = compare(results, accuracy_budget)
+    machine = machine_info()
+    doc = {"schema_version": 1, "machine": machine, "data": labelled[2] if labelled else None,
+           "accuracy_budget_points": accuracy_budget, "warnings": warnings,
+           "results": [{**r, "machine": machine} for r in results]}
+    if json_out == "-":
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        render_table(results, machine, warnings)
+        if json_out:
+            Path(json_out).write_text(json.dumps(doc, indent=2) + "\n")
+    if csv_out:
+        write_csv(csv_out, results)
+    if publish:
+        publish_result(publish, fleet, device_id, doc)
+    if store_profile:
+        from devices.profiles import store_results
+
+        where = store_results(store_profile, items, results)
+        click.echo(f"stored against profile {store_profile} in {where}", err=True)
+
+
+def write_csv(path: str, results: list[dict]) -> None:
+    fields = ["artifact", "bundle", "quantization", "backend", "backend_version", "threads", "batch", "model_bytes",
+              "init_ms", "first_ms", "mean", "std", "min", "p50", "p90", "p99", "max", "runs", "throughput_ips",
+              "peak_rss_mb", "accuracy", "speedup_vs_first", "size_ratio_vs_first", "recommended"]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in results:
+            w.writerow({**r, **r["latency_ms"]})
+
+
+def publish_result(url: str, fleet: str, device_id: str, doc: dict) -> None:
+    """Send a bench result (QoS 1) to <prefix>/<fleet>/<device>/bench and wait for the broker's ack."""
+    import paho.mqtt.client as mqtt
+
+    from edge_runtime.mqtt import parse_broker_url
+    from edge_runtime.state import check_id
+
+    check_id(device_id, "device id")
+    check_id(fleet, "fleet")
+    addr = parse_broker_url(url)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgeops-bench-{device_id}", protocol=mqtt.MQTTv5)
+    if addr.username:
+        client.username_pw_set(addr.username, addr.password)
+    if addr.tls:
+        client.tls_set()
+    try:
+        client.connect(addr.host, addr.port, keepalive=30)
+    except OSError as exc:
+        raise EdgeOpsError(f"--publish {url}: cannot reach the broker ({exc})") from None
+    client.loop_start()
+    payload = {**doc, "type": "bench", "device_id": device_id, "fleet": fleet}
+    info = client.publish(f"edgeops/{fleet}/{device_id}/bench", json.dumps(payload), qos=1)
+    try:
+        info.wait_for_publish(timeout=10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    if not info.is_published():
+        raise EdgeOpsError(f"--publish {url}: the broker did not acknowledge the result within 10 s")
+    click.echo(f"published to {addr.url} edgeops/{fleet}/{device_id}/bench", err=True)

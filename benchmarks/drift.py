@@ -1,0 +1,292 @@
+"""How well does the monitor see drift from telemetry windows alone? Against raw-sample KS, same run.
+
+    python -m benchmarks.drift [--devices N] [--windows N] [--quick] [--json FILE]
+
+For Breast Cancer, Wine and Digits, emulated devices stream windows of 100 inferences built with
+the device's own statistics code (telemetry.synthetic.make_window, which uses edge_runtime.stats),
+with predictions from a classifier trained on the training split. Where the rows come from
+(``--pool``) decides what "clean" means, so it is a choice, and stated:
+
+    population  (default) the data set (train + test) is the population. Each device-stream gets
+                its own reference profile, built from as many rows as the training split has,
+                drawn from the population with replacement, and its rows are drawn from the same
+                population independently: reference and clean stream are two independent samples
+                of one distribution, which is exactly the null hypothesis both methods test.
+    all         the reference profile is the training split itself (as ``convert`` writes it) and
+                rows come from train + test: the reference is 70% of the rows streamed, so a clean
+                stream is closer to it than fresh data would be (optimistic about false alarms).
+    test        the reference is the training split and rows are resampled from the held-out test
+                split only (54 rows for Wine): the 1,000 inferences of a sliding window repeat each
+                test row many times, and such a stream *is* a different distribution from the
+                training profile (pessimistic: both methods flag clean streams).
+
+Shifts applied to the drawn rows (``--strength moderate``; ``weak`` in STRENGTHS):
+
+    clean     nothing
+    noise     Gaussian noise, 0.25 standard deviation, every feature
+    scale     every feature x1.1
+    offset    every feature + 0.25 standard deviation
+    subset    a third of the features + 0.5 standard deviation
+    prior     60% of the rows from one class, the rest as drawn (class-prior change)
+    missing   5% of the values of a third of the features are NaN
+
+After each window, the monitor's ``evaluate`` runs on the device's most recent windows, as the
+monitor does (its sliding window: 10 windows, verdicts from 200 inferences on, so window 2 is the
+earliest possible detection); a device-stream is *detected* when a drift detector (feature_drift,
+prediction_drift, missing_values) fires on any of its windows: the monitor opens an alert at the
+first firing evaluation. The comparison, evaluated at the same moments on the same rows: scipy's
+``ks_2samp`` per feature between the raw samples of the same recent windows and the raw reference
+sample, Bonferroni over features at the same alpha (0.01); this needs every raw input at the centre.
+
+Columns: detection rate (shifted streams flagged), false-alarm rate on clean streams (share of
+evaluated clean device-windows that fire; target at most 5%), median detection delay in windows,
+the same for KS, and the bytes a device sends per window against forwarding the raw inputs
+(packed float32, and one JSON message per inference with feature names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zlib
+
+import numpy as np
+
+from benchmarks.common import print_table, write_json
+
+SCENARIOS = ("clean", "noise", "scale", "offset", "subset", "prior", "missing")
+DRIFT_DETECTORS = ("feature_drift", "prediction_drift", "missing_values")
+WINDOW = 100
+POOLS = ("population", "all", "test")
+# shift strengths: moderate, so that neither method sees every shift at once
+STRENGTHS = {   # noise sd, scale factor, offset sd, subset offset sd, share from one class, NaN rate
+    "moderate": (0.25, 1.1, 0.25, 0.5, 0.6, 0.05),
+    "weak": (0.1, 1.03, 0.1, 0.2, 0.45, 0.01),
+}
+NOISE, SCALE, OFFSET, SUBSET_OFFSET, PRIOR, MISSING = STRENGTHS["moderate"]
+
+
+def _shift(rows: np.ndarray, scenario: str, std: np.ndarray, subset: np.ndarray, rng) -> np.ndarray:
+    x = rows.copy()
+    if scenario == "noise":
+        x += rng.normal(0.0, NOISE, x.shape) * std
+    elif scenario == "scale":
+        x *= SCALE
+    elif scenario == "offset":
+        x += OFFSET * std
+    elif scenario == "subset":
+        x[:, subset] += SUBSET_OFFSET * std[subset]
+    elif scenario == "missing":
+        mask = np.zeros(x.shape, dtype=bool)
+        mask[:, subset] = rng.random((len(x), len(subset))) < MISSING
+        x[mask] = np.nan
+    return x
+
+
+def _draw(X: np.ndarray, y: np.ndarray, n: int, scenario: str, rng, target: int) -> np.ndarray:
+    if scenario == "prior":
+        pool = np.flatnonzero(y == target)
+        idx = np.where(rng.random(n) < PRIOR, rng.choice(pool, n), rng.integers(0, len(X), n))
+    else:
+        idx = rng.integers(0, len(X), n)
+    return X[idx].astype(np.float32)
+
+
+def _ks_fires(ref: np.ndarray, recent: np.ndarray, alpha: float) -> bool:
+    from scipy.stats import ks_2samp
+
+    d = ref.shape[1]
+    for j in range(d):
+        col = recent[:, j]
+        col = col[np.isfinite(col)]
+        if len(col) < 2:
+            continue
+        if ks_2samp(ref[:, j], col).pvalue < alpha / d:
+            return True
+    return False
+
+
+def run_dataset(name: str, n_devices: int, n_windows: int, seed: int, pool: str = "population") -> tuple[list[dict], dict]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from convert.reference import load_reference_data
+    from telemetry.evaluate import MonitorConfig, evaluate
+    from telemetry.synthetic import make_window, reference_manifest
+
+    data = load_reference_data(name)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(data.X_train, data.y_train)
+    # the class priors of a bundle's profile are the model's predicted-class shares on its reference data
+    train_manifest = reference_manifest(data.X_train, clf.predict(data.X_train), name, feature_names=data.feature_names)
+    config = MonitorConfig()
+    std = data.X_train.std(axis=0) + 1e-9
+    d = data.X_train.shape[1]
+    rng0 = np.random.default_rng(seed)
+    varying = np.flatnonzero(data.X_train.std(axis=0) > 0)
+    subset = np.sort(rng0.choice(varying, max(1, len(varying) // 3), replace=False))
+    X_all, y_all = np.concatenate([data.X_train, data.X_test]), np.concatenate([data.y_train, data.y_test])
+    pool_X, pool_y = (data.X_test, data.y_test) if pool == "test" else (X_all, y_all)
+
+    def reference(rng) -> tuple[np.ndarray, dict]:
+        """The raw reference sample and its manifest for one device-stream."""
+        if pool != "population":
+            return data.X_train.astype(np.float64), train_manifest
+        X_ref = X_all[rng.integers(0, len(X_all), len(data.X_train))]
+        return X_ref.astype(np.float64), reference_manifest(X_ref, clf.predict(X_ref), name,
+                                                            feature_names=data.feature_names)
+
+    rows_out = []
+    bytes_window, bytes_zlib = [], []
+    for scenario in SCENARIOS:
+        mon = {"streams": 0, "detected": 0, "delays": [], "evals": 0, "fired": 0}
+        ks = {"streams": 0, "detected": 0, "delays": [], "evals": 0, "fired": 0}
+        by_detector = dict.fromkeys(DRIFT_DETECTORS, 0)
+        for dev in range(n_devices):
+            rng = np.random.default_rng([seed, SCENARIOS.index(scenario), dev])
+            ref, manifest = reference(rng)
+            target = int(rng.choice(np.unique(data.y_train)))
+            windows, raws = [], []
+            first_mon = first_ks = None
+            for w in range(n_windows):
+                rows = _shift(_draw(pool_X, pool_y, WINDOW, scenario, rng, target), scenario, std, subset, rng)
+                pred = clf.predict(np.nan_to_num(rows, nan=0.0))
+                win = make_window(rows, manifest, f"dev-{dev}", w, start=w * 10.0, predictions=pred)
+                if scenario == "clean" and dev < 3 and w < 3:
+                    raw = json.dumps(win, separators=(",", ":")).encode()
+                    bytes_window.append(len(raw))
+                    bytes_zlib.append(len(zlib.compress(raw, 6)))
+                windows.append(win)
+                raws.append(rows)
+                recent_w = windows[-config.recent_windows:]
+                if sum(x["count"] for x in recent_w) < config.min_samples:
+                    continue
+                ev = evaluate(recent_w, manifest, config)
+                firing = [v.detector for v in ev.verdicts if v.firing and v.detector in DRIFT_DETECTORS]
+                fired = bool(firing)
+                for det in firing:
+                    by_detector[det] += 1
+                ks_fired = _ks_fires(ref, np.concatenate(raws[-config.recent_windows:]), config.alpha)
+                mon["evals"] += 1
+                ks["evals"] += 1
+                mon["fired"] += fired
+                ks["fired"] += ks_fired
+                if fired and first_mon is None:
+                    first_mon = w + 1
+                if ks_fired and first_ks is None:
+                    first_ks = w + 1
+            for acc, first in ((mon, first_mon), (ks, first_ks)):
+                acc["streams"] += 1
+                if first is not None:
+                    acc["detected"] += 1
+                    acc["delays"].append(first)
+        row = {"dataset": name, "scenario": scenario, "streams": n_devices}
+        for prefix, acc in (("", mon), ("ks_", ks)):
+            if scenario == "clean":
+                row[prefix + "false_alarm_rate"] = round(acc["fired"] / max(1, acc["evals"]), 4)
+                # the same false alarms counted per stream: clean streams that opened an alert at least once
+                row[prefix + "clean_streams_alerted"] = round(acc["detected"] / acc["streams"], 4)
+                row[prefix + "detection_rate"] = None
+            else:
+                row[prefix + "detection_rate"] = round(acc["detected"] / acc["streams"], 4)
+                row[prefix + "false_alarm_rate"] = row[prefix + "clean_streams_alerted"] = None
+            delays = acc["delays"] if scenario != "clean" else []     # on clean streams a "delay" is a false alarm
+            row[prefix + "median_delay_windows"] = float(np.median(delays)) if delays else None
+        if scenario == "clean":
+            row["false_alarms_by_detector"] = by_detector
+        rows_out.append(row)
+    raw_f32 = WINDOW * d * 4
+    names = data.feature_names
+    one = {n: round(float(v), 4) for n, v in zip(names, data.X_test[0])}
+    raw_json = WINDOW * (len(json.dumps({"device_id": "dev-0", "ts": 1795589985.123, "x": one},
+                                        separators=(",", ":"))) + len("edgeops/f1/dev-0/raw") + 4)
+    wb, zb = float(np.median(bytes_window)), float(np.median(bytes_zlib))
+    sizes = {"dataset": name, "features": d, "window_bytes": int(wb), "window_zlib_bytes": int(zb),
+             "raw_float32_bytes": raw_f32, "raw_json_bytes": raw_json,
+             "ratio_vs_float32": round(raw_f32 / wb, 2), "ratio_vs_json": round(raw_json / wb, 2),
+             "zlib_ratio_vs_float32": round(raw_f32 / zb, 2), "zlib_ratio_vs_json": round(raw_json / zb, 2)}
+    return rows_out, sizes
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=40, help="device-streams per scenario and data set")
+    ap.add_argument("--windows", type=int, default=15, help="windows of 100 inferences per stream")
+    ap.add_argument("--datasets", default="breast_cancer,wine,digits")
+    ap.add_argument("--quick", action="store_true", help="5 streams of 8 windows (a smoke run)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strength", choices=sorted(STRENGTHS), default="moderate",
+                    help="how strong the shifts are (weak: noise 0.1 sd, x1.03, +0.1 sd, a third +0.2 sd, "
+                         "45%% of rows from one class, 1%% NaN)")
+    ap.add_argument("--pool", choices=POOLS, default="population",
+                    help="population: reference and rows are independent samples of the whole data set "
+                         "(default); all: reference = training split, rows from train + test; "
+                         "test: reference = training split, rows resampled from the test split")
+    ap.add_argument("--json", dest="json_out", help="write the results as JSON to FILE")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.devices, args.windows = 5, 8
+    global NOISE, SCALE, OFFSET, SUBSET_OFFSET, PRIOR, MISSING
+    NOISE, SCALE, OFFSET, SUBSET_OFFSET, PRIOR, MISSING = STRENGTHS[args.strength]
+    t0 = time.perf_counter()
+    rows, sizes = [], []
+    for name in args.datasets.split(","):
+        r, s = run_dataset(name.strip(), args.devices, args.windows, args.seed, args.pool)
+        rows += r
+        sizes.append(s)
+    shifted = [r for r in rows if r["scenario"] != "clean"]
+    gaps = [r["ks_detection_rate"] - r["detection_rate"] for r in shifted]
+    clean = [r for r in rows if r["scenario"] == "clean"]
+    summary = {
+        "max_false_alarm_rate": max(r["false_alarm_rate"] for r in clean),
+        "max_ks_false_alarm_rate": max(r["ks_false_alarm_rate"] for r in clean),
+        "worst_detection_gap_points_vs_ks": round(100 * max(gaps), 1),
+        "min_ratio_vs_float32": min(s["ratio_vs_float32"] for s in sizes),
+        "min_ratio_vs_json": min(s["ratio_vs_json"] for s in sizes),
+        "min_zlib_ratio_vs_float32": min(s["zlib_ratio_vs_float32"] for s in sizes),
+        "min_zlib_ratio_vs_json": min(s["zlib_ratio_vs_json"] for s in sizes),
+        "targets": {"false_alarm_rate_at_most": 0.05, "detection_gap_points_at_most": 5, "byte_ratio_at_least": 50},
+    }
+    summary["meets_false_alarm_target"] = summary["max_false_alarm_rate"] <= 0.05
+    summary["meets_detection_target"] = summary["worst_detection_gap_points_vs_ks"] <= 5
+    summary["meets_byte_ratio_target"] = {"json_windows_vs_float32": summary["min_ratio_vs_float32"] >= 50,
+                                          "json_windows_vs_json": summary["min_ratio_vs_json"] >= 50,
+                                          "compressed_windows_vs_float32": summary["min_zlib_ratio_vs_float32"] >= 50,
+                                          "compressed_windows_vs_json": summary["min_zlib_ratio_vs_json"] >= 50}
+    print_table(rows, [("dataset", "data set"), ("scenario", "scenario"), ("streams", "streams"),
+                       ("detection_rate", "detected"), ("false_alarm_rate", "false alarms"),
+                       ("clean_streams_alerted", "clean streams alerted"), ("median_delay_windows", "delay (windows)"),
+                       ("ks_detection_rate", "KS detected"), ("ks_false_alarm_rate", "KS false alarms"),
+                       ("ks_clean_streams_alerted", "KS clean streams alerted"),
+                       ("ks_median_delay_windows", "KS delay")],
+                title=f"drift detection from telemetry windows vs raw-sample KS ({args.strength} shifts, pool "
+                      f"{args.pool}, {args.devices} streams x {args.windows} windows of {WINDOW} inferences)")
+    print()
+    print_table(sizes, [("dataset", "data set"), ("features", "features"), ("window_bytes", "window B"),
+                        ("window_zlib_bytes", "--compress B"), ("raw_float32_bytes", "raw float32 B"),
+                        ("raw_json_bytes", "raw JSON B"), ("ratio_vs_float32", "x float32"),
+                        ("ratio_vs_json", "x JSON"), ("zlib_ratio_vs_float32", "x float32 (compr.)"),
+                        ("zlib_ratio_vs_json", "x JSON (compr.)")],
+                title=f"bytes per {WINDOW} inferences: one telemetry window vs forwarding every raw input")
+    print()
+    for r in clean:
+        print(f"{r['dataset']}: clean evaluations firing, by detector: {r['false_alarms_by_detector']}")
+    print()
+    for k, v in summary.items():
+        print(f"{k}: {v}")
+    missed = [name for name, ok in (("false alarms at most 5% on every data set", summary["meets_false_alarm_target"]),
+                                    ("detection within 5 points of raw-sample KS", summary["meets_detection_target"]),
+                                    ("50x fewer bytes than packed float32 rows",
+                                     summary["meets_byte_ratio_target"]["json_windows_vs_float32"]))
+              if not ok]
+    print("targets missed: " + ("; ".join(missed) if missed else "none"))
+    doc = {"benchmark": "drift", "strength": args.strength, "pool": args.pool, "window_inferences": WINDOW,
+           "devices": args.devices, "windows": args.windows, "seconds": round(time.perf_counter() - t0, 1),
+           "results": rows, "bytes": sizes, "summary": summary}
+    write_json(args.json_out, doc)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

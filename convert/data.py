@@ -1,0 +1,64 @@
+"""Calibration and holdout data files: .npy, .npz and .csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import InvalidInputError
+
+
+def load_array(path: str | Path, where: str = "data") -> np.ndarray:
+    """Inputs from .npy, .npz (key X, or the only array) or .csv (numbers, optional header)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInputError(f"{where} {p}: no such file")
+    try:
+        if p.suffix == ".npy":
+            return np.load(p, allow_pickle=False).astype(np.float32)
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                key = "X" if "X" in z.files else (z.files[0] if len(z.files) == 1 else None)
+                if key is None:
+                    raise InvalidInputError(f"{where} {p}: .npz needs an array named X (has: {', '.join(z.files)})")
+                return z[key].astype(np.float32)
+        if p.suffix == ".csv":
+            return _read_csv(p)
+    except InvalidInputError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise InvalidInputError(f"{where} {p}: not readable as {p.suffix} ({str(exc)[:150]})") from None
+    raise InvalidInputError(f"{where} {p}: unsupported file type {p.suffix or '(none)'}; use .npy, .npz or .csv")
+
+
+def load_labeled(path: str | Path, where: str = "holdout") -> tuple[np.ndarray, np.ndarray | None]:
+    """(X, y) from .npz (arrays X and y) or .csv (label in the last column); .npy gives X only."""
+    p = Path(path)
+    if p.suffix == ".npz" and p.is_file():
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if "X" in z.files:
+                    return z["X"].astype(np.float32), (z["y"] if "y" in z.files else None)
+        except (ValueError, OSError) as exc:
+            raise InvalidInputError(f"{where} {p}: not a readable .npz ({exc})") from None
+    if p.suffix == ".csv" and p.is_file():
+        data = _read_csv(p, dtype=np.float64)
+        if data.shape[1] < 2:
+            raise InvalidInputError(f"{where} {p}: needs feature columns and a label in the last column")
+        return data[:, :-1].astype(np.float32), data[:, -1]
+    return load_array(p, where), None
+
+
+def _read_csv(p: Path, dtype=np.float32) -> np.ndarray:
+    with open(p) as fh:
+        first = fh.readline()
+    skip = 0
+    try:
+        [float(v) for v in first.strip().split(",") if v.strip()]
+    except ValueError:
+        skip = 1  # a header line
+    data = np.loadtxt(p, delimiter=",", skiprows=skip, dtype=dtype, ndmin=2)
+    if data.size == 0:
+        raise InvalidInputError(f"{p}: no data rows")
+    return data

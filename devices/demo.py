@@ -1,0 +1,243 @@
+"""`edgeops demo`: the end-to-end path on embedded defaults, nothing else to start.
+
+1. trains the reference models on Breast Cancer, Wine and Digits and converts them into
+   checked bundles (accuracy of every artifact next to its source);
+2. benchmarks the Digits CNN's artifacts side by side (`edgeops bench`);
+3. starts a private Mosquitto on a free port, the monitor (`edgeops monitor`) on SQLite with its
+   dashboard, and an emulated fleet of 20 devices running the signed Breast Cancer bundle 1.0.0;
+4. rolls out bundle 1.1.0 with a canary (`edgeops flash --canary`), the devices verifying its
+   signature and health-checking it before switching;
+5. injects drift on three devices and waits for the monitor's verdicts, then prints which devices
+   and features were flagged, checks that they are exactly the injected ones, and writes the
+   dashboard report (PNG and HTML).
+
+Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+
+REFERENCE = [("mlp", "breast_cancer"), ("mlp", "wine"), ("cnn", "digits"),
+             ("rf", "breast_cancer"), ("rf", "wine"), ("rf", "digits")]
+
+
+def _say(msg: str) -> None:
+    click.echo(click.style("==> ", fg="cyan", bold=True) + msg, err=True)
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", type=click.Path(), default="edgeops-demo", show_default=True,
+              help="Folder for the bundles and results.")
+@click.option("--quick", is_flag=True, help="Fewer benchmark runs and a shorter agent session (for CI).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--install-broker/--no-install-broker", default=True, show_default=True,
+              help="Install Debian's mosquitto with apt-get when it is missing (as root).")
+def demo_cmd(out_dir, quick, force, install_broker):
+    """Train, convert, benchmark and run the reference models end to end."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    t_start = time.monotonic()
+    out = Path(out_dir)
+    if out.exists():
+        if not force:
+            raise click.ClickException(f"{out} exists; pass --force to replace it or --out to choose another folder")
+        shutil.rmtree(out)
+    (out / "bundles").mkdir(parents=True)
+    _ensure_mosquitto(install_broker)
+
+    from convert.reference import convert_reference
+
+    summary = []
+    for i, (kind, dataset) in enumerate(REFERENCE, 1):
+        _say(f"[{i}/{len(REFERENCE)}] training and converting the {dataset} {kind.upper()}")
+        result, _ = convert_reference(kind, dataset, out / "bundles" / f"{dataset}-{kind}")
+        for a in result.manifest["artifacts"]:
+            p = a["parity"]
+            summary.append({"bundle": result.manifest["name"], "artifact": a["file"], "bytes": a["size_bytes"],
+                            "size_ratio": a["size_ratio"], "accuracy": p["artifact_metric"],
+                            "drop_points": p["metric_drop_points"], "label_agreement": p["label_agreement"]})
+    click.echo()
+    click.echo(f"{'bundle':<20}{'artifact':<22}{'bytes':>9}{'ratio':>7}{'accuracy':>10}{'drop':>7}{'agree':>7}")
+    for r in summary:
+        click.echo(f"{r['bundle']:<20}{r['artifact']:<22}{r['bytes']:>9}{r['size_ratio'] or 0:>7.2f}"
+                   f"{r['accuracy']:>10.4f}{r['drop_points']:>7.2f}{r['label_agreement']:>7.3f}")
+    (out / "conversion.json").write_text(json.dumps(summary, indent=2))
+
+    _say("benchmarking the Digits CNN's artifacts side by side (edgeops bench --dataset digits)")
+    from edgeops.cli import main as edgeops_main
+
+    bench_args = ["bench", str(out / "bundles" / "digits-cnn"), "--dataset", "digits", "--runs",
+                  "50" if quick else "300", "--json", str(out / "bench.json")]
+    try:
+        edgeops_main(bench_args)
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    ok = _run_fleet(out, quick)
+    _say(f"done in {time.monotonic() - t_start:.0f} s; results in {out}/")
+    if not ok:
+        sys.exit(1)
+
+
+
+def _ensure_mosquitto(install: bool) -> None:
+    """The fleet part needs Mosquitto (MQTT 5); on a fresh Debian machine, install it first."""
+    import subprocess
+
+    from devices.broker import find_mosquitto
+
+    if find_mosquitto():
+        return
+    if not install or os.geteuid() != 0 or not shutil.which("apt-get"):
+        _say("mosquitto is not installed: the fleet part will not run (apt-get install mosquitto, as root)")
+        return
+    _say("mosquitto is not installed: installing Debian's package with apt-get (--no-install-broker to skip)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "mosquitto"]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            _say(f"apt-get could not install mosquitto: {res.stderr.strip()[-300:]}")
+
+
+#: Drift injected on these devices (none of them a canary): the demo must flag them and only them.
+DRIFTS = {
+    "dev-004": {"shift": "scale", "factor": 1.6},
+    "dev-011": {"shift": "offset", "factor": 2.0, "features": ["mean radius", "mean perimeter", "mean area",
+                                                                "worst radius", "worst perimeter", "worst area"]},
+    "dev-017": {"shift": "noise", "factor": 1.5},
+}
+DRIFT_DETECTORS = ("feature_drift", "prediction_drift", "missing_values")
+
+
+def _signed_versions(out: Path) -> tuple[Path, Path, Path]:
+    """Bundle 1.0.0 and 1.1.0 of the Breast Cancer MLP, signed with a demo key; returns (v1, v2, public key)."""
+    from edge_runtime import signing
+    from edge_runtime.bundle import write_manifest
+
+    key, pub = signing.generate_key_pair(out / "keys", "demo")
+    versions = []
+    for version in ("1.0.0", "1.1.0"):
+        dest = out / "fleet-bundles" / f"breast-cancer-mlp-{version}"
+        shutil.copytree(out / "bundles" / "breast_cancer-mlp", dest)
+        doc = json.loads((dest / "manifest.json").read_text())
+        doc["version"] = version
+        (dest / "manifest.sig").unlink(missing_ok=True)
+        write_manifest(dest, doc, sign_key=key)
+        versions.append(dest)
+    return versions[0], versions[1], pub
+
+
+def _run_fleet(out: Path, quick: bool) -> bool:
+    import subprocess
+
+    from devices.broker import BrokerUnavailable, MosquittoBroker, free_port
+    from devices.emulate import EmulatedFleet, replay_data
+    from devices.flash import RolloutRunner, new_rollout
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry import store
+
+    try:
+        broker = MosquittoBroker(workdir=out / "broker").start()
+    except BrokerUnavailable as exc:
+        _say(f"cannot run the fleet part: {exc}. (The pure-Python amqtt broker is no fallback: it accepts "
+             "MQTT 3.1.1 only, and the agents and the monitor use MQTT 5 session expiry and shared subscriptions.)")
+        return False
+    procs: list[subprocess.Popen] = []
+    fleet = None
+    try:
+        v1, v2, pub = _signed_versions(out)
+        db = f"sqlite:///{out / 'monitor.db'}"
+        http_port = free_port()
+        _say(f"broker {broker.url}; starting the monitor (SQLite {out / 'monitor.db'}, dashboard "
+             f"http://127.0.0.1:{http_port}/)")
+        mon_log = open(out / "monitor.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "edgeops", "monitor", "--broker", broker.url, "--fleet", "demo", "--db", db,
+             "--bundle", str(v1), "--bundle", str(v2), "--http", f"127.0.0.1:{http_port}", "--client-id",
+             "demo-monitor"], stdout=mon_log, stderr=subprocess.STDOUT))
+        n = 20
+        rate, window = (40.0, 40) if quick else (20.0, 50)
+        _say(f"starting an emulated fleet of {n} devices on {v1.name} (signature checked with {pub.name}), "
+             f"{rate:g} inferences/s each, a window every {window} inferences")
+
+        def show(doc):
+            if doc.get("event") in ("started", "drift", "device_failed"):
+                _say(f"fleet: {doc['event']} " + ", ".join(doc.get("devices") or [doc.get("device", "")]))
+
+        fleet = EmulatedFleet(v1, broker.url, n, replay_data(v1, "breast_cancer", None), out / "fleet-state",
+                              fleet="demo", per_process=10, rate=rate, window_size=window, public_key=str(pub),
+                              # 20 emulated devices share this machine's cores with the health checks of a
+                              # whole wave: judge latency after a flash with a wider margin than a real device
+                              rollback={"windows": 3, "latency_factor": 3.0, "min_increase_ms": 5.0},
+                              on_event=show).start()
+        if not fleet.wait_started(180):
+            _say("the emulated devices did not start")
+            return False
+        time.sleep(window / rate * 2)
+        address = parse_broker_url(broker.url)
+        rollout = new_rollout(v2, "demo", fleet.devices, 0.1, 2, 2, public_key=str(pub))
+        _say(f"rolling out {v2.name} with a canary: {', '.join(rollout.groups[0])} first, then "
+             f"{len(rollout.groups) - 1} waves")
+        r = RolloutRunner(address, rollout, out / "rollout.json", flash_timeout=120, window_timeout=120,
+                          public_key=str(pub), progress=_say).run()
+        if r.phase != "done":
+            _say(f"the rollout did not finish: {r.reason}")
+            return False
+        for dev, params in DRIFTS.items():
+            fleet.inject("drift", [dev], **params)
+        injected = ", ".join(f"{d} ({p['shift']})" for d, p in DRIFTS.items())
+        _say(f"injected drift on {injected}; waiting for the monitor")
+        engine = store.connect(db)
+
+        def flagged() -> dict[str, list]:
+            found: dict[str, list] = {}
+            for a in store.open_alerts(engine, "demo"):
+                if a["detector"] in DRIFT_DETECTORS and a["device_id"] != "*":   # "*": the fleet as a whole
+                    found.setdefault(a["device_id"], []).append(a)
+            return found
+
+        deadline = time.monotonic() + (90 if quick else 150)
+        while time.monotonic() < deadline and not set(DRIFTS) <= set(flagged()):
+            time.sleep(1.0)
+        time.sleep(window / rate * 2)   # a little longer: clean devices must stay clean
+        found = flagged()
+        click.echo()
+        click.echo(f"{'device':<10}{'version':<9}{'detector':<18}{'statistic':>10}  features")
+        for dev in sorted(found):
+            for a in found[dev]:
+                feats = ", ".join(a["features"][:6]) + (" ..." if len(a["features"]) > 6 else "")
+                click.echo(f"{dev:<10}{a['model_version']:<9}{a['detector']:<18}{a['statistic'] or 0:>10.3f}  {feats}")
+        ok = set(found) == set(DRIFTS)
+        verdict = "the injected devices and only them" if ok else (
+            f"MISMATCH: injected {sorted(DRIFTS)}, flagged {sorted(found)}")
+        _say(f"flagged: {', '.join(sorted(found)) or 'nobody'} -> {verdict}")
+        (out / "flagged.json").write_text(json.dumps(
+            {"injected": DRIFTS, "flagged": {d: [{k: a[k] for k in ("detector", "features", "statistic",
+                                                                     "model_version")} for a in v]
+                                             for d, v in found.items()}, "ok": ok}, indent=2, default=float))
+        from telemetry.report import write_report
+
+        for suffix in ("png", "html"):
+            write_report(db, out / f"report.{suffix}")
+        _say(f"report written: {out / 'report.png'} and {out / 'report.html'}")
+        engine.dispose()
+        return ok
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        broker.stop()

@@ -1,0 +1,533 @@
+"""Emulated fleets: N real device agents replaying reference data, with scheduled events.
+
+``edgeops fleet emulate --devices N --bundle B --broker URL [--scenario FILE]`` starts worker
+processes, each running a group of real :class:`edge_runtime.agent.DeviceAgent` instances in
+threads (its own device id, state folder, spool, status and bundle slots, so flashing works).
+Every device replays rows of a reference data set (all of it, train and test, shuffled per
+device, so a clean device's stream has the distribution of the training data the bundle's
+reference profile describes).
+
+A scenario file (JSON, or YAML when PyYAML is installed; see docs/fleet-emulation.md) schedules
+events at ``at`` seconds after the start:
+
+``drift``   inputs change on some devices: ``shift`` one of scale, offset, noise, missing, prior
+            (class priors), with ``factor`` and optionally ``features`` (names or indices);
+``offline`` a device drops off the network (its last will says offline) for ``seconds``;
+``slow``    ``added_latency_ms`` on every inference from then on;
+``flash``   ``bundle`` sent over MQTT to the devices, as ``edgeops flash`` does.
+
+Devices of an event: ``devices`` (a list of ids), or ``count`` (the first N devices), or
+``fraction``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+log = logging.getLogger("edgeops.fleet")
+
+EVENT_KINDS = ("drift", "offline", "slow", "flash")
+SHIFTS = ("scale", "offset", "noise", "missing", "prior")
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+@dataclass
+class Event:
+    at: float
+    kind: str
+    devices: list[str]
+    params: dict = field(default_factory=dict)
+
+
+def device_ids(n: int, prefix: str = "dev") -> list[str]:
+    return [f"{prefix}-{i:03d}" for i in range(n)]
+
+
+def load_scenario(source: str | Path | dict | None, devices: list[str]) -> list[Event]:
+    """Parse and check a scenario (file path or dict); errors name the event and the field."""
+    if source is None:
+        return []
+    if isinstance(source, dict):
+        doc, where = source, "scenario"
+    else:
+        p = Path(source)
+        where = str(p)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ScenarioError(f"{p}: cannot read the scenario ({exc.strerror})") from None
+        try:
+            if p.suffix.lower() in (".yaml", ".yml"):
+                try:
+                    import yaml
+                except ImportError:
+                    raise ScenarioError(f"{p}: YAML scenarios need PyYAML (pip install pyyaml), or use JSON") from None
+                doc = yaml.safe_load(text)
+            else:
+                doc = json.loads(text)
+        except (ValueError, Exception) as exc:  # noqa: BLE001 - yaml errors are not ValueErrors
+            if isinstance(exc, ScenarioError):
+                raise
+            raise ScenarioError(f"{p}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
+                                f"{exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
+        raise ScenarioError(f"{where}: expected an object with a list 'events'")
+    events = []
+    for i, e in enumerate(doc["events"]):
+        at = f"{where}: events[{i}]"
+        if not isinstance(e, dict):
+            raise ScenarioError(f"{at}: expected an object")
+        kind = e.get("kind")
+        if kind not in EVENT_KINDS:
+            raise ScenarioError(f"{at}: 'kind' must be one of {', '.join(EVENT_KINDS)}, not {kind!r}")
+        try:
+            t = float(e.get("at", 0))
+        except (TypeError, ValueError):
+            raise ScenarioError(f"{at}: 'at' must be seconds after the start") from None
+        if "devices" in e:
+            chosen = [str(d) for d in e["devices"]]
+            unknown = [d for d in chosen if d not in devices]
+            if unknown:
+                raise ScenarioError(f"{at}: unknown devices {unknown} (the fleet has {devices[0]} .. {devices[-1]})")
+        elif "count" in e:
+            chosen = devices[:int(e["count"])]
+        elif "fraction" in e:
+            chosen = devices[:max(1, round(len(devices) * float(e["fraction"])))]
+        else:
+            raise ScenarioError(f"{at}: name the devices with 'devices', 'count' or 'fraction'")
+        params = {k: v for k, v in e.items() if k not in ("at", "kind", "devices", "count", "fraction")}
+        if kind == "drift":
+            if params.get("shift") not in SHIFTS:
+                raise ScenarioError(f"{at}: drift 'shift' must be one of {', '.join(SHIFTS)}")
+            params.setdefault("factor", {"scale": 1.6, "offset": 1.5, "noise": 1.0, "missing": 0.3,
+                                         "prior": 0.8}[params["shift"]])
+        elif kind == "offline":
+            params.setdefault("seconds", 30.0)
+        elif kind == "slow":
+            params.setdefault("added_latency_ms", 5.0)
+        elif kind == "flash":
+            if not params.get("bundle"):
+                raise ScenarioError(f"{at}: a flash needs 'bundle'")
+            b = Path(params["bundle"])
+            if not b.is_absolute() and not isinstance(source, dict):
+                params["bundle"] = str((Path(source).parent / b).resolve())
+        events.append(Event(t, kind, chosen, params))
+    return sorted(events, key=lambda ev: ev.at)
+
+
+# -- the input stream of one device -------------------------------------------------------------
+
+
+class DeviceStream:
+    """Rows for one device, shuffled per device; drift transforms switch on when an event says so."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray | None, feature_names: list[str], seed: int,
+                 shape: tuple[int, ...] | None = None):
+        self.X, self.y, self.names = X, y, feature_names
+        self.rng = np.random.default_rng(seed)
+        self.shape = shape
+        self.mean = np.nanmean(X, axis=0)
+        self.std = np.nanstd(X, axis=0) + 1e-6
+        self.drift: dict | None = None
+        self.stopped = threading.Event()
+
+    def _features(self, spec) -> np.ndarray:
+        if not spec:
+            return np.arange(self.X.shape[1])
+        idx = []
+        for f in spec:
+            if isinstance(f, int) or (isinstance(f, str) and f.isdigit()):
+                idx.append(int(f))
+            elif f in self.names:
+                idx.append(self.names.index(f))
+            else:
+                raise ScenarioError(f"drift feature {f!r} is not a feature of the data ({', '.join(self.names[:5])} ...)")
+        return np.asarray(idx)
+
+    def set_drift(self, params: dict) -> None:
+        d = dict(params)
+        d["idx"] = self._features(d.get("features"))
+        if d["shift"] == "prior" and self.y is not None:
+            target = int(d.get("target_class", np.unique(self.y)[0]))
+            d["pool"] = np.flatnonzero(self.y == target)
+        self.drift = d
+
+    def _row(self) -> np.ndarray:
+        d = self.drift
+        if d is not None and d["shift"] == "prior" and len(d.get("pool", [])):
+            share = float(d["factor"])   # this share of rows comes from the target class
+            i = int(self.rng.choice(d["pool"])) if self.rng.random() < share else int(self.rng.integers(len(self.X)))
+        else:
+            i = int(self.rng.integers(len(self.X)))
+        row = self.X[i].astype(np.float32, copy=True)
+        if d is not None:
+            idx, f = d["idx"], float(d["factor"])
+            if d["shift"] == "prior":
+                pass
+            elif d["shift"] == "scale":
+                row[idx] *= f
+            elif d["shift"] == "offset":
+                row[idx] += f * self.std[idx]
+            elif d["shift"] == "noise":
+                row[idx] += self.rng.normal(0, f * self.std[idx]).astype(np.float32)
+            elif d["shift"] == "missing":
+                row[idx[self.rng.random(len(idx)) < f]] = np.nan
+        return row.reshape(self.shape) if self.shape else row
+
+    def __iter__(self):
+        while not self.stopped.is_set():
+            yield self._row()
+
+
+# -- a worker process: a group of agents -------------------------------------------------------
+
+
+def _worker(spec: dict) -> None:
+    """Run a group of agents until the duration ends or SIGTERM; print one JSON line per event."""
+    import edge_runtime
+    from edge_runtime.agent import DeviceAgent, RollbackPolicy
+    from edge_runtime.flash import BundleSlots
+    from edge_runtime.mqtt import parse_broker_url
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data = np.load(spec["data"])
+    X = data["X"]
+    y = data["y"] if "y" in data.files else None
+    names = json.loads(str(data["names"])) if "names" in data.files else [f"f{i}" for i in range(X.shape[1])]
+    address = parse_broker_url(spec["broker"])
+    events = [Event(**e) for e in spec["events"]]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+
+    def emit(**kw):
+        print(json.dumps(kw), flush=True)
+
+    agents, streams, threads = {}, {}, []
+    for k, dev in enumerate(spec["devices"]):
+        state = Path(spec["state_root"]) / dev
+        slots = BundleSlots(state, public_key=spec.get("public_key"))
+        active = slots.install_initial(spec["bundle"])
+
+        def reload(path):
+            return edge_runtime.load(path, public_key=spec.get("public_key"))
+
+        model = reload(active)
+        shape = tuple(model.input_spec.shape) if len(model.input_spec.shape) > 1 else None
+        stream = DeviceStream(X, y, names, seed=spec["seed"] + k, shape=shape)
+        agent = DeviceAgent(model, dev, spec["fleet"], address, state_dir=state, window_size=spec["window_size"],
+                            window_seconds=None, slots=slots, reload=reload,
+                            rollback_policy=RollbackPolicy(**spec["rollback"]) if spec.get("rollback") else
+                            RollbackPolicy())
+        agent.start()
+        agents[dev], streams[dev] = agent, stream
+    emit(event="started", devices=list(agents))
+
+    def drive(dev):
+        try:
+            agents[dev].run(streams[dev], rate=spec["rate"])
+        except Exception as exc:  # noqa: BLE001 - one device failing must not stop the others
+            emit(event="device_failed", device=dev, error=str(exc))
+
+    for dev in agents:
+        t = threading.Thread(target=drive, args=(dev,), daemon=True)
+        t.start()
+        threads.append(t)
+
+    t0 = spec["start"]
+    pending = [e for e in events if e.kind != "flash"]
+    control = Path(spec["state_root"]) / "control.jsonl"
+    control_pos = 0
+    offline_until: dict[str, float] = {}
+    deadline = t0 + spec["duration"] if spec.get("duration") else None
+    while not stop.is_set() and (deadline is None or time.time() < deadline):
+        now = time.time() - t0
+        if control.exists() and control.stat().st_size > control_pos:
+            with open(control) as fh:
+                fh.seek(control_pos)
+                for line in fh:
+                    if not line.endswith("\n"):
+                        break   # a line still being written: next time
+                    control_pos += len(line.encode())
+                    e = json.loads(line)
+                    pending.append(Event(now, e["kind"], e["devices"], e.get("params") or {}))
+            pending.sort(key=lambda ev: ev.at)
+        while pending and pending[0].at <= now:
+            e = pending.pop(0)
+            for dev in (d for d in e.devices if d in agents):
+                if e.kind == "drift":
+                    streams[dev].set_drift(e.params)
+                elif e.kind == "slow":
+                    agents[dev].model.added_latency_s = float(e.params["added_latency_ms"]) / 1000.0
+                elif e.kind == "offline":
+                    agents[dev].link.pause()
+                    offline_until[dev] = time.time() + float(e.params["seconds"])
+            mine = [d for d in e.devices if d in agents]
+            if mine:
+                emit(event=e.kind, devices=mine, at=round(now, 1), **{
+                    k: v for k, v in e.params.items() if isinstance(v, (int, float, str, list))})
+        for dev, until in list(offline_until.items()):
+            if time.time() >= until:
+                agents[dev].link.resume()
+                del offline_until[dev]
+                emit(event="online", devices=[dev], at=round(time.time() - t0, 1))
+        time.sleep(0.1)
+    for dev in offline_until:
+        agents[dev].link.resume()
+    for s in streams.values():
+        s.stopped.set()
+    for t in threads:
+        t.join(timeout=5)
+    stats = {}
+    for dev, agent in agents.items():
+        left = agent.stop(drain_timeout=5.0)
+        stats[dev] = {"inferences": agent.inferences, "unsent_windows": left,
+                      "version": agent.recorder.model_info.get("version")}
+    emit(event="stopped", stats=stats)
+
+
+# -- the fleet, from the operator's side ----------------------------------------------------------
+
+
+class EmulatedFleet:
+    """Starts and stops the worker processes of an emulated fleet.
+
+    Args:
+        bundle: the bundle every device starts with.
+        broker: broker URL the devices report to.
+        n_devices: how many devices.
+        data: (X, y, feature_names) to replay.
+        state_root: one state folder per device under it.
+        scenario: events (see :func:`load_scenario`).
+        per_process: agents per worker process.
+        rate: inferences per second per device.
+        window_size: inferences per telemetry window.
+    """
+
+    def __init__(self, bundle: str | Path, broker: str, n_devices: int, data: tuple, state_root: str | Path,
+                 fleet: str = "emulated", scenario: list[Event] | None = None, per_process: int = 10,
+                 rate: float = 20.0, window_size: int = 50, duration: float | None = None, prefix: str = "dev",
+                 public_key: str | None = None, rollback: dict | None = None, on_event=None, seed: int = 0):
+        self.bundle, self.broker, self.fleet = str(bundle), broker, fleet
+        self.devices = device_ids(n_devices, prefix)
+        self.state_root = Path(state_root)
+        self.scenario = scenario or []
+        self.per_process, self.rate, self.window_size, self.duration = per_process, rate, window_size, duration
+        self.public_key, self.rollback, self.seed = public_key, rollback, seed
+        self.on_event = on_event or (lambda doc: None)
+        self.procs: list[subprocess.Popen] = []
+        self.readers: list[threading.Thread] = []
+        self.events: list[dict] = []
+        self.stats: dict[str, dict] = {}
+        X, y, names = data
+        self.state_root.mkdir(parents=True, exist_ok=True)
+        self.data_file = self.state_root / "replay.npz"
+        (self.state_root / "control.jsonl").unlink(missing_ok=True)
+        arrays = {"X": np.asarray(X, dtype=np.float32), "names": np.asarray(json.dumps(list(names)))}
+        if y is not None:
+            arrays["y"] = np.asarray(y)
+        np.savez(self.data_file, **arrays)
+        self._flasher: threading.Thread | None = None
+
+    def start(self) -> "EmulatedFleet":
+        self.t0 = time.time()
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        events = [{"at": e.at, "kind": e.kind, "devices": e.devices, "params": e.params} for e in self.scenario]
+        for g in range(0, len(self.devices), self.per_process):
+            spec = {"devices": self.devices[g:g + self.per_process], "bundle": self.bundle, "broker": self.broker,
+                    "fleet": self.fleet, "state_root": str(self.state_root), "data": str(self.data_file),
+                    "rate": self.rate, "window_size": self.window_size, "duration": self.duration,
+                    "start": self.t0, "events": events, "seed": self.seed + g, "public_key": self.public_key,
+                    "rollback": self.rollback}
+            p = subprocess.Popen([sys.executable, "-m", "devices.emulate", json.dumps(spec)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.procs.append(p)
+            for stream in (p.stdout, p.stderr):
+                t = threading.Thread(target=self._read, args=(stream,), daemon=True)
+                t.start()
+                self.readers.append(t)
+        flashes = [e for e in self.scenario if e.kind == "flash"]
+        if flashes:
+            self._flasher = threading.Thread(target=self._flash_events, args=(flashes,), daemon=True)
+            self._flasher.start()
+        return self
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            line = line.rstrip()
+            if not line:
+                continue
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict) and "event" in doc:
+                self.events.append(doc)
+                if doc["event"] == "stopped":
+                    self.stats.update(doc["stats"])
+                self.on_event(doc)
+            elif "WARNING" in line or "ERROR" in line or "Traceback" in line:
+                log.warning("device worker: %s", line)
+
+    def _flash_events(self, flashes: list[Event]) -> None:
+        from devices.flash import BundleImage, FleetLink
+        from edge_runtime.mqtt import parse_broker_url
+
+        with FleetLink(parse_broker_url(self.broker), self.fleet) as fl:
+            for e in flashes:
+                delay = self.t0 + e.at - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                image = BundleImage.from_path(e.params["bundle"], self.public_key)
+                tids = {d: fl.start_flash(d, image) for d in e.devices}
+                results = {d: fl.final_result(t, 120) for d, t in tids.items()}
+                doc = {"event": "flashed", "at": round(time.time() - self.t0, 1),
+                       "results": {d: (r or {}).get("stage", "no answer") for d, r in results.items()}}
+                self.events.append(doc)
+                self.on_event(doc)
+
+    def inject(self, kind: str, devices: list[str], **params) -> None:
+        """Apply an event now (drift, offline, slow) on running devices."""
+        ev = load_scenario({"events": [{"kind": kind, "devices": devices, **params}]}, self.devices)[0]
+        if ev.kind == "flash":
+            raise ScenarioError("flash devices with devices.flash (edgeops flash), not inject")
+        with open(self.state_root / "control.jsonl", "a") as fh:
+            fh.write(json.dumps({"kind": ev.kind, "devices": ev.devices, "params": ev.params}) + "\n")
+
+    def wait_started(self, timeout: float = 120.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            started = sum(len(e["devices"]) for e in self.events if e.get("event") == "started")
+            if started >= len(self.devices):
+                return True
+            if any(p.poll() not in (None, 0) for p in self.procs):
+                return False
+            time.sleep(0.2)
+        return False
+
+    def wait(self, timeout: float | None = None) -> None:
+        for p in self.procs:
+            p.wait(timeout=timeout)
+        for t in self.readers:
+            t.join(timeout=5)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for t in self.readers:
+            t.join(timeout=5)
+
+    def __enter__(self) -> "EmulatedFleet":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def replay_data(bundle: str | Path, dataset: str | None, data_file: str | None) -> tuple:
+    """What the devices replay: --data FILE, --dataset NAME, or the data set the bundle's name suggests."""
+    from edge_runtime.bundle import open_bundle
+
+    b = open_bundle(bundle)
+    names = [f["name"] for f in ((b.manifest.get("reference_profile") or {}).get("features") or [])]
+    if data_file:
+        from edge_runtime.inputs import read_rows
+
+        X = read_rows(Path(data_file), None)
+        return X, None, names or [f"f{i}" for i in range(X.shape[1])]
+    if dataset is None:
+        lowered = b.name.lower().replace("-", "_")
+        dataset = next((d for d in ("breast_cancer", "wine", "digits") if d in lowered), None)
+        if dataset is None:
+            raise click.UsageError(f"cannot tell which data {b.name} takes: give --dataset or --data")
+    from convert.reference import digits_images, load_reference_data
+
+    d = load_reference_data(dataset)
+    X = np.concatenate([d.X_train, d.X_test])
+    y = np.concatenate([d.y_train, d.y_test])
+    inp = (b.manifest.get("input_schema") or {})
+    if dataset == "digits" and inp.get("kind") == "image":
+        X = digits_images(X).reshape(len(X), -1)
+    return X, y, names or list(d.feature_names)
+
+
+@click.command("emulate")
+@click.option("--devices", "n_devices", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--bundle", required=True, type=click.Path(exists=True), help="The bundle every device starts with.")
+@click.option("--broker", required=True, help="mqtt://host:port")
+@click.option("--fleet", default="emulated", show_default=True)
+@click.option("--scenario", type=click.Path(exists=True), help="Events to inject (JSON or YAML; docs/fleet-emulation.md).")
+@click.option("--dataset", type=click.Choice(["breast_cancer", "wine", "digits"]), help="Data to replay.")
+@click.option("--data", "data_file", type=click.Path(exists=True), help="Rows to replay (.npy/.npz/.csv).")
+@click.option("--rate", type=float, default=20.0, show_default=True, help="Inferences per second per device.")
+@click.option("--window-size", type=int, default=50, show_default=True, help="Inferences per telemetry window.")
+@click.option("--duration", type=float, help="Stop after S seconds (default: until Ctrl-C).")
+@click.option("--per-process", type=click.IntRange(1), default=10, show_default=True, help="Agents per worker process.")
+@click.option("--state-root", type=click.Path(), default="fleet-state", show_default=True,
+              help="One state folder per device under it.")
+@click.option("--device-prefix", default="dev", show_default=True)
+@click.option("--public-key", type=click.Path(exists=True), help="Devices refuse bundles this key did not sign.")
+@click.option("--json", "as_json", is_flag=True, help="Print the events and final device stats as JSON.")
+def emulate_cmd(n_devices, bundle, broker, fleet, scenario, dataset, data_file, rate, window_size, duration,
+                per_process, state_root, device_prefix, public_key, as_json):
+    """Start N real device agents replaying reference data, with scheduled drift, outages, slowness and flashes."""
+    devices = device_ids(n_devices, device_prefix)
+    try:
+        events = load_scenario(scenario, devices)
+    except ScenarioError as exc:
+        raise click.BadParameter(str(exc), param_hint="--scenario") from None
+    data = replay_data(bundle, dataset, data_file)
+
+    def show(doc):
+        if not as_json:
+            click.echo(f"[{time.strftime('%H:%M:%S')}] {doc.get('event')}: "
+                       + ", ".join(f"{k}={v}" for k, v in doc.items() if k not in ("event", "stats")), err=True)
+
+    fleet_ = EmulatedFleet(bundle, broker, n_devices, data, state_root, fleet=fleet, scenario=events,
+                           per_process=per_process, rate=rate, window_size=window_size, duration=duration,
+                           prefix=device_prefix, public_key=public_key, on_event=show)
+    fleet_.start()
+    try:
+        if not fleet_.wait_started():
+            raise click.ClickException("device workers failed to start; see the messages above")
+        fleet_.wait()
+    except KeyboardInterrupt:
+        click.echo("stopping the emulated fleet", err=True)
+    finally:
+        fleet_.stop()
+    if as_json:
+        click.echo(json.dumps({"events": fleet_.events, "stats": fleet_.stats}, indent=2, default=str))
+    else:
+        total = sum(s["inferences"] for s in fleet_.stats.values())
+        click.echo(f"{len(fleet_.stats)} devices, {total} inferences, "
+                   f"{sum(s['unsent_windows'] for s in fleet_.stats.values())} windows left unsent")
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))

@@ -1,0 +1,489 @@
+"""The device agent: run a bundle on a stream of inputs and report every window over MQTT.
+
+Every closed window goes to the on-disk spool first and leaves it only when
+the broker acknowledges it (QoS 1), so a broker outage, a network cut or an
+agent restart loses nothing: windows are delivered in sequence order, at
+least once, and the monitor deduplicates by (device, seq).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import platform
+import queue
+import shutil
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from edge_runtime.errors import EdgeOpsError
+from edge_runtime.inputs import BadSample
+from edge_runtime.model import EdgeModel
+from edge_runtime.mqtt import DEFAULT_PREFIX, BrokerAddress, MqttLink, topic
+from edge_runtime.spool import WindowSpool
+from edge_runtime.stats import LatencyHistogram
+from edge_runtime.state import check_id, prepare_state_dir
+
+log = logging.getLogger("edgeops.agent")
+
+WIRE_SCHEMA_VERSION = 1
+
+
+def board_model() -> str | None:
+    try:
+        return Path("/proc/device-tree/model").read_bytes().rstrip(b"\x00").decode("utf-8", "replace").strip() or None
+    except OSError:
+        return None
+
+
+def os_name() -> str | None:
+    try:
+        info = platform.freedesktop_os_release()
+    except OSError:
+        return None
+    return info.get("PRETTY_NAME") or info.get("NAME")
+
+
+def platform_info() -> dict:
+    return {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "os": os_name(),
+        "release": platform.release(),
+        "python": platform.python_version(),
+        "board": board_model(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+@dataclass(frozen=True)
+class RollbackPolicy:
+    """When a freshly flashed bundle rolls itself back: judged on its first ``windows`` windows.
+
+    It rolls back when their error rate is above ``max_error_rate``, or their p95 latency (the
+    median of their windows' p95, so one window slowed by something else on the device does not
+    decide) is above ``latency_factor`` x the same figure of the bundle before, and higher by at
+    least ``min_increase_ms``.
+    """
+
+    windows: int = 3
+    latency_factor: float = 2.0
+    min_increase_ms: float = 1.0
+    max_error_rate: float = 0.05
+
+
+class DeviceAgent:
+    """Runs a model, closes telemetry windows, spools and publishes them.
+
+    Start it with :meth:`start` (connects in the background), feed it with
+    :meth:`run` (blocks until the input ends, ``max_inferences`` or
+    ``duration``), and stop it with :meth:`stop` (flushes the last window and
+    waits a bounded time for the spool to drain).
+
+    Args:
+        model: the loaded model.
+        device_id, fleet: identity; topics are ``<prefix>/<fleet>/<device_id>/...``.
+        broker: where to publish.
+        state_dir: spool and identity (see edge_runtime.state).
+        window_seconds, window_size: when windows close.
+        prefix: topic prefix.
+        spool_max: at most this many unsent windows are kept.
+        slots: the device's bundle slots; with them the agent takes flash and rollback commands
+            on ``.../cmd`` and answers on ``.../cmd/result`` (see edge_runtime.commands).
+        reload: loads a bundle folder into a model (the same options as the first one).
+        rollback_policy: judges a newly flashed bundle on its first windows (None: never by itself).
+    """
+
+    def __init__(self, model: EdgeModel, device_id: str, fleet: str, broker: BrokerAddress,
+                 state_dir: str | Path | None = None, window_seconds: float | None = 10.0,
+                 window_size: int | None = None, prefix: str = DEFAULT_PREFIX, spool_max: int = 10_000,
+                 slots=None, reload: Callable[[Path], EdgeModel] | None = None,
+                 rollback_policy: RollbackPolicy | None = RollbackPolicy(), second: EdgeModel | None = None,
+                 mode: str = "ab", split: float = 0.5, seed: int | None = None, compress: bool = False):
+        self.model = model
+        self.window_seconds, self.window_size = window_seconds, window_size
+        self.device_id = check_id(device_id, "device id")
+        self.fleet = check_id(fleet, "fleet")
+        self.prefix = prefix
+        self.state_dir = prepare_state_dir(state_dir, device_id, fleet)
+        self.spool = WindowSpool(self.state_dir / "spool.sqlite", max_windows=spool_max)
+        if second is not None and mode not in ("ab", "shadow"):
+            raise ValueError(f"mode {mode!r}: ab or shadow")
+        self.second, self.mode, self.split = second, mode, split
+        self.compress = compress
+        primary_variant = None if second is None else "A"
+        self.recorder = model.start_recording(window_seconds=window_seconds, window_size=window_size,
+                                              variant=primary_variant)
+        self.second_recorder = None if second is None else second.start_recording(
+            window_seconds=window_seconds, window_size=window_size, variant="B" if mode == "ab" else "shadow")
+        import random
+
+        self._rng = random.Random(seed)
+        self._agree = {"compared": 0, "agreed": 0, "max_abs_diff": 0.0}
+        self.telemetry_topic = topic(prefix, fleet, device_id, "telemetry")
+        self.status_topic = topic(prefix, fleet, device_id, "status")
+        self.cmd_topic = topic(prefix, fleet, device_id, "cmd")
+        self.result_topic = self.cmd_topic + "/result"
+        self._acks: queue.Queue[tuple[int, bool]] = queue.Queue()
+        self._results: queue.Queue[bytes] = queue.Queue()
+        self._pending: queue.Queue[tuple[EdgeModel, str, dict]] = queue.Queue()
+        self._recent_p95: collections.deque[float] = collections.deque(maxlen=5)
+        self._probation: dict | None = None
+        self.rollback_policy = rollback_policy
+        self.slots = slots
+        self._reload = reload
+        self.commands = None
+        self._reconnected = threading.Event()
+        self.link = MqttLink(broker, client_id=f"edgeops-{fleet}-{device_id}",
+                             will=(self.status_topic, self._status(online=False)),
+                             on_connect=self._on_connect, on_ack=lambda mid, ok: self._acks.put((mid, ok)),
+                             on_message=self._on_message)
+        self._stop = threading.Event()
+        self._publisher = threading.Thread(target=self._publish_loop, name="edgeops-publisher", daemon=True)
+        self.inferences = 0
+        self.bad_inputs = 0
+        self._logged_bad: set[str] = set()
+
+    # -- status --------------------------------------------------------------------------------
+
+    def _status(self, online: bool) -> bytes:
+        m = self.model
+        info = self.recorder.model_info
+        try:
+            free = shutil.disk_usage(self.state_dir).free
+        except OSError:
+            free = None
+        from edge_runtime import __version__
+
+        doc = {
+            "schema_version": WIRE_SCHEMA_VERSION, "type": "status", "device_id": self.device_id,
+            "fleet": self.fleet, "online": online, "ts": round(time.time(), 3), "runtime_version": __version__,
+            "platform": platform_info(),
+            "model": {k: info.get(k) for k in ("name", "version", "artifact", "sha256")},
+            "backend": f"{m.backend.name} {m.backend.version}", "free_disk_bytes": free,
+            "accepts_flash": self.slots is not None if hasattr(self, "slots") else False,
+        }
+        second = getattr(self, "second", None)
+        if second is not None:
+            info2 = self.second_recorder.model_info
+            doc["second_model"] = {**{k: info2.get(k) for k in ("name", "version", "artifact", "sha256")},
+                                   "mode": self.mode, "split": self.split if self.mode == "ab" else None}
+        prev = self.slots.previous if getattr(self, "slots", None) is not None else None
+        if prev is not None:
+            try:
+                pm = json.loads((prev / "manifest.json").read_text())
+                doc["previous_model"] = {"name": pm.get("name"), "version": pm.get("version")}
+            except (OSError, ValueError):
+                pass
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def _on_connect(self) -> None:
+        # network thread: the status is small and retained; windows are resent by the publisher
+        self.link.client.publish(self.status_topic, self._status(online=True), qos=1, retain=True)
+        if self.commands is not None:
+            self.link.client.subscribe(self.cmd_topic, qos=1)
+        self._reconnected.set()
+
+    def _on_message(self, topic_name: str, payload: bytes) -> None:
+        if topic_name == self.cmd_topic and self.commands is not None:
+            self.commands.submit(payload)
+
+    # -- flashing ------------------------------------------------------------------------------
+
+    def _publish_result(self, doc: dict) -> None:
+        if doc.get("stage") == "switched" and doc.get("type") == "flash":
+            pol = self.rollback_policy
+            doc = {**doc, "probation_windows": pol.windows if pol is not None else 0}
+        log.info("command %s %s: %s", doc.get("type"), doc.get("stage"), doc.get("message"))
+        self._results.put(json.dumps(doc, separators=(",", ":")).encode())
+
+    def _switched(self, kind: str, res) -> None:
+        """Command thread: the slots switched; load the new active bundle and hand it to the run loop."""
+        try:
+            model = self._reload(self.slots.active)
+        except EdgeOpsError as exc:
+            back = self.slots.rollback()
+            self._publish_result({"id": None, "type": "auto_rollback", "ok": back.ok, "stage": back.stage,
+                                  "message": f"the new bundle did not load ({exc}); {back.message}",
+                                  "bundle": back.bundle, "version": back.version, "ts": round(time.time(), 3),
+                                  "device_id": self.device_id})
+            return
+        self._pending.put((model, kind, {}))
+
+    def _apply_pending(self) -> None:
+        """Run loop: swap in a model the command thread loaded (between two inferences)."""
+        while True:
+            try:
+                model, kind, detail = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            before = sorted(self._recent_p95)
+            baseline = before[len(before) // 2] if before else None
+            self._spool_closed_windows(self.recorder.poll())
+            last = self.recorder.flush()
+            if last is not None:
+                self._spool_closed_windows([last])
+            variant = self.recorder.model_info.get("variant")
+            self.model.stop_recording()
+            model.added_latency_s = self.model.added_latency_s
+            self.model = model
+            self.recorder = model.start_recording(window_seconds=self.window_seconds, window_size=self.window_size,
+                                                  variant=variant)
+            self._recent_p95.clear()
+            self._probation = None
+            if kind == "flash" and self.rollback_policy is not None and self.rollback_policy.windows > 0:
+                self._probation = {"baseline_p95": baseline, "windows": 0, "count": 0, "errors": 0, "p95s": [],
+                                   "version": self.recorder.model_info.get("version")}
+            log.info("now running %s %s (%s)", self.recorder.model_info.get("name"),
+                     self.recorder.model_info.get("version"), kind)
+            if self.link.connected.is_set():
+                self.link.client.publish(self.status_topic, self._status(online=True), qos=1, retain=True)
+            if detail:
+                self._publish_result(detail)
+
+    def _judge(self, w: dict) -> None:
+        """Probation of a freshly flashed bundle: roll back by itself on errors or a latency regression."""
+        p = self._probation
+        pol = self.rollback_policy
+        p["windows"] += 1
+        p["count"] += w["count"] + w["errors"]
+        p["errors"] += w["errors"]
+        q = LatencyHistogram.from_dict(w["latency_ms"]).quantile(0.95) if w["count"] else None
+        if q is not None:
+            p["p95s"].append(q)
+        if p["windows"] < pol.windows:
+            return
+        self._probation = None
+        p95s = sorted(p["p95s"])
+        p95 = p95s[len(p95s) // 2] if p95s else None
+        err = p["errors"] / p["count"] if p["count"] else 0.0
+        base = p["baseline_p95"]
+        reason = None
+        if err > pol.max_error_rate:
+            reason = f"error rate {err:.1%} over {pol.max_error_rate:.1%} in its first {pol.windows} windows"
+        elif base and p95 is not None and p95 > pol.latency_factor * base and p95 - base >= pol.min_increase_ms:
+            reason = (f"latency regression: p95 {p95:.3f} ms in its first {pol.windows} windows vs {base:.3f} ms "
+                      f"before the flash (limit x{pol.latency_factor:g})")
+        doc = {"id": None, "ts": round(time.time(), 3), "device_id": self.device_id,
+               "p95_ms": p95, "baseline_p95_ms": base, "error_rate": err}
+        if reason is None:
+            self._publish_result({**doc, "type": "probation", "ok": True, "stage": "confirmed",
+                                  "message": f"{p['version']} passed its first {pol.windows} windows",
+                                  "bundle": self.recorder.model_info.get("name"), "version": p["version"]})
+            return
+        log.warning("rolling back %s: %s", p["version"], reason)
+        res = self.slots.rollback()
+        if not res.ok:
+            self._publish_result({**doc, "type": "auto_rollback", "ok": False, "stage": "failed",
+                                  "message": f"{reason}; {res.message}", "bundle": None, "version": p["version"]})
+            return
+        try:
+            model = self._reload(self.slots.active)
+        except EdgeOpsError as exc:
+            self._publish_result({**doc, "type": "auto_rollback", "ok": False, "stage": "failed",
+                                  "message": f"{reason}; the previous bundle did not load: {exc}",
+                                  "bundle": res.bundle, "version": res.version})
+            return
+        self._pending.put((model, "auto_rollback", {
+            **doc, "type": "auto_rollback", "ok": True, "stage": "rolled_back",
+            "message": f"{reason}; {res.message}", "bundle": res.bundle, "version": res.version,
+            "from_version": p["version"]}))
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        inflight: dict[int, int] = {}   # mid -> seq
+        last_sent = -1
+        while not self._stop.is_set() or (inflight and self.link.connected.is_set()):
+            if self._reconnected.is_set():
+                # after a reconnect, everything still spooled goes out again from the oldest
+                self._reconnected.clear()
+                inflight.clear()
+                last_sent = -1
+            while True:
+                try:
+                    mid, ok = self._acks.get_nowait()
+                except queue.Empty:
+                    break
+                seq = inflight.pop(mid, None)
+                if seq is not None and ok:
+                    self.spool.delete(seq)
+            while self.link.connected.is_set() and not self._results.empty():
+                if self.link.publish(self.result_topic, self._results.get_nowait(), qos=1) is None:
+                    break
+            if self.link.connected.is_set() and len(inflight) < 50:
+                for seq, payload in self.spool.peek(limit=50 - len(inflight), after=last_sent):
+                    if self.compress:
+                        payload = zlib.compress(payload, 6)
+                    mid = self.link.publish(self.telemetry_topic, payload, qos=1)
+                    if mid is None:
+                        break
+                    inflight[mid] = seq
+                    last_sent = seq
+            if self._stop.is_set() and not len(self.spool):
+                break
+            time.sleep(0.02)
+
+    def _spool_closed_windows(self, windows: list[dict], primary: bool = True) -> None:
+        for w in windows:
+            if primary:
+                p95 = LatencyHistogram.from_dict(w["latency_ms"]).quantile(0.95) if w["count"] else None
+                if p95 is not None:
+                    self._recent_p95.append(p95)
+                if self._probation is not None:
+                    self._judge(w)
+            elif self.mode == "shadow":
+                a = self._agree
+                w["agreement"] = {"compared": a["compared"], "agreed": a["agreed"],
+                                  "rate": round(a["agreed"] / a["compared"], 6) if a["compared"] else None,
+                                  "max_abs_diff": round(a["max_abs_diff"], 6)}
+                self._agree = {"compared": 0, "agreed": 0, "max_abs_diff": 0.0}
+            msg = {"schema_version": WIRE_SCHEMA_VERSION, "type": "telemetry", "device_id": self.device_id,
+                   "fleet": self.fleet, **w}
+            seq = self.spool.append(msg)
+            log.debug("window %d spooled (%d inferences)", seq, w["count"])
+
+    def collect(self) -> None:
+        """Spool the windows closed so far (for callers that predict outside :meth:`run`, like serve)."""
+        self._spool_closed_windows(self.recorder.poll())
+        if self.second_recorder is not None:
+            self._spool_closed_windows(self.second_recorder.poll(), primary=False)
+
+    def _predict(self, sample) -> None:
+        if self.second is None:
+            self.model.predict(sample)
+        elif self.mode == "ab":
+            (self.second if self._rng.random() < self.split else self.model).predict(sample)
+        else:
+            a = self.model.predict(sample)
+            try:
+                b = self.second.predict(sample)
+            except EdgeOpsError:
+                return   # counted as an error in the shadow's window
+            a, b = np.asarray(a, np.float32).ravel(), np.asarray(b, np.float32).ravel()
+            diff = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf")
+            if a.size > 1 and a.shape == b.shape:
+                same = int(np.argmax(a)) == int(np.argmax(b))
+            else:
+                same = diff <= 0.01 * max(1.0, float(np.max(np.abs(a))) if a.size else 1.0)
+            ag = self._agree
+            ag["compared"] += 1
+            ag["agreed"] += int(same)
+            ag["max_abs_diff"] = max(ag["max_abs_diff"], diff if np.isfinite(diff) else 0.0)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> "DeviceAgent":
+        pending = len(self.spool)
+        if pending:
+            log.info("%d unsent windows in the spool from an earlier run; they go out first", pending)
+        if self.slots is not None and self._reload is not None:
+            from edge_runtime.commands import CommandHandler
+
+            self.commands = CommandHandler(self.slots, self._publish_result, self._switched, self.device_id)
+        self.link.start()
+        self._publisher.start()
+        return self
+
+    def run(self, samples: Iterable, rate: float | None = None, max_inferences: int | None = None,
+            duration: float | None = None) -> None:
+        """Predict on every sample (at ``rate`` per second when given) until the stream ends."""
+        t_start = time.monotonic()
+        next_due = t_start
+        last_poll = t_start
+        for sample in samples:
+            if self._stop.is_set():
+                break
+            if not self._pending.empty():
+                self._apply_pending()
+            if isinstance(sample, BadSample):
+                self._bad(sample.where, sample.reason)
+                self.recorder.record_error(rejected=True)
+            else:
+                try:
+                    self._predict(sample)
+                    self.inferences += 1
+                except EdgeOpsError as exc:
+                    self._bad("input", str(exc))
+            now = time.monotonic()
+            if now - last_poll >= 0.1:
+                self.collect()
+                last_poll = now
+            if max_inferences is not None and self.inferences + self.bad_inputs >= max_inferences:
+                break
+            if duration is not None and now - t_start >= duration:
+                break
+            if rate:
+                next_due += 1.0 / rate
+                delay = next_due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                elif delay < -1.0:
+                    next_due = time.monotonic()  # fell behind: do not burst to catch up
+        self.collect()
+
+    def _bad(self, where: str, reason: str) -> None:
+        self.bad_inputs += 1
+        kind = reason.split(":")[0][:60]
+        if kind not in self._logged_bad:
+            self._logged_bad.add(kind)
+            log.warning("bad input at %s: %s (counted in telemetry; further ones of this kind are not logged)",
+                        where, reason)
+
+    def stop(self, drain_timeout: float = 10.0) -> int:
+        """Close the current window, wait up to ``drain_timeout`` for the spool to empty, go offline.
+
+        Returns:
+            Windows still in the spool (they are sent by the next run).
+        """
+        if self.commands is not None:
+            self.commands.stop()
+        last = self.recorder.flush()
+        if last is not None:
+            self._spool_closed_windows([last])
+        if self.second_recorder is not None:
+            last = self.second_recorder.flush()
+            if last is not None:
+                self._spool_closed_windows([last], primary=False)
+        deadline = time.monotonic() + drain_timeout
+        while (len(self.spool) or not self._results.empty()) and time.monotonic() < deadline \
+                and self.link.connected.is_set():
+            time.sleep(0.05)
+        self._stop.set()
+        self._publisher.join(timeout=5)
+        self.link.stop(final=(self.status_topic, self._status(online=False)))
+        left = len(self.spool)
+        self.spool.close()
+        if left:
+            log.warning("%d windows could not be delivered yet; they stay in %s", left, self.state_dir)
+        return left
+
+    def __enter__(self) -> "DeviceAgent":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def samples_from(source: str | None, model: EdgeModel, loop: bool = False) -> Iterable:
+    """The sample stream for ``--input``: a .csv/.npy/.npz file, a folder of images, or '-' for stdin."""
+    from edge_runtime.inputs import image_files, json_lines, read_rows, replay
+
+    if source in (None, "-"):
+        return json_lines()
+    p = Path(source)
+    if p.is_dir():
+        return image_files(p, loop)
+    X = read_rows(p, model.input_spec.n_values)
+    shape = model.input_spec.shape
+    if X.ndim == 2 and len(shape) > 1 and X.shape[1] == int(np.prod(shape)):
+        X = X.reshape((len(X),) + tuple(shape))
+    return replay(X, loop)

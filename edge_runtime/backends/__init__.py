@@ -1,0 +1,113 @@
+"""Inference backends behind one narrow interface.
+
+``open_backend(path)`` picks the interpreter for a model file: LiteRT
+(``ai_edge_litert``) first for TFLite, then ``tflite_runtime`` (older Pis),
+then ``tensorflow.lite`` only if TensorFlow is already loaded; ONNX Runtime
+for ONNX. Every backend exposes the same small surface (:class:`Backend`):
+tensor descriptions and ``run(feeds) -> outputs`` on raw tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from edge_runtime.errors import BackendUnavailableError, ModelFormatError
+from edge_runtime.modelcheck import check_model_bytes
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One input or output tensor.
+
+    Attributes:
+        name: tensor name.
+        dtype: numpy dtype name (float32, int8, int64, ...).
+        shape: dimensions, -1 where dynamic (the batch dimension usually is).
+        quantization: (scale, zero_point) for quantized integer tensors, else None.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    quantization: tuple[float, int] | None = None
+
+    def to_dict(self) -> dict:
+        q = {"scale": self.quantization[0], "zero_point": self.quantization[1]} if self.quantization else None
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "quantization": q}
+
+
+class Backend(Protocol):
+    """What every backend offers."""
+
+    name: str
+    version: str
+    threads: int | None
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+    def run(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run on raw input tensors (model dtypes, in ``inputs`` order); returns raw outputs."""
+        ...
+
+
+def open_backend(
+    model: str | Path | bytes,
+    format: str | None = None,
+    threads: int | None = None,
+    prefer: str | None = None,
+) -> Backend:
+    """Open a model file (or its bytes) with the best available backend.
+
+    Args:
+        model: path to a .tflite/.onnx file, or the model's bytes.
+        format: "tflite" or "onnx" (default: from the file's suffix or contents).
+        threads: intra-op threads (None: the backend's default).
+        prefer: a backend name to use first ("litert", "tflite_runtime", "tensorflow.lite", "onnxruntime").
+
+    Raises:
+        ModelFormatError: the file is not a valid model.
+        BackendUnavailableError: no installed backend runs this format.
+    """
+    if isinstance(model, (bytes, bytearray)):
+        data, where, hint = bytes(model), "model bytes", f".{format}" if format else ""
+    else:
+        p = Path(model)
+        if not p.is_file():
+            raise ModelFormatError(f"{p}: no such model file")
+        data, where = p.read_bytes(), str(p)
+        hint = f".{format}" if format else p.suffix.lower()
+    fmt = check_model_bytes(data, where, hint=hint)
+    if fmt == "onnx":
+        from edge_runtime.backends.onnx import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(data, where, threads)
+    from edge_runtime.backends.tflite import TFLiteBackend, tflite_interpreter_class
+
+    cls, name, version = tflite_interpreter_class(prefer)
+    return TFLiteBackend(data, where, threads, cls, name, version)
+
+
+def available_backends() -> dict[str, str | None]:
+    """Installed backends and their versions (None where not importable), without loading TensorFlow."""
+    from edge_runtime.backends.tflite import tflite_candidates
+
+    found: dict[str, str | None] = {}
+    for name, loader in tflite_candidates():
+        try:
+            found[name] = loader()[2]
+        except BackendUnavailableError:
+            found[name] = None
+    try:
+        import onnxruntime
+
+        found["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        found["onnxruntime"] = None
+    return found
+
+
+__all__ = ["Backend", "TensorInfo", "open_backend", "available_backends", "BackendUnavailableError"]

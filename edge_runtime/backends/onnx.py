@@ -1,0 +1,53 @@
+"""ONNX models through ONNX Runtime on the CPU."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from edge_runtime.backends import TensorInfo
+from edge_runtime.errors import BackendUnavailableError, ModelFormatError
+
+ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8", "tensor(int16)": "int16", "tensor(int32)": "int32", "tensor(int64)": "int64",
+    "tensor(bool)": "bool", "tensor(string)": "string",
+}
+
+
+class OnnxRuntimeBackend:
+    """An ONNX Runtime session (CPUExecutionProvider)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, data: bytes, where: str, threads: int | None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailableError(f"ONNX Runtime is not installed (pip install onnxruntime): {exc}") from None
+        self.version = ort.__version__
+        self.threads = threads
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self._sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
+            raise ModelFormatError(f"{where}: ONNX Runtime cannot load it ({str(exc).strip()[:200]})") from None
+        self.inputs = [self._info(i) for i in self._sess.get_inputs()]
+        self.outputs = [self._info(o) for o in self._sess.get_outputs()]
+        self._in_names = [i.name for i in self.inputs]
+        self._out_names = [o.name for o in self.outputs]
+
+    @staticmethod
+    def _info(arg) -> TensorInfo:
+        shape = tuple(int(d) if isinstance(d, int) else -1 for d in (arg.shape or []))
+        return TensorInfo(arg.name, ORT_TYPES.get(arg.type, arg.type), shape, None)
+
+    def run(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if len(feeds) != len(self._in_names):
+            raise ValueError(f"expected {len(self._in_names)} inputs, got {len(feeds)}")
+        return self._sess.run(self._out_names, dict(zip(self._in_names, feeds)))

@@ -1,0 +1,195 @@
+"""`edgeops run` and `edgeops serve`: the device-side commands."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import click
+
+log = logging.getLogger("edgeops.agent")
+
+
+def _common_broker_options(f):
+    for opt in reversed([
+        click.option("--username", help="MQTT username (or in the URL)."),
+        click.option("--password", help="MQTT password (or in the URL; or env EDGEOPS_MQTT_PASSWORD).",
+                     envvar="EDGEOPS_MQTT_PASSWORD"),
+        click.option("--ca", "ca_file", type=click.Path(), help="CA certificate for mqtts://."),
+        click.option("--cert", "cert_file", type=click.Path(), help="Client certificate for mqtts://."),
+        click.option("--key", "key_file", type=click.Path(), help="Client key for mqtts://."),
+        click.option("--topic-prefix", default="edgeops", show_default=True, help="MQTT topic prefix."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@click.command("run")
+@click.argument("bundle", type=click.Path())
+@click.option("--device-id", required=True, help="This device's id (letters, digits, . _ -).")
+@click.option("--fleet", default="default", show_default=True, help="Fleet the device belongs to.")
+@click.option("--broker", required=True, help="mqtt://host:port or mqtts://user:pass@host:8883")
+@click.option("--input", "source", default="-", show_default=True,
+              help="A .csv/.npy/.npz file to replay, a folder of images, or - for JSON lines on stdin.")
+@click.option("--rate", type=float, help="Inferences per second (default: as fast as inputs come).")
+@click.option("--loop", is_flag=True, help="Replay the input file forever.")
+@click.option("--window-seconds", type=float, default=10.0, show_default=True, help="Close a window after S seconds.")
+@click.option("--window-size", type=int, help="Close a window after M inferences.")
+@click.option("--state-dir", type=click.Path(), help="Spool and identity (default: ~/.local/state/edgeops/<device-id>).")
+@click.option("--artifact", help="Artifact file of the bundle to run (default: the bundle's choice).")
+@click.option("--threads", type=int, help="Inference threads.")
+@click.option("--public-key", type=click.Path(), help="Trusted Ed25519 key: refuse bundles it did not sign.")
+@click.option("--nan-policy", type=click.Choice(["reject", "count"]), default="reject", show_default=True)
+@click.option("--max-inferences", type=int, help="Stop after N inputs.")
+@click.option("--duration", type=float, help="Stop after S seconds.")
+@click.option("--flash/--no-flash", "accept_flash", default=True, show_default=True,
+              help="Take flash and rollback commands on the device's cmd topic.")
+@click.option("--rollback-windows", type=int, default=3, show_default=True,
+              help="A flashed bundle is judged on this many first windows (0: never roll back by itself).")
+@click.option("--rollback-latency-factor", type=float, default=2.0, show_default=True,
+              help="Roll back when p95 latency after a flash exceeds the one before by this factor ...")
+@click.option("--rollback-min-increase-ms", type=float, default=1.0, show_default=True,
+              help="... and by at least this many milliseconds.")
+@click.option("--rollback-error-rate", type=float, default=0.05, show_default=True,
+              help="Roll back when the error rate after a flash is above this.")
+@click.option("--ab", "ab_bundle", type=click.Path(exists=True),
+              help="A/B: also run this bundle (variant B) on a share of the inputs (--ab-split).")
+@click.option("--ab-split", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of inputs that go to the --ab bundle.")
+@click.option("--shadow", "shadow_bundle", type=click.Path(exists=True),
+              help="Shadow: also run this bundle on every input (results unused) and report its agreement.")
+@click.option("--compress", is_flag=True, help="Send telemetry windows zlib-compressed (about 2.5x fewer bytes).")
+@click.option("--added-latency-ms", type=float, default=0.0, hidden=True,
+              help="Emulation only: add this much latency to every inference.")
+@_common_broker_options
+def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds, window_size, state_dir, artifact,
+            threads, public_key, nan_policy, max_inferences, duration, accept_flash, rollback_windows,
+            rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, ab_bundle, ab_split, shadow_bundle,
+            compress, added_latency_ms, username,
+            password, ca_file, cert_file, key_file, topic_prefix):
+    """Run BUNDLE on a stream of inputs and publish telemetry windows over MQTT.
+
+    With a bundle (folder or .tar.gz), the device keeps an active and a previous
+    bundle in its state folder and takes flashes over MQTT: after a flash or a
+    restart it runs the active one. A BUNDLE other than the one it started
+    from last time becomes the active bundle.
+    """
+    import edge_runtime
+    from edge_runtime.agent import DeviceAgent, RollbackPolicy, samples_from
+    from edge_runtime.mqtt import parse_broker_url
+    from edge_runtime.state import check_id, prepare_state_dir
+
+    if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    address = parse_broker_url(broker, username, password, ca_file, cert_file, key_file)
+    check_id(device_id, "device id")
+    check_id(fleet, "fleet")
+    state = prepare_state_dir(state_dir, device_id, fleet)
+
+    def reload(path):
+        return edge_runtime.load(path, artifact=artifact, threads=threads, public_key=public_key,
+                                 nan_policy=nan_policy)
+
+    slots = None
+    if accept_flash and not str(bundle).endswith((".tflite", ".onnx")):
+        from edge_runtime.flash import BundleSlots
+
+        slots = BundleSlots(state, public_key=public_key)
+        bundle = str(_choose_bundle(slots, bundle))
+    model = reload(bundle)
+    model.added_latency_s = max(0.0, added_latency_ms) / 1000.0
+    samples = samples_from(source, model, loop)
+    if ab_bundle and shadow_bundle:
+        raise click.UsageError("--ab and --shadow: choose one")
+    second = reload(ab_bundle or shadow_bundle) if (ab_bundle or shadow_bundle) else None
+    if second is not None:
+        second.added_latency_s = model.added_latency_s
+        if second.input_spec.shape != model.input_spec.shape:
+            raise click.UsageError(f"{ab_bundle or shadow_bundle} takes inputs of shape {second.input_spec.shape}, "
+                                   f"{bundle} takes {model.input_spec.shape}: they cannot share inputs")
+    policy = RollbackPolicy(rollback_windows, rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate) \
+        if rollback_windows > 0 else None
+    agent = DeviceAgent(model, device_id, fleet, address, state_dir=state, window_seconds=window_seconds,
+                        window_size=window_size, prefix=topic_prefix, slots=slots, reload=reload,
+                        rollback_policy=policy, second=second, mode="shadow" if shadow_bundle else "ab",
+                        split=ab_split, compress=compress)
+    log.info("device %s (fleet %s) runs %r, telemetry to %s", device_id, fleet, model, address.url)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    agent.start()
+    try:
+        agent.run(samples, rate=rate, max_inferences=max_inferences, duration=duration)
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        left = agent.stop()
+    log.info("%d inferences, %d bad inputs, %d windows left in the spool", agent.inferences, agent.bad_inputs, left)
+    sys.exit(0)
+
+
+def _choose_bundle(slots, given):
+    """The bundle to run: the active slot, unless the command line names a new bundle."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from edge_runtime.bundle import open_bundle
+
+    record = slots.root / "given.json"
+    b = open_bundle(given, public_key=slots.public_key)
+    digest = hashlib.sha256((b.root / "manifest.json").read_bytes()).hexdigest()
+    try:
+        last = json.loads(record.read_text()).get("manifest_sha256")
+    except (OSError, ValueError):
+        last = None
+    if slots.active is None:
+        active = slots.install_initial(given)
+    elif last != digest:
+        active = slots.adopt(given)
+        log.info("a new bundle on the command line: %s %s is now active", b.name, b.version)
+    else:
+        active = slots.active
+        if Path(active).resolve() != Path(b.root).resolve():
+            log.info("running the active bundle %s (flashed earlier), not %s", Path(active).name, given)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"manifest_sha256": digest, "path": str(given)}))
+    tmp.replace(record)
+    return active
+
+
+@click.command("serve")
+@click.argument("bundle", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--artifact", help="Artifact file of the bundle to serve.")
+@click.option("--threads", type=int, help="Inference threads.")
+@click.option("--public-key", type=click.Path(), help="Trusted Ed25519 key.")
+@click.option("--broker", help="Also publish telemetry windows to this broker.")
+@click.option("--device-id", help="Device id for telemetry (with --broker).")
+@click.option("--fleet", default="default", show_default=True)
+@click.option("--window-seconds", type=float, default=10.0, show_default=True)
+@click.option("--state-dir", type=click.Path())
+@_common_broker_options
+def serve_cmd(bundle, host, port, artifact, threads, public_key, broker, device_id, fleet, window_seconds, state_dir,
+              username, password, ca_file, cert_file, key_file, topic_prefix):
+    """Serve BUNDLE over HTTP: POST /predict, GET /healthz, /metrics, /model."""
+    import edge_runtime
+    from edge_runtime.serve import serve_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    model = edge_runtime.load(bundle, artifact=artifact, threads=threads, public_key=public_key)
+    agent = None
+    if broker:
+        from edge_runtime.agent import DeviceAgent
+        from edge_runtime.mqtt import parse_broker_url
+
+        if not device_id:
+            raise click.UsageError("--device-id is needed with --broker")
+        agent = DeviceAgent(model, device_id, fleet, parse_broker_url(broker, username, password, ca_file, cert_file,
+                                                                      key_file),
+                            state_dir=state_dir, window_seconds=window_seconds, prefix=topic_prefix).start()
+    serve_forever(model, host, port, agent=agent)

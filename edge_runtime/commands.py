@@ -1,0 +1,182 @@
+"""Commands a device takes on ``<prefix>/<fleet>/<device>/cmd``: flash a bundle, roll back.
+
+Results go to ``.../cmd/result``. Messages (JSON):
+
+- ``{"type": "flash_begin", "id", "total", "size", "sha256", "bundle", "version"}``, then
+  ``{"type": "flash_chunk", "id", "index", "sha256", "data": <base64>}`` for each chunk;
+  once all chunks are in, the device verifies the whole, stages, health-checks and switches.
+- ``{"type": "flash_url", "id", "url", "size", "sha256", "bundle", "version"}``: the device fetches the
+  archive itself (http or https, at most ``size`` bytes, checked against ``sha256``), then the same.
+- ``{"type": "rollback", "id"}``: back to the previous bundle.
+
+Result: ``{"id", "type", "ok", "stage", "message", "bundle", "version", "ts", "device_id"}``.
+A bad command gets a failed result and changes nothing; the agent keeps running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from edge_runtime.errors import BundleError, EdgeOpsError, VerificationError
+from edge_runtime.flash import BundleSlots, ChunkAssembler, FlashResult
+
+log = logging.getLogger("edgeops.commands")
+
+
+def fetch(url: str, staging: Path, transfer_id: str, size: int, sha256: str, timeout: float = 60.0,
+          max_size: int = 512 << 20) -> Path:
+    """Download a bundle archive into ``staging``; refuse a wrong scheme, size or digest."""
+    import urllib.error
+    import urllib.request
+
+    if not transfer_id.isalnum() or len(transfer_id) > 64:
+        raise BundleError(f"transfer id {transfer_id!r} must be 1-64 letters or digits")
+    if not url.startswith(("http://", "https://")):
+        raise BundleError(f"{url}: only http:// and https:// URLs are fetched")
+    if size > max_size:
+        raise BundleError(f"bundle of {size} bytes is over the {max_size}-byte limit")
+    part = staging / f"{transfer_id}.tar.gz.part"
+    digest = hashlib.sha256()
+    got = 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as fh:
+            while True:
+                chunk = resp.read(1 << 16)
+                if not chunk:
+                    break
+                got += len(chunk)
+                if got > size:
+                    raise VerificationError(f"{url}: more than the announced {size} bytes")
+                digest.update(chunk)
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except (urllib.error.URLError, OSError) as exc:
+        part.unlink(missing_ok=True)
+        raise BundleError(f"{url}: download failed ({getattr(exc, 'reason', exc)})") from None
+    except EdgeOpsError:
+        part.unlink(missing_ok=True)
+        raise
+    if got != size or digest.hexdigest() != sha256:
+        part.unlink(missing_ok=True)
+        raise VerificationError(f"{url}: the downloaded bundle's sha256 or size does not match the command's")
+    final = part.with_suffix("")
+    os.replace(part, final)
+    return final
+
+
+class CommandHandler:
+    """Runs commands on a worker thread (a health check takes seconds; the network thread must not wait).
+
+    Args:
+        slots: the device's bundle slots.
+        publish_result: sends a result document.
+        on_switch: called with the new active bundle path after a flash or rollback switched it.
+    """
+
+    def __init__(self, slots: BundleSlots, publish_result: Callable[[dict], None],
+                 on_switch: Callable[[str, FlashResult], None], device_id: str):
+        self.slots = slots
+        self.publish_result = publish_result
+        self.on_switch = on_switch
+        self.device_id = device_id
+        self._queue: queue.Queue = queue.Queue()
+        self._transfers: dict[str, ChunkAssembler] = {}
+        self._meta: dict[str, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="edgeops-commands", daemon=True)
+        self._thread.start()
+
+    def submit(self, payload: bytes) -> None:
+        self._queue.put(payload)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _result(self, cmd_id: str | None, kind: str, res: FlashResult) -> None:
+        self.publish_result({"id": cmd_id, "type": kind, "ok": res.ok, "stage": res.stage, "message": res.message,
+                             "bundle": res.bundle, "version": res.version, "ts": round(time.time(), 3),
+                             "device_id": self.device_id})
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            payload = self._queue.get()
+            if payload is None:
+                return
+            try:
+                self._handle(payload)
+            except Exception as exc:  # noqa: BLE001 - a bad command must never stop the device
+                log.exception("command failed")
+                self._result(None, "error", FlashResult(False, "failed", f"command failed: {exc}"))
+
+    def _handle(self, payload: bytes) -> None:
+        try:
+            cmd = json.loads(payload)
+            kind, cmd_id = cmd["type"], str(cmd.get("id", ""))
+        except (ValueError, KeyError, TypeError):
+            self._result(None, "error", FlashResult(False, "failed", "malformed command: expected JSON with a 'type'"))
+            return
+        if kind == "flash_begin":
+            try:
+                self._transfers[cmd_id] = ChunkAssembler(self.slots.staging, cmd_id, int(cmd["total"]),
+                                                         str(cmd["sha256"]), int(cmd["size"]))
+                self._meta[cmd_id] = cmd
+            except (EdgeOpsError, KeyError, ValueError) as exc:
+                self._result(cmd_id, kind, FlashResult(False, "failed", f"refused: {exc}"))
+        elif kind == "flash_chunk":
+            asm = self._transfers.get(cmd_id)
+            if asm is None:
+                self._result(cmd_id, kind, FlashResult(False, "failed", "chunk for an unknown transfer"))
+                return
+            try:
+                done = asm.add(int(cmd["index"]), cmd["data"], cmd["sha256"])
+            except (EdgeOpsError, KeyError, ValueError) as exc:
+                self._transfers.pop(cmd_id, None)
+                self._result(cmd_id, "flash", FlashResult(False, "failed", f"transfer aborted: {exc}"))
+                return
+            if done:
+                self._transfers.pop(cmd_id, None)
+                self._flash(cmd_id, asm)
+        elif kind == "flash_url":
+            try:
+                archive = fetch(str(cmd["url"]), self.slots.staging, cmd_id, int(cmd["size"]), str(cmd["sha256"]))
+            except (EdgeOpsError, KeyError, ValueError) as exc:
+                self._result(cmd_id, "flash", FlashResult(False, "failed", f"refused: {exc}"))
+                return
+            self._install(cmd_id, archive, f"{cmd['size']} bytes fetched and verified")
+        elif kind == "rollback":
+            res = self.slots.rollback()
+            if res.ok:
+                self.on_switch("rollback", res)
+            self._result(cmd_id, kind, res)
+        else:
+            self._result(cmd_id, kind, FlashResult(False, "failed", f"unknown command type {kind!r}"))
+
+    def _flash(self, cmd_id: str, asm: ChunkAssembler) -> None:
+        try:
+            archive = asm.assemble()
+        except EdgeOpsError as exc:
+            self._result(cmd_id, "flash", FlashResult(False, "failed", f"refused: {exc}"))
+            return
+        self._install(cmd_id, archive, f"{asm.size} bytes received and verified")
+
+    def _install(self, cmd_id: str, archive: Path, received: str) -> None:
+        """Say the archive arrived intact, then stage, check and switch to it."""
+        self._result(cmd_id, "flash", FlashResult(True, "received", received))
+        try:
+            res = self.slots.flash(archive)
+        finally:
+            archive.unlink(missing_ok=True)
+        if res.ok:
+            self.on_switch("flash", res)
+        self._result(cmd_id, "flash", res)

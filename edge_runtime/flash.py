@@ -1,0 +1,252 @@
+"""Flashing on the device: stage a new bundle, check it, switch atomically, keep the old one.
+
+Layout under the agent's state folder::
+
+    bundles/<name>-<version>-<sha12>/   unpacked, verified bundles
+    active  -> bundles/...              symlink: what the agent runs
+    previous -> bundles/...             symlink: what a rollback returns to
+    staging/                            transfers in progress
+
+The switch is one ``rename`` of a symlink over another (atomic on POSIX), done
+only after the new bundle verified (sha256 pins, signature when a trusted key
+is configured) and passed its health check (the manifest's test vectors, run
+in a child process under a time limit). A crash or power cut at any moment
+leaves ``active`` pointing at a complete bundle: the old one or the new one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.bundle import open_bundle
+from edge_runtime.errors import BundleError, EdgeOpsError, QualityCheckError, VerificationError
+
+HEALTH_CHECK = """
+import json, sys
+import edge_runtime
+m = edge_runtime.load(sys.argv[1], public_key=sys.argv[2] or None)
+worst = m.self_test()
+print(json.dumps({"artifact": m.path.name, "max_diff": worst}))
+"""
+
+
+#: Test hook: ``EDGEOPS_FLASH_FAULT=<step>`` kills the process (SIGKILL, like a power cut) right after
+#: that step of :meth:`BundleSlots.flash`: staged, health_checked, previous, switched.
+FAULT_ENV = "EDGEOPS_FLASH_FAULT"
+
+
+def _fault(step: str) -> None:
+    if os.environ.get(FAULT_ENV) == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class FlashResult:
+    ok: bool
+    stage: str            # received | verified | health_checked | switched | rolled_back | failed
+    message: str
+    bundle: str | None = None
+    version: str | None = None
+
+
+class BundleSlots:
+    """The active and previous bundles of a device, switched atomically."""
+
+    def __init__(self, state_dir: str | Path, public_key: str | None = None):
+        self.root = Path(state_dir)
+        self.bundles = self.root / "bundles"
+        self.staging = self.root / "staging"
+        self.bundles.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.public_key = public_key
+        self.clean_staging()
+
+    def clean_staging(self) -> None:
+        """Remove what an interrupted transfer or staging left behind (never a bundle in use)."""
+        for p in self.staging.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        for name in (".active.tmp", ".previous.tmp"):
+            tmp = self.root / name
+            if tmp.is_symlink() or tmp.exists():
+                tmp.unlink()
+
+    # -- slots -------------------------------------------------------------------------------
+
+    def _link(self, name: str) -> Path | None:
+        link = self.root / name
+        if not link.is_symlink():
+            return None
+        target = (self.root / os.readlink(link)).resolve()
+        return target if (target / "manifest.json").is_file() else None
+
+    @property
+    def active(self) -> Path | None:
+        return self._link("active")
+
+    @property
+    def previous(self) -> Path | None:
+        return self._link("previous")
+
+    def _point(self, name: str, target: Path) -> None:
+        tmp = self.root / f".{name}.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(os.path.relpath(target, self.root), tmp)
+        os.replace(tmp, self.root / name)   # the atomic step
+        _fsync_dir(self.root)
+
+    def install_initial(self, bundle_path: str | Path) -> Path:
+        """Make ``bundle_path`` the active bundle when the device has none yet."""
+        if self.active is not None:
+            return self.active
+        placed = self._place(Path(bundle_path))
+        self._point("active", placed)
+        return placed
+
+    def adopt(self, bundle_path: str | Path) -> Path:
+        """Make a bundle given locally (e.g. a new one on the command line) active; the old one becomes previous."""
+        placed = self._place(Path(bundle_path))
+        current = self.active
+        if current is not None and current != placed:
+            self._point("previous", current)
+        self._point("active", placed)
+        return placed
+
+    # -- staging -----------------------------------------------------------------------------
+
+    def _place(self, source: Path) -> Path:
+        """Verify a bundle (dir or .tar.gz) and copy it under bundles/ (complete before it is visible)."""
+        with tempfile.TemporaryDirectory(dir=self.staging) as tmp:
+            bundle = open_bundle(source, public_key=self.public_key, extract_to=Path(tmp) / "x")
+            sha = hashlib.sha256((bundle.root / "manifest.json").read_bytes()).hexdigest()[:12]
+            final = self.bundles / f"{bundle.name}-{bundle.version}-{sha}"
+            if final.exists():
+                return final
+            work = Path(tmp) / "copy"
+            shutil.copytree(bundle.root, work)
+            for f in work.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(work, final)
+            _fsync_dir(self.bundles)
+        open_bundle(final, public_key=self.public_key)  # what is on disk verifies too
+        return final
+
+    def health_check(self, bundle_dir: Path, timeout: float = 60.0) -> dict:
+        """Load the bundle in a child process and run its test vectors there."""
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            res = subprocess.run([sys.executable, "-c", HEALTH_CHECK, str(bundle_dir), self.public_key or ""],
+                                 capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise QualityCheckError(f"{bundle_dir.name}: health check did not finish within {timeout:g}s") from None
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+            raise QualityCheckError(f"{bundle_dir.name}: health check failed: {last[-300:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    def flash(self, source: str | Path, health_timeout: float = 60.0) -> FlashResult:
+        """Stage, verify, health-check and switch to ``source``; the old active bundle becomes previous."""
+        try:
+            placed = self._place(Path(source))
+        except (VerificationError, BundleError) as exc:
+            return FlashResult(False, "failed", f"refused: {exc}")
+        _fault("staged")
+        manifest = json.loads((placed / "manifest.json").read_text())
+        try:
+            self.health_check(placed, health_timeout)
+        except QualityCheckError as exc:
+            return FlashResult(False, "failed", str(exc), manifest["name"], manifest["version"])
+        _fault("health_checked")
+        current = self.active
+        if current == placed:
+            return FlashResult(True, "switched", "already active", manifest["name"], manifest["version"])
+        if current is not None:
+            self._point("previous", current)
+        _fault("previous")
+        self._point("active", placed)
+        _fault("switched")
+        return FlashResult(True, "switched", f"now running {manifest['name']} {manifest['version']}",
+                           manifest["name"], manifest["version"])
+
+    def rollback(self) -> FlashResult:
+        """Switch back to the previous bundle (and keep the current one as previous)."""
+        prev, cur = self.previous, self.active
+        if prev is None:
+            return FlashResult(False, "failed", "no previous bundle to roll back to")
+        self._point("active", prev)
+        if cur is not None:
+            self._point("previous", cur)
+        m = json.loads((prev / "manifest.json").read_text())
+        return FlashResult(True, "rolled_back", f"rolled back to {m['name']} {m['version']}", m["name"], m["version"])
+
+
+class ChunkAssembler:
+    """Reassembles a bundle archive sent in chunks, each with its own sha256, and the whole with one too."""
+
+    def __init__(self, staging: Path, transfer_id: str, total: int, sha256: str, size: int, max_size: int = 512 << 20):
+        if not transfer_id.isalnum() or len(transfer_id) > 64:
+            raise BundleError(f"transfer id {transfer_id!r} must be 1-64 letters or digits")
+        if size > max_size:
+            raise BundleError(f"bundle of {size} bytes is over the {max_size}-byte limit")
+        self.path = staging / f"{transfer_id}.tar.gz.part"
+        self.total, self.sha256, self.size = total, sha256, size
+        self.received: set[int] = set()
+        self.path.write_bytes(b"")
+        self._chunks: dict[int, bytes] = {}
+
+    def add(self, index: int, data_b64: str, chunk_sha256: str) -> bool:
+        """Add one chunk; returns True when all have arrived. Raises BundleError on a bad chunk."""
+        if not 0 <= index < self.total:
+            raise BundleError(f"chunk {index} out of range 0..{self.total - 1}")
+        try:
+            data = base64.b64decode(data_b64, validate=True)
+        except ValueError:
+            raise BundleError(f"chunk {index} is not valid base64") from None
+        if hashlib.sha256(data).hexdigest() != chunk_sha256:
+            raise VerificationError(f"chunk {index}: sha256 does not match (corrupted in transit)")
+        self._chunks[index] = data
+        self.received.add(index)
+        return len(self.received) == self.total
+
+    def assemble(self) -> Path:
+        data = b"".join(self._chunks[i] for i in range(self.total))
+        if len(data) != self.size or hashlib.sha256(data).hexdigest() != self.sha256:
+            raise VerificationError("the reassembled bundle's sha256 or size does not match the sender's")
+        final = self.path.with_suffix("")  # .tar.gz
+        with open(self.path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(self.path, final)
+        return final
+
+
+__all__ = ["BundleSlots", "ChunkAssembler", "FlashResult", "EdgeOpsError"]

@@ -1,0 +1,355 @@
+"""EdgeModel: a bundle or model file, loaded and ready to predict on floats."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.backends import Backend, TensorInfo, open_backend
+from edge_runtime.bundle import Bundle, open_bundle
+from edge_runtime.errors import BackendUnavailableError, BundleError, InvalidInputError
+from edge_runtime.validation import NAN_POLICIES, InputSpec, as_batch
+from edge_runtime.window import WindowRecorder
+
+log = logging.getLogger("edgeops.runtime")
+
+_perf = time.perf_counter
+
+
+class EdgeModel:
+    """A loaded model. Callers pass floats and get floats; int8 quantization is hidden.
+
+    Attributes:
+        backend: the inference backend (name, version, threads, raw tensors).
+        manifest: the bundle's manifest (None for a bare model file).
+        artifact: the manifest entry of the artifact in use (None for a bare file).
+        path: the artifact's file.
+        task: "classification", "regression" or None (bare file: unknown).
+        labels: class labels, when known.
+    """
+
+    def __init__(self, backend: Backend, path: Path, bundle: Bundle | None = None,
+                 artifact: dict | None = None, nan_policy: str = "reject"):
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}")
+        if len(backend.inputs) != 1:
+            raise InvalidInputError(
+                f"{path}: the model has {len(backend.inputs)} inputs; EdgeModel runs single-input models "
+                "(edgeops bench runs any model)"
+            )
+        self.backend = backend
+        self.path = path
+        self.bundle = bundle
+        self.manifest = bundle.manifest if bundle else None
+        self.artifact = artifact
+        self.nan_policy = nan_policy
+        self.task = self.manifest["task"] if self.manifest else None
+        self.labels = self.manifest.get("labels") if self.manifest else None
+        inp = backend.inputs[0]
+        schema = (self.manifest or {}).get("input_schema") or {}
+        shape = tuple(schema.get("shape") or [d for d in inp.shape[1:]])
+        norm = schema.get("normalization")
+        self.input_spec = InputSpec(
+            name=inp.name,
+            shape=tuple(int(d) for d in shape),
+            features=tuple(schema["features"]) if schema.get("features") else None,
+            mean=np.asarray(norm["mean"], dtype=np.float32) if norm else None,
+            # a constant training column has std 0: leave it unscaled rather than divide by zero
+            std=np.where(np.asarray(norm["std"], dtype=np.float32) > 0, np.asarray(norm["std"], dtype=np.float32),
+                         np.float32(1.0)) if norm else None,
+        )
+        self._in_q = inp.quantization if inp.dtype in ("int8", "uint8", "int16") else None
+        self._in_dtype = np.dtype(inp.dtype)
+        self._affine = None
+        if self._in_q is not None:
+            info = np.iinfo(self._in_dtype)
+            self._in_lo, self._in_hi = float(info.min), float(info.max)
+            if self.input_spec.mean is not None:
+                scale, zp = self._in_q
+                a = (1.0 / (self.input_spec.std.astype(np.float64) * scale))
+                b = zp - self.input_spec.mean.astype(np.float64) * a
+                self._affine = (a.astype(np.float32), b.astype(np.float32))
+        out = backend.outputs[0]
+        self._out_q = out.quantization if out.dtype in ("int8", "uint8", "int16") else None
+        self._run = backend.run
+        self._image = schema.get("image") if schema.get("kind") == "image" else None
+        self.recorder: WindowRecorder | None = None
+        self.added_latency_s = 0.0   # emulation knob: sleep inside the measured time of every predict
+
+    def _images_to_array(self, x: Any) -> Any:
+        from edge_runtime.preprocess import image_to_array, is_image_like
+
+        if is_image_like(x):
+            return image_to_array(x, self._image)
+        if isinstance(x, (list, tuple)) and x and is_image_like(x[0]):
+            return np.stack([image_to_array(i, self._image) for i in x])
+        return x
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self.backend.inputs
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self.backend.outputs
+
+    def _to_model(self, batch: np.ndarray) -> np.ndarray:
+        """Caller floats to the model's input tensor: standardise, then quantize or cast.
+
+        The same float32 operations as :func:`validation.quantize` (so results match the
+        conversion's parity figures bit for bit), done in place to save allocations.
+        """
+        spec = self.input_spec
+        q = self._in_q
+        if self._affine is not None:
+            # standardise and quantize in one multiply-add (inputs are continuous features here)
+            x = batch * self._affine[0]
+            x += self._affine[1]
+            q = (1.0, 0)
+        elif spec.mean is not None:
+            x = batch - spec.mean
+            x /= spec.std
+        elif q is not None:
+            x = batch / q[0]
+            q = (1.0, q[1])
+        else:
+            return batch if batch.dtype == self._in_dtype else batch.astype(self._in_dtype)
+        if q is None:
+            return x if x.dtype == self._in_dtype else x.astype(self._in_dtype)
+        if q[0] != 1.0:
+            x /= q[0]
+        if q[1]:
+            x += q[1]
+        np.rint(x, out=x)
+        np.maximum(x, self._in_lo, out=x)
+        np.minimum(x, self._in_hi, out=x)
+        return x.astype(self._in_dtype)
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Outputs for one sample (returns one row) or a batch: probabilities or values, float32.
+
+        Raises:
+            InvalidInputError: the input does not fit the model (message names what was expected).
+        """
+        t0 = _perf()
+        rec = self.recorder
+        if not isinstance(x, np.ndarray) and self._image is not None:
+            x = self._images_to_array(x)
+        try:
+            batch, single = as_batch(x, self.input_spec, self.nan_policy)
+        except InvalidInputError:
+            if rec is not None:
+                rec.record_error(rejected=True)
+            raise
+        try:
+            raw = self._run([self._to_model(batch)])[0]
+        except Exception as exc:
+            if rec is not None:
+                rec.record_error(len(batch))
+            raise InvalidInputError(f"input {self.input_spec.name!r}: inference failed ({str(exc)[:200]})") from None
+        if self._out_q is not None:
+            out = raw.astype(np.float32)
+            out -= self._out_q[1]
+            out *= self._out_q[0]
+        else:
+            out = raw if raw.dtype == np.float32 else raw.astype(np.float32)
+        out = out.reshape(len(batch), -1) if out.ndim != 2 else out
+        if self.added_latency_s:
+            time.sleep(self.added_latency_s)   # an emulated slow device (fleet emulation only)
+        if rec is not None:
+            rec.record(batch, (_perf() - t0) * 1000.0, out)
+        return out[0] if single else out
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        """Class probabilities (a single sigmoid column becomes two columns)."""
+        if self.task == "regression":
+            raise InvalidInputError(f"{self.path}: a regression model has no class probabilities")
+        out = self.predict(x)
+        two_d = out.reshape(-1, out.shape[-1])
+        if two_d.shape[1] == 1:
+            two_d = np.hstack([1.0 - two_d, two_d])
+        return two_d[0] if out.ndim == 1 else two_d
+
+    def predict_labels(self, x: Any) -> np.ndarray:
+        """Predicted class labels (strings from the manifest, or class indices as strings)."""
+        proba = self.predict_proba(x)
+        idx = proba.reshape(-1, proba.shape[-1]).argmax(axis=1)
+        labels = self.labels or [str(i) for i in range(proba.shape[-1])]
+        result = np.array([labels[i] for i in idx])
+        return result[0] if proba.ndim == 1 else result
+
+    def self_test(self) -> float:
+        """Run the manifest's test vectors for this artifact; returns the largest difference.
+
+        This is the health check a device runs before it switches to a new bundle.
+
+        Raises:
+            QualityCheckError: an output differs from the expected one by more than the vector's atol.
+        """
+        from edge_runtime.errors import QualityCheckError
+
+        vectors = [v for v in (self.manifest or {}).get("test_vectors", []) if v["artifact"] == self.path.name]
+        if not vectors:
+            raise QualityCheckError(f"{self.path.name}: the manifest has no test vectors for this artifact")
+        worst = 0.0
+        saved, self.recorder = self.recorder, None
+        try:
+            for v in vectors:
+                got = self.predict(np.asarray(v["inputs"], dtype=np.float32))
+                want = np.asarray(v["expected"], dtype=np.float32).reshape(got.shape)
+                diff = float(np.abs(got - want).max())
+                worst = max(worst, diff)
+                if not diff <= v.get("atol", 1e-4):
+                    raise QualityCheckError(
+                        f"{self.path.name}: test vector output differs by {diff:.3g} (allowed {v.get('atol', 1e-4):.3g})"
+                    )
+        finally:
+            self.recorder = saved
+        return worst
+
+    def start_recording(self, window_seconds: float | None = 10.0, window_size: int | None = None,
+                        variant: str | None = None) -> WindowRecorder:
+        """From now on every predict feeds telemetry windows; returns the recorder."""
+        m = self.manifest or {}
+        profile = m.get("reference_profile") or {}
+        feats = profile.get("features")
+        if feats:
+            edges, monitored = [f["bin_edges"] for f in feats], profile.get("monitored", "features")
+        elif len(self.input_spec.shape) == 3:
+            edges, monitored = [[] for _ in range(self.input_spec.shape[-1])], "channels"
+        else:
+            n = self.input_spec.n_values
+            edges, monitored = ([[] for _ in range(n)] if n <= 1024 else []), "features"
+        if self.task == "classification" or (self.task is None and self.outputs[0].shape[-1] > 1):
+            n_classes = len(self.labels) if self.labels else max(2, int(self.outputs[0].shape[-1]))
+        else:
+            n_classes = None
+        out_stats = profile.get("output_stats") or {}
+        info = {
+            "name": m.get("name", self.path.stem),
+            "version": m.get("version", "0.0.0"),
+            "artifact": self.path.name,
+            "sha256": (self.artifact or {}).get("sha256"),
+            "variant": variant,
+        }
+        self.recorder = WindowRecorder(info, edges, monitored, n_classes, out_stats.get("bin_edges"),
+                                       window_seconds=window_seconds, window_size=window_size)
+        return self.recorder
+
+    def stop_recording(self) -> None:
+        self.recorder = None
+
+    def __repr__(self) -> str:
+        name = f"{self.manifest['name']} {self.manifest['version']}" if self.manifest else self.path.name
+        return f"EdgeModel({name}, {self.path.name} on {self.backend.name})"
+
+
+def artifact_order(bundle: Bundle, formats_available: set[str] | None = None) -> list[dict]:
+    """Artifacts in the order a device should try them.
+
+    The manifest's default first, then int8 TFLite, float32 TFLite, ONNX, then
+    the rest; artifacts whose format no installed backend runs are left out.
+    """
+    arts = [a for a in bundle.artifacts if formats_available is None or a["format"] in formats_available]
+    default = bundle.manifest.get("default_artifact")
+    rank = {("tflite", "int8"): 1, ("tflite", "none"): 2, ("onnx", "none"): 3}
+
+    def key(a: dict) -> int:
+        return 0 if a["file"] == default else rank.get((a["format"], a["quantization"]), 4)
+
+    return sorted(arts, key=key)
+
+
+def choose_artifact(bundle: Bundle, artifact: str | None = None, formats_available: set[str] | None = None) -> dict:
+    """The artifact to run: the named one, else the first of :func:`artifact_order`."""
+    if artifact:
+        return bundle.artifact(artifact)
+    usable = artifact_order(bundle, formats_available)
+    if not usable:
+        have = ", ".join(sorted({a["format"] for a in bundle.artifacts}))
+        raise BackendUnavailableError(f"{bundle.root}: no backend installed for its artifacts ({have})")
+    return usable[0]
+
+
+def _formats_available() -> set[str]:
+    """Formats an installed backend runs, found without importing the backends (they cost memory)."""
+    import importlib.util
+    import sys
+
+    def has(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    fmts = set()
+    if has("ai_edge_litert") or has("tflite_runtime") or "tensorflow" in sys.modules:
+        fmts.add("tflite")
+    if has("onnxruntime"):
+        fmts.add("onnx")
+    return fmts
+
+
+def load(
+    path: str | Path,
+    artifact: str | None = None,
+    threads: int | None = None,
+    public_key: Any = None,
+    nan_policy: str = "reject",
+    prefer: str | None = None,
+    isolate: bool = False,
+) -> EdgeModel:
+    """Load a bundle directory, a bundle .tar.gz, or a bare .tflite/.onnx file.
+
+    Args:
+        path: what to load.
+        artifact: a bundle artifact's file name (default: the manifest's default, else int8 TFLite,
+            float TFLite, ONNX, among the formats an installed backend runs).
+        threads: inference threads.
+        public_key: trusted Ed25519 public key (or its PEM path): the bundle's signature must verify.
+        nan_policy: "reject" NaN/inf inputs with an error, or "count" them in telemetry and pass them on.
+        prefer: backend to try first ("litert", "tflite_runtime", "tensorflow.lite").
+        isolate: load the model in a child process first, so a crafted file cannot crash this one.
+
+    Raises:
+        BundleError, VerificationError, ModelFormatError, BackendUnavailableError, InvalidInputError.
+    """
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() in (".tflite", ".onnx"):
+        if public_key is not None:
+            raise BundleError(f"{p}: a bare model file carries no signature; sign a bundle to use a trusted key")
+        if isolate:
+            from edge_runtime.modelcheck import probe_in_child
+
+            probe_in_child(p, p.suffix.lower()[1:])
+        return EdgeModel(open_backend(p, threads=threads, prefer=prefer), p, nan_policy=nan_policy)
+    bundle = open_bundle(p, public_key=public_key)
+    if artifact:
+        candidates = [bundle.artifact(artifact)]
+    else:
+        candidates = artifact_order(bundle, _formats_available())
+        if not candidates:
+            have = ", ".join(sorted({a["format"] for a in bundle.artifacts}))
+            raise BackendUnavailableError(f"{bundle.root}: no backend installed for its artifacts ({have})")
+    for n, chosen in enumerate(candidates):
+        art_path = bundle.root / chosen["file"]
+        if isolate:
+            from edge_runtime.modelcheck import probe_in_child
+
+            probe_in_child(art_path, chosen["format"])
+        try:
+            backend = open_backend(art_path, format=chosen["format"], threads=threads, prefer=prefer)
+        except BackendUnavailableError as exc:
+            if n + 1 == len(candidates):
+                raise
+            # e.g. LiteRT present but not loadable on this board: the ONNX artifact may still run
+            log.warning("%s: %s; falling back to %s", chosen["file"], exc, candidates[n + 1]["file"])
+            continue
+        log.info("loaded %s %s: %s on %s %s", bundle.name, bundle.version, chosen["file"], backend.name,
+                 backend.version)
+        return EdgeModel(backend, art_path, bundle, chosen, nan_policy)
+    raise AssertionError("unreachable")  # the loop returns or raises

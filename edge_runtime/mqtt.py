@@ -1,0 +1,207 @@
+"""MQTT for the device side: broker URLs, TLS options and a v5 client that reconnects.
+
+Devices speak MQTT v5 so that a refused publish is visible (PUBACK reason
+code >= 0x80) instead of a silent success. A broker that goes away is an
+expected event: it is logged in one line and the client reconnects with
+exponential backoff; nothing raises into the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+from edge_runtime.errors import InvalidInputError
+
+log = logging.getLogger("edgeops.mqtt")
+
+DEFAULT_PREFIX = "edgeops"
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where and how to reach a broker (from mqtt://[user:pass@]host[:port] or mqtts://...)."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str, username: str | None = None, password: str | None = None,
+                     ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
+                     insecure: bool = False) -> BrokerAddress:
+    """Parse ``mqtt://host:port`` or ``mqtts://user:pass@host:8883``; explicit options win over the URL."""
+    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise InvalidInputError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parsed.hostname:
+        raise InvalidInputError(f"broker URL {url!r}: no host")
+    tls = parsed.scheme in ("mqtts", "ssl")
+    try:
+        port = parsed.port or (8883 if tls else 1883)
+    except ValueError:
+        raise InvalidInputError(f"broker URL {url!r}: bad port") from None
+    return BrokerAddress(
+        host=parsed.hostname,
+        port=port,
+        tls=tls,
+        username=username or (unquote(parsed.username) if parsed.username else None),
+        password=password or (unquote(parsed.password) if parsed.password else None),
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        insecure=insecure,
+    )
+
+
+def topic(prefix: str, fleet: str, device: str, kind: str) -> str:
+    return f"{prefix}/{fleet}/{device}/{kind}"
+
+
+class MqttLink:
+    """A paho-mqtt 2.x v5 client with a persistent session, a last will and reconnect backoff.
+
+    Args:
+        address: the broker.
+        client_id: MQTT client id (the device id for an agent).
+        will: (topic, payload) published retained by the broker if the link dies.
+        on_connect: called (from the network thread) after every successful (re)connect.
+        on_ack: called with (mid, ok) when a QoS 1 publish is acknowledged.
+        session_expiry: seconds the broker keeps the session while disconnected.
+    """
+
+    def __init__(self, address: BrokerAddress, client_id: str, will: tuple[str, bytes] | None = None,
+                 on_connect: Callable[[], None] | None = None, on_ack: Callable[[int, bool], None] | None = None,
+                 on_message: Callable[[str, bytes], None] | None = None, session_expiry: int = 3600,
+                 min_backoff: float = 0.5, max_backoff: float = 30.0):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self._mqtt = mqtt
+        self.address = address
+        self.connected = threading.Event()
+        self._user_on_connect = on_connect
+        self._on_ack = on_ack
+        self._on_message = on_message
+        self._was_connected = False
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client.max_inflight_messages_set(100)
+        self.client.reconnect_delay_set(min_delay=max(1, int(min_backoff)), max_delay=int(max_backoff))
+        if address.username:
+            self.client.username_pw_set(address.username, address.password)
+        if address.tls:
+            self.client.tls_set(ca_certs=address.ca_file, certfile=address.cert_file, keyfile=address.key_file,
+                                cert_reqs=ssl.CERT_NONE if address.insecure else ssl.CERT_REQUIRED)
+            if address.insecure:
+                self.client.tls_insecure_set(True)
+        if will:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self._props = Properties(PacketTypes.CONNECT)
+        self._props.SessionExpiryInterval = session_expiry
+        self.client.on_connect = self._handle_connect
+        self.client.on_disconnect = self._handle_disconnect
+        self.client.on_publish = self._handle_publish
+        self.client.on_message = self._handle_message
+        self.refused: str | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        """Connect in the background; returns at once (the link retries until stopped)."""
+        self.client.connect_async(self.address.host, self.address.port, keepalive=30, clean_start=False,
+                                  properties=self._props)
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Publish ``final`` (retained) if connected, then disconnect and stop the network thread."""
+        if final and self.connected.is_set():
+            info = self.client.publish(final[0], final[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+        self._stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected.clear()
+
+    def pause(self) -> None:
+        """Drop the connection as if the network went away (the broker publishes the last will).
+
+        For emulated outages: nothing is sent until :meth:`resume`; the spool keeps the windows.
+        """
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.reasoncodes import ReasonCode
+
+        self._stopping = True
+        self.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))  # with will message
+        self.client.loop_stop()
+        self.connected.clear()
+
+    def resume(self) -> None:
+        """Reconnect after :meth:`pause` (same persistent session)."""
+        self._stopping = False
+        self.start()
+
+    def publish(self, topic_name: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
+        """Queue a publish; returns its message id, or None when not connected."""
+        if not self.connected.is_set():
+            return None
+        info = self.client.publish(topic_name, payload, qos=qos, retain=retain)
+        if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
+            return None
+        return info.mid
+
+    def subscribe(self, topic_name: str, qos: int = 1) -> None:
+        self.client.subscribe(topic_name, qos=qos)
+
+    # -- callbacks (network thread) ------------------------------------------------------------
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.refused = str(reason_code)
+            log.error("broker %s refused the connection: %s", self.address.url, reason_code)
+            return
+        self.refused = None
+        log.info("%s to broker %s", "reconnected" if self._was_connected else "connected", self.address.url)
+        self._was_connected = True
+        self.connected.set()
+        if self._user_on_connect:
+            self._user_on_connect()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected.is_set() and not self._stopping:
+            log.warning("lost broker %s (%s); reconnecting with backoff, windows are kept on disk",
+                        self.address.url, reason_code)
+        self.connected.clear()
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        ok = not getattr(reason_code, "is_failure", False)
+        if not ok:
+            log.error("broker refused message %s: %s", mid, reason_code)
+        if self._on_ack:
+            self._on_ack(mid, ok)
+
+    def _handle_message(self, client, userdata, message) -> None:
+        if self._on_message:
+            try:
+                self._on_message(message.topic, message.payload)
+            except Exception:  # noqa: BLE001 - a bad command must not kill the network thread
+                log.exception("handling a message on %s failed", message.topic)

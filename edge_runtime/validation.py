@@ -1,0 +1,111 @@
+"""Input validation and preprocessing: what a caller passes, checked against the manifest.
+
+Errors name the input and what was expected, in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.errors import InvalidInputError
+
+NAN_POLICIES = ("reject", "count")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one sample looks like to a caller.
+
+    Attributes:
+        name: the input's name (used in error messages).
+        shape: one sample's shape (batch excluded); -1 where any size is accepted.
+        features: tabular feature names, if known.
+        mean/std: tabular standardisation applied before the model, if the manifest has one.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    features: tuple[str, ...] | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    @property
+    def n_values(self) -> int:
+        return int(np.prod([d for d in self.shape if d > 0])) if self.shape else 1
+
+
+def _describe(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join("any" if d < 0 else str(d) for d in shape) + ")"
+
+
+def as_batch(x, spec: InputSpec, nan_policy: str = "reject") -> tuple[np.ndarray, bool]:
+    """Check ``x`` (one sample or a batch) and return (float32 batch, was_single_sample).
+
+    Raises:
+        InvalidInputError: wrong dtype, shape, number of features, or NaN/inf under the reject policy.
+    """
+    if isinstance(x, np.ndarray) and x.dtype == np.float32:
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(f"input {spec.name!r}: not an array of numbers ({exc})") from None
+        if arr.dtype.kind not in "fiub":
+            raise InvalidInputError(
+                f"input {spec.name!r}: expected numbers (float32), got {arr.dtype.name if arr.dtype.kind != 'O' else 'mixed objects'}"
+            )
+        arr = arr.astype(np.float32)
+    shape, ndim = spec.shape, len(spec.shape)
+    single = False
+    if arr.shape == shape:  # the common case: one sample of a fixed shape
+        arr = arr[None, ...]
+        single = True
+    elif arr.ndim == ndim and _fits(arr.shape, shape):
+        arr = arr[None, ...]
+        single = True
+    elif arr.ndim == ndim + 1 and _fits(arr.shape[1:], shape):
+        pass
+    else:
+        got = arr.shape[-1] if arr.ndim else 0
+        if ndim == 1 and arr.ndim in (1, 2):
+            names = f" ({', '.join(spec.features[:3])}, ...)" if spec.features else ""
+            raise InvalidInputError(
+                f"input {spec.name!r}: expected {shape[0]} features{names} per sample, got {got}"
+            )
+        raise InvalidInputError(
+            f"input {spec.name!r}: expected shape {_describe(shape)} per sample or a batch of them, "
+            f"got {tuple(arr.shape)}"
+        )
+    if arr.shape[0] == 0:
+        raise InvalidInputError(f"input {spec.name!r}: empty batch")
+    if nan_policy == "reject" and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        where = f"sample {bad[0]}, " + (f"feature {spec.features[bad[1]]!r}" if spec.features and len(bad) == 2
+                                         else f"position {tuple(int(i) for i in bad[1:])}")
+        raise InvalidInputError(f"input {spec.name!r}: NaN or infinite value at {where}")
+    return arr, single
+
+
+def _fits(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    return len(got) == len(want) and all(w < 0 or g == w for g, w in zip(got, want))
+
+
+def standardise(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Apply the manifest's tabular standardisation, if any."""
+    if spec.mean is None:
+        return batch
+    return (batch - spec.mean) / spec.std
+
+
+def quantize(batch: np.ndarray, scale: float, zero_point: int, dtype: np.dtype) -> np.ndarray:
+    """Float to int8/uint8/int16 with the tensor's scale and zero point (saturating)."""
+    info = np.iinfo(dtype)
+    q = np.rint(batch / scale + zero_point)
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)

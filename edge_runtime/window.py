@@ -1,0 +1,183 @@
+"""Telemetry windows: what a device measured over N seconds or M inferences.
+
+A :class:`WindowRecorder` is fed by every ``predict`` call. Rows are copied
+into a small buffer and folded into the mergeable statistics a buffer at a
+time, so the per-call cost stays at a few microseconds. Closed windows come
+out of :meth:`WindowRecorder.poll` as wire-format dicts (see
+docs/telemetry.md) without the device identity and sequence number, which
+the agent adds.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from edge_runtime.stats import FeatureStats, LatencyHistogram
+
+BUFFER_ROWS = 512
+# Per-channel drift needs a few pixels from many images, not every pixel of one: 64 keeps
+# the cost of an image window to microseconds however large the image is.
+MAX_PIXELS_PER_SAMPLE = 64
+
+
+class WindowRecorder:
+    """Accumulates one window at a time and queues the closed ones.
+
+    Args:
+        model_info: the ``model`` block of each window (name, version, artifact, sha256, variant).
+        bin_edges: per monitored feature, the reference bin edges (empty lists when unknown).
+        monitored: "features" (tabular rows, flattened) or "channels" (image pixels per channel).
+        n_classes: number of classes for the prediction histogram (None for regression).
+        output_edges: regression: bin edges of the predicted value.
+        window_seconds: close a window after this many seconds (None: never by time).
+        window_size: close a window after this many inferences (None: never by count).
+        clock: time source (seconds since the epoch).
+    """
+
+    def __init__(
+        self,
+        model_info: dict,
+        bin_edges: list[list[float]],
+        monitored: str = "features",
+        n_classes: int | None = None,
+        output_edges: list[float] | None = None,
+        window_seconds: float | None = 10.0,
+        window_size: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        if window_seconds is None and window_size is None:
+            raise ValueError("a window needs window_seconds or window_size")
+        self.model_info = dict(model_info)
+        self.bin_edges = bin_edges
+        self.monitored = monitored
+        self.n_classes = n_classes
+        self.output_edges = output_edges
+        self.window_seconds = window_seconds
+        self.window_size = window_size
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._closed: deque[dict] = deque()
+        self._n_features = len(bin_edges)
+        self._buf = np.empty((BUFFER_ROWS, max(self._n_features, 1)), dtype=np.float64)
+        self._reset(clock())
+
+    def _reset(self, now: float) -> None:
+        self.start = now
+        self.count = 0
+        self.errors = 0
+        self.rejected = 0
+        self.latency = LatencyHistogram()
+        self.features = FeatureStats(self.bin_edges)
+        self._rows = 0
+        self._classes = np.zeros(self.n_classes or 0, dtype=np.int64)
+        self._outputs = FeatureStats([self.output_edges or []]) if self.n_classes is None else None
+
+    # -- hot path ------------------------------------------------------------------------------
+
+    def record(self, batch: np.ndarray, latency_ms: float, outputs: np.ndarray) -> None:
+        """Add one predict call: its inputs (caller space), latency and outputs."""
+        rows = self._rows_of(batch)
+        n = batch.shape[0]
+        with self._lock:
+            self.count += n
+            self.latency.add(latency_ms)
+            if rows is not None:
+                m = rows.shape[0]
+                if self._rows + m > BUFFER_ROWS:
+                    self._fold()
+                if m > BUFFER_ROWS:
+                    self.features.update(rows)
+                else:
+                    self._buf[self._rows:self._rows + m] = rows
+                    self._rows += m
+            if self.n_classes:
+                if outputs.shape[1] == 1:
+                    idx = (outputs[:, 0] > 0.5).astype(np.int64)
+                else:
+                    idx = outputs.argmax(axis=1)
+                if n == 1:
+                    self._classes[idx[0]] += 1
+                else:
+                    self._classes += np.bincount(idx, minlength=self.n_classes)[: self.n_classes]
+            elif self._outputs is not None:
+                self._outputs.update(outputs[:, :1])
+            if self.window_size is not None and self.count >= self.window_size:
+                self._close(self.clock())
+
+    def _rows_of(self, batch: np.ndarray) -> np.ndarray | None:
+        if self._n_features == 0:
+            return None
+        if self.monitored == "channels":
+            # (n, H, W, C): a strided subsample of pixels, one row per pixel
+            h, w = batch.shape[1], batch.shape[2]
+            stride = max(1, math.ceil(math.sqrt(h * w / MAX_PIXELS_PER_SAMPLE)))
+            sub = batch[:, ::stride, ::stride, :]
+            return sub.reshape(-1, batch.shape[-1])
+        return batch.reshape(batch.shape[0], -1)
+
+    def _fold(self) -> None:
+        if self._rows:
+            self.features.update(self._buf[: self._rows])
+            self._rows = 0
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def record_error(self, n: int = 1, rejected: bool = False) -> None:
+        """Count a failed inference (or an input refused by validation when ``rejected``)."""
+        with self._lock:
+            self.count += n
+            if rejected:
+                self.rejected += n
+            else:
+                self.errors += n
+            if self.window_size is not None and self.count >= self.window_size:
+                self._close(self.clock())
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def _close(self, now: float) -> None:
+        self._fold()
+        window = {
+            "start": round(self.start, 3),
+            "end": round(now, 3),
+            "model": self.model_info,
+            "count": self.count,
+            "errors": self.errors,
+            "rejected": self.rejected,
+            "latency_ms": self.latency.to_dict(),
+            "features": self.features.to_dict(),
+            "predictions": self._predictions(),
+        }
+        self._closed.append(window)
+        self._reset(now)
+
+    def _predictions(self) -> dict:
+        if self.n_classes:
+            return {"counts": self._classes.tolist()}
+        d = self._outputs.to_dict()
+        return {"count": d["count"][0], "mean": d["mean"][0], "m2": d["m2"][0], "min": d["min"][0],
+                "max": d["max"][0], "hist": d["hist"][0]}
+
+    def poll(self) -> list[dict]:
+        """Windows closed so far (closing the current one first when its time is up)."""
+        with self._lock:
+            now = self.clock()
+            if self.window_seconds is not None and now - self.start >= self.window_seconds:
+                self._close(now)
+            out = list(self._closed)
+            self._closed.clear()
+        return out
+
+    def flush(self) -> dict | None:
+        """Close the current window now; returns it (None when it saw nothing) plus nothing else."""
+        with self._lock:
+            if self.count == 0:
+                return None
+            self._close(self.clock())
+            return self._closed.pop()

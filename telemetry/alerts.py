@@ -1,0 +1,76 @@
+"""Alerts with hysteresis: open at the first firing evaluation, close after N clean ones.
+
+The alert's state lives in the database, keyed by (fleet, device, model name,
+model version, detector), and every transition is a conditional UPDATE, so two
+monitor processes evaluating the same device cannot open it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+
+from telemetry import store
+from telemetry.evaluate import Verdict
+
+log = logging.getLogger("edgeops.alerts")
+
+
+def apply(engine: Engine, fleet: str, device: str, model_name: str, model_version: str, verdict: Verdict,
+          close_after: int, now: float | None = None) -> str | None:
+    """Fold one verdict into the alert state; returns "opened", "closed" or None."""
+    now = now or time.time()
+    t = store.alerts
+    key = (t.c.fleet == fleet) & (t.c.device_id == device) & (t.c.model_name == model_name) \
+        & (t.c.model_version == model_version) & (t.c.detector == verdict.detector)
+    features = json.dumps(verdict.features)
+    detail = json.dumps(verdict.detail, default=float)
+    with engine.begin() as conn:
+        row = conn.execute(select(t.c.id, t.c.open, t.c.clean_evaluations).where(key)).first()
+        if verdict.firing:
+            if row is None:
+                stmt = store._insert(engine, t).values(
+                    fleet=fleet, device_id=device, model_name=model_name, model_version=model_version,
+                    detector=verdict.detector, open=True, statistic=verdict.statistic, features=features,
+                    detail=detail, opened_at=now, closed_at=None, clean_evaluations=0,
+                ).on_conflict_do_nothing(index_elements=["fleet", "device_id", "model_name", "model_version", "detector"]
+                                         ).returning(t.c.id)
+                return "opened" if conn.execute(stmt).first() is not None else None
+            if not row.open:
+                res = conn.execute(update(t).where(t.c.id == row.id, t.c.open.is_(False)).values(
+                    open=True, opened_at=now, closed_at=None, clean_evaluations=0, statistic=verdict.statistic,
+                    features=features, detail=detail))
+                return "opened" if res.rowcount == 1 else None
+            conn.execute(update(t).where(t.c.id == row.id).values(
+                clean_evaluations=0, statistic=verdict.statistic, features=features, detail=detail))
+            return None
+        if row is None or not row.open:
+            return None
+        clean = row.clean_evaluations + 1
+        if clean >= close_after:
+            res = conn.execute(update(t).where(t.c.id == row.id, t.c.open.is_(True)).values(
+                open=False, closed_at=now, clean_evaluations=clean))
+            return "closed" if res.rowcount == 1 else None
+        conn.execute(update(t).where(t.c.id == row.id).values(clean_evaluations=clean))
+        return None
+
+
+def post_webhook(url: str, event: dict, timeout: float = 5.0) -> None:
+    """POST an alert event as JSON in the background; a failure is logged, never raised."""
+
+    def send() -> None:
+        req = urllib.request.Request(url, data=json.dumps(event, default=float).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                resp.read()
+        except Exception as exc:  # noqa: BLE001 - a webhook that is down must not stop the monitor
+            log.warning("webhook %s failed: %s", url, exc)
+
+    threading.Thread(target=send, daemon=True).start()

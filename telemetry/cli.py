@@ -1,0 +1,123 @@
+"""`edgeops monitor` and `edgeops report`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import click
+
+from edge_runtime.errors import InvalidInputError
+
+log = logging.getLogger("edgeops.monitor")
+
+
+def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
+    from edge_runtime.bundle import open_bundle
+
+    found = [Path(p) for p in paths]
+    if folder:
+        d = Path(folder)
+        if not d.is_dir():
+            raise InvalidInputError(f"--bundles {d}: not a folder")
+        found += sorted(p for p in d.iterdir() if (p / "manifest.json").is_file() or p.name.endswith(".tar.gz"))
+    return [open_bundle(p).manifest for p in found]
+
+
+@click.command("monitor")
+@click.option("--broker", required=True, help="mqtt://host:port or mqtts://user:pass@host:8883")
+@click.option("--fleet", default="+", show_default=True, help="Fleet to watch ('+' for all).")
+@click.option("--db", default="sqlite:///monitor.db", show_default=True,
+              help="sqlite:///file.db, or postgresql://user@host:5432/db for several monitors.")
+@click.option("--http", "http", help="Serve /metrics and the dashboard on [HOST]:PORT, e.g. :9100.")
+@click.option("--share", help="MQTT v5 shared-subscription group: several monitors split the load.")
+@click.option("--client-id", help="Stable MQTT client id (default edgeops-monitor[-GROUP]); give each shared monitor its own.")
+@click.option("--bundle", "bundle_paths", multiple=True, type=click.Path(), help="A bundle whose reference profile drift is measured against (repeatable).")
+@click.option("--bundles", "bundles_dir", type=click.Path(), help="A folder of bundles.")
+@click.option("--webhook", help="POST alert openings and closings as JSON to this URL.")
+@click.option("--retention-days", type=float, default=30.0, show_default=True, help="Delete windows older than this.")
+@click.option("--recent-windows", type=int, default=10, show_default=True, help="Sliding window: the most recent N windows per device.")
+@click.option("--min-samples", type=int, default=200, show_default=True, help="No drift verdict on fewer inferences.")
+@click.option("--alpha", type=float, default=0.01, show_default=True, help="Per-feature test level after correction.")
+@click.option("--correction", type=click.Choice(["bh", "bonferroni"]), default="bh", show_default=True)
+@click.option("--psi-threshold", type=float, default=0.2, show_default=True)
+@click.option("--ks-alpha", type=float, default=0.01, show_default=True,
+              help="Level of the binned KS test across features (Bonferroni); 0 turns that path off.")
+@click.option("--latency-factor", type=float, default=1.5, show_default=True, help="p95 above its baseline by this factor alerts.")
+@click.option("--latency-min-increase-ms", type=float, default=1.0, show_default=True,
+              help="A regression must also raise p95 by at least this much over its baseline.")
+@click.option("--latency-slo-ms", type=float, help="Absolute p95 latency objective.")
+@click.option("--error-rate", type=float, default=0.05, show_default=True)
+@click.option("--close-after", type=int, default=3, show_default=True, help="Clean evaluations before an alert closes.")
+@click.option("--username", help="MQTT username.")
+@click.option("--password", envvar="EDGEOPS_MQTT_PASSWORD", help="MQTT password (or EDGEOPS_MQTT_PASSWORD).")
+@click.option("--ca", "ca_file", type=click.Path(), help="CA certificate for mqtts://.")
+@click.option("--topic-prefix", default="edgeops", show_default=True)
+@click.option("--duration", type=float, help="Stop after S seconds (default: run until interrupted).")
+def monitor_cmd(broker, fleet, db, http, share, client_id, bundle_paths, bundles_dir, webhook, retention_days,
+                recent_windows, min_samples, alpha, correction, psi_threshold, ks_alpha, latency_factor, latency_min_increase_ms,
+                latency_slo_ms, error_rate, close_after, username, password, ca_file, topic_prefix, duration):
+    """Consume fleet telemetry: validate, store, detect drift and latency regressions, alert."""
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry import store
+    from telemetry.evaluate import MonitorConfig
+    from telemetry.monitor import FleetMonitor
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    config = MonitorConfig(recent_windows=recent_windows, min_samples=min_samples, alpha=alpha, correction=correction,
+                           psi_threshold=psi_threshold, ks_alpha=ks_alpha or None, latency_factor=latency_factor,
+                           latency_min_increase_ms=latency_min_increase_ms, latency_slo_ms=latency_slo_ms,
+                           error_rate=error_rate, close_after=close_after)
+    address = parse_broker_url(broker, username, password, ca_file)
+    try:
+        monitor = FleetMonitor(address, db, fleet=fleet, share=share, client_id=client_id, config=config,
+                               bundles=_bundles(bundle_paths, bundles_dir), webhook=webhook, prefix=topic_prefix)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
+        if "sqlalchemy" in type(exc).__module__ or "psycopg" in type(exc).__module__:
+            raise InvalidInputError(f"--db {db}: {str(exc).splitlines()[0][:200]}") from None
+        raise
+    server = None
+    if http:
+        from telemetry.http import start_http
+
+        host, _, port = http.rpartition(":")
+        server = start_http(monitor, host or "127.0.0.1", int(port))
+        log.info("metrics and dashboard on http://%s:%s/", host or "127.0.0.1", server.server_address[1])
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    monitor.start()
+    log.info("watching %s/%s/+ on %s, storing to %s%s", topic_prefix, fleet, address.url, db,
+             f", shared group {share}" if share else "")
+    started = time.monotonic()
+    last_prune = 0.0
+    try:
+        while duration is None or time.monotonic() - started < duration:
+            time.sleep(0.2)
+            if time.monotonic() - last_prune > 3600:
+                store.prune(monitor.engine, retention_days)
+                last_prune = time.monotonic()
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        monitor.stop()
+        if server is not None:
+            server.shutdown()
+    s = monitor.stats
+    log.info("received %d messages: %d windows stored, %d duplicates, rejected %s", s.received, s.stored,
+             s.duplicates, dict(s.rejected) or "none")
+
+
+@click.command("report")
+@click.option("--db", required=True, help="The monitor's database URL.")
+@click.option("--out", "out", required=True, type=click.Path(), help="report.png or report.html")
+def report_cmd(db, out):
+    """Write the one-page fleet report (PNG or HTML) from a monitor database."""
+    from telemetry.report import write_report
+
+    path = write_report(db, out)
+    click.echo(f"wrote {path}")

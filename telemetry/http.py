@@ -1,0 +1,370 @@
+"""The monitor's HTTP side: Prometheus metrics, a dashboard, and JSON for scripts.
+
+Standard library server in a daemon thread (like ``edgeops serve``); pages are
+rendered on the server with inline SVG charts and inline CSS, so the dashboard
+fetches nothing from outside and works on an air-gapped network.
+
+Endpoints:
+    ``GET /metrics``   Prometheus text (see :class:`FleetCollector` for the names).
+    ``GET /``          fleet table: status, open alerts, worst drift, p95 latency.
+    ``GET /device/<fleet>/<device>``  time series of one device.
+    ``GET /api/devices``, ``GET /api/alerts`` (``?all=1`` includes closed ones).
+Every error is a JSON body; a bug is logged and answered with a 500, never a traceback.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from sqlalchemy import func, select
+
+from telemetry import store
+from telemetry.evaluate import evaluate
+
+log = logging.getLogger("edgeops.monitor.http")
+
+QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
+
+
+# -- the fleet as the pages and the metrics see it -----------------------------------------------
+
+def last_p95(engine) -> dict[tuple[str, str], float | None]:
+    """p95 latency of each device's most recent window, from the database (one query)."""
+    w = store.windows
+    last = (select(w.c.fleet, w.c.device_id, func.max(w.c.seq).label("seq"))
+            .group_by(w.c.fleet, w.c.device_id).subquery())
+    q = select(w.c.fleet, w.c.device_id, w.c.p95_ms).join(
+        last, (w.c.fleet == last.c.fleet) & (w.c.device_id == last.c.device_id) & (w.c.seq == last.c.seq))
+    with engine.connect() as conn:
+        return {(r.fleet, r.device_id): r.p95_ms for r in conn.execute(q)}
+
+
+def device_status(row: dict, open_detectors: set[str]) -> str:
+    """online, offline (the device said so, or its last will did) or silent (a silence alert is open)."""
+    if row.get("online") is False:
+        return "offline"
+    if "silence" in open_detectors:
+        return "silent"
+    return "online"
+
+
+def fleet_snapshot(engine, stats=None) -> list[dict]:
+    """One dict per known device: status, model, last seen, open alerts, worst drift, p95 latency.
+
+    ``stats`` (a MonitorStats) adds what only this process knows: PSI scores of the last
+    evaluation and inference totals; without it, worst drift falls back to open drift alerts.
+    """
+    alerts_by_device: dict[tuple[str, str], list[dict]] = {}
+    for a in store.open_alerts(engine):
+        alerts_by_device.setdefault((a["fleet"], a["device_id"]), []).append(a)
+    p95 = last_p95(engine)
+    scores = dict(stats.scores) if stats is not None else {}
+    inferences = dict(stats.inferences) if stats is not None else {}
+    out = []
+    for row in store.device_rows(engine):
+        key = (row["fleet"], row["device_id"])
+        open_ = alerts_by_device.get(key, [])
+        detectors = {a["detector"] for a in open_}
+        worst = None
+        if scores.get(key):
+            name, value = max(scores[key].items(), key=lambda kv: kv[1])
+            worst = {"feature": name, "psi": value}
+        else:
+            drift = [a for a in open_ if a["detector"] == "feature_drift"]
+            if drift:
+                worst = {"feature": (drift[0]["features"] or [None])[0], "psi": drift[0]["statistic"]}
+        out.append({
+            "fleet": row["fleet"], "device_id": row["device_id"], "status": device_status(row, detectors),
+            "online": row["online"], "last_seen": row["last_seen"],
+            "model": {"name": row["model_name"], "version": row["model_version"]},
+            "open_alerts": sorted(detectors), "worst_drift": worst, "p95_ms": p95.get(key),
+            "inferences": inferences.get(key),
+        })
+    return out
+
+
+def _jsonable(alert: dict) -> dict:
+    return {k: v for k, v in alert.items() if k != "id"}
+
+
+# -- Prometheus ----------------------------------------------------------------------------------
+
+class FleetCollector:
+    """Renders monitor.stats and the database as Prometheus metric families at scrape time.
+
+    Names: edgeops_monitor_{received,windows_stored,duplicates}_total, edgeops_monitor_rejected_total{reason},
+    edgeops_monitor_broker_dropped_messages, edgeops_device_latency_ms{quantile}, edgeops_device_inferences_total,
+    edgeops_device_errors_total, edgeops_device_drift_psi{feature}, edgeops_device_last_seen_timestamp_seconds,
+    edgeops_device_online, edgeops_device_open_alerts, edgeops_open_alerts{detector}; device metrics carry
+    fleet and device labels.
+    """
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    def collect(self):
+        s = self.monitor.stats
+        yield CounterMetricFamily("edgeops_monitor_received", "Messages received (all topics).", value=s.received)
+        yield CounterMetricFamily("edgeops_monitor_windows_stored", "New telemetry windows stored.", value=s.stored)
+        yield CounterMetricFamily("edgeops_monitor_duplicates", "Redelivered windows dropped by (device, seq).",
+                                  value=s.duplicates)
+        rej = CounterMetricFamily("edgeops_monitor_rejected", "Messages rejected, by reason.", labels=["reason"])
+        for reason, n in sorted(dict(s.rejected).items()):
+            rej.add_metric([reason], n)
+        yield rej
+        if s.broker_dropped is not None:
+            yield GaugeMetricFamily("edgeops_monitor_broker_dropped_messages",
+                                    "The broker's $SYS/broker/publish/messages/dropped.", value=s.broker_dropped)
+        dev = ["fleet", "device"]
+        lat = GaugeMetricFamily("edgeops_device_latency_ms", "Latency quantiles of the last window (ms).",
+                                labels=dev + ["quantile"])
+        for (fleet, device), block in sorted(dict(s.latest).items()):
+            for q, k in QUANTILES:
+                if block.get(k) is not None:
+                    lat.add_metric([fleet, device, q], block[k])
+        yield lat
+        for name, doc, data in (("edgeops_device_inferences", "Inferences reported.", s.inferences),
+                                ("edgeops_device_errors", "Inference errors reported.", s.errors)):
+            fam = CounterMetricFamily(name, doc, labels=dev)
+            for (fleet, device), n in sorted(dict(data).items()):
+                fam.add_metric([fleet, device], n)
+            yield fam
+        psi = GaugeMetricFamily("edgeops_device_drift_psi", "PSI per feature at the last evaluation.",
+                                labels=dev + ["feature"])
+        for (fleet, device), scores in sorted(dict(s.scores).items()):
+            for feature, value in scores.items():
+                psi.add_metric([fleet, device, feature], value)
+        yield psi
+        seen = GaugeMetricFamily("edgeops_device_last_seen_timestamp_seconds", "Last window end or status time.",
+                                 labels=dev)
+        online = GaugeMetricFamily("edgeops_device_online", "1 online, 0 offline or silent.", labels=dev)
+        n_open = GaugeMetricFamily("edgeops_device_open_alerts", "Open alerts of the device.", labels=dev)
+        by_detector: dict[str, int] = {}
+        for d in fleet_snapshot(self.monitor.engine):
+            labels = [d["fleet"], d["device_id"]]
+            if d["last_seen"] is not None:
+                seen.add_metric(labels, d["last_seen"])
+            online.add_metric(labels, 1.0 if d["status"] == "online" else 0.0)
+            n_open.add_metric(labels, len(d["open_alerts"]))
+        for a in store.open_alerts(self.monitor.engine):
+            by_detector[a["detector"]] = by_detector.get(a["detector"], 0) + 1
+        yield seen
+        yield online
+        yield n_open
+        fam = GaugeMetricFamily("edgeops_open_alerts", "Open alerts by detector (fleet-level ones included).",
+                                labels=["detector"])
+        for det, n in sorted(by_detector.items()):
+            fam.add_metric([det], n)
+        yield fam
+
+
+# -- pages ---------------------------------------------------------------------------------------
+
+def _css() -> str:
+    return resources.files("telemetry").joinpath("static/dashboard.css").read_text()
+
+
+def _page(title: str, body: str, refresh: int = 15) -> str:
+    # reload with a timer instead of <meta refresh> so a headless dump sees one stable page
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_css()}</style></head><body><h1>{html.escape(title)}</h1>{body}"
+            f"<p class='foot'>rendered {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}</p>"
+            f"<script>setTimeout(function(){{location.reload()}}, {refresh * 1000});</script></body></html>")
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    s = max(0.0, time.time() - ts)
+    return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.1f} h ago"
+
+
+def dashboard_html(monitor) -> str:
+    e = html.escape
+    rows = []
+    for d in fleet_snapshot(monitor.engine, monitor.stats):
+        alarm = bool(d["open_alerts"])
+        drift = d["worst_drift"]
+        drift_txt = f"{e(str(drift['feature']))}: {drift['psi']:.3f}" if drift and drift["psi"] is not None else "-"
+        p95_txt = "-" if d["p95_ms"] is None else f"{d['p95_ms']:.2f}"
+        href = f"/device/{e(d['fleet'])}/{e(d['device_id'])}"
+        rows.append(
+            f"<tr class='{'alarm' if alarm else 'ok'}' data-device='{e(d['device_id'])}'>"
+            f"<td>{e(d['fleet'])}</td><td><a href='{href}'>{e(d['device_id'])}</a></td>"
+            f"<td class='status {d['status']}'>{d['status']}</td>"
+            f"<td>{e(str(d['model']['name']))} {e(str(d['model']['version']))}</td><td>{_ago(d['last_seen'])}</td>"
+            f"<td>{'ALERT: ' + e(', '.join(d['open_alerts'])) if alarm else 'ok'}</td><td>{drift_txt}</td>"
+            f"<td>{p95_txt}</td></tr>")
+    s = monitor.stats
+    open_ = store.open_alerts(monitor.engine)
+    alert_rows = "".join(
+        f"<tr class='alarm'><td>{e(a['fleet'])}</td><td>{e(a['device_id'])}</td><td>{e(a['detector'])}</td>"
+        f"<td>{e(', '.join(a['features']))}</td><td>{(a['statistic'] or 0):.4g}</td><td>{_ago(a['opened_at'])}</td></tr>"
+        for a in open_)
+    body = (
+        f"<p class='summary'>{len(rows)} devices, {len(open_)} open alerts; received {s.received}, "
+        f"stored {s.stored}, duplicates {s.duplicates}, rejected {sum(dict(s.rejected).values())}</p>"
+        "<h2>Devices</h2><table id='devices'><tr><th>fleet</th><th>device</th><th>status</th><th>model</th>"
+        "<th>last seen</th><th>alerts</th><th>worst drift (PSI)</th><th>p95 ms</th></tr>"
+        + "".join(rows) + "</table><h2>Open alerts</h2>"
+        + ("<table id='alerts'><tr><th>fleet</th><th>device</th><th>detector</th><th>features</th><th>statistic</th>"
+           f"<th>opened</th></tr>{alert_rows}</table>" if open_ else "<p>none</p>"))
+    return _page("edgeops fleet", body)
+
+
+def line_svg(values: list[float | None], title: str, unit: str = "", width: int = 640, height: int = 160) -> str:
+    """A small line chart as inline SVG (None values are gaps)."""
+    pts = [(i, v) for i, v in enumerate(values) if v is not None]
+    head = (f"<svg class='chart' width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
+            f"xmlns='http://www.w3.org/2000/svg'><text x='4' y='14'>{html.escape(title)}</text>")
+    if not pts:
+        return head + "<text x='4' y='40'>no data</text></svg>"
+    lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+    lo, hi = (lo - 1, hi + 1) if hi == lo else (lo, hi)
+    n = max(1, len(values) - 1)
+    left, top, w, h = 50, 22, width - 60, height - 40
+
+    def xy(i, v):
+        return left + w * i / n, top + h * (1 - (v - lo) / (hi - lo))
+
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in pts))
+    return (head + f"<rect x='{left}' y='{top}' width='{w}' height='{h}' class='frame'/>"
+            f"<text x='2' y='{top + 10}'>{hi:.3g}{unit}</text><text x='2' y='{top + h}'>{lo:.3g}{unit}</text>"
+            f"<polyline points='{line}' class='line'/></svg>")
+
+
+def bars_svg(scores: dict[str, float], threshold: float, width: int = 640) -> str:
+    """Horizontal PSI bars per feature; bars at or over the threshold are drawn as alarms."""
+    items = sorted(scores.items(), key=lambda kv: -kv[1])[:40]
+    height = 24 + 16 * max(1, len(items))
+    out = [f"<svg class='chart' width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>"
+           f"<text x='4' y='14'>PSI per feature at the last evaluation (threshold {threshold})</text>"]
+    top = max([threshold * 1.2] + [v for _, v in items])
+    for k, (name, v) in enumerate(items):
+        y = 22 + 16 * k
+        bw = (width - 260) * min(v, top) / top
+        cls = "bar alarm" if v >= threshold else "bar"
+        out.append(f"<text x='4' y='{y + 11}'>{html.escape(name[:30])}</text>"
+                   f"<rect x='200' y='{y}' width='{bw:.1f}' height='12' class='{cls}'/>"
+                   f"<text x='{205 + bw:.1f}' y='{y + 11}'>{v:.3f}</text>")
+    return "".join(out) + "</svg>"
+
+
+def device_scores(monitor, fleet: str, device: str, model: tuple[str, str]) -> dict[str, float]:
+    """PSI per feature: this process's last evaluation, or one computed now from the stored windows."""
+    known = dict(monitor.stats.scores).get((fleet, device))
+    if known:
+        return known
+    manifest = store.load_bundles(monitor.engine).get(model)
+    recent = store.recent_windows(monitor.engine, fleet, device, model[0], model[1], monitor.config.recent_windows)
+    if not recent or not manifest:
+        return {}
+    return evaluate(recent, manifest, monitor.config).feature_scores
+
+
+def device_html(monitor, fleet: str, device: str) -> str | None:
+    row = next((d for d in fleet_snapshot(monitor.engine, monitor.stats)
+                if d["fleet"] == fleet and d["device_id"] == device), None)
+    if row is None:
+        return None
+    e = html.escape
+    series = store.window_series(monitor.engine, fleet, device, limit=200)
+    scores = device_scores(monitor, fleet, device, (row["model"]["name"], row["model"]["version"]))
+    history = [a for a in store.all_alerts(monitor.engine) if a["fleet"] == fleet and a["device_id"] == device]
+    alert_rows = "".join(
+        f"<tr class='{'alarm' if a['open'] else 'ok'}'><td>{e(a['detector'])}</td>"
+        f"<td>{'ALERT (open)' if a['open'] else 'closed'}</td><td>{e(', '.join(a['features']))}</td>"
+        f"<td>{(a['statistic'] or 0):.4g}</td><td>{_ago(a['opened_at'])}</td></tr>" for a in history)
+    body = (
+        f"<p><a href='/'>fleet</a> / {e(fleet)} / {e(device)}: <span class='status {row['status']}'>{row['status']}"
+        f"</span>, model {e(str(row['model']['name']))} {e(str(row['model']['version']))}, last seen "
+        f"{_ago(row['last_seen'])}{', <b class=alarmtext>ALERT</b>' if row['open_alerts'] else ''}</p>"
+        + line_svg([w["p95_ms"] for w in series], f"p95 latency per window (last {len(series)} windows)", " ms")
+        + line_svg([float(w["count"]) for w in series], "inferences per window")
+        + bars_svg(scores, monitor.config.psi_threshold)
+        + "<h2>Alerts</h2>" + (f"<table><tr><th>detector</th><th>state</th><th>features</th><th>statistic</th>"
+                               f"<th>opened</th></tr>{alert_rows}</table>" if history else "<p>none</p>"))
+    return _page(f"{fleet}/{device}", body)
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+class MonitorHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, monitor):
+        super().__init__(address, MonitorHandler)
+        self.monitor = monitor
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(FleetCollector(monitor))
+
+
+class MonitorHandler(BaseHTTPRequestHandler):
+    server: MonitorHTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, doc: Any) -> None:
+        self._send(status, json.dumps(doc, default=float).encode(), "application/json")
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        url = urlsplit(self.path)
+        path, query = url.path, parse_qs(url.query)
+        m = self.server.monitor
+        try:
+            if path == "/metrics":
+                self._send(200, generate_latest(self.server.registry), "text/plain; version=0.0.4; charset=utf-8")
+            elif path in ("/", "/index.html"):
+                self._send(200, dashboard_html(m).encode(), "text/html; charset=utf-8")
+            elif path == "/api/devices":
+                self._json(200, {"devices": fleet_snapshot(m.engine, m.stats)})
+            elif path == "/api/alerts":
+                rows = store.all_alerts(m.engine) if query.get("all") == ["1"] else store.open_alerts(m.engine)
+                self._json(200, {"alerts": [_jsonable(a) for a in rows]})
+            elif path.startswith("/device/") and len(path.split("/")) == 4:
+                _, _, fleet, device = (unquote(p) for p in path.split("/"))
+                page = device_html(m, fleet, device)
+                if page is None:
+                    self._json(404, {"error": "not_found", "detail": f"no device {device!r} in fleet {fleet!r}"})
+                else:
+                    self._send(200, page.encode(), "text/html; charset=utf-8")
+            else:
+                self._json(404, {"error": "not_found", "detail": f"no page {path}; try /, /metrics, "
+                                 "/device/<fleet>/<device>, /api/devices, /api/alerts"})
+        except Exception:  # noqa: BLE001 - never a traceback to the client
+            log.exception("GET %s failed", path)
+            self._json(500, {"error": "internal", "detail": "internal error (logged on the server)"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._json(405, {"error": "method_not_allowed", "detail": "the monitor's HTTP side is read-only (GET)"})
+
+
+def start_http(monitor, host: str = "127.0.0.1", port: int = 9100) -> MonitorHTTPServer:
+    """Serve metrics, dashboard and JSON for ``monitor`` in a daemon thread; port 0 picks a free one.
+
+    Returns the server: ``.server_address`` is the bound (host, port), ``.shutdown()`` stops it.
+    """
+    server = MonitorHTTPServer((host, port), monitor)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="edgeops-monitor-http",
+                     daemon=True).start()
+    return server

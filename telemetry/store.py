@@ -1,0 +1,278 @@
+"""Storage of windows, device status, bench results, bundles and alerts (SQLAlchemy Core).
+
+SQLite by default (WAL, nothing to start), PostgreSQL for a fleet that
+outgrows one machine; several monitor processes can share one PostgreSQL.
+Windows are unique by (fleet, device, seq): a redelivered window is counted
+once, whichever process sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Iterable
+
+from sqlalchemy import (
+    Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, delete,
+    bindparam, event, select, text, update,
+)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+windows = Table(
+    "edgeops_windows", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("fleet", String(64), nullable=False),
+    Column("device_id", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("start", Float, nullable=False),
+    Column("end", Float, nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("errors", Integer, nullable=False),
+    Column("p95_ms", Float),
+    Column("payload", Text, nullable=False),
+    Column("received_at", Float, nullable=False),
+    UniqueConstraint("fleet", "device_id", "seq", name="edgeops_windows_device_seq"),
+)
+Index("edgeops_windows_recent", windows.c.fleet, windows.c.device_id, windows.c.model_name, windows.c.model_version,
+      windows.c.seq)
+
+devices = Table(
+    "edgeops_devices", metadata,
+    Column("fleet", String(64), primary_key=True),
+    Column("device_id", String(64), primary_key=True),
+    Column("online", Boolean),
+    Column("last_seen", Float),
+    Column("status", Text),
+    Column("model_name", String(128)),
+    Column("model_version", String(64)),
+)
+
+bundles = Table(
+    "edgeops_bundles", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("manifest", Text, nullable=False),
+)
+
+bench = Table(
+    "edgeops_bench", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("fleet", String(64), nullable=False),
+    Column("device_id", String(64), nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("payload", Text, nullable=False),
+)
+
+alerts = Table(
+    "edgeops_alerts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("fleet", String(64), nullable=False),
+    Column("device_id", String(64), nullable=False),   # '*' for a fleet-level alert
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("detector", String(32), nullable=False),
+    Column("open", Boolean, nullable=False),
+    Column("statistic", Float),
+    Column("features", Text),
+    Column("detail", Text),
+    Column("opened_at", Float),
+    Column("closed_at", Float),
+    Column("clean_evaluations", Integer, nullable=False, default=0),
+    UniqueConstraint("fleet", "device_id", "model_name", "model_version", "detector", name="edgeops_alerts_key"),
+)
+
+
+def connect(url: str) -> Engine:
+    """An engine for ``sqlite:///file.db`` or ``postgresql://...`` (psycopg 3), with tables created."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    kwargs = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+    if engine.dialect.name == "postgresql":
+        # several monitors may start at once on a fresh database: create the tables under a lock
+        with engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(424242)"))
+            metadata.create_all(conn)
+    else:
+        metadata.create_all(engine)
+    return engine
+
+
+def _insert(engine: Engine, table: Table):
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
+def store_windows(engine: Engine, items: Iterable[tuple[str, str, dict]]) -> tuple[int, int]:
+    """Insert (fleet, device, window) items in one statement; returns (new, duplicates)."""
+    items = list(items)
+    if not items:
+        return 0, 0
+    now = time.time()
+    rows, seen = [], set()
+    for fleet, device, w in items:
+        key = (fleet, device, w["seq"])
+        if key in seen:          # the same window twice in one batch (a redelivery)
+            continue
+        seen.add(key)
+        rows.append({
+            "fleet": fleet, "device_id": device, "seq": w["seq"], "model_name": w["model"]["name"],
+            "model_version": w["model"]["version"], "start": w["start"], "end": w["end"], "count": w["count"],
+            "errors": w["errors"], "p95_ms": w["latency_ms"].get("p95"),
+            "payload": json.dumps(w, separators=(",", ":")), "received_at": now,
+        })
+    # RETURNING gives back the rows really inserted: a duplicate (fleet, device, seq) returns nothing
+    stmt = _insert(engine, windows).on_conflict_do_nothing(
+        index_elements=["fleet", "device_id", "seq"]).returning(windows.c.id)
+    with engine.begin() as conn:
+        new = len(conn.execute(stmt, rows).all())
+        if new:
+            latest: dict[tuple[str, str], dict] = {}
+            for fleet, device, w in items:
+                cur = latest.get((fleet, device))
+                if cur is None or w["end"] >= cur["end"]:
+                    latest[(fleet, device)] = w
+            ins = _insert(engine, devices)
+            stmt = ins.on_conflict_do_update(index_elements=["fleet", "device_id"], set_={
+                "last_seen": ins.excluded.last_seen, "model_name": ins.excluded.model_name,
+                "model_version": ins.excluded.model_version})
+            conn.execute(stmt, [{"fleet": fleet, "device_id": device, "last_seen": w["end"], "online": True,
+                                 "model_name": w["model"]["name"], "model_version": w["model"]["version"]}
+                                for (fleet, device), w in latest.items()])
+    return new, len(items) - new
+
+
+def _touch(conn, engine, fleet: str, device: str, seen: float, model: dict) -> None:
+    stmt = _insert(engine, devices).values(fleet=fleet, device_id=device, last_seen=seen, online=True,
+                                          model_name=model["name"], model_version=model["version"])
+    stmt = stmt.on_conflict_do_update(index_elements=["fleet", "device_id"], set_={
+        "last_seen": seen, "model_name": model["name"], "model_version": model["version"]})
+    conn.execute(stmt)
+
+
+def store_status(engine: Engine, fleet: str, device: str, status: dict) -> None:
+    model = status.get("model") or {}
+    values = {"online": bool(status["online"]), "status": json.dumps(status), "last_seen": float(status["ts"])}
+    if model.get("name"):
+        values.update(model_name=model["name"], model_version=model.get("version"))
+    stmt = _insert(engine, devices).values(fleet=fleet, device_id=device, **values)
+    stmt = stmt.on_conflict_do_update(index_elements=["fleet", "device_id"], set_=values)
+    with engine.begin() as conn:
+        conn.execute(stmt)
+
+
+def store_bench(engine: Engine, fleet: str, device: str, doc: dict) -> None:
+    with engine.begin() as conn:
+        conn.execute(bench.insert().values(fleet=fleet, device_id=device, received_at=time.time(), payload=json.dumps(doc)))
+
+
+def store_bundle(engine: Engine, manifest: dict) -> None:
+    stmt = _insert(engine, bundles).values(name=manifest["name"], version=manifest["version"], manifest=json.dumps(manifest))
+    with engine.begin() as conn:
+        conn.execute(stmt.on_conflict_do_update(index_elements=["name", "version"], set_={"manifest": json.dumps(manifest)}))
+
+
+def load_bundles(engine: Engine) -> dict[tuple[str, str], dict]:
+    with engine.connect() as conn:
+        return {(r.name, r.version): json.loads(r.manifest) for r in conn.execute(select(bundles))}
+
+
+_KEY = (windows.c.fleet == bindparam("fleet")) & (windows.c.model_name == bindparam("name")) \
+    & (windows.c.model_version == bindparam("version"))
+# built once: the monitor runs these for every evaluation, and building a statement costs more than running it
+_RECENT_DEVICE = (select(windows.c.payload).where(_KEY, windows.c.device_id == bindparam("device"))
+                  .order_by(windows.c.seq.desc()).limit(bindparam("limit")))
+_RECENT_FLEET = select(windows.c.payload).where(_KEY).order_by(windows.c.end.desc()).limit(bindparam("limit"))
+_FIRST = (select(windows.c.p95_ms).where(_KEY, windows.c.device_id == bindparam("device"))
+          .order_by(windows.c.seq).limit(bindparam("limit")))
+
+
+def recent_windows(engine: Engine, fleet: str, device: str | None, model_name: str, model_version: str,
+                   limit: int) -> list[dict]:
+    """The ``limit`` most recent windows (by seq) of a device, or of every device of a fleet when device is None."""
+    params = {"fleet": fleet, "name": model_name, "version": model_version, "limit": limit}
+    q = _RECENT_FLEET if device is None else _RECENT_DEVICE
+    if device is not None:
+        params["device"] = device
+    with engine.connect() as conn:
+        return [json.loads(r.payload) for r in conn.execute(q, params)]
+
+
+def first_windows(engine: Engine, fleet: str, device: str, model_name: str, model_version: str, limit: int) -> list[float]:
+    """p95 of a device's first windows of a model version (its latency baseline)."""
+    with engine.connect() as conn:
+        return [r.p95_ms for r in conn.execute(_FIRST, {"fleet": fleet, "device": device, "name": model_name,
+                                                        "version": model_version, "limit": limit})
+                if r.p95_ms is not None]
+
+
+def device_rows(engine: Engine) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(select(devices).order_by(devices.c.fleet, devices.c.device_id))]
+
+
+_ALERT_STATES = select(alerts.c.detector, alerts.c.open).where(
+    (alerts.c.fleet == bindparam("fleet")) & (alerts.c.device_id == bindparam("device"))
+    & (alerts.c.model_name == bindparam("name")) & (alerts.c.model_version == bindparam("version")))
+
+
+def alert_states(engine: Engine, fleet: str, device: str, model_name: str, model_version: str) -> dict[str, bool]:
+    """detector -> open, for the alerts on record of one device and model version."""
+    with engine.connect() as conn:
+        rows = conn.execute(_ALERT_STATES, {"fleet": fleet, "device": device, "name": model_name,
+                                            "version": model_version}).all()
+    return {r.detector: bool(r.open) for r in rows}
+
+
+def open_alerts(engine: Engine, fleet: str | None = None) -> list[dict]:
+    q = select(alerts).where(alerts.c.open.is_(True))
+    if fleet:
+        q = q.where(alerts.c.fleet == fleet)
+    with engine.connect() as conn:
+        return [_alert(dict(r._mapping)) for r in conn.execute(q.order_by(alerts.c.opened_at))]
+
+
+def all_alerts(engine: Engine) -> list[dict]:
+    with engine.connect() as conn:
+        return [_alert(dict(r._mapping)) for r in conn.execute(select(alerts).order_by(alerts.c.opened_at))]
+
+
+def _alert(row: dict) -> dict:
+    row["features"] = json.loads(row["features"] or "[]")
+    row["detail"] = json.loads(row["detail"] or "{}")
+    return row
+
+
+def prune(engine: Engine, retention_days: float) -> int:
+    """Delete windows older than the retention; returns how many."""
+    cutoff = time.time() - retention_days * 86400
+    with engine.begin() as conn:
+        return conn.execute(delete(windows).where(windows.c.received_at < cutoff)).rowcount
+
+
+def window_series(engine: Engine, fleet: str, device: str, limit: int = 200) -> list[dict]:
+    q = (select(windows.c.seq, windows.c.end, windows.c.count, windows.c.errors, windows.c.p95_ms, windows.c.model_version)
+         .where(windows.c.fleet == fleet, windows.c.device_id == device).order_by(windows.c.seq.desc()).limit(limit))
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in reversed(list(conn.execute(q)))]
+
+
+__all__ = ["connect", "store_windows", "store_status", "store_bench", "store_bundle", "load_bundles", "recent_windows",
+           "first_windows", "device_rows", "open_alerts", "all_alerts", "prune", "window_series", "alerts", "update",
+           "windows", "devices", "bench"]
