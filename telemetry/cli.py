@@ -48,6 +48,8 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--latency-factor", type=float, default=1.5, show_default=True, help="p95 above its baseline by this factor alerts.")
 @click.option("--latency-min-increase-ms", type=float, default=1.0, show_default=True,
               help="A regression must also raise p95 by at least this much over its baseline.")
+@click.option("--latency-sustain", type=int, default=3, show_default=True,
+              help="A regression must hold in each of a device's last N windows.")
 @click.option("--latency-slo-ms", type=float, help="Absolute p95 latency objective.")
 @click.option("--error-rate", type=float, default=0.05, show_default=True)
 @click.option("--close-after", type=int, default=3, show_default=True, help="Clean evaluations before an alert closes.")
@@ -57,7 +59,7 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--topic-prefix", default="edgeops", show_default=True)
 @click.option("--duration", type=float, help="Stop after S seconds (default: run until interrupted).")
 def monitor_cmd(broker, fleet, db, http, share, client_id, bundle_paths, bundles_dir, webhook, retention_days,
-                recent_windows, min_samples, alpha, correction, psi_threshold, ks_alpha, latency_factor, latency_min_increase_ms,
+                recent_windows, min_samples, alpha, correction, psi_threshold, ks_alpha, latency_factor, latency_min_increase_ms, latency_sustain,
                 latency_slo_ms, error_rate, close_after, username, password, ca_file, topic_prefix, duration):
     """Consume fleet telemetry: validate, store, detect drift and latency regressions, alert."""
     from edge_runtime.mqtt import parse_broker_url
@@ -68,7 +70,7 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, bundle_paths, bundles
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = MonitorConfig(recent_windows=recent_windows, min_samples=min_samples, alpha=alpha, correction=correction,
                            psi_threshold=psi_threshold, ks_alpha=ks_alpha or None, latency_factor=latency_factor,
-                           latency_min_increase_ms=latency_min_increase_ms, latency_slo_ms=latency_slo_ms,
+                           latency_min_increase_ms=latency_min_increase_ms, latency_sustain=latency_sustain, latency_slo_ms=latency_slo_ms,
                            error_rate=error_rate, close_after=close_after)
     address = parse_broker_url(broker, username, password, ca_file)
     try:

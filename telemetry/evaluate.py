@@ -37,6 +37,7 @@ class MonitorConfig:
     baseline_windows: int = 5         # latency baseline: a device's first windows of a model version
     latency_factor: float = 1.5       # p95 above baseline x factor is a regression ...
     latency_min_increase_ms: float = 1.0  # ... and above it by at least this much (sub-ms jitter is not one)
+    latency_sustain: int = 3          # ... in each of the device's last N windows (a burst of load is not one)
     latency_slo_ms: float | None = None
     error_rate: float = 0.05
     silence_periods: float = 3.0      # no window for this many window periods
@@ -132,9 +133,17 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
 
     if p95 is not None and count:
         reasons = {}
-        if baseline_p95 and p95 > config.latency_factor * baseline_p95 \
-                and p95 - baseline_p95 >= config.latency_min_increase_ms:
+        # a regression is sustained: every one of the last `latency_sustain` windows is slower than the
+        # baseline by the factor and the margin; one busy second (a cron job, a neighbour loading a model)
+        # lifts the merged p95 of the recent windows but not the p95 of three windows in a row
+        last = sorted((w for w in windows if w.get("count")), key=lambda w: w.get("seq", 0))
+        last = last[-max(1, config.latency_sustain):]
+        floor = min((w["latency_ms"].get("p95") or 0.0 for w in last), default=0.0) \
+            if len(last) >= max(1, config.latency_sustain) else 0.0
+        if baseline_p95 and floor > config.latency_factor * baseline_p95 \
+                and floor - baseline_p95 >= config.latency_min_increase_ms:
             reasons["baseline_p95_ms"] = baseline_p95
+            reasons["sustained_p95_ms"] = floor
         if config.latency_slo_ms is not None and p95 > config.latency_slo_ms:
             reasons["slo_ms"] = config.latency_slo_ms
         verdicts.append(Verdict("latency", bool(reasons), p95, [], {"p95_ms": p95, **reasons}))
