@@ -241,7 +241,8 @@ def publish_result(url: str, fleet: str, device_id: str, doc: dict) -> None:
     check_id(device_id, "device id")
     check_id(fleet, "fleet")
     addr = parse_broker_url(url)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgeops-bench-{device_id}", protocol=mqtt.MQTTv5)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgeops-bench-{device_id}",
+                         protocol=addr.paho_protocol())
     if addr.username:
         client.username_pw_set(addr.username, addr.password)
     if addr.tls:

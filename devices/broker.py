@@ -156,3 +156,159 @@ class MosquittoBroker:
         self.stop()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class AmqttBroker:
+    """The pure-Python amqtt broker (MQTT 3.1.1) in a child process, for machines without Mosquitto.
+
+    Same interface as :class:`MosquittoBroker`. Its ``url`` carries ``?protocol=3.1.1`` so that
+    every edgeops client (agents, monitor, flasher) speaks 3.1.1 to it: non-clean sessions that the
+    broker keeps in memory, retained messages and last wills work; MQTT 5 shared subscriptions (a
+    monitor's ``--share``) do not, and sessions do not survive a restart of the broker.
+    :meth:`start` checks with paho-mqtt that a QoS 1 publish reaches a subscriber before it returns.
+    """
+
+    def __init__(self, port: int | None = None, workdir: str | Path | None = None, host: str = "127.0.0.1") -> None:
+        try:
+            import amqtt  # noqa: F401 - only to say clearly when it is missing
+        except ImportError:
+            raise BrokerUnavailable("amqtt is not installed (pip install 'edgeops[all]' or pip install amqtt)") from None
+        self.host = host
+        self.port = port or free_port(host)
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgeops-amqtt-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "amqtt.log"
+        self.config_path = self.workdir / "amqtt.yaml"
+        # plugins: anonymous access only (amqtt's default set adds packet logging and $SYS, neither needed)
+        self.config_path.write_text(
+            "listeners:\n  default:\n    type: tcp\n"
+            f"    bind: {host}:{self.port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}?protocol=3.1.1"
+
+    def start(self, timeout: float = 20.0) -> "AmqttBroker":
+        """Start the broker, wait for its port and check a QoS 1 round trip with paho-mqtt."""
+        import sys
+
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from amqtt.scripts.broker_script import main; main()", "-c", str(self.config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = self.log_path.read_text(errors="replace")[-2000:]
+                raise BrokerUnavailable(f"amqtt exited with {self.proc.returncode}: {log.strip()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            self.kill()
+            raise BrokerUnavailable(f"amqtt did not listen on {self.host}:{self.port} within {timeout}s")
+        problem = check_broker(self.url, timeout=max(1.0, deadline - time.monotonic()))
+        if problem:
+            self.kill()
+            raise BrokerUnavailable(f"amqtt on port {self.port} does not work with paho-mqtt: {problem}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)     # amqtt shuts down cleanly on KeyboardInterrupt
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> "AmqttBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def check_broker(url: str, timeout: float = 5.0) -> str | None:
+    """None when a paho-mqtt 2.x client can connect to ``url``, subscribe, and get its own QoS 1 publish back
+    (retained, so the broker's retained store is exercised too); otherwise what went wrong."""
+    import threading
+    import uuid
+
+    import paho.mqtt.client as mqtt
+
+    from edge_runtime.mqtt import parse_broker_url
+
+    address = parse_broker_url(url)
+    got, connected = threading.Event(), threading.Event()
+    failure: list[str] = []
+    topic = f"edgeops/_check/{uuid.uuid4().hex[:8]}"
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgeops-check-{uuid.uuid4().hex[:8]}",
+                         protocol=address.paho_protocol())
+
+    def on_connect(c, userdata, flags, rc, properties):
+        if rc.is_failure:
+            failure.append(f"connection refused: {rc}")
+        connected.set()
+
+    def on_message(c, userdata, msg):
+        if msg.topic == topic and msg.payload == b"ping":
+            got.set()
+
+    client.on_connect, client.on_message = on_connect, on_message
+    try:
+        client.connect(address.host, address.port, keepalive=10)
+    except OSError as exc:
+        return f"cannot connect: {exc}"
+    client.loop_start()
+    try:
+        if not connected.wait(timeout) or failure:
+            return failure[0] if failure else "no CONNACK"
+        client.publish(topic, b"ping", qos=1, retain=True).wait_for_publish(timeout)
+        client.subscribe(topic, qos=1)
+        if not got.wait(timeout):
+            return "a retained QoS 1 message did not come back"
+        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(timeout)   # clear the retained message
+        return None
+    except (RuntimeError, ValueError) as exc:
+        return str(exc)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def start_broker(workdir: str | Path | None = None, prefer: str = "auto") -> MosquittoBroker | AmqttBroker:
+    """A private broker: Mosquitto when installed (``auto``/``mosquitto``), else the pure-Python amqtt."""
+    if prefer not in ("auto", "mosquitto", "amqtt"):
+        raise ValueError(f"broker kind must be auto, mosquitto or amqtt, not {prefer!r}")
+    if prefer in ("auto", "mosquitto"):
+        try:
+            return MosquittoBroker(workdir=Path(workdir) / "mosquitto" if workdir else None).start()
+        except BrokerUnavailable:
+            if prefer == "mosquitto":
+                raise
+    return AmqttBroker(workdir=Path(workdir) / "amqtt" if workdir else None).start()

@@ -38,9 +38,11 @@ def _say(msg: str) -> None:
               help="Folder for the bundles and results.")
 @click.option("--quick", is_flag=True, help="Fewer benchmark runs and a shorter agent session (for CI).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--install-broker/--no-install-broker", default=True, show_default=True,
-              help="Install Debian's mosquitto with apt-get when it is missing (as root).")
-def demo_cmd(out_dir, quick, force, install_broker):
+@click.option("--broker-kind", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True,
+              help="The private broker: Mosquitto when installed (auto), else the pure-Python amqtt (MQTT 3.1.1).")
+@click.option("--install-broker", is_flag=True,
+              help="Install Debian's mosquitto with apt-get first when it is missing (as root).")
+def demo_cmd(out_dir, quick, force, broker_kind, install_broker):
     """Train, convert, benchmark and run the reference models end to end."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t_start = time.monotonic()
@@ -50,7 +52,8 @@ def demo_cmd(out_dir, quick, force, install_broker):
             raise click.ClickException(f"{out} exists; pass --force to replace it or --out to choose another folder")
         shutil.rmtree(out)
     (out / "bundles").mkdir(parents=True)
-    _ensure_mosquitto(install_broker)
+    if broker_kind != "amqtt" and install_broker:
+        _ensure_mosquitto()
 
     from convert.reference import convert_reference
 
@@ -80,25 +83,25 @@ def demo_cmd(out_dir, quick, force, install_broker):
     except SystemExit as exc:
         if exc.code:
             raise
-    ok = _run_fleet(out, quick)
+    ok = _run_fleet(out, quick, broker_kind)
     _say(f"done in {time.monotonic() - t_start:.0f} s; results in {out}/")
     if not ok:
         sys.exit(1)
 
 
 
-def _ensure_mosquitto(install: bool) -> None:
-    """The fleet part needs Mosquitto (MQTT 5); on a fresh Debian machine, install it first."""
+def _ensure_mosquitto() -> None:
+    """On a fresh Debian machine, install Mosquitto (otherwise the demo runs on amqtt)."""
     import subprocess
 
     from devices.broker import find_mosquitto
 
     if find_mosquitto():
         return
-    if not install or os.geteuid() != 0 or not shutil.which("apt-get"):
-        _say("mosquitto is not installed: the fleet part will not run (apt-get install mosquitto, as root)")
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        _say("mosquitto is not installed and cannot be installed here (apt-get, as root): the demo uses amqtt")
         return
-    _say("mosquitto is not installed: installing Debian's package with apt-get (--no-install-broker to skip)")
+    _say("mosquitto is not installed: installing Debian's package with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "mosquitto"]
     if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
@@ -142,21 +145,23 @@ def _signed_versions(out: Path) -> tuple[Path, Path, Path]:
 EMULATED_LATENCY = ("--latency-factor", "3", "--latency-min-increase-ms", "5")
 
 
-def _run_fleet(out: Path, quick: bool) -> bool:
+def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
     import subprocess
 
-    from devices.broker import BrokerUnavailable, MosquittoBroker, free_port
+    from devices.broker import AmqttBroker, BrokerUnavailable, free_port, start_broker
     from devices.emulate import EmulatedFleet, replay_data
     from devices.flash import RolloutRunner, new_rollout
     from edge_runtime.mqtt import parse_broker_url
     from telemetry import store
 
     try:
-        broker = MosquittoBroker(workdir=out / "broker").start()
+        broker = start_broker(out / "broker", prefer=broker_kind)
     except BrokerUnavailable as exc:
-        _say(f"cannot run the fleet part: {exc}. (The pure-Python amqtt broker is no fallback: it accepts "
-             "MQTT 3.1.1 only, and the agents and the monitor use MQTT 5 session expiry and shared subscriptions.)")
+        _say(f"cannot run the fleet part: no broker: {exc}")
         return False
+    if isinstance(broker, AmqttBroker):
+        _say(("mosquitto is not installed: u" if broker_kind == "auto" else "U")
+             + "sing the pure-Python amqtt broker (MQTT 3.1.1; checked with paho-mqtt)")
     procs: list[subprocess.Popen] = []
     fleet = None
     try:

@@ -1,9 +1,13 @@
 """MQTT for the device side: broker URLs, TLS options and a v5 client that reconnects.
 
 Devices speak MQTT v5 so that a refused publish is visible (PUBACK reason
-code >= 0x80) instead of a silent success. A broker that goes away is an
-expected event: it is logged in one line and the client reconnects with
-exponential backoff; nothing raises into the caller.
+code >= 0x80) instead of a silent success. A broker that speaks only MQTT
+3.1.1 (such as the pure-Python amqtt) is reached with ``?protocol=3.1.1`` on
+the broker URL: the session is then kept with ``clean_session=False`` (the
+broker keeps it until the client returns) and shared subscriptions are not
+available. A broker that goes away is an expected event: it is logged in one
+line and the client reconnects with exponential backoff; nothing raises into
+the caller.
 """
 
 from __future__ import annotations
@@ -13,18 +17,19 @@ import ssl
 import threading
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from edge_runtime.errors import InvalidInputError
 
 log = logging.getLogger("edgeops.mqtt")
 
 DEFAULT_PREFIX = "edgeops"
+PROTOCOLS = {"5": "5", "5.0": "5", "v5": "5", "3.1.1": "3.1.1", "311": "3.1.1", "v311": "3.1.1"}
 
 
 @dataclass(frozen=True)
 class BrokerAddress:
-    """Where and how to reach a broker (from mqtt://[user:pass@]host[:port] or mqtts://...)."""
+    """Where and how to reach a broker (from mqtt://[user:pass@]host[:port][?protocol=3.1.1] or mqtts://...)."""
 
     host: str
     port: int
@@ -35,10 +40,21 @@ class BrokerAddress:
     cert_file: str | None = None
     key_file: str | None = None
     insecure: bool = False
+    protocol: str = "5"
 
     @property
     def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        query = "" if self.protocol == "5" else f"?protocol={self.protocol}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}{query}"
+
+    @property
+    def v5(self) -> bool:
+        return self.protocol == "5"
+
+    def paho_protocol(self):
+        import paho.mqtt.client as mqtt
+
+        return mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
 
 
 def parse_broker_url(url: str, username: str | None = None, password: str | None = None,
@@ -51,6 +67,13 @@ def parse_broker_url(url: str, username: str | None = None, password: str | None
     if not parsed.hostname:
         raise InvalidInputError(f"broker URL {url!r}: no host")
     tls = parsed.scheme in ("mqtts", "ssl")
+    query = parse_qs(parsed.query)
+    unknown = sorted(set(query) - {"protocol"})
+    if unknown:
+        raise InvalidInputError(f"broker URL {url!r}: unknown parameter {unknown[0]!r} (only 'protocol' is known)")
+    wanted = (query.get("protocol") or ["5"])[-1]
+    if wanted not in PROTOCOLS:
+        raise InvalidInputError(f"broker URL {url!r}: protocol must be 5 or 3.1.1, not {wanted!r}")
     try:
         port = parsed.port or (8883 if tls else 1883)
     except ValueError:
@@ -65,6 +88,7 @@ def parse_broker_url(url: str, username: str | None = None, password: str | None
         cert_file=cert_file,
         key_file=key_file,
         insecure=insecure,
+        protocol=PROTOCOLS[wanted],
     )
 
 
@@ -99,7 +123,11 @@ class MqttLink:
         self._on_ack = on_ack
         self._on_message = on_message
         self._was_connected = False
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if address.v5:
+            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        else:   # 3.1.1: the broker keeps a non-clean session until the client comes back
+            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                      protocol=mqtt.MQTTv311, clean_session=session_expiry == 0)
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(min_delay=max(1, int(min_backoff)), max_delay=int(max_backoff))
         if address.username:
@@ -122,8 +150,11 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect in the background; returns at once (the link retries until stopped)."""
-        self.client.connect_async(self.address.host, self.address.port, keepalive=30, clean_start=False,
-                                  properties=self._props)
+        if self.address.v5:
+            self.client.connect_async(self.address.host, self.address.port, keepalive=30, clean_start=False,
+                                      properties=self._props)
+        else:
+            self.client.connect_async(self.address.host, self.address.port, keepalive=30)
         self.client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
@@ -151,8 +182,14 @@ class MqttLink:
         from paho.mqtt.reasoncodes import ReasonCode
 
         self._stopping = True
-        self.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))  # with will message
-        self.client.loop_stop()
+        if self.address.v5:
+            self.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))  # with will message
+            self.client.loop_stop()
+        else:   # 3.1.1 has no "disconnect with will": the connection just drops, as on a network loss
+            self.client.loop_stop()
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
         self.connected.clear()
 
     def resume(self) -> None:

@@ -76,6 +76,8 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, bundle_paths, bundles
     try:
         monitor = FleetMonitor(address, db, fleet=fleet, share=share, client_id=client_id, config=config,
                                bundles=_bundles(bundle_paths, bundles_dir), webhook=webhook, prefix=topic_prefix)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
         if "sqlalchemy" in type(exc).__module__ or "psycopg" in type(exc).__module__:
             raise InvalidInputError(f"--db {db}: {str(exc).splitlines()[0][:200]}") from None

@@ -127,7 +127,7 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
         priors = (profile.get("class_priors") or {}).get("priors")
         if priors and classes is not None:
             pd = PredictionDriftDetector(config.prediction_alpha, config.prediction_min_tvd, config.min_samples)
-            pd.update(priors, classes)
+            pd.update(priors, classes, ref_n=profile.get("n_samples"))
             verdicts.append(Verdict("prediction_drift", pd.drift_detected, pd.tvd, [],
                                     {"p_value": pd.p_value, "counts": classes.tolist(), "priors": priors}))
 

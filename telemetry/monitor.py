@@ -58,6 +58,8 @@ class FleetMonitor:
                  share: str | None = None, client_id: str | None = None, config: MonitorConfig | None = None,
                  bundles: list[dict] | None = None, webhook: str | None = None, prefix: str = "edgeops",
                  eval_interval: float = 1.0, session_expiry: int = 3600, max_payload: int = MAX_PAYLOAD):
+        if share and not broker.v5:
+            raise ValueError(f"--share needs MQTT 5 shared subscriptions; {broker.url} speaks MQTT 3.1.1")
         self.broker = broker
         self.engine = store.connect(db_url)
         self.fleet = fleet
@@ -96,7 +98,11 @@ class FleetMonitor:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        if self.broker.v5:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        else:   # an MQTT 3.1.1 broker: a non-clean session the broker keeps, no shared subscription
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311,
+                            clean_session=False)
         c.manual_ack_set(True)  # acknowledge a window only once it is in the database
         c.max_inflight_messages_set(1000)
         c.reconnect_delay_set(1, 30)
@@ -126,7 +132,10 @@ class FleetMonitor:
 
         c.on_connect, c.on_disconnect, c.on_message = on_connect, on_disconnect, on_message
         self.client = c
-        c.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False, properties=props)
+        if self.broker.v5:
+            c.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False, properties=props)
+        else:
+            c.connect_async(self.broker.host, self.broker.port, keepalive=30)
         c.loop_start()
         for target, name in ((self._ingest_loop, "ingest"), (self._evaluate_loop, "evaluate")):
             t = threading.Thread(target=target, name=f"edgeops-monitor-{name}", daemon=True)
