@@ -42,7 +42,54 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class MosquittoBroker:
+class _BrokerProcess:
+    """What both private brokers share: a child process to stop gently, kill, restart, use as a context."""
+
+    stop_signal = signal.SIGTERM
+    proc: subprocess.Popen | None
+    workdir: Path
+    _own_workdir: bool
+
+    def start(self, timeout: float = 10.0) -> "_BrokerProcess":
+        raise NotImplementedError
+
+    def _closed(self) -> None:
+        """Called once the process is gone."""
+
+    def stop(self) -> None:
+        """Stop gracefully (Mosquitto writes its persistence file on SIGTERM; amqtt shuts down on SIGINT)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        self._closed()
+
+    def kill(self) -> None:
+        """Kill at once (SIGKILL), like a crash or a power cut."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        self._closed()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class MosquittoBroker(_BrokerProcess):
     """A mosquitto process with its own config, port and persistence folder.
 
     Use as a context manager; ``kill()``/``start()`` simulate an outage, and
@@ -127,38 +174,8 @@ class MosquittoBroker:
         self.kill()
         raise BrokerUnavailable(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")
 
-    def stop(self) -> None:
-        """Stop gracefully (SIGTERM: mosquitto writes its persistence file)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
-    def kill(self) -> None:
-        """Kill at once (SIGKILL), like a crash or a power cut."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def __enter__(self) -> "MosquittoBroker":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-class AmqttBroker:
+class AmqttBroker(_BrokerProcess):
     """The pure-Python amqtt broker (MQTT 3.1.1) in a child process, for machines without Mosquitto.
 
     Same interface as :class:`MosquittoBroker`. Its ``url`` carries ``?protocol=3.1.1`` so that
@@ -187,6 +204,8 @@ class AmqttBroker:
             "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
         self.proc: subprocess.Popen | None = None
         self._log = None
+
+    stop_signal = signal.SIGINT     # amqtt shuts down cleanly on KeyboardInterrupt
 
     @property
     def url(self) -> str:
@@ -221,36 +240,10 @@ class AmqttBroker:
             raise BrokerUnavailable(f"amqtt on port {self.port} does not work with paho-mqtt: {problem}")
         return self
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)     # amqtt shuts down cleanly on KeyboardInterrupt
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+    def _closed(self) -> None:
         if self._log:
             self._log.close()
             self._log = None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def __enter__(self) -> "AmqttBroker":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def check_broker(url: str, timeout: float = 5.0) -> str | None:

@@ -6,21 +6,25 @@ import os
 
 import pytest
 
-from devices.broker import BrokerUnavailable, MosquittoBroker
+from devices.broker import AmqttBroker, BrokerUnavailable, MosquittoBroker
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _start_or_skip(make):
+    """Start a private broker; where it cannot run, skip (but fail in CI, which installs everything)."""
+    try:
+        return make().start()
+    except BrokerUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
 
 
 @pytest.fixture
 def mosquitto(tmp_path):
     """A private Mosquitto on a free port with persistence and raised queue limits."""
-    try:
-        broker = MosquittoBroker(workdir=tmp_path / "broker")
-        broker.start()
-    except BrokerUnavailable as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
+    broker = _start_or_skip(lambda: MosquittoBroker(workdir=tmp_path / "broker"))
     yield broker
     broker.stop()
 
@@ -28,13 +32,15 @@ def mosquitto(tmp_path):
 @pytest.fixture(scope="session")
 def session_mosquitto(tmp_path_factory):
     """One private Mosquitto for tests that only need a working broker."""
-    try:
-        broker = MosquittoBroker(workdir=tmp_path_factory.mktemp("session-broker"))
-        broker.start()
-    except BrokerUnavailable as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
+    broker = _start_or_skip(lambda: MosquittoBroker(workdir=tmp_path_factory.mktemp("session-broker")))
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def amqtt(tmp_path):
+    """The pure-Python amqtt broker (MQTT 3.1.1) on a free port."""
+    broker = _start_or_skip(lambda: AmqttBroker(workdir=tmp_path / "amqtt"))
     yield broker
     broker.stop()
 

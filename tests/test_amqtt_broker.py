@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,21 +12,9 @@ import pytest
 from bundle_variants import variant
 from sqlalchemy import create_engine, text
 
-from devices.broker import AmqttBroker, BrokerUnavailable, check_broker, free_port
+from devices.broker import check_broker, free_port
 from edge_runtime.errors import InvalidInputError
 from edge_runtime.mqtt import parse_broker_url
-
-
-@pytest.fixture
-def amqtt(tmp_path):
-    try:
-        broker = AmqttBroker(workdir=tmp_path / "amqtt").start()
-    except BrokerUnavailable as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
-    yield broker
-    broker.stop()
 
 
 def test_the_broker_url_names_the_protocol():
