@@ -95,3 +95,37 @@ def test_agent_monitor_and_flash_work_over_amqtt(amqtt, bc_mlp_bundle, reference
         monitor.terminate()
         _, err = monitor.communicate(timeout=30)
     assert "rejected none" in err, err[-2000:]
+
+
+def test_an_emulated_outage_on_311_fires_the_last_will_and_the_link_comes_back(amqtt):
+    import threading
+
+    from edge_runtime.mqtt import MqttLink
+
+    seen, got = [], threading.Event()
+
+    def on_message(topic, payload):
+        seen.append((topic, payload))
+        got.set()
+
+    address = parse_broker_url(amqtt.url)
+    watcher = MqttLink(address, "watcher", on_message=on_message, session_expiry=0,
+                       on_connect=lambda: watcher.subscribe("edgeops/f/d1/status"))
+    device = MqttLink(address, "d1", will=("edgeops/f/d1/status", b"offline"))
+    watcher.start()
+    device.start()
+    try:
+        assert watcher.wait_connected(10) and device.wait_connected(10)
+        time.sleep(0.3)                                  # the watcher's subscription is in place
+        device.pause()                                   # no DISCONNECT packet: the broker sends the will
+        assert got.wait(10) and seen[-1] == ("edgeops/f/d1/status", b"offline")
+        device.resume()
+        assert device.wait_connected(10)
+        assert device.publish("edgeops/f/d1/status", b"online", qos=1) is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and seen[-1][1] != b"online":
+            time.sleep(0.05)
+        assert seen[-1] == ("edgeops/f/d1/status", b"online")
+    finally:
+        device.stop()
+        watcher.stop()
