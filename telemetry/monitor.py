@@ -22,6 +22,8 @@ from telemetry import store
 from telemetry.evaluate import Evaluation, MonitorConfig, Verdict, evaluate
 from telemetry.validation import MAX_PAYLOAD, Rejected, check_against_profile, parse
 
+FLEET_EVAL_SHARE = 4.0   # a fleet's merge: at most about 1 / (1 + 4) of evaluation time
+
 log = logging.getLogger("edgeops.monitor")
 
 
@@ -78,6 +80,11 @@ class FleetMonitor:
         self._inbox: queue.Queue = queue.Queue()
         self._dirty: set[tuple[str, str, str, str]] = set()
         self._dirty_lock = threading.Lock()
+        # a fleet-level evaluation merges the recent windows of every device of the fleet: it waits
+        # FLEET_EVAL_SHARE x its last duration before the next one (a fleet whose windows came in
+        # meanwhile stays pending), so a large fleet's merge takes a bounded share of evaluation time
+        self._fleet_due: dict[tuple[str, str, str], float] = {}
+        self._fleet_pending: set[tuple[str, str, str]] = set()
         self._stop = threading.Event()
         self._logged: set[tuple[str, str]] = set()
         self._threads: list[threading.Thread] = []
@@ -261,8 +268,15 @@ class FleetMonitor:
                 time.sleep(0.02)
             events += self.evaluate_device(fleet, device, name, version)
             fleets.add((fleet, name, version))
-        for fleet, name, version in sorted(fleets):
-            events += self.evaluate_device(fleet, "*", name, version)
+        fleets |= self._fleet_pending
+        self._fleet_pending = set()
+        for key in sorted(fleets):
+            started = time.monotonic()
+            if started < self._fleet_due.get(key, 0.0):
+                self._fleet_pending.add(key)
+                continue
+            events += self.evaluate_device(key[0], "*", key[1], key[2])
+            self._fleet_due[key] = time.monotonic() + FLEET_EVAL_SHARE * (time.monotonic() - started)
         return events
 
     def evaluate_device(self, fleet: str, device: str, name: str, version: str) -> list[tuple[str, dict]]:

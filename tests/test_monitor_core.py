@@ -277,3 +277,25 @@ def test_latency_regression_and_silence_alert(tmp_path, bc):
     m.ingest([(topic("dev-off", "status"), json.dumps(status_doc("dev-off", "f1", False, 1.0, {"name": "bc-model", "version": "1.0.0"})).encode(), 0, 0)])
     events = m.check_silence(now=2.0)
     assert ("opened", "silence", "dev-off") in {(e[0], e[1]["detector"], e[1]["device_id"]) for e in events}
+
+
+def test_a_fleet_evaluation_that_is_not_due_waits_but_is_not_lost(tmp_path, bc, monkeypatch):
+    import telemetry.monitor as monitor_module
+
+    d, manifest = bc
+    m = FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), f"sqlite:///{tmp_path}/m.db", bundles=[manifest])
+    calls = []
+    real = m.evaluate_device
+    monkeypatch.setattr(m, "evaluate_device", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(monitor_module, "FLEET_EVAL_SHARE", 1e6)    # the next fleet evaluation is far away
+    send = lambda seq: m.ingest([(topic("dev-a"), json.dumps(w).encode(), 0, 0)  # noqa: E731
+                                 for w in windows_for("dev-a", manifest, d.X_train, 2, start_seq=seq)])
+    send(0)
+    m.evaluate_pending()
+    assert calls == ["dev-a", "*"]                                  # the first fleet evaluation runs at once
+    send(2)
+    m.evaluate_pending()
+    assert calls[2:] == ["dev-a"] and m._fleet_pending == {("f1", "bc-model", "1.0.0")}
+    m._fleet_due.clear()                                            # now it is due: no new window needed
+    m.evaluate_pending()
+    assert calls[3:] == ["*"] and not m._fleet_pending
