@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import drift, monitor_throughput
+from benchmarks import drift, monitor_rounds, monitor_throughput
 
 
 def test_drift_benchmark_detects_shifts_without_false_alarms(tmp_path, capsys):
@@ -35,3 +35,19 @@ def test_throughput_benchmark_stores_every_window_once(tmp_path):
     assert r["windows_stored"] == r["windows_sent"] == 300
     assert r["duplicates"] == 0 and r["rejected"] == 0
     assert r["ingest_windows_per_s"] > 0 and r["evaluations"] > 0
+
+
+def test_rounds_benchmark_times_both_fleet_merge_policies(tmp_path, capsys):
+    import json
+
+    import telemetry.monitor as monitor_module
+
+    before = monitor_module.FLEET_EVAL_SHARE
+    assert monitor_rounds.main(["--devices", "20", "--windows", "3", "--rounds", "3", "--json",
+                                str(tmp_path / "r.json")]) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [r["fleet_merge"] for r in doc["rows"]] == ["every round", "when due"]
+    assert [r["share"] for r in doc["rows"]] == [0.0, before]
+    assert all(len(r["round_s"]) == 3 and r["median_s"] > 0 for r in doc["rows"])
+    assert monitor_module.FLEET_EVAL_SHARE == before                 # the monitor's default is restored
+    assert "merged every round / when due" in capsys.readouterr().out
