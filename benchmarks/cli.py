@@ -194,6 +194,7 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
             else:
                 r = measure_in_child(item["path"], opts)
             r["bundle"] = item["bundle"].name if item["bundle"] else None
+            r["bundle_version"] = item["bundle"].version if item["bundle"] else None
             r["quantization"] = item["artifact"]["quantization"] if item["artifact"] else None
             r["accuracy"] = accuracy(item, labelled[0], labelled[1], threads) if labelled else None
             results.append(r)

@@ -83,7 +83,8 @@ def random_input(t: TensorInfo, shape: tuple[int, ...], rng: np.random.Generator
 def summarise(samples_ms: list[float]) -> dict:
     arr = np.asarray(samples_ms, dtype=np.float64)
     if arr.size == 0:
-        return {"runs": 0, "mean": None, "std": None, "min": None, "p50": None, "p90": None, "p99": None, "max": None}
+        return {"runs": 0, "mean": None, "std": None, "min": None, "p50": None, "p90": None, "p95": None, "p99": None,
+                "max": None}
     return {
         "runs": int(arr.size),
         "mean": round(float(arr.mean()), 4),
@@ -91,6 +92,7 @@ def summarise(samples_ms: list[float]) -> dict:
         "min": round(float(arr.min()), 4),
         "p50": round(float(np.percentile(arr, 50)), 4),
         "p90": round(float(np.percentile(arr, 90)), 4),
+        "p95": round(float(np.percentile(arr, 95)), 4),
         "p99": round(float(np.percentile(arr, 99)), 4),
         "max": round(float(arr.max()), 4),
     }

@@ -81,7 +81,7 @@ def merge_windows(windows: list[dict], edges: list[list[float]]) -> tuple[Featur
 
 
 def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
-             baseline_p95: float | None = None) -> Evaluation:
+             baseline_p95: float | None = None, baseline_source: str = "first_windows") -> Evaluation:
     """Run every detector on the merged recent windows of one device (or a fleet) and one model version."""
     profile = (manifest or {}).get("reference_profile") or {}
     ref = profile.get("features") or []
@@ -143,6 +143,7 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
         if baseline_p95 and floor > config.latency_factor * baseline_p95 \
                 and floor - baseline_p95 >= config.latency_min_increase_ms:
             reasons["baseline_p95_ms"] = baseline_p95
+            reasons["baseline_source"] = baseline_source
             reasons["sustained_p95_ms"] = floor
         if config.latency_slo_ms is not None and p95 > config.latency_slo_ms:
             reasons["slo_ms"] = config.latency_slo_ms

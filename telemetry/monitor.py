@@ -282,17 +282,24 @@ class FleetMonitor:
     def evaluate_device(self, fleet: str, device: str, name: str, version: str) -> list[tuple[str, dict]]:
         manifest = self._manifest({"name": name, "version": version})
         cfg = self.config
+        source = "first_windows"
         if device == "*":
             n_devices = max(1, len([d for d in store.device_rows(self.engine) if d["fleet"] == fleet]))
             recent = store.recent_windows(self.engine, fleet, None, name, version, cfg.recent_windows * n_devices)
             baseline = None
         else:
             recent = store.recent_windows(self.engine, fleet, device, name, version, cfg.recent_windows)
-            first = store.first_windows(self.engine, fleet, device, name, version, cfg.baseline_windows)
-            baseline = sorted(first)[len(first) // 2] if len(first) >= cfg.baseline_windows else None
+            # the baseline: the device's own `edgeops bench --publish` result for this version and artifact
+            # when it published one, else the median p95 of its first windows of this version
+            artifact = (recent[0].get("model") or {}).get("artifact") if recent else None
+            baseline = store.bench_p95(self.engine, fleet, device, name, version, artifact)
+            source = "bench" if baseline is not None else "first_windows"
+            if baseline is None:
+                first = store.first_windows(self.engine, fleet, device, name, version, cfg.baseline_windows)
+                baseline = sorted(first)[len(first) // 2] if len(first) >= cfg.baseline_windows else None
         if not recent:
             return []
-        ev: Evaluation = evaluate(recent, manifest, cfg, baseline_p95=baseline)
+        ev: Evaluation = evaluate(recent, manifest, cfg, baseline_p95=baseline, baseline_source=source)
         if device != "*":
             self.stats.scores[(fleet, device)] = ev.feature_scores
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Iterable
 
 from sqlalchemy import (
@@ -66,6 +67,7 @@ bench = Table(
     Column("received_at", Float, nullable=False),
     Column("payload", Text, nullable=False),
 )
+Index("edgeops_bench_device", bench.c.fleet, bench.c.device_id)
 
 alerts = Table(
     "edgeops_alerts", metadata,
@@ -222,6 +224,32 @@ def first_windows(engine: Engine, fleet: str, device: str, model_name: str, mode
                 if r.p95_ms is not None]
 
 
+_BENCH = (select(bench.c.payload).where((bench.c.fleet == bindparam("fleet")) & (bench.c.device_id == bindparam("device")))
+          .order_by(bench.c.id.desc()).limit(20))
+
+
+def bench_p95(engine: Engine, fleet: str, device: str, model_name: str, model_version: str,
+              artifact: str | None) -> float | None:
+    """p95 latency (ms) of the device's latest ``edgeops bench --publish`` result for this bundle version
+    and artifact file (the one its windows name), or None when it published none."""
+    with engine.connect() as conn:
+        payloads = [r.payload for r in conn.execute(_BENCH, {"fleet": fleet, "device": device})]
+    for payload in payloads:
+        try:
+            results = json.loads(payload).get("results") or []
+        except (ValueError, AttributeError):
+            continue
+        for r in results:
+            if not isinstance(r, dict) or r.get("bundle") != model_name or r.get("bundle_version") != model_version:
+                continue
+            if artifact and Path(str(r.get("artifact") or "")).name != artifact:
+                continue
+            p95 = (r.get("latency_ms") or {}).get("p95")
+            if isinstance(p95, (int, float)) and p95 > 0:
+                return float(p95)
+    return None
+
+
 def device_rows(engine: Engine) -> list[dict]:
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(select(devices).order_by(devices.c.fleet, devices.c.device_id))]
@@ -273,6 +301,6 @@ def window_series(engine: Engine, fleet: str, device: str, limit: int = 200) -> 
         return [dict(r._mapping) for r in reversed(list(conn.execute(q)))]
 
 
-__all__ = ["connect", "store_windows", "store_status", "store_bench", "store_bundle", "load_bundles", "recent_windows",
+__all__ = ["connect", "store_windows", "store_status", "store_bench", "bench_p95", "store_bundle", "load_bundles", "recent_windows",
            "first_windows", "device_rows", "open_alerts", "all_alerts", "prune", "window_series", "alerts", "update",
            "windows", "devices", "bench"]

@@ -27,7 +27,7 @@ def plausible(r: dict, runs: int) -> None:
     assert KEYS <= set(r)
     lat = r["latency_ms"]
     assert lat["runs"] == runs
-    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
     assert lat["min"] <= lat["mean"] <= lat["max"] and lat["std"] >= 0
     assert r["throughput_ips"] > 0 and r["init_ms"] > 0 and r["first_ms"] > 0 and r["peak_rss_mb"] > 10
     assert r["machine"]["arch"] and r["machine"]["cores"] >= 1
@@ -129,5 +129,10 @@ def test_publish_sends_the_result_to_the_bench_topic(mosquitto, bc_rf_bundle):
         assert sub.wait_for(lambda: any(t == "edgeops/lab/pi-7/bench" for t, _ in sub.messages))
         doc = next(m for t, m in sub.messages if t == "edgeops/lab/pi-7/bench")
         assert doc["device_id"] == "pi-7" and doc["results"][0]["latency_ms"]["runs"] == 10
+        # what the monitor needs to use it as the device's latency baseline for this bundle version
+        manifest = json.loads((bc_rf_bundle / "manifest.json").read_text())
+        r = doc["results"][0]
+        assert (r["bundle"], r["bundle_version"]) == (manifest["name"], manifest["version"])
+        assert r["latency_ms"]["p95"] > 0
     finally:
         sub.close()

@@ -299,3 +299,32 @@ def test_a_fleet_evaluation_that_is_not_due_waits_but_is_not_lost(tmp_path, bc, 
     m._fleet_due.clear()                                            # now it is due: no new window needed
     m.evaluate_pending()
     assert calls[3:] == ["*"] and not m._fleet_pending
+
+
+def test_a_published_bench_result_is_the_latency_baseline(tmp_path, bc):
+    d, manifest = bc
+    m = FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), f"sqlite:///{tmp_path}/m.db", bundles=[manifest],
+                     config=MonitorConfig(recent_windows=3, baseline_windows=5))
+
+    def bench_doc(version, artifact, p95):
+        return {"type": "bench", "device_id": "dev-b", "fleet": "f1", "results": [
+            {"artifact": f"/opt/bundles/bc/{artifact}", "bundle": manifest["name"], "bundle_version": version,
+             "latency_ms": {"p50": p95 / 2, "p90": p95 * 0.9, "p95": p95, "p99": p95 * 1.2}}]}
+
+    # results of another version and of another artifact are not this device's baseline
+    m.ingest([(topic("dev-b", "bench"), json.dumps(bench_doc("0.9.0", "model.tflite", 1.0)).encode(), 0, 0),
+              (topic("dev-b", "bench"), json.dumps(bench_doc(manifest["version"], "model.int8.tflite", 1.0)).encode(),
+               0, 0)])
+    steady = windows_for("dev-b", manifest, d.X_train, 6, latency=5.0, t0=1000.0)
+    m.ingest([(topic("dev-b"), json.dumps(w).encode(), 0, 0) for w in steady])
+    # 5 ms from its first window on: against its own first windows that is no regression
+    assert not [e for e in m.evaluate_pending() if e[1]["detector"] == "latency"]
+    # the device benchmarked this version's artifact at 1 ms p95: 5 ms in service is a regression
+    m.ingest([(topic("dev-b", "bench"), json.dumps(bench_doc(manifest["version"], "model.tflite", 1.0)).encode(), 0, 0)])
+    more = windows_for("dev-b", manifest, d.X_train, 1, latency=5.0, start_seq=6, t0=1060.0)
+    m.ingest([(topic("dev-b"), json.dumps(w).encode(), 0, 0) for w in more])
+    opened = [e[1] for e in m.evaluate_pending() if e[0] == "opened" and e[1]["detector"] == "latency"]
+    assert len(opened) == 1
+    stored = [a for a in store.open_alerts(m.engine, "f1") if a["detector"] == "latency"]
+    assert stored and stored[0]["detail"]["baseline_source"] == "bench"
+    assert stored[0]["detail"]["baseline_p95_ms"] == 1.0
