@@ -373,10 +373,14 @@ class RolloutRunner:
         return ok
 
     def _alerts_for(self, fl: FleetLink, group: list[str]) -> list[dict]:
+        """The open alerts that stop the rollout: on the new version, any but silence; on the version it
+        replaced, those opened since the flash, except latency: that judges the old bundle's speed,
+        measured while the device was receiving and health-checking the new one."""
         alerts = (fl.alerts or {}).get("open", [])
         since = {d: self.r.devices[d].get("ts") or 0 for d in group}
         return [a for a in alerts if a.get("device_id") in since and a.get("detector") != "silence"
-                and (a.get("model_version") == self.r.version or (a.get("opened_at") or 0) >= since[a["device_id"]])]
+                and (a.get("model_version") == self.r.version
+                     or (a.get("detector") != "latency" and (a.get("opened_at") or 0) >= since[a["device_id"]]))]
 
     def _watch(self, fl: FleetLink, group: list[str], label: str) -> bool:
         """Wait for clean windows of the new version from every device of the group; False on trouble."""

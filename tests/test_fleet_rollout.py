@@ -53,6 +53,29 @@ def versions(tmp_path, bc_mlp_bundle):
     return variant(bc_mlp_bundle, tmp_path / "v1", "1.0.0"), variant(bc_mlp_bundle, tmp_path / "v2", "1.1.0")
 
 
+def test_which_open_alerts_stop_a_rollout(versions, tmp_path):
+    from types import SimpleNamespace
+
+    _, v2 = versions
+    runner = RolloutRunner(parse_broker_url("mqtt://127.0.0.1:1"), new_rollout(v2, FLEET, ["dev-000", "dev-001"], 0.5,
+                                                                              1, 2), tmp_path / "r.json")
+    flashed_at = 1000.0
+    runner.r.devices["dev-000"]["ts"] = flashed_at
+
+    def alert(detector, version, opened_at, device="dev-000"):
+        return {"device_id": device, "detector": detector, "model_version": version, "opened_at": opened_at}
+
+    stopping = [alert("latency", "1.1.0", flashed_at + 5),          # the new version got slow
+                alert("error_rate", "1.1.0", flashed_at - 50),       # (version decides, not the time)
+                alert("feature_drift", "1.0.0", flashed_at + 5)]     # inputs moved since the flash
+    ignored = [alert("latency", "1.0.0", flashed_at + 5),           # the old bundle, slow while the device
+               alert("feature_drift", "1.0.0", flashed_at - 50),     # staged and health-checked the new one
+               alert("silence", "1.1.0", flashed_at + 5),
+               alert("latency", "1.1.0", flashed_at + 5, device="dev-001")]   # not in this group
+    fleet_link = SimpleNamespace(alerts={"open": stopping + ignored})
+    assert runner._alerts_for(fleet_link, ["dev-000"]) == stopping
+
+
 def start_fleet(tmp_path, v1, broker, n=4):
     fleet = EmulatedFleet(v1, broker.url, n, replay_data(v1, "breast_cancer", None), tmp_path / "fleet",
                           fleet=FLEET, per_process=n, rate=50, window_size=20).start()
