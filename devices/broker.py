@@ -50,6 +50,29 @@ class _BrokerProcess:
     workdir: Path
     _own_workdir: bool
 
+    name = "broker"
+
+    def _place(self, host: str, port: int | None, workdir: str | Path | None) -> None:
+        """Host, port (a free one by default) and working folder (a temporary one by default)."""
+        self.host = host
+        self.port = port or free_port(host)
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"edgeops-{self.name}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def _wait_listening(self, deadline: float, exit_detail) -> None:
+        """Wait until the process accepts TCP connections; BrokerUnavailable if it exits or the deadline passes."""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BrokerUnavailable(f"{self.name} exited with {self.proc.returncode}: {exit_detail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        self.kill()
+        raise BrokerUnavailable(f"{self.name} did not listen on {self.host}:{self.port} in time")
+
     def start(self, timeout: float = 10.0) -> "_BrokerProcess":
         raise NotImplementedError
 
@@ -103,6 +126,8 @@ class MosquittoBroker(_BrokerProcess):
         workdir: folder for config, persistence and log (a temporary one by default).
     """
 
+    name = "mosquitto"
+
     def __init__(
         self,
         port: int | None = None,
@@ -117,11 +142,7 @@ class MosquittoBroker(_BrokerProcess):
         if binary is None:
             raise BrokerUnavailable("mosquitto is not installed (apt-get install mosquitto)")
         self.binary = binary
-        self.host = host
-        self.port = port or free_port(host)
-        self._own_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgeops-mosquitto-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._place(host, port, workdir)
         self.log_path = self.workdir / "mosquitto.log"
         lines = []
         if listener:
@@ -160,19 +181,14 @@ class MosquittoBroker(_BrokerProcess):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
-                raise BrokerUnavailable(f"mosquitto exited with {self.proc.returncode}: {err.strip()} {log.strip()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.01)
-        self.kill()
-        raise BrokerUnavailable(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")
+
+        def detail() -> str:
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+            return f"{err.strip()} {log.strip()}"
+
+        self._wait_listening(time.monotonic() + timeout, detail)
+        return self
 
 
 class AmqttBroker(_BrokerProcess):
@@ -190,11 +206,7 @@ class AmqttBroker(_BrokerProcess):
             import amqtt  # noqa: F401 - only to say clearly when it is missing
         except ImportError:
             raise BrokerUnavailable("amqtt is not installed (pip install 'edgeops[all]' or pip install amqtt)") from None
-        self.host = host
-        self.port = port or free_port(host)
-        self._own_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgeops-amqtt-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._place(host, port, workdir)
         self.log_path = self.workdir / "amqtt.log"
         self.config_path = self.workdir / "amqtt.yaml"
         # plugins: anonymous access only (amqtt's default set adds packet logging and $SYS, neither needed)
@@ -205,6 +217,7 @@ class AmqttBroker(_BrokerProcess):
         self.proc: subprocess.Popen | None = None
         self._log = None
 
+    name = "amqtt"
     stop_signal = signal.SIGINT     # amqtt shuts down cleanly on KeyboardInterrupt
 
     @property
@@ -222,18 +235,7 @@ class AmqttBroker(_BrokerProcess):
             [sys.executable, "-c", "from amqtt.scripts.broker_script import main; main()", "-c", str(self.config_path)],
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = self.log_path.read_text(errors="replace")[-2000:]
-                raise BrokerUnavailable(f"amqtt exited with {self.proc.returncode}: {log.strip()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            self.kill()
-            raise BrokerUnavailable(f"amqtt did not listen on {self.host}:{self.port} within {timeout}s")
+        self._wait_listening(deadline, lambda: self.log_path.read_text(errors="replace")[-2000:].strip())
         problem = check_broker(self.url, timeout=max(1.0, deadline - time.monotonic()))
         if problem:
             self.kill()
