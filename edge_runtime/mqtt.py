@@ -123,11 +123,9 @@ class MqttLink:
         self._on_ack = on_ack
         self._on_message = on_message
         self._was_connected = False
-        if address.v5:
-            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        else:   # 3.1.1: the broker keeps a non-clean session until the client comes back
-            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                      protocol=mqtt.MQTTv311, clean_session=session_expiry == 0)
+        # 3.1.1: the broker keeps a non-clean session until the client comes back
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=address.paho_protocol(),
+                                  **({} if address.v5 else {"clean_session": session_expiry == 0}))
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(min_delay=max(1, int(min_backoff)), max_delay=int(max_backoff))
         if address.username:
@@ -150,11 +148,8 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect in the background; returns at once (the link retries until stopped)."""
-        if self.address.v5:
-            self.client.connect_async(self.address.host, self.address.port, keepalive=30, clean_start=False,
-                                      properties=self._props)
-        else:
-            self.client.connect_async(self.address.host, self.address.port, keepalive=30)
+        self.client.connect_async(self.address.host, self.address.port, keepalive=30,
+                                  **({"clean_start": False, "properties": self._props} if self.address.v5 else {}))
         self.client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:

@@ -136,10 +136,9 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
         # a regression is sustained: every one of the last `latency_sustain` windows is slower than the
         # baseline by the factor and the margin; one busy second (a cron job, a neighbour loading a model)
         # lifts the merged p95 of the recent windows but not the p95 of three windows in a row
-        last = sorted((w for w in windows if w.get("count")), key=lambda w: w.get("seq", 0))
-        last = last[-max(1, config.latency_sustain):]
-        floor = min((w["latency_ms"].get("p95") or 0.0 for w in last), default=0.0) \
-            if len(last) >= max(1, config.latency_sustain) else 0.0
+        n = max(1, config.latency_sustain)
+        last = sorted((w for w in windows if w.get("count")), key=lambda w: w.get("seq", 0))[-n:]
+        floor = min(w["latency_ms"].get("p95") or 0.0 for w in last) if len(last) == n else 0.0
         if baseline_p95 and floor > config.latency_factor * baseline_p95 \
                 and floor - baseline_p95 >= config.latency_min_increase_ms:
             reasons["baseline_p95_ms"] = baseline_p95

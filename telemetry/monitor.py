@@ -105,11 +105,9 @@ class FleetMonitor:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        if self.broker.v5:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
-        else:   # an MQTT 3.1.1 broker: a non-clean session the broker keeps, no shared subscription
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311,
-                            clean_session=False)
+        # on an MQTT 3.1.1 broker: a non-clean session the broker keeps (and no shared subscription)
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                        protocol=self.broker.paho_protocol(), **({} if self.broker.v5 else {"clean_session": False}))
         c.manual_ack_set(True)  # acknowledge a window only once it is in the database
         c.max_inflight_messages_set(1000)
         c.reconnect_delay_set(1, 30)
@@ -139,10 +137,8 @@ class FleetMonitor:
 
         c.on_connect, c.on_disconnect, c.on_message = on_connect, on_disconnect, on_message
         self.client = c
-        if self.broker.v5:
-            c.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False, properties=props)
-        else:
-            c.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        c.connect_async(self.broker.host, self.broker.port, keepalive=30,
+                        **({"clean_start": False, "properties": props} if self.broker.v5 else {}))
         c.loop_start()
         for target, name in ((self._ingest_loop, "ingest"), (self._evaluate_loop, "evaluate")):
             t = threading.Thread(target=target, name=f"edgeops-monitor-{name}", daemon=True)

@@ -50,4 +50,5 @@ def test_rounds_benchmark_times_both_fleet_merge_policies(tmp_path, capsys):
     assert [r["share"] for r in doc["rows"]] == [0.0, before]
     assert all(len(r["round_s"]) == 3 and r["median_s"] > 0 for r in doc["rows"])
     assert monitor_module.FLEET_EVAL_SHARE == before                 # the monitor's default is restored
+    assert doc["device_evaluation_ms"] > 0 and doc["fleet_evaluation_s"] > 0
     assert "merged every round / when due" in capsys.readouterr().out
