@@ -45,4 +45,15 @@ def amqtt(tmp_path):
     broker.stop()
 
 
+#: Fixtures that connect to the PostgreSQL server: a test that takes one is marked ``postgres``.
+POSTGRES_FIXTURES = frozenset({"pg_url"})
+
+
+@pytest.hookimpl(tryfirst=True)   # before ``-m`` selects on the markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+
+
 pytest_plugins = ["fixtures_bundles"]
