@@ -145,7 +145,7 @@ class FleetCollector:
             for feature, value in scores.items():
                 psi.add_metric([fleet, device, feature], value)
         yield psi
-        seen = GaugeMetricFamily("edgeops_device_last_seen_timestamp_seconds", "Last window end or status time.",
+        seen = GaugeMetricFamily("edgeops_device_last_seen_timestamp_seconds", "When the monitor last received a window or status of the device.",
                                  labels=dev)
         online = GaugeMetricFamily("edgeops_device_online", "1 online, 0 offline or silent.", labels=dev)
         n_open = GaugeMetricFamily("edgeops_device_open_alerts", "Open alerts of the device.", labels=dev)

@@ -8,8 +8,8 @@ does not change any conclusion.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -17,14 +17,36 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from edge_runtime.mqtt import BrokerAddress
+from edge_runtime.wire import (
+    ACK, ALERTS, MAX_CLOCK_SKEW, MAX_PAYLOAD, Message, Rejected, ack_message, encode, fleet_topic, parse, parse_topic,
+    seq_of, subscription,
+)
+from edge_runtime.wire import topic as wire_topic
 from telemetry import alerts as alerting
 from telemetry import store
 from telemetry.evaluate import Evaluation, MonitorConfig, Verdict, evaluate
-from telemetry.validation import MAX_PAYLOAD, Rejected, check_against_profile, parse
+from telemetry.validation import check_against_profile
 
 FLEET_EVAL_SHARE = 4.0   # a fleet's merge: at most about 1 / (1 + 4) of evaluation time
 
 log = logging.getLogger("edgeops.monitor")
+
+_NO_FEATURES = {"count": [], "nan": [], "mean": [], "m2": [], "min": [], "max": [], "hist": []}
+
+
+def default_client_id(fleet: str, share: str | None = None) -> str:
+    """``edgeops-monitor-<fleet>[-<share>]`` (``all`` for every fleet): monitors of different fleets never
+    resume each other's broker session."""
+    return f"edgeops-monitor-{'all' if fleet == '+' else fleet}" + (f"-{share}" if share else "")
+
+
+def _transient(exc: BaseException) -> bool:
+    """True for a database that is unreachable or busy (retry), False for one that refuses the data."""
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, sa.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.DisconnectionError, sa.TimeoutError))
 
 
 @dataclass
@@ -35,6 +57,8 @@ class MonitorStats:
     stored: int = 0
     duplicates: int = 0
     rejected: dict = field(default_factory=lambda: defaultdict(int))
+    quarantined: dict = field(default_factory=lambda: defaultdict(int))
+    evaluation_errors: int = 0
     inferences: dict = field(default_factory=lambda: defaultdict(int))
     errors: dict = field(default_factory=lambda: defaultdict(int))
     latest: dict = field(default_factory=dict)          # (fleet, device) -> last window's latency block
@@ -50,8 +74,12 @@ class FleetMonitor:
         db_url: SQLAlchemy URL (sqlite:///monitor.db or postgresql://...).
         fleet: fleet to watch, or "+" for all.
         share: MQTT v5 shared-subscription group for horizontal scale.
-        client_id: stable client id (a restart resumes the broker session with it).
+        client_id: stable client id (a restart resumes the broker session with it); the default is
+            derived from the fleet and the share group, so monitors of other fleets never share a session.
         config: detector thresholds.
+        max_skew: seconds a window may be dated ahead of this machine's clock (later ones are quarantined).
+        quarantine_keep: how many refused messages the quarantine table keeps (the newest).
+        confirm: acknowledge committed windows to their devices (end-to-end delivery).
         bundles: manifests whose reference profiles drift is measured against.
         webhook: URL to POST alert transitions to.
     """
@@ -59,7 +87,8 @@ class FleetMonitor:
     def __init__(self, broker: BrokerAddress, db_url: str = "sqlite:///monitor.db", fleet: str = "+",
                  share: str | None = None, client_id: str | None = None, config: MonitorConfig | None = None,
                  bundles: list[dict] | None = None, webhook: str | None = None, prefix: str = "edgeops",
-                 eval_interval: float = 1.0, session_expiry: int = 3600, max_payload: int = MAX_PAYLOAD):
+                 eval_interval: float = 1.0, session_expiry: int = 3600, max_payload: int = MAX_PAYLOAD,
+                 max_skew: float = MAX_CLOCK_SKEW, quarantine_keep: int = 10_000, confirm: bool = True):
         if share and not broker.v5:
             raise ValueError(f"--share needs MQTT 5 shared subscriptions; {broker.url} speaks MQTT 3.1.1")
         self.broker = broker
@@ -71,7 +100,10 @@ class FleetMonitor:
         self.webhook = webhook
         self.eval_interval = eval_interval
         self.max_payload = max_payload
-        self.client_id = client_id or ("edgeops-monitor" + (f"-{share}" if share else ""))
+        self.max_skew = max_skew
+        self.quarantine_keep = quarantine_keep
+        self.confirm = confirm
+        self.client_id = client_id or default_client_id(fleet, share)
         self.session_expiry = session_expiry
         for m in bundles or []:
             store.store_bundle(self.engine, m)
@@ -94,11 +126,11 @@ class FleetMonitor:
     # -- MQTT ----------------------------------------------------------------------------------
 
     def _subscriptions(self) -> list[str]:
-        base = f"{self.prefix}/{self.fleet}/+"
         shared = (lambda t: f"$share/{self.share}/{t}") if self.share else (lambda t: t)
         # retained status messages are not delivered to shared subscriptions: every process reads them
-        return [shared(f"{base}/telemetry"), shared(f"{base}/bench"), f"{base}/status",
-                "$SYS/broker/publish/messages/dropped"]
+        return [shared(subscription(self.prefix, self.fleet, "telemetry")),
+                shared(subscription(self.prefix, self.fleet, "bench")),
+                subscription(self.prefix, self.fleet, "status"), "$SYS/broker/publish/messages/dropped"]
 
     def start(self) -> "FleetMonitor":
         import paho.mqtt.client as mqtt
@@ -122,8 +154,7 @@ class FleetMonitor:
             if rc.is_failure:
                 log.error("broker %s refused the monitor: %s", self.broker.url, rc)
                 return
-            log.info("monitor connected to %s (session %s)", self.broker.url,
-                     "resumed" if flags.session_present else "new")
+            self._log_session(flags.session_present)
             client.subscribe([(t, 1) for t in self._subscriptions()])
             self.connected.set()
 
@@ -145,6 +176,27 @@ class FleetMonitor:
             t.start()
             self._threads.append(t)
         return self
+
+    def _log_session(self, resumed: bool) -> None:
+        """Say which broker session this is; a resumed one names its age and the fleet it was made for."""
+        try:
+            last = store.note_session(self.engine, self.client_id, self.fleet)
+        except Exception as exc:  # noqa: BLE001 - only a log line depends on it
+            log.debug("could not record the session: %s", exc)
+            last = None
+        if not resumed:
+            log.info("monitor connected to %s as %s (new session, fleet %s)", self.broker.url, self.client_id,
+                     self.fleet)
+            return
+        if last is None:
+            log.info("monitor connected to %s as %s: resumed a broker session this database has no record of",
+                     self.broker.url, self.client_id)
+            return
+        age, fleet = time.time() - last[0], last[1]
+        log_at = log.warning if fleet != self.fleet else log.info
+        log_at("monitor connected to %s as %s: resumed its broker session (last connected %.0f s ago, for fleet "
+               "%s%s); messages queued meanwhile come first", self.broker.url, self.client_id, age, fleet,
+               "" if fleet == self.fleet else f", now {self.fleet}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -168,43 +220,112 @@ class FleetMonitor:
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                self.ingest(batch)
-            except Exception:  # noqa: BLE001 - a database hiccup must not kill the monitor
-                log.exception("storing a batch of %d messages failed; they will be redelivered", len(batch))
-                continue
+            self._ingest_until_done(batch)
             for _, _, mid, qos in batch:
                 if qos and self.client is not None:
                     self.client.ack(mid, qos)
 
+    def _ingest_until_done(self, batch: list) -> None:
+        """Ingest a batch; while the database is unreachable, retry with backoff (nothing is acknowledged
+        meanwhile, so nothing is lost). Any other failure is contained by :meth:`ingest` itself."""
+        delay = 0.2
+        while True:
+            try:
+                self.ingest(batch)
+                return
+            except Exception as exc:  # noqa: BLE001 - transient database failures only reach here
+                if self._stop.is_set():
+                    log.warning("stopping with %d messages not stored; the broker redelivers them", len(batch))
+                    return
+                log.warning("the database failed for a batch of %d messages (%s); retrying in %.1f s",
+                            len(batch), str(exc).splitlines()[0][:200], delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+
     def ingest(self, batch: list[tuple[str, bytes, int, int]]) -> None:
-        """Validate and store a batch of raw messages (also usable without MQTT, e.g. in benchmarks)."""
-        windows = []
+        """Validate and store a batch of raw messages (also usable without MQTT, e.g. in benchmarks).
+
+        Every message ends stored, counted as a duplicate, or refused with a named reason and kept in
+        the quarantine table with its raw bytes. Windows are then confirmed to their devices (an ack on
+        ``<prefix>/<fleet>/<device>/ack``), so a device forgets a window only once it is committed here.
+        Raises only when the database is unreachable (the caller retries the batch).
+        """
+        now = time.time()
+        parsed: list[tuple[str, bytes, Message]] = []
+        refused: list[tuple[str, str, str, bytes]] = []
         for topic, payload, _mid, _qos in batch:
             self.stats.received += 1
             if topic.startswith("$SYS/"):
-                try:
-                    self.stats.broker_dropped = float(payload)
-                except ValueError:
-                    pass
+                self._broker_stat(payload)
                 continue
             try:
-                msg = parse(topic, payload, self.prefix, self.max_payload)
-                if msg.kind == "telemetry":
-                    manifest = self._manifest(msg.doc["model"])
-                    if manifest is not None:
-                        check_against_profile(msg.doc, manifest.get("reference_profile"), manifest.get("labels"))
+                msg = self._validate(topic, payload, now)
             except Rejected as rej:
                 self._reject(topic, rej)
+                refused.append((topic, rej.reason, rej.detail, payload))
                 continue
+            parsed.append((topic, payload, msg))
+        self._commit(parsed, refused)
+
+    def _broker_stat(self, payload: bytes) -> None:
+        try:
+            value = float(payload[:64])
+        except ValueError:
+            return
+        if math.isfinite(value):
+            self.stats.broker_dropped = value
+
+    def _validate(self, topic: str, payload: bytes, now: float) -> Message:
+        """Parse and check one message; any failure, expected or not, becomes a Rejected."""
+        try:
+            msg = parse(topic, payload, self.prefix, self.max_payload, now=now, max_skew=self.max_skew)
             if msg.kind == "telemetry":
-                windows.append((msg.fleet, msg.device_id, msg.doc))
-            elif msg.kind == "status":
-                store.store_status(self.engine, msg.fleet, msg.device_id, msg.doc)
-                if not msg.doc["online"]:
-                    self._mark(msg.fleet, msg.device_id, msg.doc.get("model") or {})
-            else:
-                store.store_bench(self.engine, msg.fleet, msg.device_id, msg.doc)
+                manifest = self._manifest(msg.doc["model"])
+                if manifest is not None:
+                    check_against_profile(msg.doc, manifest.get("reference_profile"), manifest.get("labels"))
+            return msg
+        except Rejected:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a validation bug must not stall the stream
+            log.exception("validating a message on %s failed unexpectedly; it is quarantined", topic[:200])
+            raise Rejected("internal_error", f"{type(exc).__name__}: {exc}"[:500]) from None
+
+    def _commit(self, parsed: list, refused: list) -> None:
+        """Store what was parsed and quarantine what was refused; acknowledge windows to their devices."""
+        try:
+            self._store(parsed, refused)
+        except Exception as exc:  # noqa: BLE001
+            if _transient(exc):
+                raise
+            # one message the database refuses (a value out of a column's range, say) must not hold up the
+            # others: store them one by one, and quarantine the one that fails
+            log.warning("the database refused a batch (%s); storing its %d messages one by one",
+                        str(exc).splitlines()[0][:200], len(parsed))
+            for item in parsed:
+                try:
+                    self._store([item], [])
+                except Exception as exc1:  # noqa: BLE001
+                    if _transient(exc1):
+                        raise
+                    rej = Rejected("database_error", f"{type(exc1).__name__}: {str(exc1).splitlines()[0]}"[:500])
+                    self._reject(item[0], rej)
+                    self._store([], [(item[0], rej.reason, rej.detail, item[1])])
+            self._store([], refused)
+        self._confirm(parsed, refused)
+
+    def _store(self, parsed: list, refused: list) -> None:
+        windows = [(m.fleet, m.device_id, m.doc) for _, _, m in parsed if m.kind == "telemetry"]
+        for _, _, m in parsed:
+            if m.kind == "status":
+                store.store_status(self.engine, m.fleet, m.device_id, m.doc)
+                if not m.doc["online"]:
+                    self._mark(m.fleet, m.device_id, m.doc.get("model") or {})
+            elif m.kind == "bench":
+                store.store_bench(self.engine, m.fleet, m.device_id, m.doc)
+        if refused:
+            store.quarantine_messages(self.engine, refused, keep=self.quarantine_keep)
+            for _, reason, _, _ in refused:
+                self.stats.quarantined[reason] += 1
         if windows:
             new, dup = store.store_windows(self.engine, windows)
             self.stats.stored += new
@@ -216,14 +337,36 @@ class FleetMonitor:
                 self.stats.latest[key] = w["latency_ms"]
                 self._mark(fleet, device, w["model"])
 
+    def _confirm(self, parsed: list, refused: list) -> None:
+        """Tell each device which of its windows are committed (stored, duplicates or quarantined)."""
+        if self.client is None or not self.confirm:
+            return
+        done: dict[tuple[str, str], list[int]] = defaultdict(list)
+        bad: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+        for _, _, m in parsed:
+            if m.kind == "telemetry":
+                done[(m.fleet, m.device_id)].append(m.doc["seq"])
+        for topic, reason, _, payload in refused:
+            try:
+                fleet, device, kind = parse_topic(topic, self.prefix)
+            except Rejected:
+                continue
+            seq = seq_of(payload, self.max_payload) if kind == "telemetry" else None
+            if seq is not None:
+                done[(fleet, device)].append(seq)
+                bad[(fleet, device)][seq] = reason
+        for (fleet, device), seqs in done.items():
+            doc = ack_message(seqs, bad.get((fleet, device)))
+            self.client.publish(wire_topic(self.prefix, fleet, device, ACK), encode(doc), qos=1)
+
     def _reject(self, topic: str, rej: Rejected) -> None:
         parts = topic.split("/")
-        device = parts[2] if len(parts) > 2 else "?"
+        device = parts[2][:64] if len(parts) > 2 else "?"
         self.stats.rejected[rej.reason] += 1
-        if (device, rej.reason) not in self._logged:
+        if len(self._logged) < 10_000 and (device, rej.reason) not in self._logged:
             self._logged.add((device, rej.reason))
-            log.warning("rejected a message from %s (%s): %s (further ones logged only as counts)",
-                        device, rej.reason, rej.detail)
+            log.warning("rejected a message from %r (%s): %s (further ones logged only as counts)",
+                        device, rej.reason, rej.detail[:300])
 
     def _manifest(self, model: dict) -> dict | None:
         key = (model.get("name"), model.get("version"))
@@ -262,7 +405,7 @@ class FleetMonitor:
             # that waits loses nothing (it reads the stored windows whenever it runs)
             while self._inbox.qsize() > 500 and not self._stop.is_set():
                 time.sleep(0.02)
-            events += self.evaluate_device(fleet, device, name, version)
+            events += self._evaluate_contained(fleet, device, name, version)
             fleets.add((fleet, name, version))
         fleets |= self._fleet_pending
         self._fleet_pending = set()
@@ -271,9 +414,31 @@ class FleetMonitor:
             if started < self._fleet_due.get(key, 0.0):
                 self._fleet_pending.add(key)
                 continue
-            events += self.evaluate_device(key[0], "*", key[1], key[2])
+            events += self._evaluate_contained(key[0], "*", key[1], key[2])
             self._fleet_due[key] = time.monotonic() + FLEET_EVAL_SHARE * (time.monotonic() - started)
         return events
+
+    def _evaluate_contained(self, fleet: str, device: str, name: str, version: str) -> list[tuple[str, dict]]:
+        """One device's (or fleet's) evaluation; its failure is reported once and touches no other."""
+        try:
+            return self.evaluate_device(fleet, device, name, version)
+        except Exception as exc:  # noqa: BLE001
+            self.stats.evaluation_errors += 1
+            key = ("evaluate", fleet, device, name, version, type(exc).__name__)
+            if key not in self._logged:
+                self._logged.add(key)
+                seqs = self._recent_seqs(fleet, device, name, version)
+                log.error("evaluating %s/%s (%s %s) failed: %s: %s; recent windows %s (reported once; other "
+                          "devices are not affected)", fleet, device, name, version, type(exc).__name__, exc, seqs)
+            return []
+
+    def _recent_seqs(self, fleet: str, device: str, name: str, version: str) -> str:
+        try:
+            recent = store.recent_windows(self.engine, fleet, None if device == "*" else device, name, version,
+                                          self.config.recent_windows)
+            return ", ".join(f"{w.get('device_id')}#{w.get('seq')}" for w in recent) or "none"
+        except Exception:  # noqa: BLE001
+            return "unknown"
 
     def evaluate_device(self, fleet: str, device: str, name: str, version: str) -> list[tuple[str, dict]]:
         manifest = self._manifest({"name": name, "version": version})
@@ -295,6 +460,10 @@ class FleetMonitor:
                 baseline = sorted(first)[len(first) // 2] if len(first) >= cfg.baseline_windows else None
         if not recent:
             return []
+        if manifest is None:
+            # no reference profile: drift is not judged, and the windows' feature blocks (whose histogram
+            # lengths nothing pins) are left out of the merge; latency and errors are still judged
+            recent = [{**w, "features": _NO_FEATURES} for w in recent]
         ev: Evaluation = evaluate(recent, manifest, cfg, baseline_p95=baseline, baseline_source=source)
         if device != "*":
             self.stats.scores[(fleet, device)] = ev.feature_scores
@@ -347,4 +516,4 @@ class FleetMonitor:
         doc = {"fleet": fleet, "ts": time.time(), "open": [
             {k: a[k] for k in ("device_id", "model_name", "model_version", "detector", "features", "statistic", "opened_at")}
             for a in open_]}
-        self.client.publish(f"{self.prefix}/{fleet}/alerts", json.dumps(doc, default=float), qos=1, retain=True)
+        self.client.publish(fleet_topic(self.prefix, fleet, ALERTS), encode(doc), qos=1, retain=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterable
 
 from sqlalchemy import (
-    Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, delete,
-    bindparam, event, select, text, update,
+    BigInteger, Boolean, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text, UniqueConstraint,
+    bindparam, create_engine, delete, event, func, select, text, update,
 )
 from sqlalchemy.engine import Engine
 
@@ -26,13 +26,13 @@ windows = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("fleet", String(64), nullable=False),
     Column("device_id", String(64), nullable=False),
-    Column("seq", Integer, nullable=False),
+    Column("seq", BigInteger, nullable=False),
     Column("model_name", String(128), nullable=False),
     Column("model_version", String(64), nullable=False),
     Column("start", Float, nullable=False),
     Column("end", Float, nullable=False),
-    Column("count", Integer, nullable=False),
-    Column("errors", Integer, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
     Column("p95_ms", Float),
     Column("payload", Text, nullable=False),
     Column("received_at", Float, nullable=False),
@@ -68,6 +68,25 @@ bench = Table(
     Column("payload", Text, nullable=False),
 )
 Index("edgeops_bench_device", bench.c.fleet, bench.c.device_id)
+
+# the dead-letter table: messages that were refused or could not be stored, with their raw bytes
+quarantine = Table(
+    "edgeops_quarantine", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("received_at", Float, nullable=False),
+    Column("topic", String(256), nullable=False),
+    Column("reason", String(32), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+)
+
+# which monitor client id last connected when, for which fleet (a resumed broker session is logged with both)
+sessions = Table(
+    "edgeops_monitor_sessions", metadata,
+    Column("client_id", String(128), primary_key=True),
+    Column("fleet", String(64), nullable=False),
+    Column("last_connected", Float, nullable=False),
+)
 
 alerts = Table(
     "edgeops_alerts", metadata,
@@ -154,7 +173,9 @@ def store_windows(engine: Engine, items: Iterable[tuple[str, str, dict]]) -> tup
             stmt = ins.on_conflict_do_update(index_elements=["fleet", "device_id"], set_={
                 "last_seen": ins.excluded.last_seen, "model_name": ins.excluded.model_name,
                 "model_version": ins.excluded.model_version})
-            conn.execute(stmt, [{"fleet": fleet, "device_id": device, "last_seen": w["end"], "online": True,
+            # last_seen is when the monitor received a window, not when the device says it ended: a clock
+            # that runs ahead cannot hide a silent device, and a late window from a spool is a sign of life
+            conn.execute(stmt, [{"fleet": fleet, "device_id": device, "last_seen": now, "online": True,
                                  "model_name": w["model"]["name"], "model_version": w["model"]["version"]}
                                 for (fleet, device), w in latest.items()])
     return new, len(items) - new
@@ -168,9 +189,11 @@ def _touch(conn, engine, fleet: str, device: str, seen: float, model: dict) -> N
     conn.execute(stmt)
 
 
-def store_status(engine: Engine, fleet: str, device: str, status: dict) -> None:
+def store_status(engine: Engine, fleet: str, device: str, status: dict, received_at: float | None = None) -> None:
+    """Upsert a device's status (a validated, canonical message); last_seen is the receive time."""
     model = status.get("model") or {}
-    values = {"online": bool(status["online"]), "status": json.dumps(status), "last_seen": float(status["ts"])}
+    values = {"online": bool(status["online"]), "status": json.dumps(status),
+              "last_seen": time.time() if received_at is None else received_at}
     if model.get("name"):
         values.update(model_name=model["name"], model_version=model.get("version"))
     stmt = _insert(engine, devices).values(fleet=fleet, device_id=device, **values)
@@ -182,6 +205,49 @@ def store_status(engine: Engine, fleet: str, device: str, status: dict) -> None:
 def store_bench(engine: Engine, fleet: str, device: str, doc: dict) -> None:
     with engine.begin() as conn:
         conn.execute(bench.insert().values(fleet=fleet, device_id=device, received_at=time.time(), payload=json.dumps(doc)))
+
+
+def quarantine_messages(engine: Engine, items: list[tuple[str, str, str, bytes]], keep: int = 10_000) -> None:
+    """Keep (topic, reason, detail, raw payload) of refused messages; at most ``keep`` rows, the newest."""
+    if not items:
+        return
+    now = time.time()
+    rows = [{"received_at": now, "topic": _clip(t, 256), "reason": _clip(r, 32), "detail": _clip(d, 1000),
+             "payload": bytes(p)} for t, r, d, p in items]
+    with engine.begin() as conn:
+        conn.execute(quarantine.insert(), rows)
+        newest = conn.execute(select(func.max(quarantine.c.id))).scalar() or 0
+        conn.execute(delete(quarantine).where(quarantine.c.id <= newest - keep))
+
+
+def _clip(s: str, n: int) -> str:
+    """A string any database column takes: valid UTF-8, no NUL, at most n characters."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\0")[:n]
+
+
+def quarantine_counts(engine: Engine) -> dict[str, int]:
+    """reason -> messages kept in quarantine."""
+    with engine.connect() as conn:
+        return {r.reason: r.n for r in conn.execute(
+            select(quarantine.c.reason, func.count().label("n")).group_by(quarantine.c.reason))}
+
+
+def quarantined(engine: Engine, limit: int = 50) -> list[dict]:
+    """The newest quarantined messages (payload as bytes)."""
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(
+            select(quarantine).order_by(quarantine.c.id.desc()).limit(limit))]
+
+
+def note_session(engine: Engine, client_id: str, fleet: str) -> tuple[float, str] | None:
+    """Record that ``client_id`` connected now for ``fleet``; returns the previous (time, fleet) if any."""
+    with engine.begin() as conn:
+        row = conn.execute(select(sessions.c.last_connected, sessions.c.fleet)
+                           .where(sessions.c.client_id == client_id)).first()
+        stmt = _insert(engine, sessions).values(client_id=client_id, fleet=fleet, last_connected=time.time())
+        conn.execute(stmt.on_conflict_do_update(index_elements=["client_id"], set_={
+            "fleet": fleet, "last_connected": stmt.excluded.last_connected}))
+    return (row.last_connected, row.fleet) if row else None
 
 
 def store_bundle(engine: Engine, manifest: dict) -> None:
@@ -301,6 +367,6 @@ def window_series(engine: Engine, fleet: str, device: str, limit: int = 200) -> 
         return [dict(r._mapping) for r in reversed(list(conn.execute(q)))]
 
 
-__all__ = ["connect", "store_windows", "store_status", "store_bench", "bench_p95", "store_bundle", "load_bundles", "recent_windows",
+__all__ = ["connect", "store_windows", "store_status", "quarantine_messages", "quarantine_counts", "quarantined", "store_bench", "bench_p95", "store_bundle", "load_bundles", "recent_windows",
            "first_windows", "device_rows", "open_alerts", "all_alerts", "prune", "window_series", "alerts", "update",
-           "windows", "devices", "bench"]
+           "windows", "devices", "bench", "quarantine"]

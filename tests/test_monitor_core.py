@@ -270,8 +270,8 @@ def test_latency_regression_and_silence_alert(tmp_path, bc):
     m.ingest([(topic("dev-l"), json.dumps(w).encode(), 0, 0) for w in slow])
     events = m.evaluate_pending()
     assert ("opened", "latency") in {(e[0], e[1]["detector"]) for e in events}
-    # silence: the last window ended long ago relative to its period
-    events = m.check_silence(now=1000.0 + 10 * 13 + 60)
+    # silence: nothing received for long relative to the window period (judged by receive time)
+    events = m.check_silence(now=time.time() + 60)
     assert ("opened", "silence") in {(e[0], e[1]["detector"]) for e in events}
     # and a retained offline status is silence too
     m.ingest([(topic("dev-off", "status"), json.dumps(status_doc("dev-off", "f1", False, 1.0, {"name": "bc-model", "version": "1.0.0"})).encode(), 0, 0)])

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -94,7 +95,8 @@ def test_prometheus_sees_latency_drift_totals_and_rejections(served):
     assert drift_psi > 0.2 > clean_psi
     assert value('edgeops_device_online{device="dev-off",fleet="plant"}') == 0
     assert value('edgeops_device_online{device="dev-clean",fleet="plant"}') == 1
-    assert value('edgeops_device_last_seen_timestamp_seconds{device="dev-clean",fleet="plant"}') == 1100.0
+    # last seen is when the monitor received the device's latest message, whatever the device's clock says
+    assert abs(value('edgeops_device_last_seen_timestamp_seconds{device="dev-clean",fleet="plant"}') - time.time()) < 600
     assert value('edgeops_device_open_alerts{device="dev-drift",fleet="plant"}') >= 1
 
 

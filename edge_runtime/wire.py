@@ -1,0 +1,536 @@
+"""The wire format between devices and the monitor, defined once.
+
+Topics, schema version, encoding (JSON, optionally zlib) and the validation
+the monitor applies to every device message live here; the agent, the
+monitor, the flasher and ``edgeops bench`` all go through this module. The
+JSON Schema ``edge_runtime/schemas/telemetry.schema.json`` describes the same
+messages (a test checks both agree) and ``docs/telemetry.md`` explains them.
+
+Every message from a device is hostile until bounded. :func:`parse` returns
+a :class:`Message` whose ``doc`` is a *canonical* copy: only the fields this
+module knows, every number finite and in range, every string valid UTF-8
+without NUL and of bounded length, every list of bounded length. Anything
+else raises :class:`Rejected` with one of :data:`REASONS`; nothing else
+escapes it.
+
+>>> doc = {"schema_version": 1, "type": "status", "device_id": "pi-1", "fleet": "lab", "online": True, "ts": 1.0}
+>>> parse("edgeops/lab/pi-1/status", encode(doc)).doc["online"]
+True
+>>> parse("edgeops/lab/pi-1/status", b"[" * 100_000).kind
+Traceback (most recent call last):
+...
+edge_runtime.wire.Rejected: too_deep: the payload nests deeper than the decoder allows
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zlib
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+DEFAULT_PREFIX = "edgeops"
+MAX_PAYLOAD = 256 * 1024
+ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_NAME = 128                 # model names (the database column's width)
+MAX_VERSION = 64
+MAX_TEXT = 256                 # any other string the monitor keeps
+MAX_INT = 2**53 - 1            # exact in JSON, float64 and every database's BIGINT
+MAX_ABS = 1e100                # feature values, moments, latencies: beyond this a merge could overflow
+MAX_M2 = 1e300
+MAX_LIST = 65_536              # features x bins of any real model fit far below
+MAX_CLOCK_SKEW = 300.0         # seconds a window may be dated ahead of the monitor's clock
+
+DEVICE_KINDS = ("telemetry", "status", "bench")   # device -> monitor
+ACK = "ack"                                       # monitor -> device: windows committed
+CMD = "cmd"                                       # operator -> device
+CMD_RESULT = "cmd/result"                         # device -> operator
+ALERTS = "alerts"                                 # monitor -> operators, per fleet
+
+REASONS = (
+    "oversized", "malformed_json", "too_deep", "not_an_object", "schema_version", "wrong_type", "missing_field",
+    "bad_value", "bad_string", "clock_skew", "device_mismatch", "fleet_mismatch", "feature_count_mismatch",
+    "histogram_mismatch", "unknown_topic", "internal_error", "database_error",
+)
+
+
+class Rejected(Exception):
+    """A message refused for ``reason`` (one of REASONS), with a human ``detail``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Message:
+    """A device message that passed validation: ``doc`` holds only known, bounded fields."""
+
+    kind: str          # telemetry | status | bench
+    fleet: str
+    device_id: str
+    doc: dict
+
+
+# -- topics --------------------------------------------------------------------------------------
+
+def topic(prefix: str, fleet: str, device: str, kind: str) -> str:
+    """``<prefix>/<fleet>/<device>/<kind>`` (kind: telemetry, status, bench, ack, cmd, cmd/result)."""
+    return f"{prefix}/{fleet}/{device}/{kind}"
+
+
+def fleet_topic(prefix: str, fleet: str, kind: str = ALERTS) -> str:
+    """``<prefix>/<fleet>/<kind>``: messages about a whole fleet (its open alerts)."""
+    return f"{prefix}/{fleet}/{kind}"
+
+
+def subscription(prefix: str, fleet: str, kind: str) -> str:
+    """The filter for ``kind`` messages of every device of ``fleet`` ("+" for every fleet)."""
+    return f"{prefix}/{fleet}/+/{kind}"
+
+
+def parse_topic(name: str, prefix: str = DEFAULT_PREFIX, kinds: tuple[str, ...] = DEVICE_KINDS) -> tuple[str, str, str]:
+    """(fleet, device, kind) of a device topic; raises Rejected for any other topic or a bad id."""
+    parts = name.split("/", 3)
+    if len(parts) != 4 or parts[0] != prefix or parts[3] not in kinds:
+        raise Rejected("unknown_topic", f"topic {name[:200]!r} is not {prefix}/<fleet>/<device>/{'|'.join(kinds)}")
+    for part, what in ((parts[1], "fleet"), (parts[2], "device id")):
+        if not ID.match(part):
+            raise Rejected("bad_string", f"{what} {part[:80]!r} in the topic is not a valid id")
+    return parts[1], parts[2], parts[3]
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+def encode(doc: dict, compress: bool = False) -> bytes:
+    """Compact UTF-8 JSON (NaN refused), zlib-compressed when asked (about 2.5x fewer bytes)."""
+    raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    return zlib.compress(raw, 6) if compress else raw
+
+
+def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD):
+    """The JSON value of a payload (zlib-inflated when it is a zlib stream); raises Rejected."""
+    if len(payload) > max_bytes:
+        raise Rejected("oversized", f"{len(payload)} bytes is over the {max_bytes}-byte limit")
+    if payload[:1] == b"\x78":     # a zlib stream (agents with --compress); JSON starts with '{'
+        payload = _inflate(payload, max_bytes)
+    try:
+        text = payload.decode("utf-8")   # strict: no UTF-16 guessing, no invalid sequences
+    except UnicodeDecodeError as exc:
+        raise Rejected("malformed_json", f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise Rejected("too_deep", "the payload nests deeper than the decoder allows") from None
+    except ValueError as exc:     # also int strings over Python's digit limit
+        raise Rejected("malformed_json", str(exc)[:100]) from None
+
+
+def _inflate(payload: bytes, max_bytes: int) -> bytes:
+    """Decompress a zlib payload, refusing one that inflates past ``max_bytes`` (a zip bomb)."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(payload, max_bytes + 1)
+    except zlib.error as exc:
+        raise Rejected("malformed_json", f"not JSON and not a valid zlib stream ({exc})") from None
+    if len(out) > max_bytes or d.unconsumed_tail:
+        raise Rejected("oversized", f"inflates past the {max_bytes}-byte limit")
+    return out
+
+
+# -- messages a device sends ---------------------------------------------------------------------
+
+def telemetry_message(fleet: str, device_id: str, window: dict) -> dict:
+    """The telemetry envelope around a closed window (the spool adds ``seq`` and ``dropped_windows``)."""
+    return {"schema_version": SCHEMA_VERSION, "type": "telemetry", "device_id": device_id, "fleet": fleet, **window}
+
+
+def status_message(fleet: str, device_id: str, online: bool, **fields) -> dict:
+    """The retained status envelope."""
+    return {"schema_version": SCHEMA_VERSION, "type": "status", "device_id": device_id, "fleet": fleet,
+            "online": online, "ts": round(time.time(), 3), **fields}
+
+
+def ack_message(seqs: list[int], rejected: dict[int, str] | None = None) -> dict:
+    """What the monitor sends a device once windows are committed (stored, duplicate or quarantined).
+
+    ``ranges`` are inclusive [first, last] runs of sequence numbers the device may forget.
+    """
+    return {"schema_version": SCHEMA_VERSION, "type": ACK, "ts": round(time.time(), 3),
+            "ranges": seq_ranges(seqs), "rejected": {str(k): v for k, v in (rejected or {}).items()}}
+
+
+def seq_ranges(seqs) -> list[list[int]]:
+    """Inclusive runs of sorted distinct sequence numbers.
+
+    >>> seq_ranges([5, 1, 2, 3, 7, 6, 9])
+    [[1, 3], [5, 7], [9, 9]]
+    """
+    out: list[list[int]] = []
+    for s in sorted(set(seqs)):
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return out
+
+
+def parse_ack(payload: bytes) -> list[tuple[int, int]]:
+    """The committed ranges of an ack; raises Rejected (the agent ignores a bad ack: it just resends)."""
+    doc = decode(payload, 64 * 1024)
+    if not isinstance(doc, dict) or doc.get("type") != ACK or doc.get("schema_version") != SCHEMA_VERSION:
+        raise Rejected("wrong_type", "not an ack message")
+    ranges = doc.get("ranges")
+    if not isinstance(ranges, list) or len(ranges) > 10_000:
+        raise Rejected("bad_value", "ranges must be a list")
+    out = []
+    for r in ranges:
+        if not (isinstance(r, list) and len(r) == 2):
+            raise Rejected("bad_value", "a range is [first, last]")
+        lo, hi = _count(r[0], "range"), _count(r[1], "range")
+        if hi < lo:
+            raise Rejected("bad_value", "a range ends before it starts")
+        out.append((lo, hi))
+    return out
+
+
+# -- validation (the monitor) --------------------------------------------------------------------
+
+def parse(name: str, payload: bytes, prefix: str = DEFAULT_PREFIX, max_bytes: int = MAX_PAYLOAD,
+          now: float | None = None, max_skew: float = MAX_CLOCK_SKEW) -> Message:
+    """Decode and check one device message; returns it canonical, or raises Rejected."""
+    fleet, device, kind = parse_topic(name, prefix)
+    doc = decode(payload, max_bytes)
+    if not isinstance(doc, dict):
+        raise Rejected("not_an_object", f"payload is a JSON {type(doc).__name__}, not an object")
+    if kind == "bench":
+        _ids(doc, fleet, device, required=False)
+        return Message(kind, fleet, device, check_bench(doc))
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise Rejected("schema_version", f"schema_version {_short(doc.get('schema_version'))} is not {SCHEMA_VERSION}")
+    if doc.get("type") != kind:
+        raise Rejected("wrong_type", f"type {_short(doc.get('type'))} on a {kind} topic")
+    _ids(doc, fleet, device)
+    if kind == "telemetry":
+        return Message(kind, fleet, device, check_telemetry(doc, now, max_skew))
+    return Message(kind, fleet, device, check_status(doc))
+
+
+def seq_of(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> int | None:
+    """The sequence number of a telemetry payload that failed validation, when it has a usable one
+    (so the monitor can still tell the device to stop resending it)."""
+    try:
+        doc = decode(payload, max_bytes)
+        return _count(doc.get("seq"), "seq") if isinstance(doc, dict) else None
+    except Rejected:
+        return None
+
+
+def _short(v) -> str:
+    return repr(v)[:60]
+
+
+def _ids(doc: dict, fleet: str, device: str, required: bool = True) -> None:
+    for key, want, reason in (("device_id", device, "device_mismatch"), ("fleet", fleet, "fleet_mismatch")):
+        if key not in doc:
+            if required:
+                raise Rejected("missing_field", f"no {key!r}")
+            continue
+        if doc[key] != want:
+            raise Rejected(reason, f"{key} {_short(doc[key])} in the payload, {want!r} in the topic")
+
+
+def _count(v, field: str) -> int:
+    if type(v) is not int or v < 0 or v > MAX_INT:
+        raise Rejected("bad_value", f"{field} must be an integer from 0 to 2**53-1, got {_short(v)}")
+    return v
+
+
+def _counts(v, field: str) -> list[int]:
+    if not isinstance(v, list) or len(v) > MAX_LIST:
+        raise Rejected("bad_value", f"{field} must be a list of at most {MAX_LIST} counts")
+    for c in v:   # fast path: every item a plain int in range (bool is not: type(True) is bool)
+        if type(c) is not int or c < 0 or c > MAX_INT:
+            break
+    else:
+        return v
+    for i, c in enumerate(v):
+        _count(c, f"{field}[{i}]")
+    return v
+
+
+def _number(v, field: str, nullable: bool = True, limit: float = MAX_ABS):
+    if v is None and nullable:
+        return None
+    t = type(v)
+    if t is int:
+        if -limit <= v <= limit:      # an int compares with a float exactly, without converting
+            return float(v)
+    elif t is float and -limit <= v <= limit:    # False for NaN and the infinities too
+        return v
+    raise Rejected("bad_value", f"{field} must be a finite number within +-{limit:g}, got {_short(v)}")
+
+
+def _numbers(v, field: str, limit: float = MAX_ABS) -> list:
+    if not isinstance(v, list) or len(v) > MAX_LIST:
+        raise Rejected("bad_value", f"{field} must be a list of at most {MAX_LIST} numbers")
+    for x in v:   # fast path: floats, small ints and None
+        t = type(x)
+        if t is float:
+            if not -limit <= x <= limit:
+                break
+        elif t is int:
+            if not -limit <= x <= limit:
+                break
+        elif x is not None:
+            break
+    else:
+        return v
+    return [_number(x, f"{field}[{i}]", limit=limit) for i, x in enumerate(v)]
+
+
+def _text(v, field: str, limit: int = MAX_TEXT, nullable: bool = True) -> str | None:
+    if v is None and nullable:
+        return None
+    if not isinstance(v, str) or len(v) > limit:
+        raise Rejected("bad_string", f"{field} must be a string of at most {limit} characters, got {_short(v)}")
+    if "\x00" in v:
+        raise Rejected("bad_string", f"{field} contains a NUL character")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Rejected("bad_string", f"{field} is not valid Unicode (a lone surrogate)") from None
+    return v
+
+
+def _object(v, field: str) -> dict:
+    if not isinstance(v, dict):
+        raise Rejected("bad_value", f"{field} must be an object")
+    return v
+
+
+def check_model(v, field: str = "model", required: bool = True) -> dict | None:
+    """The ``model`` block: name and version (bounded), artifact, sha256 and variant."""
+    if v is None and not required:
+        return None
+    m = _object(v, field)
+    if not isinstance(m.get("name"), str) or not isinstance(m.get("version"), str):
+        raise Rejected("bad_value", f"{field} must have a name and a version")
+    out = {"name": _text(m["name"], f"{field}.name", MAX_NAME, False),
+           "version": _text(m["version"], f"{field}.version", MAX_VERSION, False)}
+    if not out["name"]:
+        raise Rejected("bad_value", f"{field}.name is empty")
+    for k in ("artifact", "sha256", "variant", "mode"):
+        if k in m:
+            out[k] = _text(m[k], f"{field}.{k}")
+    if "split" in m:
+        out["split"] = _number(m["split"], f"{field}.split")
+    return out
+
+
+def check_telemetry(doc: dict, now: float | None = None, max_skew: float = MAX_CLOCK_SKEW) -> dict:
+    """A telemetry window, canonical; raises Rejected."""
+    for key in ("seq", "start", "end", "model", "count", "errors", "latency_ms", "features", "predictions"):
+        if key not in doc:
+            raise Rejected("missing_field", f"no {key!r}")
+    out = {"schema_version": SCHEMA_VERSION, "type": "telemetry", "device_id": doc["device_id"], "fleet": doc["fleet"],
+           "seq": _count(doc["seq"], "seq")}
+    out["start"] = _number(doc["start"], "start", False)
+    out["end"] = _number(doc["end"], "end", False)
+    _check_clock(out["start"], out["end"], now, max_skew)
+    count = out["count"] = _count(doc["count"], "count")
+    out["errors"] = _count(doc["errors"], "errors")
+    out["rejected"] = _count(doc.get("rejected", 0), "rejected")
+    if out["errors"] > count or out["rejected"] > MAX_INT - count:
+        raise Rejected("bad_value", "more errors than inferences")
+    if "dropped_windows" in doc:
+        out["dropped_windows"] = _count(doc["dropped_windows"], "dropped_windows")
+    out["model"] = check_model(doc["model"])
+    out["latency_ms"] = _latency(doc["latency_ms"], count)
+    out["features"] = _features(doc["features"])
+    out["predictions"] = _predictions(doc["predictions"], count)
+    if "agreement" in doc:
+        out["agreement"] = _agreement(doc["agreement"])
+    return out
+
+
+def _check_clock(start: float, end: float, now: float | None, max_skew: float) -> None:
+    if end < start:
+        raise Rejected("bad_value", "window ends before it starts")
+    now = time.time() if now is None else now
+    if end > now + max_skew:
+        raise Rejected("clock_skew", f"window ends {end - now:.0f} s after the monitor's clock (limit {max_skew:g} s)")
+
+
+def _latency(v, count: int) -> dict:
+    lat = _object(v, "latency_ms")
+    out = {"gamma": _number(lat.get("gamma"), "latency_ms.gamma", False)}
+    if not 1 < out["gamma"] <= 10:
+        raise Rejected("bad_value", "latency_ms.gamma must be > 1 and <= 10")
+    offset = lat.get("offset")
+    if type(offset) is not int or abs(offset) > 100_000:
+        raise Rejected("bad_value", "latency_ms.offset must be an integer within +-100000")
+    out["offset"] = offset
+    out["counts"] = _counts(lat.get("counts"), "latency_ms.counts")
+    if sum(out["counts"]) > count:
+        raise Rejected("bad_value", f"{sum(out['counts'])} latencies for {count} inferences")
+    for k in ("min", "max", "sum", "p50", "p95", "p99"):
+        if k in lat:
+            x = out[k] = _number(lat[k], f"latency_ms.{k}", limit=MAX_M2 if k == "sum" else MAX_ABS)
+            if x is not None and x < 0:
+                raise Rejected("bad_value", f"latency_ms.{k} is negative")
+    return out
+
+
+def _features(v) -> dict:
+    f = _object(v, "features")
+    n = None
+    for key in ("count", "nan", "mean", "m2", "min", "max", "hist"):
+        if not isinstance(f.get(key), list):
+            raise Rejected("missing_field" if key not in f else "bad_value", f"features.{key} must be a list")
+        if n is None:
+            n = len(f[key])
+        elif len(f[key]) != n:
+            raise Rejected("feature_count_mismatch", f"features.{key} has {len(f[key])} entries, features.count {n}")
+    out = {"count": _counts(f["count"], "features.count"), "nan": _counts(f["nan"], "features.nan")}
+    for key in ("mean", "min", "max"):
+        out[key] = _numbers(f[key], f"features.{key}")
+    out["m2"] = _numbers(f["m2"], "features.m2", MAX_M2)
+    for i, v2 in enumerate(out["m2"]):
+        if v2 is not None and v2 < -1e-6 * max(1.0, abs(v2)):
+            raise Rejected("bad_value", f"features.m2[{i}] is negative")
+    hist = []
+    bins = 0
+    for i, h in enumerate(f["hist"]):
+        h = _counts(h, f"features.hist[{i}]")
+        bins += len(h)
+        if bins > MAX_LIST:
+            raise Rejected("oversized", f"more than {MAX_LIST} histogram bins")
+        if sum(h) != out["count"][i]:
+            raise Rejected("histogram_mismatch", f"features.hist[{i}] sums to {sum(h)}, features.count[{i}] is "
+                                                 f"{out['count'][i]}")
+        hist.append(h)
+    out["hist"] = hist
+    return out
+
+
+def _predictions(v, count: int) -> dict:
+    p = _object(v, "predictions")
+    out = {}
+    if "counts" in p:
+        out["counts"] = _counts(p["counts"], "predictions.counts")
+        if sum(out["counts"]) > count:
+            raise Rejected("bad_value", "more predictions than inferences")
+    if "hist" in p:
+        out["hist"] = _counts(p["hist"], "predictions.hist")
+    if "count" in p:
+        out["count"] = _count(p["count"], "predictions.count")
+    for k in ("mean", "min", "max"):
+        if k in p:
+            out[k] = _number(p[k], f"predictions.{k}")
+    if "m2" in p:
+        out["m2"] = _number(p["m2"], "predictions.m2", limit=MAX_M2)
+    return out
+
+
+def _agreement(v) -> dict:
+    a = _object(v, "agreement")
+    out = {"compared": _count(a.get("compared"), "agreement.compared"),
+           "agreed": _count(a.get("agreed"), "agreement.agreed")}
+    if "rate" in a:
+        out["rate"] = _number(a["rate"], "agreement.rate", limit=1.0)
+    if "max_abs_diff" in a:
+        out["max_abs_diff"] = _number(a["max_abs_diff"], "agreement.max_abs_diff", False)
+    return out
+
+
+_STATUS_TEXT = ("runtime_version", "backend", "os_name")
+_PLATFORM = ("machine", "system", "os", "release", "python", "board")
+
+
+def check_status(doc: dict) -> dict:
+    """A status message, canonical; raises Rejected. Its ``ts`` is informative only: the monitor
+    judges a device's silence by when it received its messages."""
+    for key in ("online", "ts"):
+        if key not in doc:
+            raise Rejected("missing_field", f"no {key!r}")
+    if not isinstance(doc["online"], bool):
+        raise Rejected("bad_value", "online must be true or false")
+    out = {"schema_version": SCHEMA_VERSION, "type": "status", "device_id": doc["device_id"], "fleet": doc["fleet"],
+           "online": doc["online"], "ts": _number(doc["ts"], "ts", False, limit=1e12)}
+    for k in _STATUS_TEXT:
+        if k in doc:
+            out[k] = _text(doc[k], k)
+    for k in ("model", "second_model", "previous_model"):
+        if k in doc:
+            out[k] = _status_model(doc[k], k)
+    if "platform" in doc and doc["platform"] is not None:
+        p = _object(doc["platform"], "platform")
+        out["platform"] = {k: _text(p.get(k), f"platform.{k}") for k in _PLATFORM if k in p}
+        if "cpu_count" in p:
+            out["platform"]["cpu_count"] = None if p["cpu_count"] is None else _count(p["cpu_count"], "cpu_count")
+    if doc.get("free_disk_bytes") is not None:
+        out["free_disk_bytes"] = _count(doc["free_disk_bytes"], "free_disk_bytes")
+    if "accepts_flash" in doc:
+        if not isinstance(doc["accepts_flash"], bool):
+            raise Rejected("bad_value", "accepts_flash must be true or false")
+        out["accepts_flash"] = doc["accepts_flash"]
+    return out
+
+
+def _status_model(v, field: str) -> dict | None:
+    """A status's model block may be partial (name None before a bundle is known)."""
+    if v is None:
+        return None
+    m = _object(v, field)
+    if m.get("name") is None:
+        return {k: None for k in ("name", "version")}
+    return check_model(m, field)
+
+
+_BENCH_RESULT_TEXT = ("artifact", "bundle", "bundle_version", "quantization", "backend", "backend_version",
+                      "recommended", "provider", "delegate")
+
+
+def check_bench(doc: dict) -> dict:
+    """An ``edgeops bench --publish`` result, canonical: per result its bundle, version, artifact and latency."""
+    results = doc.get("results")
+    if not isinstance(results, list) or len(results) > 256:
+        raise Rejected("bad_value", "results must be a list of at most 256 benchmark results")
+    out_results = []
+    for i, r in enumerate(results):
+        r = _object(r, f"results[{i}]")
+        item = {k: _scalar(r[k], f"results[{i}].{k}") for k in _BENCH_RESULT_TEXT if k in r}
+        for k, v in r.items():
+            if k not in item and isinstance(k, str) and len(k) <= 64 and (v is None or type(v) in (int, float)):
+                item[k] = _number(v, f"results[{i}].{k}", limit=MAX_M2)
+        lat = r.get("latency_ms")
+        if lat is not None:
+            lat = _object(lat, f"results[{i}].latency_ms")
+            item["latency_ms"] = {k: _number(x, f"results[{i}].latency_ms.{k}")
+                                  for k, x in lat.items() if isinstance(k, str) and len(k) <= 32
+                                  and (x is None or type(x) in (int, float))}
+        out_results.append(item)
+    out = {"type": "bench", "results": out_results}
+    if isinstance(doc.get("machine"), dict):
+        out["machine"] = {k: _scalar(v, f"machine.{k}") for k, v in list(doc["machine"].items())[:64]
+                          if isinstance(k, str) and len(k) <= 64 and (v is None or type(v) in (str, int, float, bool))}
+    for k in ("device_id", "fleet"):
+        if k in doc:
+            out[k] = doc[k]
+    for k in ("ts", "created_at"):
+        if k in doc and type(doc[k]) in (int, float):
+            out[k] = _number(doc[k], k, limit=1e12)
+    return out
+
+
+def _scalar(v, field: str):
+    if isinstance(v, str) or v is None:
+        return _text(v, field)
+    if isinstance(v, bool):
+        return v
+    return _number(v, field)
+
