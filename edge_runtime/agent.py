@@ -1,9 +1,10 @@
 """The device agent: run a bundle on a stream of inputs and report every window over MQTT.
 
 Every closed window goes to the on-disk spool first and leaves it only when
-the broker acknowledges it (QoS 1), so a broker outage, a network cut or an
-agent restart loses nothing: windows are delivered in sequence order, at
-least once, and the monitor deduplicates by (device, seq).
+the monitor confirms it is committed to its database (see
+edge_runtime.delivery), so a broker crash, a broker outage, a network cut or
+an agent restart loses nothing: windows are delivered at least once, and the
+monitor deduplicates by (device, seq).
 """
 
 from __future__ import annotations
@@ -17,24 +18,23 @@ import queue
 import shutil
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
+from edge_runtime import wire
+from edge_runtime.delivery import WindowDelivery
 from edge_runtime.errors import EdgeOpsError
 from edge_runtime.inputs import BadSample
 from edge_runtime.model import EdgeModel
-from edge_runtime.mqtt import DEFAULT_PREFIX, BrokerAddress, MqttLink, topic
+from edge_runtime.mqtt import DEFAULT_PREFIX, BrokerAddress, MqttLink
 from edge_runtime.spool import WindowSpool
 from edge_runtime.stats import LatencyHistogram
 from edge_runtime.state import check_id, prepare_state_dir
 
 log = logging.getLogger("edgeops.agent")
-
-WIRE_SCHEMA_VERSION = 1
 
 
 def board_model() -> str | None:
@@ -100,6 +100,9 @@ class DeviceAgent:
             on ``.../cmd`` and answers on ``.../cmd/result`` (see edge_runtime.commands).
         reload: loads a bundle folder into a model (the same options as the first one).
         rollback_policy: judges a newly flashed bundle on its first windows (None: never by itself).
+        confirm: "monitor" (a window leaves the spool when the monitor confirms it is stored, the
+            default) or "broker" (at the broker's PUBACK; for a deployment without an edgeops monitor).
+        resend_after: seconds before a window the monitor has not confirmed is published again.
     """
 
     def __init__(self, model: EdgeModel, device_id: str, fleet: str, broker: BrokerAddress,
@@ -107,7 +110,8 @@ class DeviceAgent:
                  window_size: int | None = None, prefix: str = DEFAULT_PREFIX, spool_max: int = 10_000,
                  slots=None, reload: Callable[[Path], EdgeModel] | None = None,
                  rollback_policy: RollbackPolicy | None = RollbackPolicy(), second: EdgeModel | None = None,
-                 mode: str = "ab", split: float = 0.5, seed: int | None = None, compress: bool = False):
+                 mode: str = "ab", split: float = 0.5, seed: int | None = None, compress: bool = False,
+                 confirm: str = "monitor", resend_after: float = 30.0):
         self.model = model
         self.window_seconds, self.window_size = window_seconds, window_size
         self.device_id = check_id(device_id, "device id")
@@ -128,11 +132,11 @@ class DeviceAgent:
 
         self._rng = random.Random(seed)
         self._agree = {"compared": 0, "agreed": 0, "max_abs_diff": 0.0}
-        self.telemetry_topic = topic(prefix, fleet, device_id, "telemetry")
-        self.status_topic = topic(prefix, fleet, device_id, "status")
-        self.cmd_topic = topic(prefix, fleet, device_id, "cmd")
-        self.result_topic = self.cmd_topic + "/result"
-        self._acks: queue.Queue[tuple[int, bool]] = queue.Queue()
+        self.telemetry_topic = wire.topic(prefix, fleet, device_id, "telemetry")
+        self.status_topic = wire.topic(prefix, fleet, device_id, "status")
+        self.cmd_topic = wire.topic(prefix, fleet, device_id, wire.CMD)
+        self.result_topic = wire.topic(prefix, fleet, device_id, wire.CMD_RESULT)
+        self.ack_topic = wire.topic(prefix, fleet, device_id, wire.ACK)
         self._results: queue.Queue[bytes] = queue.Queue()
         self._pending: queue.Queue[tuple[EdgeModel, str, dict]] = queue.Queue()
         self._recent_p95: collections.deque[float] = collections.deque(maxlen=5)
@@ -144,9 +148,13 @@ class DeviceAgent:
         self._reconnected = threading.Event()
         self.link = MqttLink(broker, client_id=f"edgeops-{fleet}-{device_id}",
                              will=(self.status_topic, self._status(online=False)),
-                             on_connect=self._on_connect, on_ack=lambda mid, ok: self._acks.put((mid, ok)),
+                             on_connect=self._on_connect, on_ack=lambda mid, ok: self.delivery.pubacks.put((mid, ok)),
                              on_message=self._on_message)
+        self.delivery = WindowDelivery(self.spool, self.link, self.telemetry_topic, confirm=confirm,
+                                       compress=compress, resend_after=resend_after)
         self._stop = threading.Event()
+        self._interrupted = threading.Event()
+        self._waiting_input = False
         self._publisher = threading.Thread(target=self._publish_loop, name="edgeops-publisher", daemon=True)
         self.inferences = 0
         self.bad_inputs = 0
@@ -163,14 +171,11 @@ class DeviceAgent:
             free = None
         from edge_runtime import __version__
 
-        doc = {
-            "schema_version": WIRE_SCHEMA_VERSION, "type": "status", "device_id": self.device_id,
-            "fleet": self.fleet, "online": online, "ts": round(time.time(), 3), "runtime_version": __version__,
-            "platform": platform_info(),
-            "model": {k: info.get(k) for k in ("name", "version", "artifact", "sha256")},
-            "backend": f"{m.backend.name} {m.backend.version}", "free_disk_bytes": free,
-            "accepts_flash": self.slots is not None if hasattr(self, "slots") else False,
-        }
+        doc = wire.status_message(
+            self.fleet, self.device_id, online, runtime_version=__version__, platform=platform_info(),
+            model={k: info.get(k) for k in ("name", "version", "artifact", "sha256")},
+            backend=f"{m.backend.name} {m.backend.version}", free_disk_bytes=free,
+            accepts_flash=self.slots is not None if hasattr(self, "slots") else False)
         second = getattr(self, "second", None)
         if second is not None:
             info2 = self.second_recorder.model_info
@@ -183,17 +188,25 @@ class DeviceAgent:
                 doc["previous_model"] = {"name": pm.get("name"), "version": pm.get("version")}
             except (OSError, ValueError):
                 pass
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return wire.encode(doc)
 
     def _on_connect(self) -> None:
         # network thread: the status is small and retained; windows are resent by the publisher
         self.link.client.publish(self.status_topic, self._status(online=True), qos=1, retain=True)
+        topics = [(self.ack_topic, 1)] if self.delivery.confirm == "monitor" else []
         if self.commands is not None:
-            self.link.client.subscribe(self.cmd_topic, qos=1)
+            topics.append((self.cmd_topic, 1))
+        if topics:
+            self.link.client.subscribe(topics)
         self._reconnected.set()
 
     def _on_message(self, topic_name: str, payload: bytes) -> None:
-        if topic_name == self.cmd_topic and self.commands is not None:
+        if topic_name == self.ack_topic:
+            try:
+                self.delivery.confirmations.put(wire.parse_ack(payload))
+            except wire.Rejected as rej:
+                log.warning("ignored a malformed ack (%s); unconfirmed windows are resent", rej)
+        elif topic_name == self.cmd_topic and self.commands is not None:
             self.commands.submit(payload)
 
     # -- flashing ------------------------------------------------------------------------------
@@ -300,34 +313,14 @@ class DeviceAgent:
     # -- publishing ----------------------------------------------------------------------------
 
     def _publish_loop(self) -> None:
-        inflight: dict[int, int] = {}   # mid -> seq
-        last_sent = -1
-        while not self._stop.is_set() or (inflight and self.link.connected.is_set()):
+        while not self._stop.is_set() or (self.delivery.inflight and self.link.connected.is_set()):
             if self._reconnected.is_set():
-                # after a reconnect, everything still spooled goes out again from the oldest
                 self._reconnected.clear()
-                inflight.clear()
-                last_sent = -1
-            while True:
-                try:
-                    mid, ok = self._acks.get_nowait()
-                except queue.Empty:
-                    break
-                seq = inflight.pop(mid, None)
-                if seq is not None and ok:
-                    self.spool.delete(seq)
+                self.delivery.reconnected()
             while self.link.connected.is_set() and not self._results.empty():
                 if self.link.publish(self.result_topic, self._results.get_nowait(), qos=1) is None:
                     break
-            if self.link.connected.is_set() and len(inflight) < 50:
-                for seq, payload in self.spool.peek(limit=50 - len(inflight), after=last_sent):
-                    if self.compress:
-                        payload = zlib.compress(payload, 6)
-                    mid = self.link.publish(self.telemetry_topic, payload, qos=1)
-                    if mid is None:
-                        break
-                    inflight[mid] = seq
-                    last_sent = seq
+            self.delivery.step()
             if self._stop.is_set() and not len(self.spool):
                 break
             time.sleep(0.02)
@@ -346,9 +339,7 @@ class DeviceAgent:
                                   "rate": round(a["agreed"] / a["compared"], 6) if a["compared"] else None,
                                   "max_abs_diff": round(a["max_abs_diff"], 6)}
                 self._agree = {"compared": 0, "agreed": 0, "max_abs_diff": 0.0}
-            msg = {"schema_version": WIRE_SCHEMA_VERSION, "type": "telemetry", "device_id": self.device_id,
-                   "fleet": self.fleet, **w}
-            seq = self.spool.append(msg)
+            seq = self.spool.append(wire.telemetry_message(self.fleet, self.device_id, w))
             log.debug("window %d spooled (%d inferences)", seq, w["count"])
 
     def collect(self) -> None:
@@ -399,8 +390,8 @@ class DeviceAgent:
         t_start = time.monotonic()
         next_due = t_start
         last_poll = t_start
-        for sample in samples:
-            if self._stop.is_set():
+        for sample in self._interruptible(samples):
+            if self._stop.is_set() or self._interrupted.is_set():
                 break
             if not self._pending.empty():
                 self._apply_pending()
@@ -424,11 +415,35 @@ class DeviceAgent:
             if rate:
                 next_due += 1.0 / rate
                 delay = next_due - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                if delay > 0 and self._interrupted.wait(delay):
+                    break
                 elif delay < -1.0:
                     next_due = time.monotonic()  # fell behind: do not burst to catch up
         self.collect()
+
+    def _interruptible(self, samples: Iterable):
+        """The samples, with a flag that says when the run loop is waiting for the next one."""
+        it = iter(samples)
+        while True:
+            self._waiting_input = True
+            try:
+                sample = next(it)
+            except StopIteration:
+                return
+            finally:
+                self._waiting_input = False
+            yield sample
+
+    def interrupt(self) -> None:
+        """Ask :meth:`run` to return after the current inference (safe from a signal handler).
+
+        The window being recorded is not lost: :meth:`stop` closes, spools and sends it. When the run
+        loop is blocked reading its input (stdin, say), KeyboardInterrupt is raised to leave the read;
+        nothing is half-written then, since no window is being spooled while an input is awaited.
+        """
+        self._interrupted.set()
+        if self._waiting_input:
+            raise KeyboardInterrupt
 
     def _bad(self, where: str, reason: str) -> None:
         self.bad_inputs += 1
@@ -454,7 +469,7 @@ class DeviceAgent:
             if last is not None:
                 self._spool_closed_windows([last], primary=False)
         deadline = time.monotonic() + drain_timeout
-        while (len(self.spool) or not self._results.empty()) and time.monotonic() < deadline \
+        while (not self.delivery.settled() or not self._results.empty()) and time.monotonic() < deadline \
                 and self.link.connected.is_set():
             time.sleep(0.05)
         self._stop.set()

@@ -40,6 +40,9 @@ def _common_broker_options(f):
 @click.option("--artifact", help="Artifact file of the bundle to run (default: the bundle's choice).")
 @click.option("--threads", type=int, help="Inference threads.")
 @click.option("--public-key", type=click.Path(), help="Trusted Ed25519 key: refuse bundles it did not sign.")
+@click.option("--allow-unsigned", is_flag=True,
+              help="Take flashes of unsigned bundles (without --public-key, flashes are refused otherwise).")
+@click.option("--skip-test-vectors", is_flag=True, help="Load bundles without running their manifest test vectors.")
 @click.option("--nan-policy", type=click.Choice(["reject", "count"]), default="reject", show_default=True)
 @click.option("--max-inferences", type=int, help="Stop after N inputs.")
 @click.option("--duration", type=float, help="Stop after S seconds.")
@@ -60,13 +63,19 @@ def _common_broker_options(f):
 @click.option("--shadow", "shadow_bundle", type=click.Path(exists=True),
               help="Shadow: also run this bundle on every input (results unused) and report its agreement.")
 @click.option("--compress", is_flag=True, help="Send telemetry windows zlib-compressed (about 2.5x fewer bytes).")
+@click.option("--confirm", type=click.Choice(["monitor", "broker"]), default="monitor", show_default=True,
+              help="When a window leaves the spool: once the monitor confirms it is stored (end to end), or at "
+                   "the broker's acknowledgement (for a deployment without an edgeops monitor).")
+@click.option("--resend-after", type=float, default=30.0, show_default=True,
+              help="Seconds before a window the monitor has not confirmed is sent again (doubling per attempt).")
 @click.option("--added-latency-ms", type=float, default=0.0, hidden=True,
               help="Emulation only: add this much latency to every inference.")
 @_common_broker_options
 def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds, window_size, state_dir, artifact,
-            threads, public_key, nan_policy, max_inferences, duration, accept_flash, rollback_windows,
+            threads, public_key, allow_unsigned, skip_test_vectors, nan_policy, max_inferences, duration, accept_flash,
+            rollback_windows,
             rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, ab_bundle, ab_split, shadow_bundle,
-            compress, added_latency_ms, username,
+            compress, confirm, resend_after, added_latency_ms, username,
             password, ca_file, cert_file, key_file, topic_prefix):
     """Run BUNDLE on a stream of inputs and publish telemetry windows over MQTT.
 
@@ -89,13 +98,20 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
 
     def reload(path):
         return edge_runtime.load(path, artifact=artifact, threads=threads, public_key=public_key,
-                                 nan_policy=nan_policy)
+                                 nan_policy=nan_policy, verify_vectors=not skip_test_vectors)
 
+    if public_key and allow_unsigned:
+        raise click.UsageError("--public-key and --allow-unsigned: choose one")
     slots = None
     if accept_flash and not str(bundle).endswith((".tflite", ".onnx")):
-        from edge_runtime.flash import BundleSlots
+        from edge_runtime.flash import NO_TRUSTED_KEY, BundleSlots
 
-        slots = BundleSlots(state, public_key=public_key)
+        if allow_unsigned:
+            log.warning("--allow-unsigned: this device takes unsigned bundles from anyone who may publish on its "
+                        "cmd topic")
+        elif public_key is None:
+            log.warning("flash commands will be refused (%s)", NO_TRUSTED_KEY)
+        slots = BundleSlots(state, public_key=public_key, allow_unsigned=allow_unsigned)
         bundle = str(_choose_bundle(slots, bundle))
     model = reload(bundle)
     model.added_latency_s = max(0.0, added_latency_ms) / 1000.0
@@ -113,13 +129,16 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
     agent = DeviceAgent(model, device_id, fleet, address, state_dir=state, window_seconds=window_seconds,
                         window_size=window_size, prefix=topic_prefix, slots=slots, reload=reload,
                         rollback_policy=policy, second=second, mode="shadow" if shadow_bundle else "ab",
-                        split=ab_split, compress=compress)
+                        split=ab_split, compress=compress, confirm=confirm, resend_after=resend_after)
     log.info("device %s (fleet %s) runs %r, telemetry to %s", device_id, fleet, model, address.url)
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
+    # a signal only asks the run loop to finish its inference: raising from the handler anywhere else
+    # could interrupt a window half-way into the spool and lose it
+    def on_signal(signum, frame):
+        agent.interrupt()
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     agent.start()
     try:
         agent.run(samples, rate=rate, max_inferences=max_inferences, duration=duration)
@@ -137,11 +156,11 @@ def _choose_bundle(slots, given):
     import json
     from pathlib import Path
 
-    from edge_runtime.bundle import open_bundle
+    from edge_runtime.bundle import opened_bundle
 
     record = slots.root / "given.json"
-    b = open_bundle(given, public_key=slots.public_key)
-    digest = hashlib.sha256((b.root / "manifest.json").read_bytes()).hexdigest()
+    with opened_bundle(given, public_key=slots.public_key) as b:
+        digest = hashlib.sha256((b.root / "manifest.json").read_bytes()).hexdigest()
     try:
         last = json.loads(record.read_text()).get("manifest_sha256")
     except (OSError, ValueError):

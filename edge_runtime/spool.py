@@ -1,4 +1,9 @@
-"""The offline spool: every telemetry window is on disk until the broker acknowledges it.
+"""The offline spool: every telemetry window is on disk until it is confirmed.
+
+Confirmed means committed to the monitor's database (the monitor's ``ack``
+message), not acknowledged by the broker: a broker keeps what it has
+acknowledged in memory until its next autosave, so a broker crash would lose
+windows a device had already forgotten (see docs/telemetry.md).
 
 SQLite in WAL mode with ``synchronous=FULL``: a window that was appended
 survives a crash or power cut. Sequence numbers are assigned here, in the
@@ -81,10 +86,37 @@ class WindowSpool:
                 "SELECT seq, payload FROM windows WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
             ).fetchall()
 
+    def get(self, seqs: list[int]) -> list[tuple[int, bytes]]:
+        """The windows among ``seqs`` that are still spooled, in order."""
+        if not seqs:
+            return []
+        with self._lock:
+            marks = ",".join("?" * len(seqs))
+            return self._db.execute(f"SELECT seq, payload FROM windows WHERE seq IN ({marks}) ORDER BY seq",
+                                    list(seqs)).fetchall()
+
     def delete(self, seq: int) -> None:
-        """Forget a window the broker has acknowledged."""
+        """Forget a confirmed window."""
         with self._lock:
             self._db.execute("DELETE FROM windows WHERE seq = ?", (seq,))
+
+    def delete_ranges(self, ranges: list[tuple[int, int]]) -> int:
+        """Forget the windows of inclusive [first, last] ranges (a monitor's confirmation); returns how many."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                n = sum(self._db.execute("DELETE FROM windows WHERE seq BETWEEN ? AND ?", r).rowcount for r in ranges)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return n
+
+    def newest(self) -> int:
+        """The highest spooled seq, -1 when empty."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM windows").fetchone()
+        return -1 if row[0] is None else int(row[0])
 
     def __len__(self) -> int:
         with self._lock:

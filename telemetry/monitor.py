@@ -432,6 +432,22 @@ class FleetMonitor:
                           "devices are not affected)", fleet, device, name, version, type(exc).__name__, exc, seqs)
             return []
 
+    def _fitting(self, windows: list[dict], manifest: dict) -> list[dict]:
+        """The windows that fit the bundle's profile; one that does not (stored before it was registered, or
+        by an older monitor) is left out of every evaluation and reported once with its id."""
+        out = []
+        for w in windows:
+            try:
+                check_against_profile(w, manifest.get("reference_profile"), manifest.get("labels"))
+            except (Rejected, KeyError, TypeError) as exc:
+                key = ("unfit", w.get("fleet"), w.get("device_id"), w.get("seq"))
+                if key not in self._logged:
+                    self._logged.add(key)
+                    log.error("window %s/%s#%s is left out of evaluation: %s", *key[1:], exc)
+                continue
+            out.append(w)
+        return out
+
     def _recent_seqs(self, fleet: str, device: str, name: str, version: str) -> str:
         try:
             recent = store.recent_windows(self.engine, fleet, None if device == "*" else device, name, version,
@@ -458,6 +474,8 @@ class FleetMonitor:
             if baseline is None:
                 first = store.first_windows(self.engine, fleet, device, name, version, cfg.baseline_windows)
                 baseline = sorted(first)[len(first) // 2] if len(first) >= cfg.baseline_windows else None
+        if manifest is not None:
+            recent = self._fitting(recent, manifest)
         if not recent:
             return []
         if manifest is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -47,6 +48,27 @@ def amqtt(tmp_path):
 
 #: Fixtures that connect to the PostgreSQL server: a test that takes one is marked ``postgres``.
 POSTGRES_FIXTURES = frozenset({"pg_url"})
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/"
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database on the local server (skipped where none runs, but not in CI)."""
+    from sqlalchemy import create_engine, text
+
+    name = f"edgeops_t_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN + "test", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"create database {name}"))
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    yield PG_ADMIN + name
+    with admin.connect() as conn:
+        conn.execute(text(f"drop database if exists {name} with (force)"))
+    admin.dispose()
 
 
 @pytest.hookimpl(tryfirst=True)   # before ``-m`` selects on the markers

@@ -171,25 +171,6 @@ def test_a_monitor_restart_loses_no_window(mosquitto, tmp_path, bc):
         m2.stop()
 
 
-@pytest.fixture
-def pg_url():
-    name = f"edgeops_t_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG + "test", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f"create database {name}"))
-    except Exception as exc:  # noqa: BLE001
-        import os
-
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    yield PG + name
-    with admin.connect() as conn:
-        conn.execute(text(f"drop database if exists {name} with (force)"))
-    admin.dispose()
-
-
 def test_two_shared_subscription_monitors_count_each_window_once_and_agree(mosquitto, pg_url, bc):
     d, manifest = bc
     cfg = MonitorConfig(min_samples=200)
@@ -220,7 +201,7 @@ def test_two_shared_subscription_monitors_count_each_window_once_and_agree(mosqu
 def test_drift_opens_an_alert_and_hysteresis_closes_it(tmp_path, bc):
     d, manifest = bc
     m = FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), f"sqlite:///{tmp_path}/m.db", bundles=[manifest],
-                     config=MonitorConfig(recent_windows=3, min_samples=200, close_after=2))
+                     config=MonitorConfig(recent_windows=3, min_samples=200, close_after=2, min_open_seconds=0))
 
     def feed(ws):
         m.ingest([(topic(w["device_id"]), json.dumps(w).encode(), 0, 0) for w in ws])

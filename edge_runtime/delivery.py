@@ -1,0 +1,140 @@
+"""End-to-end delivery of spooled windows: publish, resend, forget only what is confirmed.
+
+A window leaves the spool when the monitor says it is committed to its
+database (an ``ack`` message on ``<prefix>/<fleet>/<device>/ack`` naming
+ranges of sequence numbers), not when the broker acknowledges the publish:
+a broker holds what it acknowledged in memory until its next autosave, and a
+broker crash loses it. Windows without a confirmation are published again
+after ``resend_after`` seconds (doubling per attempt up to ``max_resend``),
+and all of them after a reconnect; the monitor deduplicates by (device, seq).
+
+With ``confirm="broker"`` the broker's PUBACK is enough (for a deployment
+without an edgeops monitor): a broker crash can then lose windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import zlib
+
+from edge_runtime.spool import WindowSpool
+
+log = logging.getLogger("edgeops.agent")
+
+CONFIRM_MODES = ("monitor", "broker")
+
+
+class WindowDelivery:
+    """Publishes spooled windows and forgets them once confirmed.
+
+    Args:
+        spool: the durable window spool.
+        link: the MQTT link (``publish(topic, payload, qos)`` returns a message id or None).
+        topic: the telemetry topic.
+        confirm: "monitor" (end-to-end, the default) or "broker" (PUBACK).
+        compress: zlib-compress each payload.
+        resend_after: seconds before an unconfirmed window is published again.
+        max_resend: the longest wait between two resends of one window.
+        max_inflight: publishes awaiting a PUBACK at most.
+    """
+
+    def __init__(self, spool: WindowSpool, link, topic: str, confirm: str = "monitor", compress: bool = False,
+                 resend_after: float = 30.0, max_resend: float = 600.0, max_inflight: int = 50):
+        if confirm not in CONFIRM_MODES:
+            raise ValueError(f"confirm must be one of {CONFIRM_MODES}, not {confirm!r}")
+        self.spool, self.link, self.topic = spool, link, topic
+        self.confirm, self.compress = confirm, compress
+        self.resend_after, self.max_resend, self.max_inflight = resend_after, max_resend, max_inflight
+        self.pubacks: queue.Queue[tuple[int, bool]] = queue.Queue()
+        self.confirmations: queue.Queue[list[tuple[int, int]]] = queue.Queue()
+        self._inflight: dict[int, int] = {}                  # mid -> seq, awaiting the broker
+        self._sent: dict[int, tuple[float, int]] = {}        # seq -> (last publish, attempts), awaiting the monitor
+        self._last_new = -1                                  # highest seq published since the last (re)connect
+        self._next_resend_check = 0.0
+        self.confirmed = 0
+        self.resent = 0
+
+    @property
+    def monitor_seen(self) -> bool:
+        """A monitor has confirmed at least one window of this run."""
+        return self.confirmed > 0
+
+    def reconnected(self) -> None:
+        """After a reconnect everything unconfirmed goes out again, oldest first."""
+        self._inflight.clear()
+        self._sent.clear()
+        self._last_new = -1
+
+    def step(self, now: float | None = None) -> None:
+        """Apply PUBACKs and confirmations, then publish new windows and resend overdue ones."""
+        now = time.monotonic() if now is None else now
+        self._apply_pubacks(now)
+        self._apply_confirmations()
+        if not self.link.connected.is_set():
+            return
+        room = self.max_inflight - len(self._inflight)
+        if room > 0:
+            room -= self._publish(self.spool.peek(limit=room, after=self._last_new), now, new=True)
+        if room > 0 and self.confirm == "monitor" and now >= self._next_resend_check:
+            self._next_resend_check = now + 1.0
+            due = sorted(s for s, (t, n) in self._sent.items()
+                         if now - t >= min(self.max_resend, self.resend_after * 2 ** min(n - 1, 10)))[:room]
+            if due:
+                rows = self.spool.get(due)
+                for gone in set(due) - {s for s, _ in rows}:
+                    self._sent.pop(gone, None)
+                self.resent += self._publish(rows, now, new=False)
+
+    def _publish(self, rows: list[tuple[int, bytes]], now: float, new: bool) -> int:
+        n = 0
+        for seq, payload in rows:
+            if self.compress:
+                payload = zlib.compress(payload, 6)
+            mid = self.link.publish(self.topic, payload, qos=1)
+            if mid is None:
+                break
+            self._inflight[mid] = seq
+            attempts = self._sent.get(seq, (0.0, 0))[1] + 1
+            self._sent[seq] = (now, attempts)
+            if new:
+                self._last_new = max(self._last_new, seq)
+            n += 1
+        return n
+
+    def _apply_pubacks(self, now: float) -> None:
+        while True:
+            try:
+                mid, ok = self.pubacks.get_nowait()
+            except queue.Empty:
+                return
+            seq = self._inflight.pop(mid, None)
+            if seq is None or not ok:
+                continue          # refused by the broker: stays spooled and is resent
+            if self.confirm == "broker":
+                self.spool.delete(seq)
+                self._sent.pop(seq, None)
+
+    def _apply_confirmations(self) -> None:
+        while True:
+            try:
+                ranges = self.confirmations.get_nowait()
+            except queue.Empty:
+                return
+            self.confirmed += self.spool.delete_ranges(ranges)
+            for seq in [s for s in self._sent if any(lo <= s <= hi for lo, hi in ranges)]:
+                self._sent.pop(seq, None)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def settled(self) -> bool:
+        """Nothing left to wait for at a stop: all confirmed, or (without a monitor in sight) every
+        publish acknowledged by the broker; what is unconfirmed stays spooled for the next run."""
+        if not len(self.spool):
+            return True
+        if self.confirm == "monitor" and self.monitor_seen:
+            return False
+        return not self._inflight and self._last_new >= self.spool.newest()
