@@ -221,7 +221,7 @@ def _worker(spec: dict) -> None:
     agents, streams, threads = {}, {}, []
     for k, dev in enumerate(spec["devices"]):
         state = Path(spec["state_root"]) / dev
-        slots = BundleSlots(state, public_key=spec.get("public_key"))
+        slots = BundleSlots(state, public_key=spec.get("public_key"), allow_unsigned=spec.get("allow_unsigned", False))
         active = slots.install_initial(spec["bundle"])
 
         def reload(path):
@@ -317,18 +317,22 @@ class EmulatedFleet:
         per_process: agents per worker process.
         rate: inferences per second per device.
         window_size: inferences per telemetry window.
+        public_key: devices take only bundles this key signed.
+        allow_unsigned: without a key, devices take unsigned flashes (otherwise they refuse every flash).
     """
 
     def __init__(self, bundle: str | Path, broker: str, n_devices: int, data: tuple, state_root: str | Path,
                  fleet: str = "emulated", scenario: list[Event] | None = None, per_process: int = 10,
                  rate: float = 20.0, window_size: int = 50, duration: float | None = None, prefix: str = "dev",
-                 public_key: str | None = None, rollback: dict | None = None, on_event=None, seed: int = 0):
+                 public_key: str | None = None, rollback: dict | None = None, on_event=None, seed: int = 0,
+                 allow_unsigned: bool = False):
         self.bundle, self.broker, self.fleet = str(bundle), broker, fleet
         self.devices = device_ids(n_devices, prefix)
         self.state_root = Path(state_root)
         self.scenario = scenario or []
         self.per_process, self.rate, self.window_size, self.duration = per_process, rate, window_size, duration
         self.public_key, self.rollback, self.seed = public_key, rollback, seed
+        self.allow_unsigned = allow_unsigned
         self.on_event = on_event or (lambda doc: None)
         self.procs: list[subprocess.Popen] = []
         self.readers: list[threading.Thread] = []
@@ -356,6 +360,7 @@ class EmulatedFleet:
                     "fleet": self.fleet, "state_root": str(self.state_root), "data": str(self.data_file),
                     "rate": self.rate, "window_size": self.window_size, "duration": self.duration,
                     "start": self.t0, "events": events, "seed": self.seed + g, "public_key": self.public_key,
+                    "allow_unsigned": self.allow_unsigned,
                     "rollback": self.rollback}
             p = subprocess.Popen([sys.executable, "-m", "devices.emulate", json.dumps(spec)], env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -493,9 +498,10 @@ def replay_data(bundle: str | Path, dataset: str | None, data_file: str | None) 
               help="One state folder per device under it.")
 @click.option("--device-prefix", default="dev", show_default=True)
 @click.option("--public-key", type=click.Path(exists=True), help="Devices refuse bundles this key did not sign.")
+@click.option("--allow-unsigned", is_flag=True, help="Devices take flashes of unsigned bundles (no --public-key).")
 @click.option("--json", "as_json", is_flag=True, help="Print the events and final device stats as JSON.")
 def emulate_cmd(n_devices, bundle, broker, fleet, scenario, dataset, data_file, rate, window_size, duration,
-                per_process, state_root, device_prefix, public_key, as_json):
+                per_process, state_root, device_prefix, public_key, allow_unsigned, as_json):
     """Start N real device agents replaying reference data, with scheduled drift, outages, slowness and flashes."""
     devices = device_ids(n_devices, device_prefix)
     try:
@@ -511,7 +517,7 @@ def emulate_cmd(n_devices, bundle, broker, fleet, scenario, dataset, data_file, 
 
     fleet_ = EmulatedFleet(bundle, broker, n_devices, data, state_root, fleet=fleet, scenario=events,
                            per_process=per_process, rate=rate, window_size=window_size, duration=duration,
-                           prefix=device_prefix, public_key=public_key, on_event=show)
+                           prefix=device_prefix, public_key=public_key, on_event=show, allow_unsigned=allow_unsigned)
     fleet_.start()
     try:
         if not fleet_.wait_started():

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edge_runtime.bundle import open_bundle, pack
+from edge_runtime.bundle import opened_bundle, pack
 from edge_runtime.errors import EdgeOpsError
 from edge_runtime.mqtt import DEFAULT_PREFIX, BrokerAddress, MqttLink
 
@@ -61,14 +61,14 @@ class BundleImage:
     def from_path(cls, path: str | Path, public_key: str | None = None) -> "BundleImage":
         """Verify a bundle (folder or .tar.gz) here first, so a broken one never leaves this machine."""
         p = Path(path)
-        b = open_bundle(p, public_key=public_key)
+        with opened_bundle(p, public_key=public_key) as b:   # a .tar.gz's unpacked copy goes away after
+            manifest_sha256 = hashlib.sha256((b.root / "manifest.json").read_bytes()).hexdigest()
         if p.is_dir():
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory(prefix="edgeops-pack-") as tmp:
                 data = pack(p, Path(tmp) / "bundle.tar.gz").read_bytes()
         else:
             data = p.read_bytes()
-        return cls(data, hashlib.sha256(data).hexdigest(), b.name, b.version,
-                   hashlib.sha256((b.root / "manifest.json").read_bytes()).hexdigest())
+        return cls(data, hashlib.sha256(data).hexdigest(), b.name, b.version, manifest_sha256)
 
 
 class FleetLink:
@@ -87,6 +87,9 @@ class FleetLink:
         self.link = MqttLink(address, client_id or f"edgeops-flasher-{uuid.uuid4().hex[:8]}",
                              on_connect=self._on_connect, on_message=self._on_message, session_expiry=0,
                              on_ack=self._on_ack)
+        # a device answers a refused command at once: listen for results before sending anything
+        self._subscribed = threading.Event()
+        self.link.client.on_subscribe = lambda client, userdata, mid, codes, props: self._subscribed.set()
 
     def _on_ack(self, mid: int, ok: bool) -> None:
         if not ok:
@@ -96,11 +99,10 @@ class FleetLink:
 
     def _on_connect(self) -> None:
         base = f"{self.prefix}/{self.fleet}"
-        self.link.client.subscribe(f"{base}/+/cmd/result", qos=1)
-        self.link.client.subscribe(f"{base}/+/status", qos=1)
-        self.link.client.subscribe(f"{base}/alerts", qos=1)
+        topics = [(f"{base}/+/cmd/result", 1), (f"{base}/+/status", 1), (f"{base}/alerts", 1)]
         if self._watch_telemetry:
-            self.link.client.subscribe(f"{base}/+/telemetry", qos=0)
+            topics.append((f"{base}/+/telemetry", 0))
+        self.link.client.subscribe(topics)   # one SUBACK for all
 
     def _on_message(self, topic_name: str, payload: bytes) -> None:
         parts = topic_name.split("/")
@@ -131,6 +133,9 @@ class FleetLink:
             self.link.stop()
             raise FlashError(f"cannot reach the broker {self.link.address.url}"
                              + (f": {self.link.refused}" if self.link.refused else ""))
+        if not self._subscribed.wait(10):
+            self.link.stop()
+            raise FlashError(f"the broker {self.link.address.url} did not confirm the subscription to results")
         time.sleep(0.3)   # retained statuses and alerts arrive right after the subscription
         return self
 

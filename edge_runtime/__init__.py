@@ -23,12 +23,13 @@ from edge_runtime.errors import (
 __version__ = "0.1.0"
 
 
-def load(path, artifact=None, threads=None, public_key=None, nan_policy="reject", prefer=None, isolate=False):
+def load(path, artifact=None, threads=None, public_key=None, nan_policy="reject", prefer=None, isolate=False,
+         verify_vectors=True):
     """Load a bundle directory, bundle .tar.gz or bare .tflite/.onnx file; see :func:`edge_runtime.model.load`."""
     from edge_runtime.model import load as _load
 
     return _load(path, artifact=artifact, threads=threads, public_key=public_key, nan_policy=nan_policy,
-                 prefer=prefer, isolate=isolate)
+                 prefer=prefer, isolate=isolate, verify_vectors=verify_vectors)
 
 
 __all__ = [

@@ -73,6 +73,22 @@ def fetch(url: str, staging: Path, transfer_id: str, size: int, sha256: str, tim
     return final
 
 
+class _RecentIds:
+    """The last few refused transfer ids, so their remaining chunks are dropped quietly (bounded)."""
+
+    def __init__(self, keep: int = 64):
+        self._ids: dict[str, None] = {}
+        self._keep = keep
+
+    def add(self, tid: str) -> None:
+        self._ids[tid] = None
+        while len(self._ids) > self._keep:
+            del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, tid: object) -> bool:
+        return tid in self._ids
+
+
 class CommandHandler:
     """Runs commands on a worker thread (a health check takes seconds; the network thread must not wait).
 
@@ -91,6 +107,7 @@ class CommandHandler:
         self._queue: queue.Queue = queue.Queue()
         self._transfers: dict[str, ChunkAssembler] = {}
         self._meta: dict[str, dict] = {}
+        self._refused = _RecentIds()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="edgeops-commands", daemon=True)
         self._thread.start()
@@ -126,6 +143,10 @@ class CommandHandler:
         except (ValueError, KeyError, TypeError):
             self._result(None, "error", FlashResult(False, "failed", "malformed command: expected JSON with a 'type'"))
             return
+        if kind in ("flash_begin", "flash_url") and self.slots.flash_refusal():
+            self._refused.add(cmd_id)
+            self._result(cmd_id, "flash", FlashResult(False, "failed", f"refused: {self.slots.flash_refusal()}"))
+            return
         if kind == "flash_begin":
             try:
                 self._transfers[cmd_id] = ChunkAssembler(self.slots.staging, cmd_id, int(cmd["total"]),
@@ -135,6 +156,8 @@ class CommandHandler:
                 self._result(cmd_id, kind, FlashResult(False, "failed", f"refused: {exc}"))
         elif kind == "flash_chunk":
             asm = self._transfers.get(cmd_id)
+            if asm is None and cmd_id in self._refused:
+                return   # the transfer was refused at flash_begin; its sender has that answer
             if asm is None:
                 self._result(cmd_id, kind, FlashResult(False, "failed", "chunk for an unknown transfer"))
                 return
@@ -142,6 +165,8 @@ class CommandHandler:
                 done = asm.add(int(cmd["index"]), cmd["data"], cmd["sha256"])
             except (EdgeOpsError, KeyError, ValueError) as exc:
                 self._transfers.pop(cmd_id, None)
+                asm.discard()
+                self._refused.add(cmd_id)
                 self._result(cmd_id, "flash", FlashResult(False, "failed", f"transfer aborted: {exc}"))
                 return
             if done:

@@ -33,7 +33,7 @@ from edge_runtime.errors import BundleError, EdgeOpsError, QualityCheckError, Ve
 HEALTH_CHECK = """
 import json, sys
 import edge_runtime
-m = edge_runtime.load(sys.argv[1], public_key=sys.argv[2] or None)
+m = edge_runtime.load(sys.argv[1], public_key=sys.argv[2] or None, verify_vectors=False)
 worst = m.self_test()
 print(json.dumps({"artifact": m.path.name, "max_diff": worst}))
 """
@@ -42,6 +42,9 @@ print(json.dumps({"artifact": m.path.name, "max_diff": worst}))
 #: Test hook: ``EDGEOPS_FLASH_FAULT=<step>`` kills the process (SIGKILL, like a power cut) right after
 #: that step of :meth:`BundleSlots.flash`: staged, health_checked, previous, switched.
 FAULT_ENV = "EDGEOPS_FLASH_FAULT"
+
+#: Why a device without a trusted key refuses flashes (it would run anything anyone may publish).
+NO_TRUSTED_KEY = "no trusted key: start the agent with --public-key or --allow-unsigned"
 
 
 def _fault(step: str) -> None:
@@ -72,16 +75,32 @@ class FlashResult:
 
 
 class BundleSlots:
-    """The active and previous bundles of a device, switched atomically."""
+    """The active and previous bundles of a device, switched atomically.
 
-    def __init__(self, state_dir: str | Path, public_key: str | None = None):
+    Args:
+        state_dir: the device's state folder.
+        public_key: trusted Ed25519 key (PEM path): every bundle must be signed by it.
+        allow_unsigned: take flashes of unsigned bundles when no key is given. Without a key and
+            without this, :meth:`flash` refuses everything (:data:`NO_TRUSTED_KEY`): a device
+            must not run whatever anyone who may publish on its cmd topic sends. Bundles given
+            locally (:meth:`install_initial`, :meth:`adopt`) are the operator's own and are taken.
+    """
+
+    def __init__(self, state_dir: str | Path, public_key: str | None = None, allow_unsigned: bool = False):
+        if public_key is not None and allow_unsigned:
+            raise ValueError("a trusted public key and allow_unsigned exclude each other: choose one")
         self.root = Path(state_dir)
         self.bundles = self.root / "bundles"
         self.staging = self.root / "staging"
         self.bundles.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.public_key = public_key
+        self.allow_unsigned = allow_unsigned
         self.clean_staging()
+
+    def flash_refusal(self) -> str | None:
+        """Why this device refuses every flash (no trusted key and unsigned not allowed), else None."""
+        return NO_TRUSTED_KEY if self.public_key is None and not self.allow_unsigned else None
 
     def clean_staging(self) -> None:
         """Remove what an interrupted transfer or staging left behind (never a bundle in use)."""
@@ -174,6 +193,9 @@ class BundleSlots:
 
     def flash(self, source: str | Path, health_timeout: float = 60.0) -> FlashResult:
         """Stage, verify, health-check and switch to ``source``; the old active bundle becomes previous."""
+        refusal = self.flash_refusal()
+        if refusal is not None:
+            return FlashResult(False, "failed", f"refused: {refusal}")
         try:
             placed = self._place(Path(source))
         except (VerificationError, BundleError) as exc:
@@ -236,9 +258,15 @@ class ChunkAssembler:
         self.received.add(index)
         return len(self.received) == self.total
 
+    def discard(self) -> None:
+        """Forget an aborted transfer: its chunks and its partial file."""
+        self._chunks.clear()
+        self.path.unlink(missing_ok=True)
+
     def assemble(self) -> Path:
         data = b"".join(self._chunks[i] for i in range(self.total))
         if len(data) != self.size or hashlib.sha256(data).hexdigest() != self.sha256:
+            self.discard()
             raise VerificationError("the reassembled bundle's sha256 or size does not match the sender's")
         final = self.path.with_suffix("")  # .tar.gz
         with open(self.path, "wb") as fh:

@@ -7,37 +7,29 @@ from pathlib import Path
 
 import click
 
-from edge_runtime.errors import VerificationError
+from edge_runtime.errors import EdgeOpsError, ModelFormatError, VerificationError
 
 
 def describe(path: str | Path, public_key: str | None = None) -> dict:
-    """A JSON-able description of a bundle (dir or .tar.gz) or a bare .tflite/.onnx file."""
-    from edge_runtime.backends import open_backend
-    from edge_runtime.bundle import SIGNATURE_FILE, open_bundle
+    """A JSON-able description of a bundle (dir or .tar.gz) or a bare .tflite/.onnx file.
+
+    A .tar.gz is unpacked into a temporary folder that is gone when this returns.
+
+    Raises:
+        ModelFormatError: a bare model file its interpreter cannot read (whatever the interpreter raised).
+        BundleError, VerificationError: the bundle is malformed or its pins do not verify.
+    """
+    from edge_runtime.bundle import opened_bundle
 
     p = Path(path)
     if p.is_file() and p.suffix.lower() in (".tflite", ".onnx"):
-        b = open_backend(p)
-        return {
-            "kind": "model", "path": str(p), "format": p.suffix[1:].lower(), "size_bytes": p.stat().st_size,
-            "backend": b.name, "backend_version": b.version,
-            "inputs": [t.to_dict() for t in b.inputs], "outputs": [t.to_dict() for t in b.outputs],
-        }
-    bundle = open_bundle(p)
-    signature = "unsigned"
-    if (bundle.root / SIGNATURE_FILE).exists():
-        signature = "present (no public key given to verify it)"
-        if public_key:
-            try:
-                open_bundle(p, public_key=public_key)
-                signature = "verified"
-            except VerificationError as exc:
-                signature = f"INVALID: {exc}"
-    elif public_key:
-        signature = "INVALID: unsigned bundle, but a public key was given"
-    m = bundle.manifest
+        return _describe_model(p)
+    with opened_bundle(p) as bundle:
+        signature = _signature_state(bundle, public_key)
+        m = bundle.manifest
+        root = str(bundle.root) if bundle.scratch is None else str(p)
     return {
-        "kind": "bundle", "path": str(bundle.root), "name": m["name"], "version": m["version"],
+        "kind": "bundle", "path": root, "name": m["name"], "version": m["version"],
         "created_at": m["created_at"], "task": m["task"], "source": m["source"],
         "input_schema": m["input_schema"], "labels": m.get("labels"), "signature": signature,
         "hashes": "verified", "default_artifact": m.get("default_artifact"),
@@ -52,6 +44,38 @@ def describe(path: str | Path, public_key: str | None = None) -> dict:
         },
         "test_vectors": len(m.get("test_vectors", [])),
     }
+
+
+def _describe_model(p: Path) -> dict:
+    from edge_runtime.backends import open_backend
+
+    try:
+        b = open_backend(p)
+        inputs, outputs = [t.to_dict() for t in b.inputs], [t.to_dict() for t in b.outputs]
+    except EdgeOpsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an interpreter's own error types: the file is not a usable model
+        raise ModelFormatError(f"{p}: cannot read the model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return {
+        "kind": "model", "path": str(p), "format": p.suffix[1:].lower(), "size_bytes": p.stat().st_size,
+        "backend": b.name, "backend_version": b.version, "inputs": inputs, "outputs": outputs,
+    }
+
+
+def _signature_state(bundle, public_key: str | None) -> str:
+    from edge_runtime.bundle import MANIFEST_FILE, SIGNATURE_FILE, check_signature
+
+    sig_path = bundle.root / SIGNATURE_FILE
+    if not sig_path.exists():
+        return "INVALID: unsigned bundle, but a public key was given" if public_key else "unsigned"
+    if not public_key:
+        return "present (no public key given to verify it)"
+    try:
+        check_signature((bundle.root / MANIFEST_FILE).read_bytes(), sig_path.read_bytes(), public_key, True,
+                        str(bundle.root))
+    except VerificationError as exc:
+        return f"INVALID: {exc}"
+    return "verified"
 
 
 def _tensor(t: dict) -> str:

@@ -192,21 +192,43 @@ class EdgeModel:
         """
         from edge_runtime.errors import QualityCheckError
 
-        vectors = [v for v in (self.manifest or {}).get("test_vectors", []) if v["artifact"] == self.path.name]
-        if not vectors:
+        worst = self.check_test_vectors()
+        if worst is None:
             raise QualityCheckError(f"{self.path.name}: the manifest has no test vectors for this artifact")
+        return worst
+
+    def check_test_vectors(self) -> float | None:
+        """Run the manifest's test vectors for this artifact, if it has any; the largest difference or None.
+
+        Samples run one at a time, the shape a device runs, so no extra interpreter is allocated.
+
+        Raises:
+            QualityCheckError: an output is not finite or differs by more than the vector's atol.
+        """
+        from edge_runtime.errors import QualityCheckError
+
+        vectors = [v for v in (self.manifest or {}).get("test_vectors", []) if v.get("artifact") == self.path.name]
+        if not vectors:
+            return None
         worst = 0.0
         saved, self.recorder = self.recorder, None
         try:
             for v in vectors:
-                got = self.predict(np.asarray(v["inputs"], dtype=np.float32))
+                inputs = np.asarray(v["inputs"], dtype=np.float32)
+                got = np.stack([self.predict(row[None]) for row in inputs]).reshape(len(inputs), -1)
                 want = np.asarray(v["expected"], dtype=np.float32).reshape(got.shape)
-                diff = float(np.abs(got - want).max())
+                atol = float(v.get("atol", 1e-4))
+                diff = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
                 worst = max(worst, diff)
-                if not diff <= v.get("atol", 1e-4):
+                if not diff <= atol:
+                    what = "non-finite outputs" if diff == float("inf") else f"output differs by {diff:.3g}"
                     raise QualityCheckError(
-                        f"{self.path.name}: test vector output differs by {diff:.3g} (allowed {v.get('atol', 1e-4):.3g})"
+                        f"{self.path.name}: test vector {what} (allowed {atol:.3g}): the artifact does not compute "
+                        "what was converted (verify_vectors=False / --skip-test-vectors loads it anyway)"
                     )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise QualityCheckError(f"{self.path.name}: the manifest's test vectors do not fit the model ({exc})") \
+                from None
         finally:
             self.recorder = saved
         return worst
@@ -302,6 +324,7 @@ def load(
     nan_policy: str = "reject",
     prefer: str | None = None,
     isolate: bool = False,
+    verify_vectors: bool = True,
 ) -> EdgeModel:
     """Load a bundle directory, a bundle .tar.gz, or a bare .tflite/.onnx file.
 
@@ -314,9 +337,15 @@ def load(
         nan_policy: "reject" NaN/inf inputs with an error, or "count" them in telemetry and pass them on.
         prefer: backend to try first ("litert", "tflite_runtime", "tensorflow.lite").
         isolate: load the model in a child process first, so a crafted file cannot crash this one.
+        verify_vectors: run the manifest's test vectors for the chosen artifact (when it has some), so an
+            artifact altered together with its sha256 pin is refused even in an unsigned bundle.
+
+    A .tar.gz is unpacked into a temporary folder that is removed before this returns (the model
+    keeps its bytes in memory).
 
     Raises:
-        BundleError, VerificationError, ModelFormatError, BackendUnavailableError, InvalidInputError.
+        BundleError, VerificationError, ModelFormatError, BackendUnavailableError, InvalidInputError,
+        QualityCheckError (a test vector's output differs from the one measured at conversion).
     """
     p = Path(path)
     if p.is_file() and p.suffix.lower() in (".tflite", ".onnx"):
@@ -328,6 +357,17 @@ def load(
             probe_in_child(p, p.suffix.lower()[1:])
         return EdgeModel(open_backend(p, threads=threads, prefer=prefer), p, nan_policy=nan_policy)
     bundle = open_bundle(p, public_key=public_key)
+    try:
+        model = _load_bundle(bundle, artifact, threads, nan_policy, prefer, isolate)
+        if verify_vectors:
+            model.check_test_vectors()
+        return model
+    finally:
+        bundle.cleanup()
+
+
+def _load_bundle(bundle: Bundle, artifact: str | None, threads: int | None, nan_policy: str, prefer: str | None,
+                 isolate: bool) -> EdgeModel:
     if artifact:
         candidates = [bundle.artifact(artifact)]
     else:

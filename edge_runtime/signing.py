@@ -106,7 +106,7 @@ def verify(data: bytes, signature_doc: bytes | dict, public_key: Ed25519PublicKe
         sig = base64.b64decode(doc["signature"], validate=True)
     except VerificationError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise VerificationError(f"{where}: signature file is malformed") from None
     expected_id = key_id(public_key)
     if doc.get("key_id") not in (None, expected_id):

@@ -55,7 +55,8 @@ def test_agent_monitor_and_flash_work_over_amqtt(amqtt, bc_mlp_bundle, reference
                                text=True)
     agent = subprocess.Popen([sys.executable, "-m", "edgeops", "run", str(bc_mlp_bundle), "--device-id", "d1",
                               "--fleet", "f", "--broker", amqtt.url, "--input", str(drifted), "--loop", "--rate",
-                              "400", "--window-size", "40", "--state-dir", str(tmp_path / "d1"), "--duration", "120"],
+                              "400", "--window-size", "40", "--state-dir", str(tmp_path / "d1"), "--duration", "120",
+                              "--allow-unsigned"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     engine = create_engine(f"sqlite:///{db}")
 

@@ -177,7 +177,8 @@ def test_flashing_works_through_the_secure_broker_with_each_identity(secure_brok
                               "--fleet", "fleet-a", "--broker", url, "--username", "dev-1", "--password",
                               PASSWORDS["dev-1"], "--ca", str(secure_broker.ca), "--input", str(tmp_path / "x.npy"),
                               "--loop", "--rate", "200", "--window-size", "50", "--state-dir", str(tmp_path / "s"),
-                              "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              "--duration", "60", "--allow-unsigned"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     try:
         base = [sys.executable, "-m", "edgeops", "flash", str(v2), "--device", "dev-1", "--fleet", "fleet-a",
                 "--broker", url, "--ca", str(secure_broker.ca), "--json", "--timeout", "60"]

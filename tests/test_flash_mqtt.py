@@ -151,7 +151,7 @@ def test_a_crash_at_any_step_of_a_flash_leaves_a_working_device(mosquitto, bc_ml
     v1 = variant(bc_mlp_bundle, tmp_path / "v1", "1.0.0")
     v2 = variant(bc_mlp_bundle, tmp_path / "v2", "1.1.0")
     col = Collector(mosquitto.port, client_id=f"crash-watch-{step}")
-    agent = Agent(v1, "pi-3", mosquitto, tmp_path / "pi-3", stream, env={FAULT_ENV: step})
+    agent = Agent(v1, "pi-3", mosquitto, tmp_path / "pi-3", stream, "--allow-unsigned", env={FAULT_ENV: step})
     try:
         assert col.wait_for(lambda: windows_of(col, "pi-3", "1.0.0") >= 1, 30)
         with FleetLink(parse_broker_url(mosquitto.url), FLEET) as fl:
@@ -159,7 +159,7 @@ def test_a_crash_at_any_step_of_a_flash_leaves_a_working_device(mosquitto, bc_ml
             agent.proc.wait(timeout=60)            # killed (SIGKILL) right after the step
         assert agent.proc.returncode == -9
         n = len(col.telemetry("pi-3"))
-        again = Agent(v1, "pi-3", mosquitto, tmp_path / "pi-3", stream)   # power back on, same command line
+        again = Agent(v1, "pi-3", mosquitto, tmp_path / "pi-3", stream, "--allow-unsigned")   # power back on
         try:
             assert col.wait_for(lambda: sum(w["model"]["version"] == expected for w in col.telemetry("pi-3")[n:]) >= 2,
                                 40), [w["model"]["version"] for w in col.telemetry("pi-3")]
@@ -195,7 +195,7 @@ def test_a_latency_regression_after_a_flash_rolls_back_by_itself(mosquitto, bc_m
                                                                  tmp_path):
     v1 = variant(bc_mlp_bundle, tmp_path / "v1", "1.0.0")
     col = Collector(mosquitto.port, client_id="regression-watch")
-    agent = Agent(v1, "pi-4", mosquitto, tmp_path / "pi-4", stream, "--rollback-windows", "3",
+    agent = Agent(v1, "pi-4", mosquitto, tmp_path / "pi-4", stream, "--allow-unsigned", "--rollback-windows", "3",
                   "--rollback-min-increase-ms", "0.2")
     try:
         assert col.wait_for(lambda: windows_of(col, "pi-4", "1.0.0") >= 5, 30)
@@ -238,7 +238,7 @@ def test_a_device_fetches_a_bundle_by_url_with_the_same_checks(mosquitto, bc_mlp
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v2.tar.gz"
     col = Collector(mosquitto.port, client_id="url-watch")
-    agent = Agent(v1, "pi-5", mosquitto, tmp_path / "pi-5", stream)
+    agent = Agent(v1, "pi-5", mosquitto, tmp_path / "pi-5", stream, "--allow-unsigned")
     try:
         assert col.wait_for(lambda: windows_of(col, "pi-5", "1.0.0") >= 1, 30)
         data = bytearray(good.read_bytes())                 # the server now hands out other bytes

@@ -52,7 +52,7 @@ def test_tampered_and_unsigned_bundles_are_refused(tmp_path, bc_rf_bundle, keys)
 
 
 def test_a_bundle_failing_its_health_check_never_becomes_active(tmp_path, bc_rf_bundle):
-    slots = BundleSlots(tmp_path / "state")
+    slots = BundleSlots(tmp_path / "state", allow_unsigned=True)
     slots.install_initial(variant(bc_rf_bundle, tmp_path / "v1", "1.0.0"))
     bad = variant(bc_rf_bundle, tmp_path / "bad", "3.0.0", break_vectors=True)
     r = slots.flash(bad)
@@ -64,7 +64,7 @@ def test_a_bundle_failing_its_health_check_never_becomes_active(tmp_path, bc_rf_
 FLASH = """
 import sys
 from edge_runtime.flash import BundleSlots
-BundleSlots(sys.argv[1]).flash(sys.argv[2])
+BundleSlots(sys.argv[1], allow_unsigned=True).flash(sys.argv[2])
 """
 
 

@@ -78,7 +78,7 @@ def test_which_open_alerts_stop_a_rollout(versions, tmp_path):
 
 def start_fleet(tmp_path, v1, broker, n=4):
     fleet = EmulatedFleet(v1, broker.url, n, replay_data(v1, "breast_cancer", None), tmp_path / "fleet",
-                          fleet=FLEET, per_process=n, rate=50, window_size=20).start()
+                          fleet=FLEET, per_process=n, rate=50, window_size=20, allow_unsigned=True).start()
     assert fleet.wait_started(90), fleet.events
     return fleet
 

@@ -35,10 +35,11 @@ class OnnxRuntimeBackend:
             opts.inter_op_num_threads = 1
         try:
             self._sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+            self.inputs = [self._info(i) for i in self._sess.get_inputs()]
+            self.outputs = [self._info(o) for o in self._sess.get_outputs()]
         except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
-            raise ModelFormatError(f"{where}: ONNX Runtime cannot load it ({str(exc).strip()[:200]})") from None
-        self.inputs = [self._info(i) for i in self._sess.get_inputs()]
-        self.outputs = [self._info(o) for o in self._sess.get_outputs()]
+            text = " ".join(str(exc).split())[:200]
+            raise ModelFormatError(f"{where}: ONNX Runtime cannot load it ({type(exc).__name__}: {text})") from None
         self._in_names = [i.name for i in self.inputs]
         self._out_names = [o.name for o in self.outputs]
 

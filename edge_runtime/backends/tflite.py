@@ -61,6 +61,12 @@ def tflite_interpreter_class(prefer: str | None = None):
     raise BackendUnavailableError("no TFLite interpreter is available: " + "; ".join(reasons))
 
 
+def _reason(exc: Exception) -> str:
+    """One line about an interpreter's exception, its type included (UnicodeDecodeError says little alone)."""
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 # Interpreters kept per input shape: a device that alternates single samples with batches
 # keeps both allocations instead of re-allocating the arena on every switch.
 MAX_SHAPES = 4
@@ -79,10 +85,14 @@ class TFLiteBackend:
         self._data = data  # the interpreters read from this buffer: keep it alive
         self._cls, self._where = cls, where
         self._it = self._new_interpreter()
-        details_in = self._it.get_input_details()
-        details_out = self._it.get_output_details()
-        self.inputs = [self._info(d) for d in details_in]
-        self.outputs = [self._info(d) for d in details_out]
+        try:
+            # a crafted file reaches these too: names that are not UTF-8, odd dtypes or quantization
+            details_in = self._it.get_input_details()
+            details_out = self._it.get_output_details()
+            self.inputs = [self._info(d) for d in details_in]
+            self.outputs = [self._info(d) for d in details_out]
+        except Exception as exc:  # noqa: BLE001 - the interpreter raises whatever its bindings raise
+            raise ModelFormatError(f"{where}: {name} cannot read its tensors ({_reason(exc)})") from None
         # tensor indices do not change when an input is resized
         self._in_idx = [d["index"] for d in details_in]
         self._out_idx = [d["index"] for d in details_out]
@@ -96,8 +106,8 @@ class TFLiteBackend:
                 kwargs["num_threads"] = self.threads
             it = self._cls(**kwargs)
             it.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise ModelFormatError(f"{self._where}: {self.name} cannot load it ({str(exc).strip()[:200]})") from None
+        except Exception as exc:  # noqa: BLE001 - ValueError, RuntimeError, UnicodeDecodeError, ... from native code
+            raise ModelFormatError(f"{self._where}: {self.name} cannot load it ({_reason(exc)})") from None
         return it
 
     def _refresh(self) -> None:
