@@ -1,4 +1,11 @@
-"""Alerts with hysteresis: open at the first firing evaluation, close after N clean ones.
+"""Alerts with hysteresis: open at the first firing evaluation, close after N clear ones.
+
+An open alert closes only when the change is gone: ``close_after`` evaluations in a row whose
+verdict is clear (below the detector's leaving threshold, which sits apart from its opening one,
+see evaluate.py), and not before ``verdict.hold_s`` seconds after it opened. A verdict that no
+longer fires but is not clear (the change is still there, below the opening level) holds the alert
+and restarts the count. So a change that hovers at a threshold is one incident: one opening and one
+closing, not one per crossing.
 
 The alert's state lives in the database, keyed by (fleet, device, model name,
 model version, detector), and every transition is a conditional UPDATE, so two
@@ -25,14 +32,14 @@ log = logging.getLogger("edgeops.alerts")
 def apply(engine: Engine, fleet: str, device: str, model_name: str, model_version: str, verdict: Verdict,
           close_after: int, now: float | None = None) -> str | None:
     """Fold one verdict into the alert state; returns "opened", "closed" or None."""
-    now = now or time.time()
+    now = time.time() if now is None else now
     t = store.alerts
     key = (t.c.fleet == fleet) & (t.c.device_id == device) & (t.c.model_name == model_name) \
         & (t.c.model_version == model_version) & (t.c.detector == verdict.detector)
     features = json.dumps(verdict.features)
     detail = json.dumps(verdict.detail, default=float)
     with engine.begin() as conn:
-        row = conn.execute(select(t.c.id, t.c.open, t.c.clean_evaluations).where(key)).first()
+        row = conn.execute(select(t.c.id, t.c.open, t.c.clean_evaluations, t.c.opened_at).where(key)).first()
         if verdict.firing:
             if row is None:
                 stmt = store._insert(engine, t).values(
@@ -52,8 +59,12 @@ def apply(engine: Engine, fleet: str, device: str, model_name: str, model_versio
             return None
         if row is None or not row.open:
             return None
+        if not verdict.is_clear:
+            # still there below the opening level: the alert holds and the clear evaluations start again
+            conn.execute(update(t).where(t.c.id == row.id).values(clean_evaluations=0))
+            return None
         clean = row.clean_evaluations + 1
-        if clean >= close_after:
+        if clean >= close_after and now - (now if row.opened_at is None else row.opened_at) >= verdict.hold_s:
             res = conn.execute(update(t).where(t.c.id == row.id, t.c.open.is_(True)).values(
                 open=False, closed_at=now, clean_evaluations=clean))
             return "closed" if res.rowcount == 1 else None

@@ -2,6 +2,13 @@
 
 Everything here is computed from stored, mergeable window statistics, so any
 monitor process, reading the same database, reaches the same conclusions.
+
+A drift verdict needs two things at once: a change the tests find significant (corrected for
+testing many features, on the effective sample size of the stream, see
+drift/effective_size.py) and an effect at least as large as the floor an operator acts on (PSI,
+see drift/floors.py). An open alert is held while the change is still there at a looser level
+(``hold_alpha``, ``close_ratio`` x the floor): a verdict says whether the change is gone
+(``clear``), which is what closes an alert (alerts.py), not merely that it no longer fires.
 """
 
 from __future__ import annotations
@@ -12,10 +19,13 @@ import numpy as np
 
 from edge_runtime.stats import FeatureStats, LatencyHistogram, merge_many_feature_dicts
 from telemetry.drift.batch import feature_tests
+from telemetry.drift.effective_size import design_effect, effective_samples
+from telemetry.drift.floors import floors as effect_floors
 from telemetry.drift.meanshift import MeanShiftDetector
 from telemetry.drift.missing import MissingRateDetector
 from telemetry.drift.multiple_testing import benjamini_hochberg, bonferroni
 from telemetry.drift.prediction import PredictionDriftDetector
+from telemetry.drift.rejected import RejectedInputsDetector
 
 
 @dataclass(frozen=True)
@@ -24,16 +34,23 @@ class MonitorConfig:
 
     recent_windows: int = 10          # the sliding window: this many most recent windows
     min_samples: int = 200            # no drift verdict before this many inferences in it
-    alpha: float = 0.01               # per-feature chi-square, after correction
+    horizon: int = 1000               # the tests treat the recent windows as at most this many inferences ...
+    design_effect: bool = True        # ... divided by the design effect the windows show (repeated samples)
+    alpha: float = 0.01               # per-feature chi-square, after correction ...
     correction: str = "bh"            # bh (Benjamini-Hochberg) or bonferroni
-    psi_threshold: float = 0.2        # a feature drifts when significant AND psi >= this ...
-    ks_alpha: float | None = 0.01     # ... or when the binned KS test, Bonferroni-corrected, is below this ...
-    mean_shift: float = 0.75          # ... or its mean moved this many reference std
+    ks_alpha: float | None = 0.01     # ... or the binned KS test, Bonferroni-corrected: significant ...
+    psi_threshold: float = 0.1        # ... AND psi >= this floor (per bundle/feature: drift_thresholds)
+    mean_shift: float = 0.75          # reported: its mean moved this many reference std ...
     std_ratio: float = 2.5            # ... or its spread changed by this factor
-    degenerate_share: float = 0.97    # no mean/std verdict on a feature with this share of its reference in one bin
+    degenerate_share: float = 0.97    # no mean/std report on a feature with this share of its reference in one bin
     missing_increase: float = 0.05    # NaN rate above reference by this much
     prediction_alpha: float = 0.001
     prediction_min_tvd: float = 0.1
+    rejected_rate: float = 0.05       # refused inputs / attempted inferences above this ...
+    rejected_min_attempts: int = 100  # ... once this many were attempted
+    hold_alpha: float = 0.05          # an open drift alert holds while the change is significant at this level ...
+    close_ratio: float = 0.5          # ... and its effect at least this share of the opening threshold
+    min_open_seconds: float = 60.0    # an alert stays open at least this long
     baseline_windows: int = 5         # latency baseline: a device's first windows of a model version
     latency_factor: float = 1.5       # p95 above baseline x factor is a regression ...
     latency_min_increase_ms: float = 1.0  # ... and above it by at least this much (sub-ms jitter is not one)
@@ -41,18 +58,28 @@ class MonitorConfig:
     latency_slo_ms: float | None = None
     error_rate: float = 0.05
     silence_periods: float = 3.0      # no window for this many window periods
-    close_after: int = 3              # clean evaluations before an alert closes (hysteresis)
+    close_after: int = 3              # clear evaluations before an alert closes (hysteresis)
 
 
 @dataclass
 class Verdict:
-    """One detector's conclusion."""
+    """One detector's conclusion.
+
+    ``firing`` opens an alert; ``clear`` (None: the same as not firing) says the change is gone, which
+    an open alert needs ``close_after`` times in a row, and ``hold_s`` seconds after it opened, to close.
+    """
 
     detector: str
     firing: bool
     statistic: float
     features: list[str] = field(default_factory=list)
     detail: dict = field(default_factory=dict)
+    clear: bool | None = None
+    hold_s: float = 0.0
+
+    @property
+    def is_clear(self) -> bool:
+        return not self.firing and (self.clear is None or self.clear)
 
 
 @dataclass
@@ -80,6 +107,117 @@ def merge_windows(windows: list[dict], edges: list[list[float]]) -> tuple[Featur
     return fs, lat or LatencyHistogram(), classes, count, errors
 
 
+def sample_size(windows: list[dict], n_features: int, count: int, config: MonitorConfig) -> tuple[float, float]:
+    """(design effect, effective sample size) of the recent windows: what the tests may believe."""
+    usable = sorted((w for w in windows if len(w["features"].get("count") or []) == n_features),
+                    key=lambda w: (str(w.get("device_id", "")), w.get("seq") or 0))
+    deff = design_effect([w["features"] for w in usable], [str(w.get("device_id", "")) for w in usable]) \
+        if config.design_effect else 1.0
+    return deff, effective_samples(count, deff, config.horizon)
+
+
+def feature_drift(profile: dict, fs: FeatureStats, deff: float, config: MonitorConfig) -> tuple[Verdict, Verdict, dict]:
+    """The feature_drift and missing_values verdicts, and PSI per feature."""
+    ref = profile["features"]
+    names = [f["name"] for f in ref]
+    floor, problems = effect_floors(profile.get("drift_thresholds"), names, config.psi_threshold)
+    floor_a = np.asarray(floor)
+    m = fs.count.astype(np.float64)
+    # the tests see each feature's counts scaled to its effective sample size; shares, hence PSI, stay
+    scale = np.where(m > 0, np.minimum(m / max(deff, 1.0), config.horizon) / np.maximum(m, 1.0), 0.0)
+    current = [(np.asarray(h, dtype=np.float64) * s).tolist() for h, s in zip(fs.histograms(), scale)]
+    psi, chi2_p, ks_p = feature_tests([f["hist"] for f in ref], current)
+    correct = benjamini_hochberg if config.correction == "bh" else bonferroni
+
+    def significant(level: float) -> np.ndarray:
+        sig = np.asarray(correct(chi2_p.tolist(), level), dtype=bool)
+        if config.ks_alpha:
+            sig |= ks_p * len(ks_p) < level * config.ks_alpha / config.alpha
+        return sig
+
+    flagged = significant(config.alpha) & (psi >= floor_a)
+    holding = significant(config.hold_alpha) & (psi >= config.close_ratio * floor_a)
+    scores = {n: round(float(p), 4) for n, p in zip(names, psi)}
+    chosen = [n for n, f in zip(names, flagged) if f]
+    detail = {"psi": {n: scores[n] for n in chosen}, "floors": {n: floor[names.index(n)] for n in chosen},
+              "significant": [n for n, s in zip(names, significant(config.alpha)) if s],
+              "min_p_value": float(min(chi2_p.min(), ks_p.min())) if len(names) else 1.0,
+              "design_effect": round(deff, 3), "effective_samples": round(effective_samples(
+                  float(m.max()) if len(m) else 0.0, deff, config.horizon), 1),
+              "moments": moments(ref, fs, chosen, config), "threshold_problems": problems}
+    drift = Verdict("feature_drift", bool(chosen), float(psi.max()) if len(names) else 0.0, chosen, detail,
+                    clear=not holding.any(), hold_s=config.min_open_seconds)
+    md = MissingRateDetector(config.missing_increase, min_count=config.min_samples // 2)
+    missing, excess = [], []
+    for i, f in enumerate(ref):
+        md.update(f.get("nan_rate", 0.0), int(fs.count[i]), int(fs.nan[i]))
+        excess.append(md.rate - md.ref_rate if md.seen >= md.min_count else 0.0)
+        if md.drift_detected:
+            missing.append(names[i])
+    worst = float(max((fs.nan[i] / max(1, fs.nan[i] + fs.count[i]) for i in range(len(ref))), default=0.0))
+    nan = Verdict("missing_values", bool(missing), worst, missing, clear=max(excess, default=0.0) <
+                  config.close_ratio * config.missing_increase, hold_s=config.min_open_seconds)
+    return drift, nan, scores
+
+
+def moments(ref: list[dict], fs: FeatureStats, flagged: list[str], config: MonitorConfig) -> dict:
+    """How the mean and spread moved, in reference terms: for the flagged features and any whose mean moved
+    ``mean_shift`` std or whose spread changed x``std_ratio`` (reported, not alerted on alone: rare outliers
+    move both without changing what most inputs look like)."""
+    out = {}
+    ms = MeanShiftDetector(config.mean_shift, config.std_ratio, min_count=config.min_samples // 2)
+    for i, f in enumerate(ref):
+        h_ref = f.get("hist") or [1]
+        if max(h_ref) >= config.degenerate_share * max(1, sum(h_ref)) or not fs.count[i]:
+            continue      # a feature almost constant in the reference: its moments swing on a few rare values
+        ms.update(f["mean"], f["std"], int(fs.count[i]), float(fs.mean[i]), float(fs.m2[i]))
+        if ms.drift_detected or f["name"] in flagged:
+            out[f["name"]] = {"mean_shift_sd": round(ms.mean_shift, 3), "std_ratio": round(ms.std_ratio, 3)}
+    return out
+
+
+def prediction_drift(profile: dict, classes: np.ndarray, n_eff: float, config: MonitorConfig) -> Verdict | None:
+    priors = (profile.get("class_priors") or {}).get("priors")
+    if not priors or classes is None or classes.sum() == 0:
+        return None
+    counts = classes * (n_eff / classes.sum())           # the test weighs them as n_eff predictions
+    pd = PredictionDriftDetector(config.prediction_alpha, config.prediction_min_tvd, min_count=1)
+    pd.update(priors, counts, ref_n=profile.get("n_samples"))
+    holding = pd.p_value < config.hold_alpha and pd.tvd >= config.close_ratio * config.prediction_min_tvd
+    return Verdict("prediction_drift", pd.drift_detected, pd.tvd, [],
+                   {"p_value": pd.p_value, "counts": classes.tolist(), "priors": priors,
+                    "effective_samples": round(n_eff, 1)}, clear=not holding, hold_s=config.min_open_seconds)
+
+
+def rejected_inputs(windows: list[dict], config: MonitorConfig) -> Verdict:
+    attempts = sum(int(w.get("count") or 0) for w in windows)
+    refused = sum(int(w.get("rejected") or 0) for w in windows)
+    d = RejectedInputsDetector(config.rejected_rate, config.rejected_min_attempts, config.close_ratio)
+    d.update(attempts, refused)
+    return Verdict("rejected_inputs", d.drift_detected, d.rate, [],
+                   {"rejected": d.rejected, "attempts": d.attempts, "rate": round(d.rate, 4)},
+                   clear=d.clear, hold_s=config.min_open_seconds)
+
+
+def latency(windows: list[dict], p95: float, config: MonitorConfig, baseline_p95: float | None,
+            baseline_source: str) -> Verdict:
+    reasons = {}
+    # a regression is sustained: every one of the last `latency_sustain` windows is slower than the
+    # baseline by the factor and the margin; one busy second (a cron job, a neighbour loading a model)
+    # lifts the merged p95 of the recent windows but not the p95 of three windows in a row
+    n = max(1, config.latency_sustain)
+    last = sorted((w for w in windows if w.get("count")), key=lambda w: w.get("seq", 0))[-n:]
+    floor = min(w["latency_ms"].get("p95") or 0.0 for w in last) if len(last) == n else 0.0
+    if baseline_p95 and floor > config.latency_factor * baseline_p95 \
+            and floor - baseline_p95 >= config.latency_min_increase_ms:
+        reasons["baseline_p95_ms"] = baseline_p95
+        reasons["baseline_source"] = baseline_source
+        reasons["sustained_p95_ms"] = floor
+    if config.latency_slo_ms is not None and p95 > config.latency_slo_ms:
+        reasons["slo_ms"] = config.latency_slo_ms
+    return Verdict("latency", bool(reasons), p95, [], {"p95_ms": p95, **reasons}, hold_s=config.min_open_seconds)
+
+
 def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
              baseline_p95: float | None = None, baseline_source: str = "first_windows") -> Evaluation:
     """Run every detector on the merged recent windows of one device (or a fleet) and one model version."""
@@ -93,60 +231,18 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
     err_rate = errors / count if count else 0.0
 
     if ref and count >= config.min_samples:
-        hists = fs.histograms()
-        names = [f["name"] for f in ref]
-        psi_a, chi2_a, ks_a = feature_tests([f["hist"] for f in ref], hists)
-        psis, pvals, ks_p = psi_a.tolist(), chi2_a.tolist(), ks_a.tolist() if config.ks_alpha else [1.0] * len(ref)
-        correct = benjamini_hochberg if config.correction == "bh" else bonferroni
-        significant = correct(pvals, config.alpha)
-        drifted, shifted, missing = [], [], []
-        ms = MeanShiftDetector(config.mean_shift, config.std_ratio, min_count=config.min_samples // 2)
-        md = MissingRateDetector(config.missing_increase, min_count=config.min_samples // 2)
-        for i, f in enumerate(ref):
-            scores[names[i]] = round(psis[i], 4)
-            # significant and practically large (chi-square + PSI), or a systematic move the binned KS test
-            # sees (Bonferroni across features): a sensor's gain off by a few percent
-            if (significant[i] and psis[i] >= config.psi_threshold) or (
-                    config.ks_alpha and ks_p[i] * len(ks_p) < config.ks_alpha):
-                drifted.append(names[i])
-            mean = float(fs.mean[i]) if fs.count[i] else None
-            # moments of a feature that is almost constant in the reference (e.g. a corner pixel that is
-            # 0 in 99.8% of images) swing on a handful of rare values: there, only the binned tests judge
-            h_ref = f.get("hist") or [1]
-            degenerate = max(h_ref) >= config.degenerate_share * max(1, sum(h_ref))
-            if not degenerate and ms.update(f["mean"], f["std"], int(fs.count[i]), mean, float(fs.m2[i])).drift_detected:
-                shifted.append(names[i])
-            if md.update(f.get("nan_rate", 0.0), int(fs.count[i]), int(fs.nan[i])).drift_detected:
-                missing.append(names[i])
-        flagged = sorted(set(drifted) | set(shifted), key=names.index)
-        verdicts.append(Verdict("feature_drift", bool(flagged), max(psis) if psis else 0.0, flagged,
-                                {"psi": {n: scores[n] for n in flagged}, "chi2_significant": drifted,
-                                 "mean_or_std_shift": shifted, "min_p_value": float(min(pvals)) if pvals else 1.0}))
-        verdicts.append(Verdict("missing_values", bool(missing), float(max(
-            (fs.nan[i] / max(1, fs.nan[i] + fs.count[i]) for i in range(len(ref))), default=0.0)), missing))
-        priors = (profile.get("class_priors") or {}).get("priors")
-        if priors and classes is not None:
-            pd = PredictionDriftDetector(config.prediction_alpha, config.prediction_min_tvd, config.min_samples)
-            pd.update(priors, classes, ref_n=profile.get("n_samples"))
-            verdicts.append(Verdict("prediction_drift", pd.drift_detected, pd.tvd, [],
-                                    {"p_value": pd.p_value, "counts": classes.tolist(), "priors": priors}))
-
+        deff, _ = sample_size(windows, len(ref), count, config)
+        drift, nan, scores = feature_drift(profile, fs, deff, config)
+        verdicts += [drift, nan]
+        pred = prediction_drift(profile, classes, effective_samples(float(classes.sum()), deff, config.horizon)
+                                if classes is not None else 0.0, config)
+        if pred is not None:
+            verdicts.append(pred)
+    if windows:
+        verdicts.append(rejected_inputs(windows, config))
     if p95 is not None and count:
-        reasons = {}
-        # a regression is sustained: every one of the last `latency_sustain` windows is slower than the
-        # baseline by the factor and the margin; one busy second (a cron job, a neighbour loading a model)
-        # lifts the merged p95 of the recent windows but not the p95 of three windows in a row
-        n = max(1, config.latency_sustain)
-        last = sorted((w for w in windows if w.get("count")), key=lambda w: w.get("seq", 0))[-n:]
-        floor = min(w["latency_ms"].get("p95") or 0.0 for w in last) if len(last) == n else 0.0
-        if baseline_p95 and floor > config.latency_factor * baseline_p95 \
-                and floor - baseline_p95 >= config.latency_min_increase_ms:
-            reasons["baseline_p95_ms"] = baseline_p95
-            reasons["baseline_source"] = baseline_source
-            reasons["sustained_p95_ms"] = floor
-        if config.latency_slo_ms is not None and p95 > config.latency_slo_ms:
-            reasons["slo_ms"] = config.latency_slo_ms
-        verdicts.append(Verdict("latency", bool(reasons), p95, [], {"p95_ms": p95, **reasons}))
+        verdicts.append(latency(windows, p95, config, baseline_p95, baseline_source))
     if count:
-        verdicts.append(Verdict("error_rate", err_rate > config.error_rate, err_rate, [], {"errors": errors, "count": count}))
+        verdicts.append(Verdict("error_rate", err_rate > config.error_rate, err_rate, [],
+                                {"errors": errors, "count": count}, hold_s=config.min_open_seconds))
     return Evaluation(count, verdicts, scores, p95, err_rate)
