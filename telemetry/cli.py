@@ -42,7 +42,9 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--min-samples", type=int, default=200, show_default=True, help="No drift verdict on fewer inferences.")
 @click.option("--alpha", type=float, default=0.01, show_default=True, help="Per-feature test level after correction.")
 @click.option("--correction", type=click.Choice(["bh", "bonferroni"]), default="bh", show_default=True)
-@click.option("--psi-threshold", type=float, default=0.2, show_default=True)
+@click.option("--psi-threshold", type=float, default=0.1, show_default=True,
+              help="Effect floor: a feature alerts only with PSI at least this (and a significant change); "
+                   "a bundle's drift_thresholds override it per bundle and per feature.")
 @click.option("--ks-alpha", type=float, default=0.01, show_default=True,
               help="Level of the binned KS test across features (Bonferroni); 0 turns that path off.")
 @click.option("--latency-factor", type=float, default=1.5, show_default=True, help="p95 above its baseline by this factor alerts.")
@@ -52,7 +54,19 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
               help="A regression must hold in each of a device's last N windows.")
 @click.option("--latency-slo-ms", type=float, help="Absolute p95 latency objective.")
 @click.option("--error-rate", type=float, default=0.05, show_default=True)
-@click.option("--close-after", type=int, default=3, show_default=True, help="Clean evaluations before an alert closes.")
+@click.option("--close-after", type=int, default=3, show_default=True, help="Clear evaluations before an alert closes.")
+@click.option("--horizon", type=int, default=1000, show_default=True,
+              help="The drift tests treat the recent windows as at most this many independent inferences.")
+@click.option("--design-effect/--no-design-effect", default=True, show_default=True,
+              help="Divide the sample size by the design effect the windows show (repeated or correlated inputs).")
+@click.option("--hold-alpha", type=float, default=0.05, show_default=True,
+              help="An open drift alert holds while its change is significant at this level ...")
+@click.option("--close-ratio", type=float, default=0.5, show_default=True,
+              help="... and its effect is at least this share of the opening threshold.")
+@click.option("--min-open-seconds", type=float, default=60.0, show_default=True, help="An alert stays open at least this long.")
+@click.option("--rejected-rate", type=float, default=0.05, show_default=True,
+              help="Alert when more than this share of a device's attempted inferences were refused ...")
+@click.option("--rejected-min-attempts", type=int, default=100, show_default=True, help="... once this many were attempted.")
 @click.option("--username", help="MQTT username.")
 @click.option("--password", envvar="EDGEOPS_MQTT_PASSWORD", help="MQTT password (or EDGEOPS_MQTT_PASSWORD).")
 @click.option("--ca", "ca_file", type=click.Path(), help="CA certificate for mqtts://.")
@@ -60,7 +74,7 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--duration", type=float, help="Stop after S seconds (default: run until interrupted).")
 def monitor_cmd(broker, fleet, db, http, share, client_id, bundle_paths, bundles_dir, webhook, retention_days,
                 recent_windows, min_samples, alpha, correction, psi_threshold, ks_alpha, latency_factor, latency_min_increase_ms, latency_sustain,
-                latency_slo_ms, error_rate, close_after, username, password, ca_file, topic_prefix, duration):
+                latency_slo_ms, error_rate, close_after, username, password, ca_file, topic_prefix, duration, **judgments):
     """Consume fleet telemetry: validate, store, detect drift and latency regressions, alert."""
     from edge_runtime.mqtt import parse_broker_url
     from telemetry import store
@@ -71,7 +85,7 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, bundle_paths, bundles
     config = MonitorConfig(recent_windows=recent_windows, min_samples=min_samples, alpha=alpha, correction=correction,
                            psi_threshold=psi_threshold, ks_alpha=ks_alpha or None, latency_factor=latency_factor,
                            latency_min_increase_ms=latency_min_increase_ms, latency_sustain=latency_sustain, latency_slo_ms=latency_slo_ms,
-                           error_rate=error_rate, close_after=close_after)
+                           error_rate=error_rate, close_after=close_after, **judgments)
     address = parse_broker_url(broker, username, password, ca_file)
     try:
         monitor = FleetMonitor(address, db, fleet=fleet, share=share, client_id=client_id, config=config,
