@@ -10,7 +10,9 @@ Results go to ``.../cmd/result``. Messages (JSON):
 - ``{"type": "rollback", "id"}``: back to the previous bundle.
 
 Result: ``{"id", "type", "ok", "stage", "message", "bundle", "version", "ts", "device_id"}``.
-A bad command gets a failed result and changes nothing; the agent keeps running.
+A bad command gets a failed result and changes nothing; the agent keeps running. A device whose
+slots have no trusted key and do not allow unsigned bundles answers every ``flash_begin`` and
+``flash_url`` with ``refused: no trusted key: ...`` at once, without receiving the transfer.
 """
 
 from __future__ import annotations
