@@ -33,7 +33,14 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
               help="sqlite:///file.db, or postgresql://user@host:5432/db for several monitors.")
 @click.option("--http", "http", help="Serve /metrics and the dashboard on [HOST]:PORT, e.g. :9100.")
 @click.option("--share", help="MQTT v5 shared-subscription group: several monitors split the load.")
-@click.option("--client-id", help="Stable MQTT client id (default edgeops-monitor[-GROUP]); give each shared monitor its own.")
+@click.option("--client-id", help="Stable MQTT client id (default edgeops-monitor-FLEET[-GROUP], 'all' for '+'); "
+                                   "give each shared monitor its own.")
+@click.option("--max-clock-skew", type=float, default=300.0, show_default=True,
+              help="Seconds a window may be dated ahead of this machine's clock; later ones are quarantined.")
+@click.option("--quarantine-keep", type=int, default=10_000, show_default=True,
+              help="Refused messages kept (raw bytes, topic, reason) in the quarantine table; the newest.")
+@click.option("--no-confirm", is_flag=True,
+              help="Do not acknowledge committed windows to the devices (they then resend until a monitor does).")
 @click.option("--bundle", "bundle_paths", multiple=True, type=click.Path(), help="A bundle whose reference profile drift is measured against (repeatable).")
 @click.option("--bundles", "bundles_dir", type=click.Path(), help="A folder of bundles.")
 @click.option("--webhook", help="POST alert openings and closings as JSON to this URL.")
@@ -72,7 +79,7 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--ca", "ca_file", type=click.Path(), help="CA certificate for mqtts://.")
 @click.option("--topic-prefix", default="edgeops", show_default=True)
 @click.option("--duration", type=float, help="Stop after S seconds (default: run until interrupted).")
-def monitor_cmd(broker, fleet, db, http, share, client_id, bundle_paths, bundles_dir, webhook, retention_days,
+def monitor_cmd(broker, fleet, db, http, share, client_id, max_clock_skew, quarantine_keep, no_confirm, bundle_paths, bundles_dir, webhook, retention_days,
                 recent_windows, min_samples, alpha, correction, psi_threshold, ks_alpha, latency_factor, latency_min_increase_ms, latency_sustain,
                 latency_slo_ms, error_rate, close_after, username, password, ca_file, topic_prefix, duration, **judgments):
     """Consume fleet telemetry: validate, store, detect drift and latency regressions, alert."""
@@ -89,7 +96,8 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, bundle_paths, bundles
     address = parse_broker_url(broker, username, password, ca_file)
     try:
         monitor = FleetMonitor(address, db, fleet=fleet, share=share, client_id=client_id, config=config,
-                               bundles=_bundles(bundle_paths, bundles_dir), webhook=webhook, prefix=topic_prefix)
+                               bundles=_bundles(bundle_paths, bundles_dir), webhook=webhook, prefix=topic_prefix,
+                               max_skew=max_clock_skew, quarantine_keep=quarantine_keep, confirm=not no_confirm)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
