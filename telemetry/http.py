@@ -103,6 +103,7 @@ class FleetCollector:
     """Renders monitor.stats and the database as Prometheus metric families at scrape time.
 
     Names: edgeops_monitor_{received,windows_stored,duplicates}_total, edgeops_monitor_rejected_total{reason},
+    edgeops_monitor_quarantined_total{reason}, edgeops_monitor_evaluation_errors_total,
     edgeops_monitor_broker_dropped_messages, edgeops_device_latency_ms{quantile}, edgeops_device_inferences_total,
     edgeops_device_errors_total, edgeops_device_drift_psi{feature}, edgeops_device_last_seen_timestamp_seconds,
     edgeops_device_online, edgeops_device_open_alerts, edgeops_open_alerts{detector}; device metrics carry
@@ -122,6 +123,13 @@ class FleetCollector:
         for reason, n in sorted(dict(s.rejected).items()):
             rej.add_metric([reason], n)
         yield rej
+        quar = CounterMetricFamily("edgeops_monitor_quarantined", "Messages kept in quarantine (raw bytes, topic, "
+                                   "reason) by this process, by reason.", labels=["reason"])
+        for reason, n in sorted(dict(s.quarantined).items()):
+            quar.add_metric([reason], n)
+        yield quar
+        yield CounterMetricFamily("edgeops_monitor_evaluation_errors", "Evaluations that failed (contained to "
+                                  "their device or fleet).", value=s.evaluation_errors)
         if s.broker_dropped is not None:
             yield GaugeMetricFamily("edgeops_monitor_broker_dropped_messages",
                                     "The broker's $SYS/broker/publish/messages/dropped.", value=s.broker_dropped)
@@ -218,8 +226,25 @@ def dashboard_html(monitor) -> str:
         "<th>last seen</th><th>alerts</th><th>worst drift (PSI)</th><th>p95 ms</th></tr>"
         + "".join(rows) + "</table><h2>Open alerts</h2>"
         + ("<table id='alerts'><tr><th>fleet</th><th>device</th><th>detector</th><th>features</th><th>statistic</th>"
-           f"<th>opened</th></tr>{alert_rows}</table>" if open_ else "<p>none</p>"))
+           f"<th>opened</th></tr>{alert_rows}</table>" if open_ else "<p>none</p>")
+        + _quarantine_html(monitor.engine))
     return _page("edgeops fleet", body)
+
+
+def _quarantine_html(engine, limit: int = 20) -> str:
+    """The newest quarantined messages: when, topic, reason, detail and the first bytes."""
+    e = html.escape
+    counts = store.quarantine_counts(engine)
+    if not counts:
+        return "<h2>Quarantine</h2><p>empty</p>"
+    rows = "".join(
+        f"<tr><td>{_ago(q['received_at'])}</td><td>{e(q['topic'])}</td><td>{e(q['reason'])}</td>"
+        f"<td>{e(q['detail'][:200])}</td><td>{len(q['payload'])} B: {e(repr(bytes(q['payload'][:60])))}</td></tr>"
+        for q in store.quarantined(engine, limit))
+    summary = ", ".join(f"{e(r)} {n}" for r, n in sorted(counts.items()))
+    return (f"<h2>Quarantine</h2><p id='quarantine'>{sum(counts.values())} kept ({summary})</p>"
+            "<table><tr><th>received</th><th>topic</th><th>reason</th><th>detail</th><th>payload</th></tr>"
+            f"{rows}</table>")
 
 
 def line_svg(values: list[float | None], title: str, unit: str = "", width: int = 640, height: int = 160) -> str:

@@ -182,6 +182,9 @@ def write_report(db_url: str, out: str | Path, config: MonitorConfig | None = No
         snapshot = fleet_snapshot(engine)
         parity = parity_rows(store.load_bundles(engine))
         open_ = store.open_alerts(engine)
+        quarantine = [{**q, "received_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(q["received_at"])),
+                       "detail": q["detail"][:200], "payload": f"{len(q['payload'])} B: {bytes(q['payload'][:60])!r}"}
+                      for q in store.quarantined(engine, 50)]
         fig = _figure(engine, snapshot, parity, open_, config)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
@@ -212,6 +215,8 @@ def write_report(db_url: str, out: str | Path, config: MonitorConfig | None = No
                                                 "last_seen", "p95_ms"])
         + "<h2>Accuracy at conversion</h2>" + _table(parity, ["bundle", "file", "quantization", "metric", "source",
                                                              "artifact", "drop_points", "size_bytes"])
+        + "<h2>Quarantined messages (newest)</h2>" + _table(quarantine, ["received_at", "topic", "reason", "detail",
+                                                                         "payload"])
         + "</body></html>")
     out.write_text(page)
     return out

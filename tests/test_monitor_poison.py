@@ -220,3 +220,25 @@ def test_an_evaluation_that_fails_is_contained_to_its_device(tmp_path, bc, monke
     assert "dev-b" in judged and "*" in judged
     assert m.stats.evaluation_errors == 2
     assert len([r for r in caplog.records if "dev-a" in r.getMessage()]) == 1
+
+
+def test_quarantine_is_visible_in_metrics_dashboard_and_report(tmp_path, bc):
+    import urllib.request
+
+    from telemetry.http import start_http
+    from telemetry.report import write_report
+
+    db = f"sqlite:///{tmp_path}/m.db"
+    m = FleetMonitor(NOWHERE, db, bundles=[bc[1]])
+    m.ingest([(topic, payload, 0, 0) for topic, payload in poison_kinds(bc).values()])
+    server = start_http(m, "127.0.0.1", 0)
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+        dashboard = urllib.request.urlopen(base + "/", timeout=10).read().decode()
+    finally:
+        server.shutdown()
+    assert 'edgeops_monitor_quarantined_total{reason="too_deep"} 1.0' in metrics
+    assert "<h2>Quarantine</h2>" in dashboard and "clock_skew" in dashboard
+    page = write_report(db, tmp_path / "report.html").read_text()
+    assert "Quarantined messages" in page and "too_deep" in page
