@@ -17,11 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from edge_runtime.errors import EdgeOpsError
+
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
 
-class BrokerUnavailable(RuntimeError):
-    """No mosquitto binary is installed, or it would not start."""
+class BrokerUnavailable(EdgeOpsError, RuntimeError):
+    """No broker is installed, or it would not start (exit status 1, like a missing inference backend)."""
+
+    exit_code = 1
 
 
 def find_mosquitto() -> str | None:
@@ -226,13 +230,13 @@ class AmqttBroker(_BrokerProcess):
 
     def start(self, timeout: float = 20.0) -> "AmqttBroker":
         """Start the broker, wait for its port and check a QoS 1 round trip with paho-mqtt."""
-        import sys
+        from devices.children import python_command
 
         if self.proc is not None and self.proc.poll() is None:
             return self
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from amqtt.scripts.broker_script import main; main()", "-c", str(self.config_path)],
+            python_command(["-c", "from amqtt.scripts.broker_script import main; main()", "-c", str(self.config_path)]),
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         self._wait_listening(deadline, lambda: self.log_path.read_text(errors="replace")[-2000:].strip())

@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import click
+
+from devices.children import Supervisor, python_command, stop_process
 
 REFERENCE = [("mlp", "breast_cancer"), ("mlp", "wine"), ("cnn", "digits"),
              ("rf", "breast_cancer"), ("rf", "wine"), ("rf", "digits")]
@@ -92,8 +95,6 @@ def demo_cmd(out_dir, quick, force, broker_kind, install_broker):
 
 def _ensure_mosquitto() -> None:
     """On a fresh Debian machine, install Mosquitto (otherwise the demo runs on amqtt)."""
-    import subprocess
-
     from devices.broker import find_mosquitto
 
     if find_mosquitto():
@@ -145,9 +146,25 @@ def _signed_versions(out: Path) -> tuple[Path, Path, Path]:
 EMULATED_LATENCY = ("--latency-factor", "3", "--latency-min-increase-ms", "5")
 
 
-def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
-    import subprocess
+def start_monitor(out: Path, broker_url: str, db: str, bundles: list[Path], http_port: int,
+                  supervisor: Supervisor) -> subprocess.Popen:
+    """``edgeops monitor`` as a child (its output in OUT/monitor.log), watched by ``supervisor``.
 
+    Started with :func:`devices.children.python_command`: from a folder that holds a folder named like one
+    of the project's packages (the clone, seen from its parent), ``python -m edgeops`` would import that.
+    """
+    bundle_args = [arg for b in bundles for arg in ("--bundle", str(Path(b).resolve()))]
+    log_path = out / "monitor.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(python_command([
+            "-m", "edgeops", "monitor", "--broker", broker_url, "--fleet", "demo", "--db", db, *bundle_args,
+            "--http", f"127.0.0.1:{http_port}", "--client-id", "demo-monitor", *EMULATED_LATENCY]),
+            stdout=log, stderr=subprocess.STDOUT)
+    return supervisor.watch("the monitor (edgeops monitor)", proc, log_path)
+
+
+def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
+    """The fleet part; False when it ends in a wrong verdict, ChildProcessDied when a child it needs dies."""
     from devices.broker import AmqttBroker, BrokerUnavailable, free_port, start_broker
     from devices.emulate import EmulatedFleet, replay_data
     from devices.flash import RolloutRunner, new_rollout
@@ -162,19 +179,17 @@ def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
     if isinstance(broker, AmqttBroker):
         _say(("mosquitto is not installed: u" if broker_kind == "auto" else "U")
              + "sing the pure-Python amqtt broker (MQTT 3.1.1; checked with paho-mqtt)")
+    children = Supervisor()   # every wait below raises ChildProcessDied as soon as a child died
+    children.watch(f"the broker ({broker.name})", broker.proc, broker.log_path)
     procs: list[subprocess.Popen] = []
     fleet = None
     try:
         v1, v2, pub = _signed_versions(out)
-        db = f"sqlite:///{out / 'monitor.db'}"
+        db = f"sqlite:///{(out / 'monitor.db').resolve()}"
         http_port = free_port()
         _say(f"broker {broker.url}; starting the monitor (SQLite {out / 'monitor.db'}, dashboard "
              f"http://127.0.0.1:{http_port}/)")
-        mon_log = open(out / "monitor.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "edgeops", "monitor", "--broker", broker.url, "--fleet", "demo", "--db", db,
-             "--bundle", str(v1), "--bundle", str(v2), "--http", f"127.0.0.1:{http_port}", "--client-id",
-             "demo-monitor", *EMULATED_LATENCY], stdout=mon_log, stderr=subprocess.STDOUT))
+        procs.append(start_monitor(out, broker.url, db, [v1, v2], http_port, children))
         n = 20
         rate, window = (40.0, 40) if quick else (20.0, 50)
         _say(f"starting an emulated fleet of {n} devices on {v1.name} (signature checked with {pub.name}), "
@@ -189,17 +204,17 @@ def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
                               # 20 emulated devices share this machine's cores with the health checks of a
                               # whole wave: judge latency after a flash with a wider margin than a real device
                               rollback={"windows": 3, "latency_factor": 3.0, "min_increase_ms": 5.0},   # as the monitor's
-                              on_event=show).start()
+                              on_event=show, supervisor=children).start()
         if not fleet.wait_started(180):
-            _say("the emulated devices did not start")
+            _say("the emulated devices did not start in time")
             return False
-        time.sleep(window / rate * 2)
+        children.sleep(window / rate * 2)
         address = parse_broker_url(broker.url)
         rollout = new_rollout(v2, "demo", fleet.devices, 0.1, 2, 2, public_key=str(pub))
         _say(f"rolling out {v2.name} with a canary: {', '.join(rollout.groups[0])} first, then "
              f"{len(rollout.groups) - 1} waves")
-        r = RolloutRunner(address, rollout, out / "rollout.json", flash_timeout=120, window_timeout=120,
-                          public_key=str(pub), progress=_say).run()
+        r = children.call(RolloutRunner(address, rollout, out / "rollout.json", flash_timeout=120,
+                                        window_timeout=120, public_key=str(pub), progress=_say).run)
         if r.phase != "done":
             _say(f"the rollout did not finish: {r.reason}")
             return False
@@ -216,10 +231,8 @@ def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
                     found.setdefault(a["device_id"], []).append(a)
             return found
 
-        deadline = time.monotonic() + (90 if quick else 150)
-        while time.monotonic() < deadline and not set(DRIFTS) <= set(flagged()):
-            time.sleep(1.0)
-        time.sleep(window / rate * 2)   # a little longer: clean devices must stay clean
+        children.wait(lambda: set(DRIFTS) <= set(flagged()), 90 if quick else 150, interval=1.0)
+        children.sleep(window / rate * 2)   # a little longer: clean devices must stay clean
         found = flagged()
         click.echo()
         click.echo(f"{'device':<10}{'version':<9}{'detector':<18}{'statistic':>10}  features")
@@ -246,9 +259,5 @@ def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
         if fleet is not None:
             fleet.stop()
         for p in procs:
-            p.terminate()
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p)
         broker.stop()

@@ -30,11 +30,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 import numpy as np
+
+from devices.children import TAIL_LINES, Supervisor, python_command
+from edge_runtime.errors import InvalidInputError
 
 log = logging.getLogger("edgeops.fleet")
 
@@ -42,8 +46,8 @@ EVENT_KINDS = ("drift", "offline", "slow", "flash")
 SHIFTS = ("scale", "offset", "noise", "missing", "prior")
 
 
-class ScenarioError(ValueError):
-    pass
+class ScenarioError(InvalidInputError):
+    """A scenario (file or dict) that is not valid; the message names the event and the field."""
 
 
 @dataclass
@@ -98,16 +102,25 @@ def load_scenario(source: str | Path | dict | None, devices: list[str]) -> list[
         try:
             t = float(e.get("at", 0))
         except (TypeError, ValueError):
-            raise ScenarioError(f"{at}: 'at' must be seconds after the start") from None
+            t = -1.0
+        if not 0 <= t < float("inf"):
+            raise ScenarioError(f"{at}: 'at' must be seconds after the start (a number >= 0)")
         if "devices" in e:
+            if not isinstance(e["devices"], list):
+                raise ScenarioError(f"{at}: 'devices' must be a list of device ids")
             chosen = [str(d) for d in e["devices"]]
             unknown = [d for d in chosen if d not in devices]
             if unknown:
-                raise ScenarioError(f"{at}: unknown devices {unknown} (the fleet has {devices[0]} .. {devices[-1]})")
+                raise ScenarioError(f"{at}: unknown devices {unknown[:5]} (the fleet has {devices[0]} .. {devices[-1]})")
         elif "count" in e:
-            chosen = devices[:int(e["count"])]
+            if isinstance(e["count"], bool) or not isinstance(e["count"], int) or not 1 <= e["count"] <= len(devices):
+                raise ScenarioError(f"{at}: 'count' must be a whole number of devices from 1 to {len(devices)}")
+            chosen = devices[:e["count"]]
         elif "fraction" in e:
-            chosen = devices[:max(1, round(len(devices) * float(e["fraction"])))]
+            f = e["fraction"]
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                raise ScenarioError(f"{at}: 'fraction' must be a number in (0, 1]")
+            chosen = devices[:max(1, round(len(devices) * f))]
         else:
             raise ScenarioError(f"{at}: name the devices with 'devices', 'count' or 'fraction'")
         params = {k: v for k, v in e.items() if k not in ("at", "kind", "devices", "count", "fraction")}
@@ -130,6 +143,35 @@ def load_scenario(source: str | Path | dict | None, devices: list[str]) -> list[
     return sorted(events, key=lambda ev: ev.at)
 
 
+def feature_indices(spec, names: list[str], n_features: int) -> np.ndarray:
+    """Column indices of a drift's ``features`` (names or indices; all columns when empty)."""
+    if not spec:
+        return np.arange(n_features)
+    if not isinstance(spec, list):
+        raise ScenarioError(f"drift 'features' must be a list of feature names or indices, not {spec!r}")
+    idx = []
+    for f in spec:
+        if isinstance(f, int) and not isinstance(f, bool) or (isinstance(f, str) and f.isdigit()):
+            if not 0 <= int(f) < n_features:
+                raise ScenarioError(f"drift feature index {f} is out of range (the data has {n_features} columns)")
+            idx.append(int(f))
+        elif f in names:
+            idx.append(names.index(f))
+        else:
+            raise ScenarioError(f"drift feature {f!r} is not a feature of the data ({', '.join(names[:5])} ...)")
+    return np.asarray(idx)
+
+
+def check_features(events: list[Event], names: list[str], n_features: int) -> None:
+    """ScenarioError if a drift event names a feature the replayed data does not have."""
+    for i, e in enumerate(events):
+        if e.kind == "drift":
+            try:
+                feature_indices(e.params.get("features"), names, n_features)
+            except ScenarioError as exc:
+                raise ScenarioError(f"drift event {i} at {e.at:g} s: {exc}") from None
+
+
 # -- the input stream of one device -------------------------------------------------------------
 
 
@@ -146,22 +188,9 @@ class DeviceStream:
         self.drift: dict | None = None
         self.stopped = threading.Event()
 
-    def _features(self, spec) -> np.ndarray:
-        if not spec:
-            return np.arange(self.X.shape[1])
-        idx = []
-        for f in spec:
-            if isinstance(f, int) or (isinstance(f, str) and f.isdigit()):
-                idx.append(int(f))
-            elif f in self.names:
-                idx.append(self.names.index(f))
-            else:
-                raise ScenarioError(f"drift feature {f!r} is not a feature of the data ({', '.join(self.names[:5])} ...)")
-        return np.asarray(idx)
-
     def set_drift(self, params: dict) -> None:
         d = dict(params)
-        d["idx"] = self._features(d.get("features"))
+        d["idx"] = feature_indices(d.get("features"), self.names, self.X.shape[1])
         if d["shift"] == "prior" and self.y is not None:
             target = int(d.get("target_class", np.unique(self.y)[0]))
             d["pool"] = np.flatnonzero(self.y == target)
@@ -319,13 +348,15 @@ class EmulatedFleet:
         window_size: inferences per telemetry window.
         public_key: devices take only bundles this key signed.
         allow_unsigned: without a key, devices take unsigned flashes (otherwise they refuse every flash).
+        supervisor: watches the worker processes (with the run's other children); a worker that dies
+            makes every wait of the fleet raise :class:`devices.children.ChildProcessDied`.
     """
 
     def __init__(self, bundle: str | Path, broker: str, n_devices: int, data: tuple, state_root: str | Path,
                  fleet: str = "emulated", scenario: list[Event] | None = None, per_process: int = 10,
                  rate: float = 20.0, window_size: int = 50, duration: float | None = None, prefix: str = "dev",
                  public_key: str | None = None, rollback: dict | None = None, on_event=None, seed: int = 0,
-                 allow_unsigned: bool = False):
+                 allow_unsigned: bool = False, supervisor: Supervisor | None = None):
         self.bundle, self.broker, self.fleet = str(bundle), broker, fleet
         self.devices = device_ids(n_devices, prefix)
         self.state_root = Path(state_root)
@@ -334,11 +365,14 @@ class EmulatedFleet:
         self.public_key, self.rollback, self.seed = public_key, rollback, seed
         self.allow_unsigned = allow_unsigned
         self.on_event = on_event or (lambda doc: None)
+        self.supervisor = supervisor or Supervisor()
         self.procs: list[subprocess.Popen] = []
         self.readers: list[threading.Thread] = []
+        self.tails: list[deque[str]] = []
         self.events: list[dict] = []
         self.stats: dict[str, dict] = {}
         X, y, names = data
+        self.feature_names, self.n_features = list(names), np.asarray(X).shape[1]
         self.state_root.mkdir(parents=True, exist_ok=True)
         self.data_file = self.state_root / "replay.npz"
         (self.state_root / "control.jsonl").unlink(missing_ok=True)
@@ -362,20 +396,35 @@ class EmulatedFleet:
                     "start": self.t0, "events": events, "seed": self.seed + g, "public_key": self.public_key,
                     "allow_unsigned": self.allow_unsigned,
                     "rollback": self.rollback}
-            p = subprocess.Popen([sys.executable, "-m", "devices.emulate", json.dumps(spec)], env=env,
+            p = subprocess.Popen(python_command(["-m", "devices.emulate", json.dumps(spec)]), env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            self.procs.append(p)
-            for stream in (p.stdout, p.stderr):
-                t = threading.Thread(target=self._read, args=(stream,), daemon=True)
+            tail: deque[str] = deque(maxlen=TAIL_LINES)
+            readers = [threading.Thread(target=self._read, args=(stream, tail), daemon=True)
+                       for stream in (p.stdout, p.stderr)]
+            for t in readers:
                 t.start()
-                self.readers.append(t)
+            self.procs.append(p)
+            self.tails.append(tail)
+            self.readers += readers
+            group = spec["devices"]
+            self.supervisor.watch(f"device worker {len(self.procs)} ({group[0]} .. {group[-1]})", p,
+                                  self._tail_of(readers, tail), may_finish=self.duration is not None)
         flashes = [e for e in self.scenario if e.kind == "flash"]
         if flashes:
             self._flasher = threading.Thread(target=self._flash_events, args=(flashes,), daemon=True)
             self._flasher.start()
         return self
 
-    def _read(self, stream) -> None:
+    @staticmethod
+    def _tail_of(readers: list[threading.Thread], tail: deque[str]):
+        """The last lines a worker wrote, once its readers have reached the end of its output."""
+        def lines() -> list[str]:
+            for t in readers:
+                t.join(timeout=2)
+            return list(tail)
+        return lines
+
+    def _read(self, stream, tail: deque[str]) -> None:
         for line in stream:
             line = line.rstrip()
             if not line:
@@ -389,7 +438,9 @@ class EmulatedFleet:
                 if doc["event"] == "stopped":
                     self.stats.update(doc["stats"])
                 self.on_event(doc)
-            elif "WARNING" in line or "ERROR" in line or "Traceback" in line:
+                continue
+            tail.append(line)
+            if "WARNING" in line or "ERROR" in line or "Traceback" in line:
                 log.warning("device worker: %s", line)
 
     def _flash_events(self, flashes: list[Event]) -> None:
@@ -414,25 +465,24 @@ class EmulatedFleet:
         ev = load_scenario({"events": [{"kind": kind, "devices": devices, **params}]}, self.devices)[0]
         if ev.kind == "flash":
             raise ScenarioError("flash devices with devices.flash (edgeops flash), not inject")
+        check_features([ev], self.feature_names, self.n_features)
         with open(self.state_root / "control.jsonl", "a") as fh:
             fh.write(json.dumps({"kind": ev.kind, "devices": ev.devices, "params": ev.params}) + "\n")
 
     def wait_started(self, timeout: float = 120.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            started = sum(len(e["devices"]) for e in self.events if e.get("event") == "started")
-            if started >= len(self.devices):
-                return True
-            if any(p.poll() not in (None, 0) for p in self.procs):
-                return False
-            time.sleep(0.2)
-        return False
+        """True once every device runs, False after ``timeout``; ChildProcessDied if a worker dies first."""
+        def started() -> bool:
+            return sum(len(e["devices"]) for e in self.events if e.get("event") == "started") >= len(self.devices)
+        return self.supervisor.wait(started, timeout)
 
-    def wait(self, timeout: float | None = None) -> None:
-        for p in self.procs:
-            p.wait(timeout=timeout)
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until every worker has ended (its duration is over); ChildProcessDied as soon as one dies.
+
+        Returns False if ``timeout`` passes first."""
+        ended = self.supervisor.wait(lambda: all(p.poll() is not None for p in self.procs), timeout)
         for t in self.readers:
             t.join(timeout=5)
+        return ended
 
     def stop(self, timeout: float = 30.0) -> None:
         for p in self.procs:
@@ -504,11 +554,9 @@ def emulate_cmd(n_devices, bundle, broker, fleet, scenario, dataset, data_file, 
                 per_process, state_root, device_prefix, public_key, allow_unsigned, as_json):
     """Start N real device agents replaying reference data, with scheduled drift, outages, slowness and flashes."""
     devices = device_ids(n_devices, device_prefix)
-    try:
-        events = load_scenario(scenario, devices)
-    except ScenarioError as exc:
-        raise click.BadParameter(str(exc), param_hint="--scenario") from None
+    events = load_scenario(scenario, devices)   # ScenarioError: bad input, exit status 3
     data = replay_data(bundle, dataset, data_file)
+    check_features(events, list(data[2]), np.asarray(data[0]).shape[1])
 
     def show(doc):
         if not as_json:
@@ -519,9 +567,9 @@ def emulate_cmd(n_devices, bundle, broker, fleet, scenario, dataset, data_file, 
                            per_process=per_process, rate=rate, window_size=window_size, duration=duration,
                            prefix=device_prefix, public_key=public_key, on_event=show, allow_unsigned=allow_unsigned)
     fleet_.start()
-    try:
+    try:   # a worker that dies stops the run: ChildProcessDied names it and quotes its last lines
         if not fleet_.wait_started():
-            raise click.ClickException("device workers failed to start; see the messages above")
+            raise click.ClickException("the device workers did not start in time; see the messages above")
         fleet_.wait()
     except KeyboardInterrupt:
         click.echo("stopping the emulated fleet", err=True)
@@ -536,4 +584,10 @@ def emulate_cmd(n_devices, bundle, broker, fleet, scenario, dataset, data_file, 
 
 
 if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]))
+    from edge_runtime.errors import EdgeOpsError
+
+    try:
+        _worker(json.loads(sys.argv[1]))
+    except EdgeOpsError as exc:   # a refused bundle, a bad drift: one line for the fleet's error, no traceback
+        print(f"edgeops: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)

@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from edge_runtime.errors import EdgeOpsError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: Debian release of the userland and the Python it ships.
@@ -97,8 +99,10 @@ _BINFMT_MAGIC = r"\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x
 _BINFMT_MASK = r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff"
 
 
-class EmulationError(RuntimeError):
-    """The emulated device cannot be prepared or started; the message says what to do."""
+class EmulationError(EdgeOpsError, RuntimeError):
+    """The emulated device cannot be prepared or started; the message says what to do (exit status 1)."""
+
+    exit_code = 1
 
 
 class PrepareError(EmulationError):

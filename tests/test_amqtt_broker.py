@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from bundle_variants import variant
+from helpers import eventually
 from sqlalchemy import create_engine, text
 
 from devices.broker import check_broker, free_port
@@ -67,29 +67,21 @@ def test_agent_monitor_and_flash_work_over_amqtt(amqtt, bc_mlp_bundle, reference
         except Exception:  # noqa: BLE001 - the monitor has not created its tables yet
             return []
 
-    def wait_for(cond, seconds):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if cond():
-                return True
-            time.sleep(0.3)
-        return False
-
     try:
         # windows arrive, are stored once each, and the drifted inputs open a drift alert
-        assert wait_for(lambda: len(query("select seq from edgeops_windows where device_id = 'd1'")) >= 8, 60)
+        assert eventually(lambda: len(query("select seq from edgeops_windows where device_id = 'd1'")) >= 8, 60, 0.3)
         seqs = [r[0] for r in query("select seq from edgeops_windows where device_id = 'd1' order by seq")]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))          # no gap, no duplicate
-        assert wait_for(lambda: query("select 1 from edgeops_alerts where device_id = 'd1' and open "
-                                      "and detector = 'feature_drift'"), 30)
+        assert eventually(lambda: query("select 1 from edgeops_alerts where device_id = 'd1' and open "
+                                        "and detector = 'feature_drift'"), 30, 0.3)
         # flashing goes over the same broker: chunks, result, and the new version's windows
         res = subprocess.run([sys.executable, "-m", "edgeops", "flash", str(v2), "--device", "d1", "--fleet", "f",
                               "--broker", amqtt.url, "--json", "--timeout", "60"],
                              capture_output=True, text=True, timeout=180)
         assert res.returncode == 0, res.stderr[-2000:]
         assert json.loads(res.stdout)["version"] == "1.1.0"
-        assert wait_for(lambda: query("select 1 from edgeops_windows where device_id = 'd1' "
-                                      "and model_version = '1.1.0'"), 30)
+        assert eventually(lambda: query("select 1 from edgeops_windows where device_id = 'd1' "
+                                        "and model_version = '1.1.0'"), 30, 0.3)
     finally:
         agent.terminate()
         out, _ = agent.communicate(timeout=30)
@@ -103,7 +95,7 @@ def test_an_emulated_outage_on_311_fires_the_last_will_and_the_link_comes_back(a
 
     from edge_runtime.mqtt import MqttLink
 
-    seen, got = [], threading.Event()
+    seen, got, subscribed = [], threading.Event(), threading.Event()
 
     def on_message(topic, payload):
         seen.append((topic, payload))
@@ -113,20 +105,18 @@ def test_an_emulated_outage_on_311_fires_the_last_will_and_the_link_comes_back(a
     watcher = MqttLink(address, "watcher", on_message=on_message, session_expiry=0,
                        on_connect=lambda: watcher.subscribe("edgeops/f/d1/status"))
     device = MqttLink(address, "d1", will=("edgeops/f/d1/status", b"offline"))
+    watcher.client.on_subscribe = lambda *suback: subscribed.set()
     watcher.start()
     device.start()
     try:
         assert watcher.wait_connected(10) and device.wait_connected(10)
-        time.sleep(0.3)                                  # the watcher's subscription is in place
+        assert subscribed.wait(10)                       # the watcher's SUBACK: its subscription is in place
         device.pause()                                   # no DISCONNECT packet: the broker sends the will
         assert got.wait(10) and seen[-1] == ("edgeops/f/d1/status", b"offline")
         device.resume()
         assert device.wait_connected(10)
         assert device.publish("edgeops/f/d1/status", b"online", qos=1) is not None
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and seen[-1][1] != b"online":
-            time.sleep(0.05)
-        assert seen[-1] == ("edgeops/f/d1/status", b"online")
+        assert eventually(lambda: seen[-1] == ("edgeops/f/d1/status", b"online"), 10), seen[-1]
     finally:
         device.stop()
         watcher.stop()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 from bundle_variants import variant
+from helpers import eventually
 
 from devices.emulate import EmulatedFleet, ScenarioError, load_scenario, replay_data
 from devices.flash import RolloutRunner, new_rollout, plan_groups
@@ -76,6 +77,15 @@ def test_which_open_alerts_stop_a_rollout(versions, tmp_path):
     assert runner._alerts_for(fleet_link, ["dev-000"]) == stopping
 
 
+def stored_devices(db) -> set[str]:
+    """Devices the monitor has stored windows of (none before it created its database)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return {row[0] for row in conn.execute("select distinct device_id from edgeops_windows")}
+    except sqlite3.Error:
+        return set()
+
+
 def start_fleet(tmp_path, v1, broker, n=4):
     fleet = EmulatedFleet(v1, broker.url, n, replay_data(v1, "breast_cancer", None), tmp_path / "fleet",
                           fleet=FLEET, per_process=n, rate=50, window_size=20, allow_unsigned=True).start()
@@ -93,7 +103,7 @@ def test_a_canary_rollout_stops_on_a_drift_alert_and_rolls_the_canary_back(mosqu
     col = Collector(mosquitto.port, client_id="rollout-watch")
     fleet = start_fleet(tmp_path, v1, mosquitto)
     try:
-        time.sleep(2)
+        assert eventually(lambda: stored_devices(tmp_path / "m.db") >= set(fleet.devices), 60)   # the monitor sees them
         rollout = new_rollout(v2, FLEET, fleet.devices, 0.25, 1, 60)
         assert rollout.groups[0] == ["dev-000"]
         said = []
@@ -132,13 +142,13 @@ def test_a_rollout_survives_a_restart_of_the_orchestrator(mosquitto, versions, t
                                          "--clean-windows", "3", "--state-file", str(state), "--devices",
                                          ",".join(fleet.devices)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if state.exists():
-                doc = json.loads(state.read_text())
-                if doc["devices"]["dev-000"]["state"] == "flashed":
-                    break
-            time.sleep(0.05)
+        def canary_flashed() -> bool:
+            try:
+                return json.loads(state.read_text())["devices"]["dev-000"]["state"] == "flashed"
+            except (OSError, ValueError):   # not written yet
+                return False
+
+        assert eventually(canary_flashed, 60)
         first.kill()                                   # the orchestrator dies in the middle of the rollout
         first.wait()
         doc = json.loads(state.read_text())
@@ -187,5 +197,5 @@ def test_fleet_emulate_applies_offline_and_slow_events(mosquitto, versions, tmp_
     bad.write_text('{"events": [{"kind": "drift", "count": 1, "shift": "sideways"}]}')
     res = subprocess.run([sys.executable, "-m", "edgeops", "fleet", "emulate", "--bundle", str(v1), "--broker",
                           mosquitto.url, "--scenario", str(bad)], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "events[0]: drift 'shift'" in res.stderr
+    assert res.returncode == 3 and "events[0]: drift 'shift'" in res.stderr
     assert os.path.exists(v1)
