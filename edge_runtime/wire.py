@@ -219,12 +219,17 @@ def parse(name: str, payload: bytes, prefix: str = DEFAULT_PREFIX, max_bytes: in
     return Message(kind, fleet, device, check_status(doc))
 
 
-def seq_of(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> int | None:
-    """The sequence number of a telemetry payload that failed validation, when it has a usable one
-    (so the monitor can still tell the device to stop resending it)."""
+def seq_of(payload: bytes, fleet: str, device: str, max_bytes: int = MAX_PAYLOAD) -> int | None:
+    """The sequence number of a telemetry payload that failed validation, when it has a usable one and
+    names the device and fleet of its topic (so the monitor can tell that device to stop resending it)."""
     try:
         doc = decode(payload, max_bytes)
-        return _count(doc.get("seq"), "seq") if isinstance(doc, dict) else None
+    except Rejected:
+        return None
+    if not isinstance(doc, dict) or doc.get("device_id") != device or doc.get("fleet") != fleet:
+        return None
+    try:
+        return _count(doc.get("seq"), "seq")
     except Rejected:
         return None
 

@@ -351,7 +351,7 @@ class FleetMonitor:
                 fleet, device, kind = parse_topic(topic, self.prefix)
             except Rejected:
                 continue
-            seq = seq_of(payload, self.max_payload) if kind == "telemetry" else None
+            seq = seq_of(payload, fleet, device, self.max_payload) if kind == "telemetry" else None
             if seq is not None:
                 done[(fleet, device)].append(seq)
                 bad[(fleet, device)][seq] = reason

@@ -10,10 +10,13 @@ statistics code (edge_runtime.stats).
 
 from __future__ import annotations
 
-from typing import Sequence
+import json
+import random
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from edge_runtime import wire
 from edge_runtime.stats import ClassCounts, FeatureStats, LatencyHistogram
 
 
@@ -56,7 +59,7 @@ def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, flee
     if predictions is not None:
         cc.update(np.asarray(predictions))
     return {
-        "schema_version": 1, "type": "telemetry", "device_id": device_id, "fleet": fleet, "seq": seq,
+        **wire.telemetry_message(fleet, device_id, {}), "seq": seq,
         "start": float(start), "end": float(end if end is not None else start + 10.0),
         "model": {"name": manifest["name"], "version": manifest["version"], "artifact": "model.tflite",
                   "sha256": None, "variant": None},
@@ -67,6 +70,74 @@ def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, flee
 
 def status_doc(device_id: str, fleet: str, online: bool, ts: float, model: dict | None = None) -> dict:
     """A status message (schema_version 1)."""
-    return {"schema_version": 1, "type": "status", "device_id": device_id, "fleet": fleet, "online": online,
-            "ts": ts, "runtime_version": "0.1.0", "platform": {"machine": "x86_64", "system": "Linux"},
+    return {**wire.status_message(fleet, device_id, online), "ts": ts, "runtime_version": "0.1.0", "platform": {"machine": "x86_64", "system": "Linux"},
             "model": model, "backend": "litert", "free_disk_bytes": 10**9, "previous_model": None}
+
+
+# -- hostile messages ------------------------------------------------------------------------------
+
+_ODD_VALUES = [None, True, -1, 0, 2**63, 10**400, -1e308, 1e308, float("inf"), "", "\x00", "\ud800", "x" * 300,
+               [], {}, [[[[1]]]], {"a": {"b": {"c": 1}}}, "1.0", 0.5, [None], [-1, 2**64]]
+
+
+def hostile_messages(window: dict, n: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:
+    """``n`` (kind, payload) pairs derived from a valid ``window``: fields replaced by odd values, removed,
+    nested deep, truncated, re-encoded, bit-flipped, or the whole payload replaced (kind: telemetry,
+    status or bench, the topic kind to send it on)."""
+    rng = random.Random(seed)
+    base = json.dumps(window)
+    paths = list(_paths(window))
+    for _ in range(n):
+        choice = rng.randrange(8)
+        kind = rng.choice(("telemetry", "telemetry", "telemetry", "status", "bench"))
+        if choice == 0:
+            doc = json.loads(base)
+            _set(doc, rng.choice(paths), rng.choice(_ODD_VALUES))
+            payload = json.dumps(doc).encode("utf-8", "surrogatepass")
+        elif choice == 1:
+            doc = json.loads(base)
+            _set(doc, rng.choice(paths), _DELETE)
+            payload = json.dumps(doc).encode()
+        elif choice == 2:
+            depth = rng.choice((50, 900, 5_000, 100_000))
+            payload = b'{"x":' + b"[" * depth + b"]" * depth + b"}"
+        elif choice == 3:
+            raw = base.encode()
+            payload = raw[:rng.randrange(len(raw))]
+        elif choice == 4:
+            payload = base.encode(rng.choice(("utf-16", "utf-32", "latin-1")), "replace")
+        elif choice == 5:
+            raw = bytearray(base.encode())
+            for _ in range(rng.randrange(1, 8)):
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+            payload = bytes(raw)
+        elif choice == 6:
+            payload = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+        else:
+            doc = json.loads(base)
+            doc["model"]["name"] = rng.choice(("\x00", "\ud800", "m" * 200, ["list"], 7))
+            payload = json.dumps(doc).encode("utf-8", "surrogatepass")
+        yield kind, payload
+
+
+_DELETE = object()
+
+
+def _paths(node, prefix=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield prefix + (k,)
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list) and node:
+        yield prefix + (0,)
+        yield from _paths(node[0], prefix + (0,))
+
+
+def _set(doc, path, value) -> None:
+    node = doc
+    for p in path[:-1]:
+        node = node[p]
+    if value is _DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
