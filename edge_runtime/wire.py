@@ -349,8 +349,8 @@ def check_telemetry(doc: dict, now: float | None = None, max_skew: float = MAX_C
     count = out["count"] = _count(doc["count"], "count")
     out["errors"] = _count(doc["errors"], "errors")
     out["rejected"] = _count(doc.get("rejected", 0), "rejected")
-    if out["errors"] > count or out["rejected"] > MAX_INT - count:
-        raise Rejected("bad_value", "more errors than inferences")
+    if out["errors"] > count or out["rejected"] > count:
+        raise Rejected("bad_value", "more errors or rejected inputs than inferences")
     if "dropped_windows" in doc:
         out["dropped_windows"] = _count(doc["dropped_windows"], "dropped_windows")
     out["model"] = check_model(doc["model"])

@@ -56,8 +56,9 @@ def test_an_agent_publishes_windows_and_status_that_match_the_schema(mosquitto, 
 def test_a_broker_outage_loses_no_window(mosquitto, bc_mlp_bundle, bc_inputs, tmp_path):
     sub = Collector(mosquitto.port)
     state = tmp_path / "state"
+    # no monitor here to confirm windows: the broker's acknowledgement is what empties the spool
     agent = subprocess.Popen(agent_cmd(bc_mlp_bundle, mosquitto, bc_inputs, state, "--loop", "--rate", 400,
-                                       "--window-size", 20, "--duration", 7),
+                                       "--window-size", 20, "--duration", 7, "--confirm", "broker"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert sub.wait_for(lambda: len(sub.telemetry()) >= 5)
@@ -159,3 +160,38 @@ def test_an_agent_reads_a_folder_of_images(mosquitto, digits_cnn_bundle, referen
         assert w["predictions"]["counts"] == expected.tolist()
     finally:
         sub.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", range(6))
+def test_sigterm_sends_the_partial_window_and_loses_no_inference(mosquitto, bc_mlp_bundle, bc_inputs, tmp_path, run):
+    """A stop at any moment: the agent finishes its inference, closes, spools and sends the open window."""
+    from sqlalchemy import func, select
+
+    from edge_runtime.mqtt import parse_broker_url
+    from helpers import eventually
+    from telemetry import store
+    from telemetry.monitor import FleetMonitor
+
+    monitor = FleetMonitor(parse_broker_url(mosquitto.url), f"sqlite:///{tmp_path}/m.db", fleet="lab").start()
+    agent = subprocess.Popen(agent_cmd(bc_mlp_bundle, mosquitto, bc_inputs, tmp_path / "s", "--loop", "--rate", 400,
+                                       "--window-size", 7), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert eventually(lambda: monitor.stats.stored >= 3 + run, 60)
+        time.sleep(0.013 * run)   # vary the moment of the signal within an inference cycle; not a wait for an event
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=60)
+        assert agent.returncode == 0, err.decode()[-2000:]
+        line = [ln for ln in err.decode().splitlines() if " inferences, " in ln][-1]
+        done = int(line.split(" inferences, ")[0].rsplit(" ", 1)[1])
+        bad = int(line.split(" inferences, ")[1].split(" ")[0])
+
+        def stored_count():
+            with monitor.engine.connect() as conn:
+                return conn.execute(select(func.sum(store.windows.c.count))).scalar()
+
+        assert eventually(lambda: stored_count() == done + bad, 30), (stored_count(), done, bad)
+        assert "windows left in the spool" in line and line.endswith(" 0 windows left in the spool")
+    finally:
+        agent.kill()
+        monitor.stop()
