@@ -27,6 +27,8 @@ def parent_of_a_clone(tmp_path, monkeypatch):
     parent = tmp_path / "src"
     for name in ("edgeops", "devices", "telemetry"):
         (parent / name).mkdir(parents=True)
+    (parent / "devices" / "__init__.py").write_text("")   # a package of the same name, not only a folder
+    (parent / "devices" / "emulate.py").write_text("raise SystemExit('the devices package of the current folder')")
     monkeypatch.chdir(parent)
     return parent
 
@@ -108,7 +110,9 @@ def test_a_supervised_call_stops_when_a_child_dies_during_it():
         stop_process(proc)
 
 
-def test_an_emulated_fleet_whose_worker_is_killed_stops_naming_it(tmp_path, session_mosquitto, bc_mlp_bundle):
+def test_an_emulated_fleet_whose_worker_is_killed_stops_naming_it(parent_of_a_clone, tmp_path, session_mosquitto,
+                                                                  bc_mlp_bundle):
+    # started from the folder holding the clone: the workers still run the installed devices package
     fleet = EmulatedFleet(bc_mlp_bundle, session_mosquitto.url, 1, _replay_rows(), tmp_path / "fleet",
                           fleet="killed", rate=20, window_size=20).start()
     try:
