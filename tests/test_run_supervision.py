@@ -151,3 +151,19 @@ def test_fleet_emulate_stops_with_the_dead_worker_and_its_last_lines(tmp_path, s
     assert "edgeops: error: device worker 1 (dev-000 .. dev-000)" in res.stderr
     assert "unexpected error" not in res.stderr
     assert json.dumps("started") not in res.stdout
+
+
+def test_the_demo_fleet_stops_at_once_when_its_monitor_dies(tmp_path, bc_mlp_bundle, monkeypatch):
+    import shutil
+
+    from devices import demo
+
+    out = tmp_path / "demo"
+    shutil.copytree(bc_mlp_bundle, out / "bundles" / "breast_cancer-mlp")
+    monkeypatch.setattr(demo, "EMULATED_LATENCY", ("--no-such-option",))   # the monitor refuses its command line
+    with pytest.raises(ChildProcessDied) as died:
+        demo._run_fleet(out, quick=True)
+    message = str(died.value)
+    assert message.startswith("the monitor (edgeops monitor)") and "exited with status 2" in message
+    assert message.endswith("Error: No such option '--no-such-option'.")
+    assert not list(out.glob("flagged.json"))   # stopped before any verdict
