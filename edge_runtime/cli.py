@@ -180,6 +180,38 @@ def _choose_bundle(slots, given):
     return active
 
 
+def _serve_limit_options(f):
+    """`edgeops serve`'s bounds, one option per field of ServeLimits (same names, same defaults)."""
+    from edge_runtime.serving.limits import ServeLimits
+
+    d = ServeLimits()
+    for opt in reversed([
+        click.option("--max-body-bytes", type=click.IntRange(1), default=d.max_body_bytes, show_default=True,
+                     help="Largest request body (413 above)."),
+        click.option("--max-depth", type=click.IntRange(1), default=d.max_depth, show_default=True,
+                     help="Deepest JSON nesting (400 above)."),
+        click.option("--max-batch", type=click.IntRange(1), default=d.max_batch, show_default=True,
+                     help="Most samples or images in one request (413 above)."),
+        click.option("--max-in-flight-bytes", type=click.IntRange(1), default=d.max_in_flight_bytes,
+                     show_default=True, help="Request-body bytes received or parsed at once, all clients together."),
+        click.option("--max-image-pixels", type=click.IntRange(1), default=d.max_image_pixels, show_default=True,
+                     help="Largest uploaded image, width x height (413 above, before decoding)."),
+        click.option("--max-connections", type=click.IntRange(1), default=d.max_connections, show_default=True,
+                     help="Open connections at once (503 above)."),
+        click.option("--header-timeout", "header_timeout_s", type=click.FloatRange(0, min_open=True),
+                     default=d.header_timeout_s, show_default=True, help="Seconds to send a request's headers."),
+        click.option("--body-timeout", "body_timeout_s", type=click.FloatRange(0, min_open=True),
+                     default=d.body_timeout_s, show_default=True, help="Seconds to send a request's body (408 after)."),
+        click.option("--keep-alive", "keep_alive_s", type=click.FloatRange(0, min_open=True),
+                     default=d.keep_alive_s, show_default=True, help="Seconds an idle connection is kept."),
+        click.option("--admission-timeout", "admission_timeout_s", type=click.FloatRange(0, min_open=True),
+                     default=d.admission_timeout_s, show_default=True,
+                     help="Seconds a request waits for room in --max-in-flight-bytes (503 after)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @click.command("serve")
 @click.argument("bundle", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -192,14 +224,23 @@ def _choose_bundle(slots, given):
 @click.option("--fleet", default="default", show_default=True)
 @click.option("--window-seconds", type=float, default=10.0, show_default=True)
 @click.option("--state-dir", type=click.Path())
+@_serve_limit_options
 @_common_broker_options
 def serve_cmd(bundle, host, port, artifact, threads, public_key, broker, device_id, fleet, window_seconds, state_dir,
-              username, password, ca_file, cert_file, key_file, topic_prefix):
-    """Serve BUNDLE over HTTP: POST /predict, GET /healthz, /metrics, /model."""
+              username, password, ca_file, cert_file, key_file, topic_prefix, **limit_options):
+    """Serve BUNDLE over HTTP: POST /predict, GET /healthz, /metrics, /model, /openapi.json.
+
+    Inputs are numbers (JSON) or uploaded images, never file paths; every request is
+    bounded by the --max-* and --*-timeout options.
+    """
     import edge_runtime
-    from edge_runtime.serve import serve_forever
+    from edge_runtime.serving import ServeLimits, serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        limits = ServeLimits(**limit_options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     model = edge_runtime.load(bundle, artifact=artifact, threads=threads, public_key=public_key)
     agent = None
     if broker:
@@ -211,4 +252,4 @@ def serve_cmd(bundle, host, port, artifact, threads, public_key, broker, device_
         agent = DeviceAgent(model, device_id, fleet, parse_broker_url(broker, username, password, ca_file, cert_file,
                                                                       key_file),
                             state_dir=state_dir, window_seconds=window_seconds, prefix=topic_prefix).start()
-    serve_forever(model, host, port, agent=agent)
+    serve_forever(model, host, port, agent=agent, limits=limits)

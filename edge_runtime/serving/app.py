@@ -1,0 +1,261 @@
+"""The ASGI application of `edgeops serve` (Starlette): endpoints, bounded body reading, JSON errors.
+
+Parsing and inference run on one worker thread, in arrival order: interpreters are not
+thread-safe, and one parse at a time keeps memory bounded by the in-flight budget plus
+one batch. The event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import anyio
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from edge_runtime.errors import EdgeOpsError, InvalidInputError
+from edge_runtime.model import EdgeModel
+from edge_runtime.serving.bodies import Rejection, SampleShape, body_kind, decode_image, media_type, parse_json
+from edge_runtime.serving.limits import InFlightBytes, ServeLimits
+from edge_runtime.serving.metrics import ServeMetrics, model_summary
+from edge_runtime.serving.openapi import openapi_document
+
+log = logging.getLogger("edgeops.serve")
+
+ENDPOINTS = "POST /predict, GET /healthz, /metrics, /model, /openapi.json"
+# a client that closed its connection before the answer: nobody receives this status (nginx's convention)
+CLIENT_CLOSED = 499
+
+
+class Served:
+    """The model, its limits and counters, and the worker thread that parses and predicts."""
+
+    def __init__(self, model: EdgeModel, limits: ServeLimits, agent: Any = None) -> None:
+        self.model = model
+        self.limits = limits
+        self.agent = agent
+        self.metrics = ServeMetrics()
+        self.in_flight = InFlightBytes(limits.max_in_flight_bytes)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeops-infer")
+        image = ((model.manifest or {}).get("input_schema") or {}).get("image")
+        self.sample = SampleShape(model.input_spec.name, model.input_spec.shape, bool(image))
+        m = model.manifest or {}
+        self.openapi = openapi_document(self.sample, limits, m.get("name", model.path.stem), m.get("version") or "")
+
+    async def on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    def predict(self, kind: str, payload: Any) -> dict:
+        """Parse (JSON or image bytes, or decoded multipart parts) and predict: runs on the worker thread."""
+        if kind == "json":
+            x = parse_json(payload, self.sample, self.limits)
+        elif kind == "image":
+            x = decode_image(payload, self.limits, "the body")
+        else:
+            x = [decode_image(data, self.limits, f"part 'image'[{i}]") for i, data in enumerate(payload)]
+            x = x[0] if len(x) == 1 else x
+        model = self.model
+        t0 = time.perf_counter()
+        with np.errstate(over="ignore"):       # float32-range inputs saturate in int8 quantization
+            out = model.predict(x)
+        ms = (time.perf_counter() - t0) * 1000
+        batch = out if out.ndim == 2 else out[None, :]
+        self.metrics.observe(ms, len(batch))
+        m = model.manifest or {}
+        result: dict = {"outputs": np.round(out.astype(np.float64), 6).tolist(), "latency_ms": round(ms, 3),
+                        "model": {"name": m.get("name"), "version": m.get("version"), "artifact": model.path.name}}
+        if model.task == "classification" and model.labels:
+            idx = batch.argmax(axis=1) if batch.shape[1] > 1 else (batch[:, 0] > 0.5).astype(int)
+            labels = [model.labels[i] for i in idx]
+            result["labels"] = labels if out.ndim == 2 else labels[0]
+        if self.agent is not None:
+            self.agent.collect()
+        return result
+
+    def error(self, status: int, kind: str, detail: Any, headers: dict | None = None) -> JSONResponse:
+        self.metrics.error(kind)
+        return JSONResponse({"error": kind, "detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(model: EdgeModel, limits: ServeLimits | None = None, agent: Any = None) -> Any:
+    """The ASGI app serving ``model``; with a device ``agent``, predictions feed its telemetry windows.
+
+    Its ``state.served`` holds the model, the limits and the counters.
+    """
+    served = Served(model, limits or ServeLimits(), agent)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": model.path.name})
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(served.metrics.render(model, served.in_flight.used),
+                                 media_type="text/plain; version=0.0.4")
+
+    async def model_info(request: Request) -> Response:
+        return JSONResponse(model_summary(model))
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(served.openapi)
+
+    async def predict(request: Request) -> Response:
+        try:
+            return await _predict(served, request)
+        except Rejection as exc:
+            close = {"Connection": "close"} if exc.status in (408, 413) else None
+            return served.error(exc.status, exc.kind, exc.detail, close)
+        except ClientDisconnect:
+            served.metrics.disconnect()
+            return Response(status_code=CLIENT_CLOSED)
+        except InvalidInputError as exc:
+            return served.error(422, "invalid_input", str(exc))
+        except EdgeOpsError as exc:
+            return served.error(400, "bad_request", str(exc))
+        except Exception:  # noqa: BLE001 - never a traceback to the client
+            log.exception("POST /predict failed")
+            return served.error(500, "internal", "internal error (logged on the server)")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return served.error(404, "not_found", f"no endpoint {request.url.path}; try {ENDPOINTS}")
+        if exc.status_code == 405:
+            return served.error(405, "method_not_allowed", f"{request.method} is not taken on {request.url.path}; "
+                                                           f"try {ENDPOINTS}", exc.headers)
+        return served.error(exc.status_code, "bad_request", str(exc.detail))
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return served.error(500, "internal", "internal error (logged on the server)")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        ticker = asyncio.create_task(_collect_every_second(served)) if agent is not None else None
+        try:
+            yield
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            served.worker.shutdown(wait=True, cancel_futures=True)
+
+    app = Starlette(routes=[
+        Route("/predict", predict, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/model", model_info, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ], exception_handlers={HTTPException: http_error, Exception: internal_error}, lifespan=lifespan)
+    app.state.served = served
+    return _Counted(app, served.metrics)
+
+
+class _Counted:
+    """Counts every HTTP request, whatever its endpoint (an ASGI wrapper)."""
+
+    def __init__(self, app: Starlette, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.state = app.state
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            self.metrics.request()
+        await self.app(scope, receive, send)
+
+
+async def _predict(served: Served, request: Request) -> Response:
+    limits = served.limits
+    ctype, params = media_type(request.headers.get("content-type"))
+    kind = body_kind(ctype, params, served.sample)
+    length = _content_length(request, limits)
+    reserve = length if length is not None else limits.max_body_bytes
+    if not await served.in_flight.acquire(reserve, limits.admission_timeout_s):
+        return served.error(503, "busy", f"{served.in_flight.limit} bytes of request bodies are in flight "
+                                         "(--max-in-flight-bytes); retry later", {"Retry-After": "1"})
+    try:
+        body = await _read_body(request, limits)
+        if not body:
+            raise Rejection(400, "bad_request", "empty body: send JSON {\"inputs\": [...]} or an image")
+        payload: Any = body
+        if kind == "multipart":
+            payload = await _multipart_images(request, body, limits)
+        return JSONResponse(await served.on_worker(served.predict, kind, payload))
+    finally:
+        await served.in_flight.release(reserve)
+
+
+def _content_length(request: Request, limits: ServeLimits) -> int | None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise Rejection(400, "bad_request", "Content-Length is not a number")
+    length = int(raw)
+    if length > limits.max_body_bytes:
+        raise Rejection(413, "too_large", f"a body of {length} bytes is over the {limits.max_body_bytes}-byte "
+                                          "limit (--max-body-bytes)")
+    return length
+
+
+async def _read_body(request: Request, limits: ServeLimits) -> bytearray:
+    """The body, refused past the size limit or when it has not all arrived within the body timeout."""
+    body = bytearray()
+    try:
+        with anyio.fail_after(limits.body_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    raise Rejection(413, "too_large", f"the body is over the {limits.max_body_bytes}-byte limit "
+                                                      "(--max-body-bytes)")
+    except TimeoutError:
+        raise Rejection(408, "timeout", f"the body did not arrive within {limits.body_timeout_s:g} s "
+                                        f"({len(body)} bytes came)") from None
+    return body
+
+
+async def _multipart_images(request: Request, body: bytearray, limits: ServeLimits) -> list[bytes]:
+    """The files of the 'image' field(s) of a multipart body already read (and bounded)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    parts = Request(request.scope, replay)
+    try:
+        form = await parts.form(max_files=limits.max_batch + 1, max_fields=16, max_part_size=limits.max_body_bytes)
+    except HTTPException as exc:
+        raise Rejection(400, "bad_request", f"malformed multipart/form-data: {exc.detail}") from None
+    except Exception as exc:  # noqa: BLE001 - python-multipart's errors on hostile bodies
+        raise Rejection(400, "bad_request", f"malformed multipart/form-data ({type(exc).__name__})") from None
+    try:
+        files = [v for k, v in form.multi_items() if k == "image"]
+        if not files or any(isinstance(f, str) for f in files):
+            raise Rejection(422, "invalid_input", "multipart/form-data needs one or more files in the field 'image'")
+        if len(files) > limits.max_batch:
+            raise Rejection(413, "too_large", f"a batch of {len(files)} samples is over the limit of "
+                                              f"{limits.max_batch} (--max-batch)")
+        return [await f.read() for f in files]
+    finally:
+        await form.close()
+
+
+async def _collect_every_second(served: Served) -> None:
+    """Close telemetry windows on time even when no request comes (on the worker, beside predict)."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await served.on_worker(served.agent.collect)
+        except Exception:  # noqa: BLE001 - the agent logs its own trouble; serving goes on
+            log.exception("telemetry collection failed")
