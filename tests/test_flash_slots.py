@@ -75,7 +75,7 @@ def test_a_crash_at_any_moment_leaves_a_working_bundle(tmp_path, bc_rf_bundle, d
     slots.install_initial(variant(bc_rf_bundle, tmp_path / "v1", "1.0.0"))
     v2 = pack(variant(bc_rf_bundle, tmp_path / "v2", "1.1.0"), tmp_path / "v2.tar.gz")
     proc = subprocess.Popen([sys.executable, "-c", FLASH, str(tmp_path / "state"), str(v2)])
-    time.sleep(delay)
+    time.sleep(delay)   # the moment of the power cut, swept by the parameter; not a wait for an event
     proc.send_signal(signal.SIGKILL)   # power cut
     proc.wait()
     after = BundleSlots(tmp_path / "state")
