@@ -368,7 +368,6 @@ class EmulatedFleet:
         self.supervisor = supervisor or Supervisor()
         self.procs: list[subprocess.Popen] = []
         self.readers: list[threading.Thread] = []
-        self.tails: list[deque[str]] = []
         self.events: list[dict] = []
         self.stats: dict[str, dict] = {}
         X, y, names = data
@@ -404,7 +403,6 @@ class EmulatedFleet:
             for t in readers:
                 t.start()
             self.procs.append(p)
-            self.tails.append(tail)
             self.readers += readers
             group = spec["devices"]
             self.supervisor.watch(f"device worker {len(self.procs)} ({group[0]} .. {group[-1]})", p,
