@@ -29,6 +29,10 @@ CONFIRM_MODES = ("monitor", "broker")
 class WindowDelivery:
     """Publishes spooled windows and forgets them once confirmed.
 
+    An unconfirmed window is published again ``resend_after`` seconds after its last attempt (doubling
+    per attempt), at once after a reconnect, and soon when a newer window of this device is confirmed
+    before it (it was lost on the way).
+
     Args:
         spool: the durable window spool.
         link: the MQTT link (``publish(topic, payload, qos)`` returns a message id or None).
@@ -39,6 +43,8 @@ class WindowDelivery:
         max_resend: the longest wait between two resends of one window.
         max_inflight: publishes awaiting a PUBACK at most.
     """
+
+    GAP_GRACE = 2.0     # seconds an older window may trail a newer confirmed one before it is resent
 
     def __init__(self, spool: WindowSpool, link, topic: str, confirm: str = "monitor", compress: bool = False,
                  resend_after: float = 30.0, max_resend: float = 600.0, max_inflight: int = 50):
@@ -125,6 +131,14 @@ class WindowDelivery:
             self.confirmed += self.spool.delete_ranges(ranges)
             for seq in [s for s in self._sent if any(lo <= s <= hi for lo, hi in ranges)]:
                 self._sent.pop(seq, None)
+            # a broker delivers one client's messages on a topic in order: an older window still
+            # unconfirmed when a newer one is confirmed was lost on the way (a broker restart, or no
+            # monitor subscribed yet); resend it at the next check instead of after the timeout
+            newest = max((hi for _, hi in ranges), default=-1)
+            now = time.monotonic()
+            for seq, (sent_at, attempts) in list(self._sent.items()):
+                if seq < newest and now - sent_at >= self.GAP_GRACE:
+                    self._sent[seq] = (float("-inf"), attempts)
 
     @property
     def inflight(self) -> int:

@@ -71,7 +71,7 @@ def test_agent_monitor_and_flash_work_over_amqtt(amqtt, bc_mlp_bundle, reference
         # windows arrive, are stored once each, and the drifted inputs open a drift alert
         assert eventually(lambda: len(query("select seq from edgeops_windows where device_id = 'd1'")) >= 8, 60, 0.3)
         seqs = [r[0] for r in query("select seq from edgeops_windows where device_id = 'd1' order by seq")]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))          # no gap, no duplicate
+        assert len(seqs) == len(set(seqs))          # no duplicate
         assert eventually(lambda: query("select 1 from edgeops_alerts where device_id = 'd1' and open "
                                         "and detector = 'feature_drift'"), 30, 0.3)
         # flashing goes over the same broker: chunks, result, and the new version's windows
@@ -88,6 +88,12 @@ def test_agent_monitor_and_flash_work_over_amqtt(amqtt, bc_mlp_bundle, reference
         monitor.terminate()
         _, err = monitor.communicate(timeout=30)
     assert "rejected none" in err, err[-2000:]
+    # end-to-end delivery over MQTT 3.1.1: windows published before the monitor subscribed (this broker
+    # keeps no session for it) were resent, and the monitor's confirmations emptied the agent's spool
+    assert " 0 windows left in the spool" in out, out[-2000:]
+    n = int(out.split(" inferences, ")[0].rsplit(" ", 1)[1]) // 40
+    stored = [r[0] for r in query("select seq from edgeops_windows where device_id = 'd1' order by seq")]
+    assert stored[:n] == list(range(n))
 
 
 def test_an_emulated_outage_on_311_fires_the_last_will_and_the_link_comes_back(amqtt):
