@@ -106,3 +106,24 @@ def test_a_flood_of_hostile_messages_beside_a_real_agent_loses_none_of_its_windo
         pub.loop_stop()
         pub.disconnect()
         monitor.stop()
+
+
+def test_the_json_schema_agrees_with_the_wire_module():
+    import jsonschema
+
+    schema = json.loads(open("edge_runtime/schemas/telemetry.schema.json").read())
+    defs = schema["$defs"]
+    assert defs["id"]["pattern"] == wire.ID.pattern
+    for name in ("telemetry", "status", "ack"):
+        assert defs[name]["properties"]["schema_version"]["const"] == wire.SCHEMA_VERSION
+    assert defs["model"]["properties"]["name"]["maxLength"] == wire.MAX_NAME
+    # what the wire module builds and what it accepts (canonical) are valid under the schema
+    status = wire.status_message("f1", "dev-f", True, model=dict(WINDOW["model"]))
+    bench = {"schema_version": 1, "type": "bench", "results": [{"bundle": "b", "bundle_version": "1.0.0",
+                                                                "artifact": "m.tflite", "latency_ms": {"p95": 1.5}}]}
+    for topic, doc in (("edgeops/f1/dev-f/telemetry", WINDOW), ("edgeops/f1/dev-f/status", status),
+                       ("edgeops/f1/dev-f/bench", bench)):
+        jsonschema.validate(doc, schema)
+        jsonschema.validate(wire.parse(topic, wire.encode(doc)).doc, schema)
+    jsonschema.validate(wire.ack_message([3, 4, 5, 9], {9: "clock_skew"}), schema)
+    assert wire.parse_ack(wire.encode(wire.ack_message([3, 4, 5, 9]))) == [(3, 5), (9, 9)]
