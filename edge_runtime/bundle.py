@@ -9,6 +9,7 @@ JSON Schema is ``edge_runtime/schemas/manifest.schema.json``.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -208,6 +209,33 @@ def _copy_artifact(src: BinaryIO, target: Path, art: dict, where: str) -> None:
                                 f"{art['sha256'][:12]}... (tampered or corrupt)")
 
 
+#: Decompressed bytes an archive may hold besides its files' contents: tar headers (pax or GNU
+#: long-name records included), block padding and tarfile's read-ahead.
+_HEADER_ALLOWANCE = 1 << 20
+
+
+class _BoundedStream:
+    """A decompressed archive stream that refuses to yield more than ``limit`` bytes in total.
+
+    Tar headers are read whole into memory (a pax record or a GNU long name can claim any size),
+    so the bound applies to everything decompressed, not only to what is written.
+    """
+
+    def __init__(self, fileobj: BinaryIO, limit: int, where: Path):
+        self.fileobj, self.limit, self.where = fileobj, limit, where
+        self.read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        allowed = self.limit - self.read_bytes
+        want = allowed + 1 if size is None or size < 0 else min(size, allowed + 1)
+        data = self.fileobj.read(want)
+        self.read_bytes += len(data)
+        if self.read_bytes > self.limit:
+            raise BundleError(f"{self.where}: the archive holds more than its manifest lists "
+                              f"(over {self.limit} bytes unpacked); refusing the bundle")
+        return data
+
+
 class _ArchiveReader:
     """Unpacks a bundle .tar.gz in one pass, the manifest first, writing only what the manifest lists.
 
@@ -226,13 +254,17 @@ class _ArchiveReader:
         self.listed: dict[str, dict] = {}
         self.written: set[str] = set()
         self.trusted = False
+        self.stream: _BoundedStream   # set by read()
 
     def read(self) -> Path:
         try:
-            with tarfile.open(self.path, "r|gz") as tar:
-                for member in tar:
-                    self._entry(tar, member)
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            with open(self.path, "rb") as raw, gzip.GzipFile(fileobj=raw) as unzipped:
+                self.stream = _BoundedStream(unzipped, _HEADER_ALLOWANCE + MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES,
+                                             self.path)
+                with tarfile.open(fileobj=self.stream, mode="r|") as tar:
+                    for member in tar:
+                        self._entry(tar, member)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise BundleError(f"{self.path}: not a readable .tar.gz bundle ({exc})") from None
         except OSError as exc:
             raise BundleError(f"{self.path}: cannot unpack the bundle ({exc})") from None
@@ -263,6 +295,9 @@ class _ArchiveReader:
                 raise BundleError(f"{self.path}: {MANIFEST_FILE} appears twice in the archive")
             self.raw = _read_small(tar, member, MAX_MANIFEST_BYTES, where)
             self.listed = {a["file"]: a for a in parse_manifest(self.raw, where)["artifacts"]}
+            # from here on the archive may hold the listed artifacts and their headers, nothing more
+            self.stream.limit = self.stream.read_bytes + _HEADER_ALLOWANCE + MAX_SIGNATURE_BYTES + sum(
+                a["size_bytes"] + tarfile.BLOCKSIZE for a in self.listed.values())
             (self.root / MANIFEST_FILE).write_bytes(self.raw)
             return
         if rel == SIGNATURE_FILE:

@@ -151,6 +151,22 @@ def test_an_artifact_entry_larger_than_its_listed_size_is_refused_at_its_header(
     assert outcome.startswith("VerificationError") and "the manifest lists" in outcome, outcome
 
 
+def test_an_archive_whose_headers_claim_more_than_the_manifest_allows_is_refused_while_reading_them(bc_rf_bundle,
+                                                                                                   tmp_path):
+    def entries(tar):
+        for f in bundle_entries(bc_rf_bundle):
+            info = tar.gettarinfo(f, arcname=f.name)
+            if f.name == "model.onnx":   # a pax record tarfile would read whole into memory
+                info.pax_headers = {"comment": "0" * (BOMB_BYTES + (1 << 20))}
+            with open(f, "rb") as fh:
+                tar.addfile(info, fh)
+
+    with tarfile.open(tmp_path / "pax.tar.gz", "w:gz", compresslevel=1, format=tarfile.PAX_FORMAT) as tar:
+        entries(tar)
+    with pytest.raises(BundleError, match="holds more than its manifest lists"):
+        open_bundle(tmp_path / "pax.tar.gz")
+
+
 def _symlink(tar):
     info = tarfile.TarInfo("model.onnx")
     info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
