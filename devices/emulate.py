@@ -262,7 +262,7 @@ def _worker(spec: dict) -> None:
         agent = DeviceAgent(model, dev, spec["fleet"], address, state_dir=state, window_size=spec["window_size"],
                             window_seconds=None, slots=slots, reload=reload,
                             rollback_policy=RollbackPolicy(**spec["rollback"]) if spec.get("rollback") else
-                            RollbackPolicy())
+                            RollbackPolicy(), confirm=spec.get("confirm", "monitor"))
         agent.start()
         agents[dev], streams[dev] = agent, stream
     emit(event="started", devices=list(agents))
@@ -348,6 +348,7 @@ class EmulatedFleet:
         window_size: inferences per telemetry window.
         public_key: devices take only bundles this key signed.
         allow_unsigned: without a key, devices take unsigned flashes (otherwise they refuse every flash).
+        confirm: when a device forgets a window: "monitor" (confirmed committed, the default) or "broker".
         supervisor: watches the worker processes (with the run's other children); a worker that dies
             makes every wait of the fleet raise :class:`devices.children.ChildProcessDied`.
     """
@@ -356,7 +357,7 @@ class EmulatedFleet:
                  fleet: str = "emulated", scenario: list[Event] | None = None, per_process: int = 10,
                  rate: float = 20.0, window_size: int = 50, duration: float | None = None, prefix: str = "dev",
                  public_key: str | None = None, rollback: dict | None = None, on_event=None, seed: int = 0,
-                 allow_unsigned: bool = False, supervisor: Supervisor | None = None):
+                 allow_unsigned: bool = False, supervisor: Supervisor | None = None, confirm: str = "monitor"):
         self.bundle, self.broker, self.fleet = str(bundle), broker, fleet
         self.devices = device_ids(n_devices, prefix)
         self.state_root = Path(state_root)
@@ -364,6 +365,7 @@ class EmulatedFleet:
         self.per_process, self.rate, self.window_size, self.duration = per_process, rate, window_size, duration
         self.public_key, self.rollback, self.seed = public_key, rollback, seed
         self.allow_unsigned = allow_unsigned
+        self.confirm = confirm
         self.on_event = on_event or (lambda doc: None)
         self.supervisor = supervisor or Supervisor()
         self.procs: list[subprocess.Popen] = []
@@ -393,7 +395,7 @@ class EmulatedFleet:
                     "fleet": self.fleet, "state_root": str(self.state_root), "data": str(self.data_file),
                     "rate": self.rate, "window_size": self.window_size, "duration": self.duration,
                     "start": self.t0, "events": events, "seed": self.seed + g, "public_key": self.public_key,
-                    "allow_unsigned": self.allow_unsigned,
+                    "allow_unsigned": self.allow_unsigned, "confirm": self.confirm,
                     "rollback": self.rollback}
             p = subprocess.Popen(python_command(["-m", "devices.emulate", json.dumps(spec)]), env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -547,9 +549,12 @@ def replay_data(bundle: str | Path, dataset: str | None, data_file: str | None) 
 @click.option("--device-prefix", default="dev", show_default=True)
 @click.option("--public-key", type=click.Path(exists=True), help="Devices refuse bundles this key did not sign.")
 @click.option("--allow-unsigned", is_flag=True, help="Devices take flashes of unsigned bundles (no --public-key).")
+@click.option("--confirm", type=click.Choice(["monitor", "broker"]), default="monitor", show_default=True,
+              help="When devices forget a window: once a monitor confirms it is stored, or at the broker's "
+                   "acknowledgement (a fleet without an edgeops monitor).")
 @click.option("--json", "as_json", is_flag=True, help="Print the events and final device stats as JSON.")
 def emulate_cmd(n_devices, bundle, broker, fleet, scenario, dataset, data_file, rate, window_size, duration,
-                per_process, state_root, device_prefix, public_key, allow_unsigned, as_json):
+                per_process, state_root, device_prefix, public_key, allow_unsigned, confirm, as_json):
     """Start N real device agents replaying reference data, with scheduled drift, outages, slowness and flashes."""
     devices = device_ids(n_devices, device_prefix)
     events = load_scenario(scenario, devices)   # ScenarioError: bad input, exit status 3
@@ -563,7 +568,8 @@ def emulate_cmd(n_devices, bundle, broker, fleet, scenario, dataset, data_file, 
 
     fleet_ = EmulatedFleet(bundle, broker, n_devices, data, state_root, fleet=fleet, scenario=events,
                            per_process=per_process, rate=rate, window_size=window_size, duration=duration,
-                           prefix=device_prefix, public_key=public_key, on_event=show, allow_unsigned=allow_unsigned)
+                           prefix=device_prefix, public_key=public_key, on_event=show, allow_unsigned=allow_unsigned,
+                           confirm=confirm)
     fleet_.start()
     try:   # a worker that dies stops the run: ChildProcessDied names it and quotes its last lines
         if not fleet_.wait_started():

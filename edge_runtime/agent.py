@@ -468,9 +468,13 @@ class DeviceAgent:
             last = self.second_recorder.flush()
             if last is not None:
                 self._spool_closed_windows([last], primary=False)
+        # wait for the confirmations (or the broker's acknowledgements, without a monitor in sight); a broker
+        # that is not there gets a few seconds to come back (a short run may stop before it connected)
         deadline = time.monotonic() + drain_timeout
-        while (not self.delivery.settled() or not self._results.empty()) and time.monotonic() < deadline \
-                and self.link.connected.is_set():
+        offline_deadline = time.monotonic() + min(drain_timeout, 5.0)
+        while (not self.delivery.settled() or not self._results.empty()) and time.monotonic() < deadline:
+            if not self.link.connected.is_set() and time.monotonic() > offline_deadline:
+                break
             time.sleep(0.05)
         self._stop.set()
         self._publisher.join(timeout=5)

@@ -84,8 +84,11 @@ def handed_out(state: Path) -> int:
 
 
 def unconfirmed(state: Path) -> int:
-    with sqlite3.connect(state / "spool.sqlite") as conn:
-        return conn.execute("select count(*) from windows").fetchone()[0]
+    try:
+        with sqlite3.connect(state / "spool.sqlite") as conn:
+            return conn.execute("select count(*) from windows").fetchone()[0]
+    except sqlite3.OperationalError:      # the agent has not created its spool's tables yet
+        return 0
 
 
 def assert_exactly_once(monitor: Monitor, device: str, state: Path, timeout: float = 60) -> int:

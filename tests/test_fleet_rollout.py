@@ -178,7 +178,8 @@ def test_fleet_emulate_applies_offline_and_slow_events(mosquitto, versions, tmp_
         res = subprocess.run([sys.executable, "-m", "edgeops", "fleet", "emulate", "--devices", "3", "--bundle", str(v1),
                               "--broker", mosquitto.url, "--fleet", FLEET, "--scenario", str(scenario), "--duration",
                               "10", "--rate", "50", "--window-size", "25", "--state-root", str(tmp_path / "fs"),
-                              "--json"], capture_output=True, text=True, timeout=120)
+                              "--json", "--confirm", "broker"],      # no monitor here: the broker's ack empties spools
+                             capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-2000:]
         out = json.loads(res.stdout)
         assert {e["event"] for e in out["events"]} >= {"started", "offline", "online", "slow", "stopped"}
