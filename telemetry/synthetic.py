@@ -76,6 +76,37 @@ def status_doc(device_id: str, fleet: str, online: bool, ts: float, model: dict 
 
 # -- hostile messages ------------------------------------------------------------------------------
 
+def poison_messages(window: dict) -> dict[str, tuple[str, bytes]]:
+    """Each kind of message once seen to stall or break the monitor, built from a valid ``window``:
+    name -> (topic kind, payload); the kind "topic" means: send it on a topic with an invalid device id."""
+    def edited(**changes) -> bytes:
+        doc = json.loads(json.dumps(window))
+        for path, value in changes.items():
+            node = doc
+            *parents, leaf = path.split("__")
+            for p in parents:
+                node = node[int(p)] if p.isdigit() else node[p]
+            node[int(leaf) if leaf.isdigit() else leaf] = value
+        return json.dumps(doc).encode()
+
+    status = status_doc(window["device_id"], window["fleet"], True, 1.0, window["model"])
+    return {
+        "nested_100k": ("telemetry", b"[" * 100_000 + b"]" * 100_000),
+        "huge_int_start": ("telemetry", edited(start=10**400)),
+        "seq_2_63": ("telemetry", edited(seq=2**63)),
+        "status_model_list": ("status", json.dumps({**status, "model": [1, 2]}).encode()),
+        "lone_surrogate_name": ("telemetry", edited(model__name="\ud800bad")),
+        "nul_in_name": ("telemetry", edited(model__name="bc\x00model")),
+        "name_200_chars": ("telemetry", edited(model__name="m" * 200)),
+        "huge_int_mean": ("telemetry", edited(features__mean__0=10**400)),
+        "dated_2100": ("telemetry", edited(start=4102444800.0, end=4102444810.0)),
+        "utf16": ("telemetry", json.dumps(window).encode("utf-16")),
+        "not_json": ("telemetry", b"\xff\xfe garbage"),
+        "bench_nested": ("bench", json.dumps({"results": [{"latency_ms": {"p95": [[[1]]]}}]}).encode()),
+        "bad_device_id": ("topic", json.dumps(window).encode()),
+    }
+
+
 _ODD_VALUES = [None, True, -1, 0, 2**63, 10**400, -1e308, 1e308, float("inf"), "", "\x00", "\ud800", "x" * 300,
                [], {}, [[[[1]]]], {"a": {"b": {"c": 1}}}, "1.0", 0.5, [None], [-1, 2**64]]
 

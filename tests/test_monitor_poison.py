@@ -15,7 +15,7 @@ from edge_runtime.wire import parse
 from telemetry import store
 from telemetry.evaluate import MonitorConfig
 from telemetry.monitor import FleetMonitor, default_client_id
-from telemetry.synthetic import make_window, reference_manifest, status_doc
+from telemetry.synthetic import make_window, poison_messages, reference_manifest
 
 NOWHERE = parse_broker_url("mqtt://127.0.0.1:1")
 
@@ -44,33 +44,8 @@ def t(device, kind="telemetry"):
 def poison_kinds(bc) -> dict[str, tuple[str, bytes]]:
     """Every kind of message seen to stall or break the monitor, as (topic, payload)."""
     w = clean_window(bc, "dev-bad", seq=7)
-
-    def edited(**changes):
-        doc = json.loads(json.dumps(w))
-        for path, value in changes.items():
-            node = doc
-            *parents, leaf = path.split("__")
-            for p in parents:
-                node = node[int(p)] if p.isdigit() else node[p]
-            node[int(leaf) if leaf.isdigit() else leaf] = value
-        return json.dumps(doc).encode()
-
-    status = status_doc("dev-bad", "f1", True, w["model"])
-    return {
-        "nested_100k": (t("dev-bad"), b"[" * 100_000 + b"]" * 100_000),
-        "huge_int_start": (t("dev-bad"), edited(start=10**400)),
-        "seq_2_63": (t("dev-bad"), edited(seq=2**63)),
-        "status_model_list": (t("dev-bad", "status"), json.dumps({**status, "model": [1, 2]}).encode()),
-        "lone_surrogate_name": (t("dev-bad"), edited(model__name="\ud800bad")),
-        "nul_in_name": (t("dev-bad"), edited(model__name="bc\x00model")),
-        "name_200_chars": (t("dev-bad"), edited(model__name="m" * 200)),
-        "huge_int_mean": (t("dev-bad"), edited(features__mean__0=10**400)),
-        "dated_2100": (t("dev-bad"), edited(start=4102444800.0, end=4102444810.0)),
-        "utf16": (t("dev-bad"), json.dumps(w).encode("utf-16")),
-        "not_json": (t("dev-bad"), b"\xff\xfe garbage"),
-        "bench_nested": (t("dev-bad", "bench"), json.dumps({"results": [{"latency_ms": {"p95": [[[1]]]}}]}).encode()),
-        "bad_device_id": ("edgeops/f1/dev bad!/telemetry", json.dumps(w).encode()),
-    }
+    return {name: (t("dev-bad", kind), payload) if kind != "topic" else ("edgeops/f1/dev bad!/telemetry", payload)
+            for name, (kind, payload) in poison_messages(w).items()}
 
 
 def test_every_poison_kind_is_quarantined_and_the_valid_window_beside_it_is_stored(tmp_path, bc):
