@@ -1,14 +1,15 @@
 """The ASGI application of `edgeops serve` (Starlette): endpoints, bounded body reading, JSON errors.
 
-Parsing and inference run on one worker thread, in arrival order: interpreters are not
-thread-safe, and one parse at a time keeps memory bounded by the in-flight budget plus
-one batch. The event loop only moves bytes.
+Parsing and inference run on one worker thread, in arrival order (small JSON bodies on the
+event loop when that worker is idle): interpreters are not thread-safe, and one parse at a
+time keeps memory bounded by the in-flight budget plus one batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -32,6 +33,9 @@ from edge_runtime.serving.openapi import openapi_document
 log = logging.getLogger("edgeops.serve")
 
 ENDPOINTS = "POST /predict, GET /healthz, /metrics, /model, /openapi.json"
+# JSON bodies up to this size are parsed and predicted on the event loop when the worker is idle:
+# a thread hop costs more than such a request, and handing the GIL back and forth lengthens the tail
+INLINE_BODY_BYTES = 16 * 1024
 # a client that closed its connection before the answer: nobody receives this status (nginx's convention)
 CLIENT_CLOSED = 499
 
@@ -46,16 +50,36 @@ class Served:
         self.metrics = ServeMetrics()
         self.in_flight = InFlightBytes(limits.max_in_flight_bytes)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeops-infer")
+        self.worker_jobs = 0
+        self.model_lock = threading.Lock()     # interpreters are not thread-safe
         image = ((model.manifest or {}).get("input_schema") or {}).get("image")
         self.sample = SampleShape(model.input_spec.name, model.input_spec.shape, bool(image))
         m = model.manifest or {}
         self.openapi = openapi_document(self.sample, limits, m.get("name", model.path.stem), m.get("version") or "")
 
     async def on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+        self.worker_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.worker, self._locked, fn, *args)
+        finally:
+            self.worker_jobs -= 1
+
+    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.model_lock:
+            return fn(*args)
+
+    async def answer(self, kind: str, payload: Any) -> dict:
+        """Predict a small JSON body right here when nothing waits for the worker, anything else on the worker."""
+        if kind == "json" and len(payload) <= INLINE_BODY_BYTES and not self.worker_jobs \
+                and self.model_lock.acquire(blocking=False):
+            try:
+                return self.predict(kind, payload)
+            finally:
+                self.model_lock.release()
+        return await self.on_worker(self.predict, kind, payload)
 
     def predict(self, kind: str, payload: Any) -> dict:
-        """Parse (JSON or image bytes, or decoded multipart parts) and predict: runs on the worker thread."""
+        """Parse (JSON or image bytes, or decoded multipart parts) and predict, holding the model lock."""
         if kind == "json":
             x = parse_json(payload, self.sample, self.limits)
         elif kind == "image":
@@ -187,7 +211,7 @@ async def _predict(served: Served, request: Request) -> Response:
         payload: Any = body
         if kind == "multipart":
             payload = await _multipart_images(request, body, limits)
-        return JSONResponse(await served.on_worker(served.predict, kind, payload))
+        return JSONResponse(await served.answer(kind, payload))
     finally:
         await served.in_flight.release(reserve)
 
