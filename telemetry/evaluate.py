@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_runtime.stats import FeatureStats, LatencyHistogram, merge_many_feature_dicts
 from telemetry.drift.batch import feature_tests
-from telemetry.drift.effective_size import design_effect, effective_samples
+from telemetry.drift.effective_size import design_effects, effective_samples
 from telemetry.drift.floors import floors as effect_floors
 from telemetry.drift.meanshift import MeanShiftDetector
 from telemetry.drift.missing import MissingRateDetector
@@ -107,16 +107,20 @@ def merge_windows(windows: list[dict], edges: list[list[float]]) -> tuple[Featur
     return fs, lat or LatencyHistogram(), classes, count, errors
 
 
-def sample_size(windows: list[dict], n_features: int, count: int, config: MonitorConfig) -> tuple[float, float]:
-    """(design effect, effective sample size) of the recent windows: what the tests may believe."""
-    usable = sorted((w for w in windows if len(w["features"].get("count") or []) == n_features),
+def dependence(windows: list[dict], n_features: int, config: MonitorConfig) -> tuple[np.ndarray, float]:
+    """Design effect per feature, and of the predicted classes, from the recent windows (1 when turned off)."""
+    usable = sorted((w for w in windows if len(w["features"].get("hist") or []) == n_features),
                     key=lambda w: (str(w.get("device_id", "")), w.get("seq") or 0))
-    deff = design_effect([w["features"] for w in usable], [str(w.get("device_id", "")) for w in usable]) \
-        if config.design_effect else 1.0
-    return deff, effective_samples(count, deff, config.horizon)
+    classes = [w for w in usable if w.get("predictions", {}).get("counts") is not None]
+    with_classes = len(classes) == len(usable)
+    if not config.design_effect or not usable:
+        return np.ones(n_features), 1.0
+    columns = [w["features"]["hist"] + ([w["predictions"]["counts"]] if with_classes else []) for w in usable]
+    deff = design_effects(columns, [str(w.get("device_id", "")) for w in usable])
+    return deff[:n_features], float(deff[n_features]) if with_classes else float(np.median(deff))
 
 
-def feature_drift(profile: dict, fs: FeatureStats, deff: float, config: MonitorConfig) -> tuple[Verdict, Verdict, dict]:
+def feature_drift(profile: dict, fs: FeatureStats, deff: np.ndarray, config: MonitorConfig) -> tuple[Verdict, Verdict, dict]:
     """The feature_drift and missing_values verdicts, and PSI per feature."""
     ref = profile["features"]
     names = [f["name"] for f in ref]
@@ -124,7 +128,7 @@ def feature_drift(profile: dict, fs: FeatureStats, deff: float, config: MonitorC
     floor_a = np.asarray(floor)
     m = fs.count.astype(np.float64)
     # the tests see each feature's counts scaled to its effective sample size; shares, hence PSI, stay
-    scale = np.where(m > 0, np.minimum(m / max(deff, 1.0), config.horizon) / np.maximum(m, 1.0), 0.0)
+    scale = np.where(m > 0, np.minimum(m / np.maximum(deff, 1.0), config.horizon) / np.maximum(m, 1.0), 0.0)
     current = [(np.asarray(h, dtype=np.float64) * s).tolist() for h, s in zip(fs.histograms(), scale)]
     psi, chi2_p, ks_p = feature_tests([f["hist"] for f in ref], current)
     correct = benjamini_hochberg if config.correction == "bh" else bonferroni
@@ -135,15 +139,21 @@ def feature_drift(profile: dict, fs: FeatureStats, deff: float, config: MonitorC
             sig |= ks_p * len(ks_p) < level * config.ks_alpha / config.alpha
         return sig
 
-    flagged = significant(config.alpha) & (psi >= floor_a)
+    # PSI of two finite samples of one distribution is about (bins - 1) (1/n_ref + 1/n) on average, not 0:
+    # the floor applies to what the change adds beyond that, so a small reference's noise is not an effect
+    n_ref = np.array([max(1.0, float(sum(f["hist"]))) for f in ref])
+    bins = np.array([sum(1 for a, b in zip(f["hist"], c) if a or b) for f, c in zip(ref, current)])
+    noise = np.maximum(bins - 1, 0) * (1 / n_ref + 1 / np.maximum(m * scale, 1.0))
+    flagged = significant(config.alpha) & (psi - noise >= floor_a)
     holding = significant(config.hold_alpha) & (psi >= config.close_ratio * floor_a)
     scores = {n: round(float(p), 4) for n, p in zip(names, psi)}
     chosen = [n for n, f in zip(names, flagged) if f]
     detail = {"psi": {n: scores[n] for n in chosen}, "floors": {n: floor[names.index(n)] for n in chosen},
               "significant": [n for n, s in zip(names, significant(config.alpha)) if s],
               "min_p_value": float(min(chi2_p.min(), ks_p.min())) if len(names) else 1.0,
-              "design_effect": round(deff, 3), "effective_samples": round(effective_samples(
-                  float(m.max()) if len(m) else 0.0, deff, config.horizon), 1),
+              "design_effect": round(float(np.median(deff)), 3) if len(deff) else 1.0,
+              "design_effect_max": round(float(deff.max()), 3) if len(deff) else 1.0,
+              "effective_samples": round(float((m * scale).max()), 1) if len(m) else 0.0,
               "moments": moments(ref, fs, chosen, config), "threshold_problems": problems}
     drift = Verdict("feature_drift", bool(chosen), float(psi.max()) if len(names) else 0.0, chosen, detail,
                     clear=not holding.any(), hold_s=config.min_open_seconds)
@@ -231,10 +241,10 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
     err_rate = errors / count if count else 0.0
 
     if ref and count >= config.min_samples:
-        deff, _ = sample_size(windows, len(ref), count, config)
+        deff, deff_classes = dependence(windows, len(ref), config)
         drift, nan, scores = feature_drift(profile, fs, deff, config)
         verdicts += [drift, nan]
-        pred = prediction_drift(profile, classes, effective_samples(float(classes.sum()), deff, config.horizon)
+        pred = prediction_drift(profile, classes, effective_samples(float(classes.sum()), deff_classes, config.horizon)
                                 if classes is not None else 0.0, config)
         if pred is not None:
             verdicts.append(pred)

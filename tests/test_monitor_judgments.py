@@ -105,7 +105,7 @@ def test_a_stream_whose_samples_repeat_is_not_taken_for_a_large_sample(wine, kin
     ev = evaluate(windows, manifest, MonitorConfig())
     fd = verdict(ev, "feature_drift")
     assert not fd.firing, fd.detail
-    assert fd.detail["design_effect"] > 3                 # the stream says its samples are not independent
+    assert fd.detail["design_effect_max"] > 2             # the stream says its samples are not independent
 
 
 def test_a_moderate_shift_is_still_seen_within_two_windows(wine):

@@ -4,32 +4,40 @@ The tests of this package treat the inferences behind a histogram as independent
 not when a device loops over a small set of rows, watches a still scene, or samples a sensor
 faster than it changes: 1,000 inferences may then carry what 100 independent ones would, and every
 p-value comes out far too small. The design effect (Kish) is the factor by which dependence
-inflates the variance of a mean: the tests should see ``n / deff`` samples.
+inflates the variance of a count or a mean: the tests should see ``n / deff`` samples.
 
-It is estimated from what the monitor has, the per-window counts, means and M2 of each feature.
-For two consecutive windows a and b of one device, independence gives
-``(mean_a - mean_b)^2 / (s^2 (1/n_a + 1/n_b))`` an expected value of 1 (s^2: the pooled variance
-within the two windows); dependence inside windows lifts it by the design effect. Per feature the
-ratio is averaged over the pairs, and the design effect is the median over features, at least 1.
-Windows of different devices are never paired. A drift that starts inside the horizon adds one
-large pair out of ``W - 1``; a median over features keeps a shift of a few features from moving it.
+It is estimated from what the monitor has, each window's histogram of each feature. For two
+consecutive windows of one device, the chi-square homogeneity statistic of a feature's two
+histograms, divided by its degrees of freedom, is about 1 when the inferences are independent
+and about ``deff`` when they come in correlated clusters (each bin count varies ``deff`` times
+as much). Per feature the ratios of the consecutive pairs are averaged, leaving out the largest
+quarter (at least one of two or more): a drift that starts inside the horizon makes one large
+pair, not dependence. Calibrated by its median under independence (a fixed-seed simulation), that
+is the feature's design effect, at least 1 and at least the median over features: a source that
+wanders along one direction (an AR(1) walk) makes the features loaded on it dependent and leaves
+the others nearly independent. The predicted classes are one more column. Windows of different
+devices are never paired.
+
 Then ``n_eff = min(n / deff, horizon)``: the horizon caps what the tests believe, also for a
-fleet, whose merged count grows with its size, and for loops the windows cannot reveal.
+fleet, whose merged count grows with its size, and for what the windows cannot reveal (a device
+that loops over a set of rows longer than a window looks independent from one window to the next).
 
 Parameters: ``horizon`` (the largest sample size the tests use), ``max_deff``.
 
-References: Kish, L. (1965). Survey Sampling, section 8.2 (design effect); von Neumann, J. (1941).
-Distribution of the ratio of the mean square successive difference to the variance. Ann. Math.
-Statist. 12(4), 367-395.
+References: Kish, L. (1965). Survey Sampling, section 8.2 (design effect); Rao, J. N. K. and
+Scott, A. J. (1981). The analysis of categorical data from complex sample surveys: chi-squared
+tests for goodness of fit and independence in two-way tables. JASA 76(374), 221-230 (chi-square
+statistics divided by a design effect).
 
 >>> rng = np.random.default_rng(0)
->>> def window(x):       # the wire form of 100 rows of 20 features
-...     return {"count": [len(x)] * 20, "mean": x.mean(axis=0).tolist(), "m2": x.var(axis=0).__mul__(len(x)).tolist()}
+>>> edges = [-1.0, -0.5, 0.0, 0.5, 1.0]
+>>> def window(x):       # the histograms of a window of rows of 20 features
+...     return {"hist": [np.bincount(np.searchsorted(edges, c), minlength=6).tolist() for c in x.T]}
 >>> independent = [window(rng.normal(size=(100, 20))) for _ in range(10)]
->>> repeated = [window(np.repeat(rng.normal(size=(10, 20)), 10, axis=0)) for _ in range(10)]   # each row 10 times
+>>> repeated = [window(np.repeat(rng.normal(size=(20, 20)), 5, axis=0)) for _ in range(10)]   # each row 5 times
 >>> round(design_effect(independent), 1), round(design_effect(repeated))
-(1.0, 9)
->>> effective_samples(1000, design_effect(repeated), horizon=1000) < 150
+(1.0, 5)
+>>> effective_samples(1000, design_effect(repeated), horizon=1000) < 250
 True
 >>> effective_samples(20_000, 1.0, horizon=1000)
 1000.0
@@ -43,54 +51,79 @@ from typing import Sequence
 import numpy as np
 
 
-@lru_cache(maxsize=256)
-def _trimmed_mean_chi2(k: int, keep: int) -> float:
-    """E[mean of the ``keep`` smallest of ``k`` independent chi-square(1) values].
+@lru_cache(maxsize=1024)
+def _calibration(k: int, keep: int, df: int) -> float:
+    """Median, under independence, of the mean of the ``keep`` smallest of ``k`` chi-square(df) / df values.
 
-    Up to 64 values: a fixed-seed simulation (within about 1%); beyond, the large-sample limit, the
-    chi-square(1) mean below its quantile q: E[X; X < q] = F_3(q) (x f_1(x) = f_3(x)).
+    Up to 64 pairs: a fixed-seed simulation (within about 2%); beyond, the statistic sits at its
+    large-sample limit, the mean of chi-square(df) below its quantile q: E[X; X < q] = df F_{df+2}(q).
     """
     if k > 64:
         from scipy.stats import chi2
 
         share = keep / k
-        return float(chi2.cdf(chi2.ppf(share, 1), 3) / share)
-    draws = np.random.default_rng(k).chisquare(1, size=(4_000, k))
-    return float(np.sort(draws, axis=1)[:, :keep].mean())
+        return float(chi2.cdf(chi2.ppf(share, df), df + 2) / share)
+    draws = np.random.default_rng([k, df]).chisquare(df, size=(2_000, k)) / df
+    return float(np.median(np.sort(draws, axis=1)[:, :keep].mean(axis=1)))
 
 
-def design_effect(windows: Sequence[dict], devices: Sequence[str] | None = None, max_deff: float = 100.0) -> float:
-    """Design effect from consecutive windows' feature blocks (wire form: count, mean, m2 per feature).
-
-    ``windows`` are in time order; ``devices`` (one id per window) keeps windows of different devices
-    from being paired. Per feature, the largest quarter of the pair ratios (at least one of two or
-    more) is left out, so a drift that starts inside the horizon (one large pair) does not pass for
-    dependence; the mean of the rest is compared with its expectation under independence. Without a
-    usable pair the result is 1.0 (nothing to estimate from).
-    """
-    if len(windows) < 2:
-        return 1.0
-    n = np.array([w["count"] for w in windows], dtype=np.float64)                      # (W, F)
-    mean = np.array([[np.nan if v is None else v for v in w["mean"]] for w in windows], dtype=np.float64)
-    m2 = np.array([[np.nan if v is None else v for v in w["m2"]] for w in windows], dtype=np.float64)
-    same = np.ones(len(windows) - 1, dtype=bool) if devices is None else \
-        np.array([a == b for a, b in zip(devices, devices[1:])])
-    na, nb = n[:-1], n[1:]
+def _pair_ratios(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair and feature: chi-square / df of the two windows' histograms (P, F, B), and df (0: no test)."""
+    na, nb = a.sum(axis=-1, keepdims=True), b.sum(axis=-1, keepdims=True)
+    col = a + b
+    used = col > 0
+    df = used.sum(axis=-1) - 1
+    total = np.maximum(na + nb, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        s2 = (m2[:-1] + m2[1:]) / (na + nb - 2)
-        ratio = (mean[:-1] - mean[1:]) ** 2 / (s2 * (1 / na + 1 / nb))
-    usable = same[:, None] & (na >= 2) & (nb >= 2) & (s2 > 0) & np.isfinite(ratio)
-    per_feature = []
-    for j in range(ratio.shape[1]):
-        r = np.sort(ratio[usable[:, j], j])
+        ea, eb = na * col / total, nb * col / total
+        stat = np.where(used, (a - ea) ** 2 / ea + (b - eb) ** 2 / eb, 0.0).sum(axis=-1)
+    ok = (na[..., 0] >= 2) & (nb[..., 0] >= 2) & (df >= 1)
+    return np.where(ok, stat / np.maximum(df, 1), np.nan), np.where(ok, df, 0)
+
+
+def design_effects(windows: Sequence[Sequence[Sequence[float]]], devices: Sequence[str] | None = None,
+                   max_deff: float = 100.0) -> np.ndarray:
+    """Per column (a feature, or the predicted classes), the design effect of consecutive windows' histograms.
+
+    ``windows`` are in time order, each a list of histograms (one per column); ``devices`` (one id per
+    window) keeps windows of different devices from being paired. A column's design effect is its own
+    estimate or the median over columns, whichever is larger (a source that wanders along a few
+    directions makes the features loaded on them dependent, not the others); without a usable pair
+    it is 1.0.
+    """
+    cols = len(windows[0]) if windows else 0
+    if len(windows) < 2 or cols == 0:
+        return np.ones(cols)
+    width = max((len(h) for w in windows for h in w), default=0)
+    hists = np.zeros((len(windows), cols, width))
+    for i, w in enumerate(windows):
+        for j, h in enumerate(w):
+            hists[i, j, :len(h)] = h
+    paired = np.ones(len(windows) - 1, dtype=bool) if devices is None else \
+        np.array([a == b for a, b in zip(devices, devices[1:])])
+    if not paired.any():
+        return np.ones(cols)
+    R, D = _pair_ratios(hists[:-1][paired], hists[1:][paired])           # (pairs, columns)
+    own = np.full(cols, np.nan)
+    for j in range(cols):
+        ok = np.isfinite(R[:, j])
+        r = np.sort(R[ok, j])
         k = r.size
         if k == 0:
             continue
-        keep = k - (k // 4 + 1) if k >= 2 else 1
-        per_feature.append(r[:keep].mean() / _trimmed_mean_chi2(k, keep))
-    if not per_feature:
+        keep = k - 1 if k >= 2 else 1
+        own[j] = r[:keep].mean() / _calibration(k, keep, int(np.median(D[ok, j])))
+    if np.isnan(own).all():
+        return np.ones(cols)
+    common = np.nanmedian(own)
+    return np.clip(np.fmax(own, common), 1.0, max_deff)
+
+
+def design_effect(windows: Sequence[dict], devices: Sequence[str] | None = None, max_deff: float = 100.0) -> float:
+    """The median over features of :func:`design_effects`, from windows' feature blocks (wire form: ``hist``)."""
+    if not windows:
         return 1.0
-    return float(min(max_deff, max(1.0, np.median(per_feature))))
+    return float(np.median(design_effects([w["hist"] for w in windows], devices, max_deff)))
 
 
 def effective_samples(count: float, deff: float, horizon: float) -> float:
