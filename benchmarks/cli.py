@@ -232,29 +232,23 @@ def write_csv(path: str, results: list[dict]) -> None:
             w.writerow({**r, **r["latency_ms"]})
 
 
-def publish_result(url: str, fleet: str, device_id: str, doc: dict) -> None:
+def publish_result(url: str, fleet: str, device_id: str, doc: dict, prefix: str = "edgeops") -> None:
     """Send a bench result (QoS 1) to <prefix>/<fleet>/<device>/bench and wait for the broker's ack."""
-    import paho.mqtt.client as mqtt
-
-    from edge_runtime.mqtt import parse_broker_url
+    from edge_runtime import wire
+    from edge_runtime.mqtt import connect_args, make_client, parse_broker_url
     from edge_runtime.state import check_id
 
     check_id(device_id, "device id")
     check_id(fleet, "fleet")
     addr = parse_broker_url(url)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgeops-bench-{device_id}",
-                         protocol=addr.paho_protocol())
-    if addr.username:
-        client.username_pw_set(addr.username, addr.password)
-    if addr.tls:
-        client.tls_set()
+    client = make_client(addr, f"edgeops-bench-{device_id}", session_expiry=0)
     try:
-        client.connect(addr.host, addr.port, keepalive=30)
+        client.connect(**connect_args(addr, session_expiry=0))
     except OSError as exc:
         raise EdgeOpsError(f"--publish {url}: cannot reach the broker ({exc})") from None
     client.loop_start()
     payload = {**doc, "type": "bench", "device_id": device_id, "fleet": fleet}
-    info = client.publish(f"edgeops/{fleet}/{device_id}/bench", json.dumps(payload), qos=1)
+    info = client.publish(wire.topic(prefix, fleet, device_id, "bench"), wire.encode(payload), qos=1)
     try:
         info.wait_for_publish(timeout=10)
     finally:
@@ -262,4 +256,4 @@ def publish_result(url: str, fleet: str, device_id: str, doc: dict) -> None:
         client.disconnect()
     if not info.is_published():
         raise EdgeOpsError(f"--publish {url}: the broker did not acknowledge the result within 10 s")
-    click.echo(f"published to {addr.url} edgeops/{fleet}/{device_id}/bench", err=True)
+    click.echo(f"published to {addr.url} {wire.topic(prefix, fleet, device_id, 'bench')}", err=True)

@@ -93,7 +93,59 @@ def parse_broker_url(url: str, username: str | None = None, password: str | None
 
 
 def topic(prefix: str, fleet: str, device: str, kind: str) -> str:
-    return f"{prefix}/{fleet}/{device}/{kind}"
+    """``<prefix>/<fleet>/<device>/<kind>`` (defined in :mod:`edge_runtime.wire`)."""
+    from edge_runtime import wire
+
+    return wire.topic(prefix, fleet, device, kind)
+
+
+def make_client(address: BrokerAddress, client_id: str, *, session_expiry: int = 3600,
+                will: tuple[str, bytes] | None = None, max_inflight: int = 100,
+                reconnect: tuple[int, int] = (1, 30)):
+    """The one way this project configures a paho-mqtt 2.x client.
+
+    Protocol (v5, or 3.1.1 from the URL), credentials, TLS (CA, client certificate and key, and
+    ``insecure`` for a self-signed test broker), a retained QoS 1 last will, the in-flight window and
+    the reconnect backoff. Connect it with ``client.connect_async(**connect_args(address, session_expiry))``
+    (or ``connect``): a session that survives disconnects when ``session_expiry`` > 0.
+
+    Args:
+        address: the broker.
+        client_id: MQTT client id.
+        session_expiry: seconds the broker keeps the session while the client is away (0: clean).
+        will: (topic, payload) the broker publishes, retained, if the connection dies.
+        max_inflight: QoS 1 publishes awaiting their PUBACK at most.
+        reconnect: (min, max) seconds of the reconnect backoff.
+    """
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=address.paho_protocol(),
+                         **({} if address.v5 else {"clean_session": session_expiry == 0}))
+    client.max_inflight_messages_set(max_inflight)
+    client.reconnect_delay_set(min_delay=reconnect[0], max_delay=reconnect[1])
+    if address.username:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        client.tls_set(ca_certs=address.ca_file, certfile=address.cert_file, keyfile=address.key_file,
+                       cert_reqs=ssl.CERT_NONE if address.insecure else ssl.CERT_REQUIRED)
+        if address.insecure:
+            client.tls_insecure_set(True)
+    if will:
+        client.will_set(will[0], will[1], qos=1, retain=True)
+    return client
+
+
+def connect_args(address: BrokerAddress, session_expiry: int = 3600, keepalive: int = 30) -> dict:
+    """Keyword arguments of ``connect``/``connect_async`` that go with :func:`make_client`."""
+    args: dict = {"host": address.host, "port": address.port, "keepalive": keepalive}
+    if address.v5:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = session_expiry
+        args.update(clean_start=session_expiry == 0, properties=props)
+    return args
 
 
 class MqttLink:
@@ -113,8 +165,6 @@ class MqttLink:
                  on_message: Callable[[str, bytes], None] | None = None, session_expiry: int = 3600,
                  min_backoff: float = 0.5, max_backoff: float = 30.0):
         import paho.mqtt.client as mqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
 
         self._mqtt = mqtt
         self.address = address
@@ -124,21 +174,11 @@ class MqttLink:
         self._on_message = on_message
         self._was_connected = False
         # 3.1.1: the broker keeps a non-clean session until the client comes back
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=address.paho_protocol(),
-                                  **({} if address.v5 else {"clean_session": session_expiry == 0}))
-        self.client.max_inflight_messages_set(100)
-        self.client.reconnect_delay_set(min_delay=max(1, int(min_backoff)), max_delay=int(max_backoff))
-        if address.username:
-            self.client.username_pw_set(address.username, address.password)
-        if address.tls:
-            self.client.tls_set(ca_certs=address.ca_file, certfile=address.cert_file, keyfile=address.key_file,
-                                cert_reqs=ssl.CERT_NONE if address.insecure else ssl.CERT_REQUIRED)
-            if address.insecure:
-                self.client.tls_insecure_set(True)
-        if will:
-            self.client.will_set(will[0], will[1], qos=1, retain=True)
-        self._props = Properties(PacketTypes.CONNECT)
-        self._props.SessionExpiryInterval = session_expiry
+        self.client = make_client(address, client_id, session_expiry=session_expiry, will=will,
+                                  reconnect=(max(1, int(min_backoff)), int(max_backoff)))
+        self._connect_args = connect_args(address, session_expiry)
+        self._subscribed: dict[int, threading.Event] = {}
+        self.client.on_subscribe = self._handle_subscribe
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_publish = self._handle_publish
@@ -148,8 +188,7 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect in the background; returns at once (the link retries until stopped)."""
-        self.client.connect_async(self.address.host, self.address.port, keepalive=30,
-                                  **({"clean_start": False, "properties": self._props} if self.address.v5 else {}))
+        self.client.connect_async(**self._connect_args)
         self.client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
@@ -203,6 +242,24 @@ class MqttLink:
 
     def subscribe(self, topic_name: str, qos: int = 1) -> None:
         self.client.subscribe(topic_name, qos=qos)
+
+    def wait_subscribed(self, topics: list[tuple[str, int]] | str, timeout: float = 10.0) -> bool:
+        """Subscribe and wait for the broker's SUBACK (instead of sleeping and hoping); False on timeout
+        or when the broker refused one of the topics."""
+        done = threading.Event()
+        result, mid = self.client.subscribe(topics if isinstance(topics, list) else [(topics, 1)])
+        if result != self._mqtt.MQTT_ERR_SUCCESS:
+            return False
+        self._subscribed[mid] = done
+        ok = done.wait(timeout)
+        self._subscribed.pop(mid, None)
+        return ok and not getattr(done, "refused", False)
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        done = self._subscribed.get(mid)
+        if done is not None:
+            done.refused = any(getattr(rc, "is_failure", False) for rc in reason_codes)
+            done.set()
 
     # -- callbacks (network thread) ------------------------------------------------------------
 

@@ -133,22 +133,12 @@ class FleetMonitor:
                 subscription(self.prefix, self.fleet, "status"), "$SYS/broker/publish/messages/dropped"]
 
     def start(self) -> "FleetMonitor":
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
+        from edge_runtime.mqtt import connect_args, make_client
 
-        # on an MQTT 3.1.1 broker: a non-clean session the broker keeps (and no shared subscription)
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                        protocol=self.broker.paho_protocol(), **({} if self.broker.v5 else {"clean_session": False}))
+        # a persistent session (on an MQTT 3.1.1 broker: a non-clean one, and no shared subscription)
+        c = make_client(self.broker, self.client_id, session_expiry=self.session_expiry, max_inflight=1000,
+                        reconnect=(1, 30))
         c.manual_ack_set(True)  # acknowledge a window only once it is in the database
-        c.max_inflight_messages_set(1000)
-        c.reconnect_delay_set(1, 30)
-        if self.broker.username:
-            c.username_pw_set(self.broker.username, self.broker.password)
-        if self.broker.tls:
-            c.tls_set(ca_certs=self.broker.ca_file, certfile=self.broker.cert_file, keyfile=self.broker.key_file)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.session_expiry
 
         def on_connect(client, userdata, flags, rc, properties):
             if rc.is_failure:
@@ -168,8 +158,7 @@ class FleetMonitor:
 
         c.on_connect, c.on_disconnect, c.on_message = on_connect, on_disconnect, on_message
         self.client = c
-        c.connect_async(self.broker.host, self.broker.port, keepalive=30,
-                        **({"clean_start": False, "properties": props} if self.broker.v5 else {}))
+        c.connect_async(**connect_args(self.broker, self.session_expiry))
         c.loop_start()
         for target, name in ((self._ingest_loop, "ingest"), (self._evaluate_loop, "evaluate")):
             t = threading.Thread(target=target, name=f"edgeops-monitor-{name}", daemon=True)
