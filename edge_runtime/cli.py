@@ -219,6 +219,7 @@ def _serve_limit_options(f):
 @click.option("--artifact", help="Artifact file of the bundle to serve.")
 @click.option("--threads", type=int, help="Inference threads.")
 @click.option("--public-key", type=click.Path(), help="Trusted Ed25519 key.")
+@click.option("--skip-test-vectors", is_flag=True, help="Load BUNDLE without running its manifest test vectors.")
 @click.option("--broker", help="Also publish telemetry windows to this broker.")
 @click.option("--device-id", help="Device id for telemetry (with --broker).")
 @click.option("--fleet", default="default", show_default=True)
@@ -226,8 +227,9 @@ def _serve_limit_options(f):
 @click.option("--state-dir", type=click.Path())
 @_serve_limit_options
 @_common_broker_options
-def serve_cmd(bundle, host, port, artifact, threads, public_key, broker, device_id, fleet, window_seconds, state_dir,
-              username, password, ca_file, cert_file, key_file, topic_prefix, **limit_options):
+def serve_cmd(bundle, host, port, artifact, threads, public_key, skip_test_vectors, broker, device_id, fleet,
+              window_seconds, state_dir, username, password, ca_file, cert_file, key_file, topic_prefix,
+              **limit_options):
     """Serve BUNDLE over HTTP: POST /predict, GET /healthz, /metrics, /model, /openapi.json.
 
     Inputs are numbers (JSON) or uploaded images, never file paths; every request is
@@ -241,7 +243,8 @@ def serve_cmd(bundle, host, port, artifact, threads, public_key, broker, device_
         limits = ServeLimits(**limit_options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    model = edge_runtime.load(bundle, artifact=artifact, threads=threads, public_key=public_key)
+    model = edge_runtime.load(bundle, artifact=artifact, threads=threads, public_key=public_key,
+                              verify_vectors=not skip_test_vectors)
     agent = None
     if broker:
         from edge_runtime.agent import DeviceAgent
