@@ -46,6 +46,18 @@ def test_a_body_nested_100000_deep_is_a_400_not_a_crash(bc_mlp_bundle):
         assert call(url + "/healthz")[0] == 200
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("body,status,fragment", [
+    (b'{"inputs": ["' + b'\\"' * 400_000 + b'"]}', 422, "escaped quotes"),     # backtracks a string pattern
+    (b'"' * 4_000_000, 413, "strings"),
+    (b'{"inputs": [' + b"1" * 5000 + b"]}", 422, "4300 digits"),                    # int() refuses it
+], ids=["escaped-quotes", "quotes", "5000-digit-integer"])
+def test_bodies_built_to_make_the_parser_work_hard_are_refused_at_once(bc_mlp_bundle, body, status, fragment):
+    with served(bc_mlp_bundle) as url:
+        got_status, got = call(url + "/predict", body)
+    assert got_status == status and fragment in got["detail"], got
+
+
 def test_slow_clients_hold_no_threads_and_are_dropped(bc_mlp_bundle):
     """200 connections that never finish their headers: no thread each, and closed after the header timeout."""
     with served(bc_mlp_bundle, header_timeout_s=1.0) as url:
@@ -135,12 +147,19 @@ def test_a_client_that_goes_away_is_not_an_error(bc_mlp_bundle):
     (b'{"inputs": [NaN' + b", 0" * 29 + b"]}", "application/json", 422, "invalid_input", "finite"),
     (b'{"inputs": [1e999' + b", 0" * 29 + b"]}", "application/json", 422, "invalid_input", "finite"),
     (b"inputs=1", "application/x-www-form-urlencoded", 415, "unsupported_media_type", "application/json"),
+    (b"\x1f\x8b\x08\x00", "application/json", 415, "unsupported_media_type", "UTF-8"),
 ], ids=["booleans", "a-boolean-in-a-batch", "utf-16-with-bom", "utf-16-le", "charset-utf-16", "nan", "overflow",
-        "form-encoded"])
+        "form-encoded", "gzip-bytes"])
 def test_booleans_encodings_and_non_numbers_are_refused(bc_mlp_bundle, body, ctype, status, kind, fragment):
     with served(bc_mlp_bundle) as url:
         got_status, got = call(url + "/predict", body, method="POST", ctype=ctype)
     assert (got_status, got["error"]) == (status, kind) and fragment in got["detail"], got
+
+
+def test_a_compressed_body_is_refused_not_inflated(bc_mlp_bundle):
+    with served(bc_mlp_bundle) as url:
+        status, body = call(url + "/predict", b"\x1f\x8b", headers={"Content-Encoding": "gzip"})
+    assert status == 415 and "Content-Encoding gzip" in body["detail"]
 
 
 def test_a_decompression_bomb_is_refused_before_it_is_decoded(digits_cnn_bundle):

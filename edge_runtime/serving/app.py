@@ -134,7 +134,8 @@ def create_app(model: EdgeModel, limits: ServeLimits | None = None, agent: Any =
         try:
             return await _predict(served, request)
         except Rejection as exc:
-            close = {"Connection": "close"} if exc.status in (408, 413) else None
+            # refused before its body was read: close rather than read (and drop) the rest of it
+            close = {"Connection": "close"} if exc.status in (408, 413, 415) else None
             return served.error(exc.status, exc.kind, exc.detail, close)
         except ClientDisconnect:
             served.metrics.disconnect()
@@ -199,11 +200,16 @@ async def _predict(served: Served, request: Request) -> Response:
     limits = served.limits
     ctype, params = media_type(request.headers.get("content-type"))
     kind = body_kind(ctype, params, served.sample)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Rejection(415, "unsupported_media_type", f"Content-Encoding {encoding} is not taken: send the body "
+                                                       "uncompressed")
     length = _content_length(request, limits)
     reserve = length if length is not None else limits.max_body_bytes
     if not await served.in_flight.acquire(reserve, limits.admission_timeout_s):
         return served.error(503, "busy", f"{served.in_flight.limit} bytes of request bodies are in flight "
-                                         "(--max-in-flight-bytes); retry later", {"Retry-After": "1"})
+                                         "(--max-in-flight-bytes); retry later",
+                            {"Retry-After": "1", "Connection": "close"})
     try:
         body = await _read_body(request, limits)
         if not body:

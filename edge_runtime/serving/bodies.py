@@ -24,7 +24,8 @@ from edge_runtime.serving.limits import ServeLimits
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "PPM")
 JSON_FIELDS = ("inputs", "image", "images")
 
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+# linear because escaped quotes and backslashes are refused first (see parse_json)
+_STRING = re.compile(r'"[^"]*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _LITERAL = re.compile(r"\b(true|false|null)\b")
 
@@ -95,6 +96,15 @@ def parse_json(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits
         raise Rejection(413, "too_large",
                         f"the body holds about {values} values; a batch of at most {limits.max_batch} samples "
                         f"of {sample.values} values is taken (--max-batch)")
+    if b'\\"' in body or b"\\\\" in body:
+        # no field or value taken here needs them, and without them every quote delimits a string,
+        # which keeps finding the strings linear (an escaped-quote pattern backtracks on hostile input)
+        raise Rejection(422, "invalid_input", "escaped quotes or backslashes in JSON strings are not taken "
+                                              "(field names are plain, images are base64)")
+    strings = body.count(b'"') // 2
+    if strings > limits.max_batch + 16:
+        raise Rejection(413, "too_large", f"the body holds {strings} strings; at most {limits.max_batch} images "
+                                          "and a few field names are taken (--max-batch)")
     text = _utf8(body)
     skeleton = _STRING.sub('""', text)
     depth = _nesting_depth(skeleton)
@@ -105,6 +115,8 @@ def parse_json(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits
         doc = json.loads(text, parse_constant=_not_finite)
     except json.JSONDecodeError as exc:
         raise Rejection(400, "bad_request", f"malformed JSON: {exc}") from None
+    except ValueError as exc:       # e.g. an integer past Python's 4300-digit conversion limit
+        raise Rejection(422, "invalid_input", f"a value JSON cannot be read as a number: {str(exc)[:120]}") from None
     fields = {"inputs": doc} if isinstance(doc, list) else doc
     if not isinstance(fields, dict):
         raise Rejection(422, "invalid_input",
