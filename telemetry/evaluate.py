@@ -136,7 +136,7 @@ def feature_drift(profile: dict, fs: FeatureStats, deff: np.ndarray, config: Mon
     def significant(level: float) -> np.ndarray:
         sig = np.asarray(correct(chi2_p.tolist(), level), dtype=bool)
         if config.ks_alpha:
-            sig |= ks_p * len(ks_p) < level * config.ks_alpha / config.alpha
+            sig |= ks_p * len(ks_p) < (level / config.alpha if config.alpha > 0 else 1.0) * config.ks_alpha
         return sig
 
     # PSI of two finite samples of one distribution is about (bins - 1) (1/n_ref + 1/n) on average, not 0:

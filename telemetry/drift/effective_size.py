@@ -95,24 +95,21 @@ def design_effects(windows: Sequence[Sequence[Sequence[float]]], devices: Sequen
     if len(windows) < 2 or cols == 0:
         return np.ones(cols)
     width = max((len(h) for w in windows for h in w), default=0)
-    hists = np.zeros((len(windows), cols, width))
-    for i, w in enumerate(windows):
-        for j, h in enumerate(w):
-            hists[i, j, :len(h)] = h
+    hists = np.array([[list(h) + [0] * (width - len(h)) for h in w] for w in windows], dtype=np.float64)
     paired = np.ones(len(windows) - 1, dtype=bool) if devices is None else \
         np.array([a == b for a, b in zip(devices, devices[1:])])
     if not paired.any():
         return np.ones(cols)
     R, D = _pair_ratios(hists[:-1][paired], hists[1:][paired])           # (pairs, columns)
+    finite = np.isfinite(R)
+    k = finite.sum(axis=0)
+    keep = np.where(k >= 2, k - 1, 1)                                     # the largest pair left out
+    ordered = np.sort(np.where(finite, R, np.inf), axis=0)
+    sums = np.cumsum(np.where(np.isfinite(ordered), ordered, 0.0), axis=0)
+    dfs = np.max(np.where(finite, D, 0), axis=0)        # a feature's bins: the same in almost every pair
     own = np.full(cols, np.nan)
-    for j in range(cols):
-        ok = np.isfinite(R[:, j])
-        r = np.sort(R[ok, j])
-        k = r.size
-        if k == 0:
-            continue
-        keep = k - 1 if k >= 2 else 1
-        own[j] = r[:keep].mean() / _calibration(k, keep, int(np.median(D[ok, j])))
+    for j in np.flatnonzero(k > 0):
+        own[j] = sums[keep[j] - 1, j] / keep[j] / _calibration(int(k[j]), int(keep[j]), int(dfs[j]))
     if np.isnan(own).all():
         return np.ones(cols)
     common = np.nanmedian(own)
