@@ -159,6 +159,7 @@ class DeviceAgent:
         self.inferences = 0
         self.bad_inputs = 0
         self._logged_bad: set[str] = set()
+        self._scale_warned: set[tuple] = set()
 
     # -- status --------------------------------------------------------------------------------
 
@@ -328,6 +329,7 @@ class DeviceAgent:
     def _spool_closed_windows(self, windows: list[dict], primary: bool = True) -> None:
         for w in windows:
             if primary:
+                self._check_scale(w)
                 p95 = LatencyHistogram.from_dict(w["latency_ms"]).quantile(0.95) if w["count"] else None
                 if p95 is not None:
                     self._recent_p95.append(p95)
@@ -341,6 +343,36 @@ class DeviceAgent:
                 self._agree = {"compared": 0, "agreed": 0, "max_abs_diff": 0.0}
             seq = self.spool.append(wire.telemetry_message(self.fleet, self.device_id, w))
             log.debug("window %d spooled (%d inferences)", seq, w["count"])
+
+    def _check_scale(self, w: dict) -> None:
+        """Warn once per bundle when the inputs look like another scale than the calibration data (raw
+        0..16 pixels for a model calibrated on 0..1, say): it quietly costs accuracy. A feature looks
+        rescaled when over 20% of its values fall outside the calibration range and the window reaches
+        more than two calibration spans beyond it; the warning needs most features to look so."""
+        f = w.get("features") or {}
+        oor, counts = f.get("out_of_range"), f.get("count") or []
+        key = (self.recorder.model_info.get("name"), self.recorder.model_info.get("version"))
+        feats = ((self.model.manifest or {}).get("reference_profile") or {}).get("features") or []
+        if not oor or key in self._scale_warned or sum(counts) < 20 or len(feats) != len(oor):
+            return
+        flagged, seen = [], 0
+        for i, (o, c, ref) in enumerate(zip(oor, counts, feats)):
+            if not c:
+                continue
+            seen += 1
+            span = max(ref["max"] - ref["min"], 1e-12)
+            far = f["max"][i] > ref["max"] + 2 * span or f["min"][i] < ref["min"] - 2 * span
+            if o / c > 0.2 and far:
+                flagged.append(i)
+        if not seen or len(flagged) * 2 <= seen:
+            return
+        self._scale_warned.add(key)
+        i = flagged[0]
+        ref = feats[i]
+        log.warning("inputs look like another scale than the data %s %s was calibrated on (%d of %d features "
+                    "mostly outside its range; e.g. %r reads %.4g..%.4g, calibration %.4g..%.4g): unnormalised "
+                    "inputs quietly cost accuracy", *key, len(flagged), seen, ref.get("name", i), f["min"][i],
+                    f["max"][i], ref["min"], ref["max"])
 
     def collect(self) -> None:
         """Spool the windows closed so far (for callers that predict outside :meth:`run`, like serve)."""
@@ -397,7 +429,7 @@ class DeviceAgent:
                 self._apply_pending()
             if isinstance(sample, BadSample):
                 self._bad(sample.where, sample.reason)
-                self.recorder.record_error(rejected=True)
+                self.recorder.record_error(rejected=True, reason="unreadable")
             else:
                 try:
                     self._predict(sample)

@@ -14,9 +14,17 @@ class EdgeOpsError(Exception):
 
 
 class InvalidInputError(EdgeOpsError, ValueError):
-    """A file, array, message or request that is not what was expected."""
+    """A file, array, message or request that is not what was expected.
+
+    ``reason`` is a short name for the kind of problem (``shape``, ``nan``, ``not_numeric``, ``empty``,
+    ...), which telemetry windows count rejected inputs by.
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str = "", reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class ModelFormatError(InvalidInputError):

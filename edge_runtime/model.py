@@ -141,9 +141,9 @@ class EdgeModel:
             x = self._images_to_array(x)
         try:
             batch, single = as_batch(x, self.input_spec, self.nan_policy)
-        except InvalidInputError:
+        except InvalidInputError as exc:
             if rec is not None:
-                rec.record_error(rejected=True)
+                rec.record_error(rejected=True, reason=exc.reason)
             raise
         try:
             raw = self._run([self._to_model(batch)])[0]
@@ -258,8 +258,9 @@ class EdgeModel:
             "sha256": (self.artifact or {}).get("sha256"),
             "variant": variant,
         }
+        ranges = [(f.get("min"), f.get("max")) for f in feats] if feats else None
         self.recorder = WindowRecorder(info, edges, monitored, n_classes, out_stats.get("bin_edges"),
-                                       window_seconds=window_seconds, window_size=window_size)
+                                       window_seconds=window_seconds, window_size=window_size, ranges=ranges)
         return self.recorder
 
     def stop_recording(self) -> None:

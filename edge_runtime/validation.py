@@ -52,11 +52,11 @@ def as_batch(x, spec: InputSpec, nan_policy: str = "reject") -> tuple[np.ndarray
         try:
             arr = np.asarray(x)
         except (ValueError, TypeError) as exc:
-            raise InvalidInputError(f"input {spec.name!r}: not an array of numbers ({exc})") from None
+            raise InvalidInputError(f"input {spec.name!r}: not an array of numbers ({exc})", "not_numeric") from None
         if arr.dtype.kind not in "fiub":
             raise InvalidInputError(
-                f"input {spec.name!r}: expected numbers (float32), got {arr.dtype.name if arr.dtype.kind != 'O' else 'mixed objects'}"
-            )
+                f"input {spec.name!r}: expected numbers (float32), got {arr.dtype.name if arr.dtype.kind != 'O' else 'mixed objects'}",
+                "not_numeric")
         arr = arr.astype(np.float32)
     shape, ndim = spec.shape, len(spec.shape)
     single = False
@@ -73,19 +73,17 @@ def as_batch(x, spec: InputSpec, nan_policy: str = "reject") -> tuple[np.ndarray
         if ndim == 1 and arr.ndim in (1, 2):
             names = f" ({', '.join(spec.features[:3])}, ...)" if spec.features else ""
             raise InvalidInputError(
-                f"input {spec.name!r}: expected {shape[0]} features{names} per sample, got {got}"
-            )
+                f"input {spec.name!r}: expected {shape[0]} features{names} per sample, got {got}", "shape")
         raise InvalidInputError(
             f"input {spec.name!r}: expected shape {_describe(shape)} per sample or a batch of them, "
-            f"got {tuple(arr.shape)}"
-        )
+            f"got {tuple(arr.shape)}", "shape")
     if arr.shape[0] == 0:
-        raise InvalidInputError(f"input {spec.name!r}: empty batch")
+        raise InvalidInputError(f"input {spec.name!r}: empty batch", "empty")
     if nan_policy == "reject" and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         where = f"sample {bad[0]}, " + (f"feature {spec.features[bad[1]]!r}" if spec.features and len(bad) == 2
                                          else f"position {tuple(int(i) for i in bad[1:])}")
-        raise InvalidInputError(f"input {spec.name!r}: NaN or infinite value at {where}")
+        raise InvalidInputError(f"input {spec.name!r}: NaN or infinite value at {where}", "nan")
     return arr, single
 
 

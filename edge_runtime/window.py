@@ -38,6 +38,8 @@ class WindowRecorder:
         window_seconds: close a window after this many seconds (None: never by time).
         window_size: close a window after this many inferences (None: never by count).
         clock: time source (seconds since the epoch).
+        ranges: per monitored feature, the (min, max) of the calibration data; values outside are
+            counted per feature in ``features.out_of_range`` (inputs on another scale show there).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class WindowRecorder:
         window_seconds: float | None = 10.0,
         window_size: int | None = None,
         clock: Callable[[], float] = time.time,
+        ranges: list[tuple[float | None, float | None]] | None = None,
     ):
         if window_seconds is None and window_size is None:
             raise ValueError("a window needs window_seconds or window_size")
@@ -64,6 +67,10 @@ class WindowRecorder:
         self._lock = threading.Lock()
         self._closed: deque[dict] = deque()
         self._n_features = len(bin_edges)
+        self._lo = self._hi = None
+        if ranges and len(ranges) == self._n_features and all(lo is not None and hi is not None for lo, hi in ranges):
+            self._lo = np.array([lo for lo, _ in ranges], dtype=np.float64)
+            self._hi = np.array([hi for _, hi in ranges], dtype=np.float64)
         self._buf = np.empty((BUFFER_ROWS, max(self._n_features, 1)), dtype=np.float64)
         self._reset(clock())
 
@@ -72,6 +79,8 @@ class WindowRecorder:
         self.count = 0
         self.errors = 0
         self.rejected = 0
+        self.rejected_by: dict[str, int] = {}
+        self.out_of_range = np.zeros(self._n_features if self._lo is not None else 0, dtype=np.int64)
         self.latency = LatencyHistogram()
         self.features = FeatureStats(self.bin_edges)
         self._rows = 0
@@ -123,17 +132,21 @@ class WindowRecorder:
 
     def _fold(self) -> None:
         if self._rows:
-            self.features.update(self._buf[: self._rows])
+            rows = self._buf[: self._rows]
+            self.features.update(rows)
+            if self._lo is not None:
+                self.out_of_range += ((rows < self._lo) | (rows > self._hi)).sum(axis=0)
             self._rows = 0
 
     # -- errors --------------------------------------------------------------------------------
 
-    def record_error(self, n: int = 1, rejected: bool = False) -> None:
-        """Count a failed inference (or an input refused by validation when ``rejected``)."""
+    def record_error(self, n: int = 1, rejected: bool = False, reason: str = "invalid") -> None:
+        """Count a failed inference (or an input refused by validation when ``rejected``, by ``reason``)."""
         with self._lock:
             self.count += n
             if rejected:
                 self.rejected += n
+                self.rejected_by[reason] = self.rejected_by.get(reason, 0) + n
             else:
                 self.errors += n
             if self.window_size is not None and self.count >= self.window_size:
@@ -154,6 +167,10 @@ class WindowRecorder:
             "features": self.features.to_dict(),
             "predictions": self._predictions(),
         }
+        if self.rejected_by:
+            window["rejected_by"] = dict(self.rejected_by)
+        if self._lo is not None:
+            window["features"]["out_of_range"] = self.out_of_range.tolist()
         self._closed.append(window)
         self._reset(now)
 

@@ -353,6 +353,8 @@ def check_telemetry(doc: dict, now: float | None = None, max_skew: float = MAX_C
         raise Rejected("bad_value", "more errors or rejected inputs than inferences")
     if "dropped_windows" in doc:
         out["dropped_windows"] = _count(doc["dropped_windows"], "dropped_windows")
+    if "rejected_by" in doc:
+        out["rejected_by"] = _reason_counts(doc["rejected_by"], out["rejected"])
     out["model"] = check_model(doc["model"])
     out["latency_ms"] = _latency(doc["latency_ms"], count)
     out["features"] = _features(doc["features"])
@@ -407,6 +409,12 @@ def _features(v) -> dict:
     for i, v2 in enumerate(out["m2"]):
         if v2 is not None and v2 < -1e-6 * max(1.0, abs(v2)):
             raise Rejected("bad_value", f"features.m2[{i}] is negative")
+    if "out_of_range" in f:
+        oor = _counts(f["out_of_range"], "features.out_of_range")
+        if len(oor) != n or any(o > c for o, c in zip(oor, out["count"])):
+            raise Rejected("bad_value", "features.out_of_range must have one count per feature, each at most "
+                                        "its features.count")
+        out["out_of_range"] = oor
     hist = []
     bins = 0
     for i, h in enumerate(f["hist"]):
@@ -438,6 +446,16 @@ def _predictions(v, count: int) -> dict:
             out[k] = _number(p[k], f"predictions.{k}")
     if "m2" in p:
         out["m2"] = _number(p["m2"], "predictions.m2", limit=MAX_M2)
+    return out
+
+
+def _reason_counts(v, total: int) -> dict:
+    d = _object(v, "rejected_by")
+    if len(d) > 32:
+        raise Rejected("bad_value", "rejected_by has more than 32 reasons")
+    out = {_text(k, "rejected_by key", 32, False): _count(c, f"rejected_by.{str(k)[:32]}") for k, c in d.items()}
+    if sum(out.values()) > total:
+        raise Rejected("bad_value", "rejected_by counts more rejections than rejected")
     return out
 
 
