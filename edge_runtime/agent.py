@@ -176,7 +176,7 @@ class DeviceAgent:
             self.fleet, self.device_id, online, runtime_version=__version__, platform=platform_info(),
             model={k: info.get(k) for k in ("name", "version", "artifact", "sha256")},
             backend=f"{m.backend.name} {m.backend.version}", free_disk_bytes=free,
-            accepts_flash=self.slots is not None if hasattr(self, "slots") else False)
+            accepts_flash=self._accepts_flash())
         second = getattr(self, "second", None)
         if second is not None:
             info2 = self.second_recorder.model_info
@@ -190,6 +190,11 @@ class DeviceAgent:
             except (OSError, ValueError):
                 pass
         return wire.encode(doc)
+
+    def _accepts_flash(self) -> bool:
+        """The device takes flashes: it has bundle slots and a trusted key (or was told to take unsigned)."""
+        slots = getattr(self, "slots", None)
+        return slots is not None and slots.flash_refusal() is None
 
     def _on_connect(self) -> None:
         # network thread: the status is small and retained; windows are resent by the publisher
