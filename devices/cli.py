@@ -168,7 +168,7 @@ def _finish_rollout(r, path, as_json: bool) -> None:
 
 @click.group("devices")
 def devices_group():
-    """Device inventory and board profiles."""
+    """Device inventory, identities (provision, revoke) and board profiles."""
 
 
 @devices_group.command("list")
@@ -247,6 +247,64 @@ def devices_profiles(as_json):
         return
     for p in PROFILES.values():
         click.echo(f"{p.id:14s} {p.name:30s} {p.arch:8s} {p.cores} cores  {p.memory_mb:6d} MiB  {p.cpu}")
+
+
+def _identity_files(f):
+    from devices.provision import ETC
+
+    for opt in reversed([
+        click.option("--fleet", required=True, help="The device's fleet."),
+        click.option("--device", required=True, help="The device's id."),
+        click.option("--password-file", type=click.Path(dir_okay=False), default=str(ETC / "passwd"),
+                     show_default=True, help="The broker's password file for devices."),
+        click.option("--acl", "acl_file", type=click.Path(dir_okay=False), default=str(ETC / "acl"),
+                     show_default=True, help="The broker's ACL file."),
+        click.option("--ca-dir", type=click.Path(file_okay=False), default=str(ETC), show_default=True,
+                     help="The fleet CA: ca.crt, ca.key, issued.txt and the CRL crl.pem."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@devices_group.command("provision")
+@_identity_files
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the device's files (default: ./FLEET-DEVICE).")
+@click.option("--cert", is_flag=True, help="A client certificate from the fleet CA instead of a password.")
+@click.option("--broker", help="The broker URL the agent uses (default: mqtts://localhost:8883, 8884 with --cert).")
+@click.option("--topic-prefix", default="edgeops", show_default=True)
+def devices_provision(fleet, device, password_file, acl_file, ca_dir, as_json, out, cert, broker, topic_prefix):
+    """Give a device its own identity: username FLEET/DEVICE with a password (or --cert, a client
+    certificate), an ACL block that allows its own topics only, and a ready-to-copy agent folder
+    (run-agent.sh, agent.env, ca.crt). Again on the same device: rotates its credential.
+    Send the broker SIGHUP afterwards."""
+    from devices.provision import provision
+
+    made = provision(fleet, device, Path(out or f"{fleet}-{device}"), Path(password_file), Path(acl_file),
+                     Path(ca_dir), cert=cert, broker=broker, prefix=topic_prefix)
+    if as_json:
+        click.echo(json.dumps(made.to_dict(), indent=2))
+        return
+    credential = f"certificate serial {made.cert_serial}" if cert else f"password in {made.password_file}"
+    click.echo(f"{made.username}: {credential}; ACL block in {made.acl_file}; agent files in {made.out}\n"
+               f"on the device: {made.out}/run-agent.sh BUNDLE   (then: kill -HUP the broker)")
+
+
+@devices_group.command("revoke")
+@_identity_files
+def devices_revoke(fleet, device, password_file, acl_file, ca_dir, as_json):
+    """Take a device's identity away: its password entry, its ACL block and (in the CRL) its
+    certificates. Send the broker SIGHUP afterwards; the device is then refused at connect."""
+    from devices.provision import revoke
+
+    done = revoke(fleet, device, Path(password_file), Path(acl_file), Path(ca_dir))
+    if as_json:
+        click.echo(json.dumps(done, indent=2))
+        return
+    serials = ", ".join(done["revoked_serials"]) or "none"
+    click.echo(f"{done['username']}: password entry {'removed' if done['password_removed'] else 'absent'}, ACL block "
+               f"{'removed' if done['acl_removed'] else 'absent'}, certificates revoked: {serials} "
+               "(then: kill -HUP the broker)")
 
 
 @click.group("fleet")

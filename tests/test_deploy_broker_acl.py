@@ -1,197 +1,124 @@
-"""The production broker configuration in deploy/mosquitto: TLS, passwords, per-device ACL."""
+"""The production broker configuration in deploy/mosquitto: TLS, per-listener passwords, per-device ACL.
+
+How devices are kept from posing as each other (client ids, fleets, revocation) is in
+test_device_identity.py; this file covers the configuration's baseline and flashing through it.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
+import json
+import shutil
 import subprocess
-import threading
-from pathlib import Path
+import sys
 
-import paho.mqtt.client as mqtt
+import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from deploy_broker import NOT_AUTHORIZED, REFUSED_AT_CONNECT, SERVICES, DeployedBroker, Identity, Session
+from helpers import eventually
 
-from devices.broker import MosquittoBroker, free_port
-
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
-PASSWORDS = {"dev-1": "pw-dev-1", "dev-2": "pw-dev-2", "monitor": "pw-monitor", "flasher": "pw-flasher"}
-
-
-def _write_key(key, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-
-
-def make_pki(d: Path) -> None:
-    """A throwaway CA and a server certificate for 127.0.0.1."""
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeops test CA")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (d / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(key, d / "server.key")
+from devices import provision
+from edge_runtime.bundle import write_manifest
 
 
 @pytest.fixture
 def secure_broker(tmp_path):
-    etc = tmp_path / "etc"
-    etc.mkdir()
-    make_pki(etc)
-    passwd = etc / "passwd"
-    passwd.touch()
-    for user, password in PASSWORDS.items():
-        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True, capture_output=True)
-    (etc / "acl").write_text((DEPLOY / "acl").read_text())
-    port = free_port()
-    lines = []
-    for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
-        if line.startswith(("log_dest", "log_type", "persistence", "autosave_interval")):
-            continue  # the test broker logs to its own file and keeps nothing
-        lines.append(line.replace("/etc/mosquitto/edgeops/", f"{etc}/").replace("listener 8883", f"listener {port} 127.0.0.1"))
-    broker = MosquittoBroker(port=port, persistence=False, default_queue_limits=True, listener=False,
-                             extra_config="\n".join(lines), workdir=tmp_path / "broker")
-    broker.ca = etc / "ca.crt"
-    with broker:
+    with DeployedBroker(tmp_path) as broker:
         yield broker
 
 
-class Session:
-    """A connected MQTT v5 TLS client that records CONNACK and PUBACK reason codes."""
-
-    def __init__(self, broker, user: str, password: str):
-        self.connected = threading.Event()
-        self.acked: dict[int, int] = {}
-        self.acked_event = threading.Condition()
-        self.connack = None
-        self.messages: list[tuple[str, bytes]] = []
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{user}", protocol=mqtt.MQTTv5)
-        self.client.username_pw_set(user, password)
-        self.client.tls_set(ca_certs=str(broker.ca))
-        self.client.on_connect = self._on_connect
-        self.client.on_publish = self._on_publish
-        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
-        self.client.connect("127.0.0.1", broker.port)
-        self.client.loop_start()
-        self.connected.wait(10)
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        self.connack = reason_code.value
-        self.connected.set()
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties):
-        with self.acked_event:
-            self.acked[mid] = reason_code.value
-            self.acked_event.notify_all()
-
-    def publish(self, topic: str) -> int:
-        info = self.client.publish(topic, b"{}", qos=1)
-        with self.acked_event:
-            self.acked_event.wait_for(lambda: info.mid in self.acked, timeout=10)
-        return self.acked[info.mid]
-
-    def close(self):
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
 def test_a_device_publishes_as_itself_but_not_as_another_device(secure_broker):
-    dev1 = Session(secure_broker, "dev-1", PASSWORDS["dev-1"])
+    dev1 = Session(secure_broker, secure_broker.provision("fleet-a", "dev-1"))
     try:
         assert dev1.connack == 0
         # 0x10 "no matching subscribers" is a success code too: anything below 0x80 is accepted.
         assert dev1.publish("edgeops/fleet-a/dev-1/telemetry") < 0x80
         # Under MQTT v5 the broker says no with PUBACK 0x87 (not authorised).
-        assert dev1.publish("edgeops/fleet-a/dev-2/telemetry") == 0x87
-        assert dev1.publish("edgeops/fleet-a/alerts") == 0x87
-        assert dev1.publish("edgeops/fleet-a/dev-2/cmd") == 0x87
+        assert dev1.publish("edgeops/fleet-a/dev-2/telemetry") == NOT_AUTHORIZED
+        assert dev1.publish("edgeops/fleet-a/alerts") == NOT_AUTHORIZED
+        assert dev1.publish("edgeops/fleet-a/dev-2/cmd") == NOT_AUTHORIZED
     finally:
         dev1.close()
 
 
-def test_a_wrong_password_is_refused(secure_broker):
-    intruder = Session(secure_broker, "dev-1", "guess")
-    try:
-        assert intruder.connack in (0x86, 0x87)  # bad user name or password / not authorised
-    finally:
-        intruder.close()
+def test_a_wrong_password_or_no_credential_is_refused(secure_broker):
+    secure_broker.provision("fleet-a", "dev-1")
+    for who in (Identity("fleet-a/dev-1", "guess"), Identity("monitor", SERVICES["monitor"]), Identity("nobody")):
+        s = Session(secure_broker, who)      # the services' passwords are not valid on the devices' listener
+        s.close()
+        assert s.connack in REFUSED_AT_CONNECT, who.username
 
 
-def test_a_device_reads_only_its_own_commands(secure_broker):
-    dev1 = Session(secure_broker, "dev-1", PASSWORDS["dev-1"])
-    flasher = Session(secure_broker, "flasher", PASSWORDS["flasher"])
+def test_a_device_credential_is_not_valid_on_the_services_listener(secure_broker):
+    # There client ids are free (monitor workers share one username), so a device must not get in.
+    dev1 = secure_broker.provision("fleet-a", "dev-1")
+    s = Session(secure_broker, dev1, client_id="edgeops-monitor-all", listener="services")
+    s.close()
+    assert s.connack in REFUSED_AT_CONNECT
+
+
+def test_a_username_the_acl_does_not_name_may_do_nothing(secure_broker):
+    # A credential of the earlier scheme (username = the bare device id) once matched `pattern write
+    # edgeops/+/%u/...`, which let it publish into any fleet. No device pattern is left.
+    provision.set_password(secure_broker.etc / "passwd", "dev-1", "pw-dev-1")
+    secure_broker.reload()
+    old = Session(secure_broker, Identity("dev-1", "pw-dev-1"))
     try:
-        got = threading.Event()
-        dev1.client.on_subscribe = lambda *a: got.set()
-        dev1.client.subscribe("edgeops/fleet-a/+/cmd", qos=1)
-        got.wait(5)
-        assert flasher.publish("edgeops/fleet-a/dev-1/cmd") < 0x80
-        assert flasher.publish("edgeops/fleet-a/dev-2/cmd") < 0x80
-        deadline = threading.Event()
-        deadline.wait(1.0)
-        topics = [t for t, _ in dev1.messages]
-        assert topics == ["edgeops/fleet-a/dev-1/cmd"]
+        assert old.connack == 0
+        for fleet in ("fleet-a", "other-fleet"):
+            assert old.publish(f"edgeops/{fleet}/dev-1/telemetry") == NOT_AUTHORIZED
+            assert old.publish(f"edgeops/{fleet}/dev-1/status") == NOT_AUTHORIZED
     finally:
-        dev1.close()
-        flasher.close()
+        old.close()
+
+
+def test_several_service_clients_of_one_username_keep_their_own_client_ids(secure_broker):
+    # Monitor workers and concurrent flasher commands share a username: on their listener the broker
+    # does not replace their client ids, so none disconnects another.
+    workers = [Session(secure_broker, Identity("monitor", SERVICES["monitor"]), client_id=f"edgeops-monitor-all-{i}",
+                       listener="services") for i in range(2)]
+    try:
+        assert [w.connack for w in workers] == [0, 0]
+        assert all(w.publish("edgeops/fleet-a/alerts") < 0x80 for w in workers)
+        assert not any(w.disconnects for w in workers)
+    finally:
+        for w in workers:
+            w.close()
 
 
 @pytest.mark.slow
 def test_flashing_works_through_the_secure_broker_with_each_identity(secure_broker, bc_mlp_bundle, reference_data,
                                                                      tmp_path):
-    import json
-    import shutil
-    import sys
-
-    import numpy as np
-
-    from edge_runtime.bundle import write_manifest
-
     v2 = tmp_path / "v2"
     shutil.copytree(bc_mlp_bundle, v2)
     doc = json.loads((v2 / "manifest.json").read_text())
     doc["version"] = "1.1.0"
     write_manifest(v2, doc)
     np.save(tmp_path / "x.npy", reference_data["breast_cancer"].X_train)
-    url = f"mqtts://127.0.0.1:{secure_broker.port}"
+    dev1, dev2 = secure_broker.provision("fleet-a", "dev-1"), secure_broker.provision("fleet-a", "dev-2")
+    status = Session(secure_broker, Identity("flasher", SERVICES["flasher"]), listener="services")
+    status.subscribe("edgeops/fleet-a/dev-1/status")
     agent = subprocess.Popen([sys.executable, "-m", "edgeops", "run", str(bc_mlp_bundle), "--device-id", "dev-1",
-                              "--fleet", "fleet-a", "--broker", url, "--username", "dev-1", "--password",
-                              PASSWORDS["dev-1"], "--ca", str(secure_broker.ca), "--input", str(tmp_path / "x.npy"),
-                              "--loop", "--rate", "200", "--window-size", "50", "--state-dir", str(tmp_path / "s"),
-                              "--duration", "60", "--allow-unsigned"], stdout=subprocess.PIPE,
+                              "--fleet", "fleet-a", "--broker", secure_broker.url(), "--username", dev1.username,
+                              "--password", dev1.password, "--ca", str(secure_broker.ca), "--input",
+                              str(tmp_path / "x.npy"), "--loop", "--rate", "200", "--window-size", "50", "--state-dir",
+                              str(tmp_path / "s"), "--duration", "60", "--allow-unsigned"], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
+        # the agent subscribes to its cmd topic right after it publishes its retained status
+        assert eventually(lambda: any(json.loads(p).get("online") for _, p in status.messages), 30), \
+            "dev-1 never came online"
         base = [sys.executable, "-m", "edgeops", "flash", str(v2), "--device", "dev-1", "--fleet", "fleet-a",
-                "--broker", url, "--ca", str(secure_broker.ca), "--json", "--timeout", "60"]
-        threading.Event().wait(3)
-        wrong = subprocess.run(base + ["--username", "dev-2", "--password", PASSWORDS["dev-2"], "--timeout", "5"],
-                               capture_output=True, text=True, timeout=60)
+                "--ca", str(secure_broker.ca), "--json", "--timeout", "60"]
+        wrong = subprocess.run(base + ["--broker", secure_broker.url(), "--username", dev2.username, "--password",
+                                       dev2.password, "--timeout", "5"], capture_output=True, text=True, timeout=60)
         assert wrong.returncode == 1 and "refused the command" in wrong.stderr   # another device may not command dev-1
-        res = subprocess.run(base + ["--username", "flasher", "--password", PASSWORDS["flasher"]],
-                             capture_output=True, text=True, timeout=120)
+        res = subprocess.run(base + ["--broker", secure_broker.url("services"), "--username", "flasher", "--password",
+                                     SERVICES["flasher"]], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         out = json.loads(res.stdout)
         assert out["ok"] and out["version"] == "1.1.0" and out["device_id"] == "dev-1"
     finally:
+        status.close()
         agent.terminate()
         log, _ = agent.communicate(timeout=30)
     assert "now running breast-cancer-mlp 1.1.0" in log
