@@ -43,8 +43,9 @@ def measure_in_child(path: Path, opts: dict) -> dict:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    res = subprocess.run([sys.executable, "-m", "benchmarks.runner", args], capture_output=True, text=True, env=env,
-                         timeout=3600)
+    # -P: the child never imports packages from the current folder in place of this installation
+    res = subprocess.run([sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "benchmarks.runner",
+                          args], capture_output=True, text=True, env=env, timeout=3600)
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
     if res.returncode != 0 or not lines:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
@@ -173,6 +174,9 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
 
     shapes = parse_input_shapes(input_shape)
     items = expand(paths, artifact)
+    # a .tar.gz bundle was unpacked into a temporary folder: removed when the command ends, however it ends
+    click.get_current_context().call_on_close(lambda: [b.cleanup() for b in {id(i["bundle"]): i["bundle"]
+                                                                          for i in items if i["bundle"]}.values()])
     labelled = None
     if data or dataset:
         from benchmarks.datasets import load_labelled

@@ -11,7 +11,7 @@ from edge_runtime.errors import EdgeOpsError
 def is_complete(path: str | Path) -> bool:
     """True when ``path`` is a bundle that opens and verifies."""
     try:
-        open_bundle(path)
+        open_bundle(path).cleanup()
         return True
     except EdgeOpsError:
         return False

@@ -510,6 +510,7 @@ def replay_data(bundle: str | Path, dataset: str | None, data_file: str | None) 
     from edge_runtime.bundle import open_bundle
 
     b = open_bundle(bundle)
+    b.cleanup()              # only the manifest is read here
     names = [f["name"] for f in ((b.manifest.get("reference_profile") or {}).get("features") or [])]
     if data_file:
         from edge_runtime.inputs import read_rows

@@ -143,6 +143,7 @@ def stored_latency(bundle_path, profile_id: str) -> float | None:
     from edge_runtime.model import choose_artifact
 
     b = open_bundle(bundle_path)
+    b.cleanup()              # the manifest is all this needs
     try:
         doc = json.loads(bench_store(profile_id).read_text())
     except (OSError, ValueError):

@@ -23,7 +23,12 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
         if not d.is_dir():
             raise InvalidInputError(f"--bundles {d}: not a folder")
         found += sorted(p for p in d.iterdir() if (p / "manifest.json").is_file() or p.name.endswith(".tar.gz"))
-    return [open_bundle(p).manifest for p in found]
+    manifests = []
+    for p in found:
+        b = open_bundle(p)
+        b.cleanup()          # only the manifest is kept: a .tar.gz's temporary folder goes at once
+        manifests.append(b.manifest)
+    return manifests
 
 
 @click.command("monitor")

@@ -136,3 +136,25 @@ def test_publish_sends_the_result_to_the_bench_topic(mosquitto, bc_rf_bundle):
         assert r["latency_ms"]["p95"] > 0
     finally:
         sub.close()
+
+
+def test_benchmarking_a_bundle_archive_leaves_no_temporary_folder(bc_mlp_bundle, tmp_path, monkeypatch):
+    import tarfile
+
+    from click.testing import CliRunner
+
+    from benchmarks.cli import bench_cmd
+    from edge_runtime.bundle import pack
+
+    archive = pack(bc_mlp_bundle, tmp_path / "bc.tar.gz")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)     # read TMPDIR again
+    res = CliRunner().invoke(bench_cmd, [str(archive), "--runs", "5", "--warmup", "1", "--in-process",
+                                         "--artifact", "model.int8.tflite"])
+    assert res.exit_code == 0, res.output
+    assert tarfile.is_tarfile(archive)
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("edgeops-bundle-")]
