@@ -7,6 +7,8 @@ agents' own counters (the sequence numbers their spools handed out).
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import sqlite3
@@ -77,6 +79,14 @@ def agent(bundle, broker_url, inputs, state, device, *extra) -> subprocess.Popen
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(Path(state).with_suffix(".log"), "ab"))
 
 
+def report(**figures) -> None:
+    """Append this case's figures to $EDGEOPS_CHAOS_REPORT (JSON lines) when set."""
+    path = os.environ.get("EDGEOPS_CHAOS_REPORT")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], **figures}) + "\n")
+
+
 def handed_out(state: Path) -> int:
     """How many windows the agent's spool ever numbered (its own counter)."""
     with sqlite3.connect(state / "spool.sqlite") as conn:
@@ -97,6 +107,7 @@ def assert_exactly_once(monitor: Monitor, device: str, state: Path, timeout: flo
     got = eventually(lambda: monitor.seqs(device) == list(range(n)), timeout)
     seqs = monitor.seqs(device)
     lost = sorted(set(range(n)) - set(seqs))
+    report(device=device, sent=n, stored=len(set(seqs)), lost=len(lost), duplicated=len(seqs) - len(set(seqs)))
     assert got, f"{len(lost)} of {n} windows lost (first {lost[:10]}), {len(seqs) - len(set(seqs))} duplicated"
     return n
 
@@ -146,7 +157,10 @@ def test_a_broker_killed_with_a_backlog_loses_no_window(tmp_path, bc_mlp_bundle,
         if confirm == "broker":
             n = handed_out(state)
             assert eventually(lambda: monitor.seqs("dev-b")[-1:] == [n - 1], 60)
-            assert len(monitor.seqs("dev-b")) <= n - 50, "the broker's PUBACK lost nothing this time"
+            stored = monitor.seqs("dev-b")
+            report(device="dev-b", sent=n, stored=len(set(stored)), lost=n - len(set(stored)),
+                   duplicated=len(stored) - len(set(stored)))
+            assert len(stored) <= n - 50, "the broker's PUBACK lost nothing this time"
             return
         assert_exactly_once(monitor, "dev-b", state)
     finally:
