@@ -146,9 +146,12 @@ def test_a_client_that_goes_away_is_not_an_error(bc_mlp_bundle):
      "unsupported_media_type", "UTF-8"),
     (b'{"inputs": [NaN' + b", 0" * 29 + b"]}", "application/json", 422, "invalid_input", "finite"),
     (b'{"inputs": [1e999' + b", 0" * 29 + b"]}", "application/json", 422, "invalid_input", "finite"),
+    (b'{"inputs": [3.402823466385289e+38' + b", 0" * 29 + b"]}", "application/json", 422, "invalid_input",
+     "float32"),
     (b"inputs=1", "application/x-www-form-urlencoded", 415, "unsupported_media_type", "application/json"),
     (b"\x1f\x8b\x08\x00", "application/json", 415, "unsupported_media_type", "UTF-8"),
 ], ids=["booleans", "a-boolean-in-a-batch", "utf-16-with-bom", "utf-16-le", "charset-utf-16", "nan", "overflow",
+        "past-float32-max",
         "form-encoded", "gzip-bytes"])
 def test_booleans_encodings_and_non_numbers_are_refused(bc_mlp_bundle, body, ctype, status, kind, fragment):
     with served(bc_mlp_bundle) as url:

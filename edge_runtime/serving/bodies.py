@@ -23,6 +23,7 @@ from edge_runtime.serving.limits import ServeLimits
 # Pillow decoders exposed to clients: the common formats, not every plugin Pillow has
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "PPM")
 JSON_FIELDS = ("inputs", "image", "images")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # linear because escaped quotes and backslashes are refused first (see parse_json)
 _STRING = re.compile(r'"[^"]*"')
@@ -168,7 +169,8 @@ def numbers(x: Any, sample: SampleShape, limits: ServeLimits) -> np.ndarray:
         raise Rejection(422, "invalid_input", f"input {name!r}: no values")
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(np.float32)
-    bad = ~np.isfinite(out)
+    # a value just past float32's range rounds to its maximum: refused like the OpenAPI schema says
+    bad = ~np.isfinite(out) | (np.abs(arr) > FLOAT32_MAX)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise Rejection(422, "invalid_input", f"input {name!r}: the value at {list(where)} is not a finite "

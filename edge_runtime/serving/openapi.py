@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_runtime.serving.bodies import SampleShape
+from edge_runtime.serving.bodies import FLOAT32_MAX, SampleShape
 from edge_runtime.serving.limits import ServeLimits
 
-FLOAT32_MAX = 3.4028234663852886e38
 ERRORS = {
     400: "Malformed request: bad JSON, JSON nested too deep, an empty body",
     408: "The body did not arrive within the body timeout",
