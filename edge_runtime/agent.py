@@ -26,10 +26,11 @@ import numpy as np
 
 from edge_runtime import wire
 from edge_runtime.delivery import WindowDelivery
-from edge_runtime.errors import EdgeOpsError
-from edge_runtime.inputs import BadSample
+from edge_runtime.errors import EdgeOpsError, InvalidInputError
+from edge_runtime.inputs import BadSample, input_id
 from edge_runtime.model import EdgeModel
 from edge_runtime.mqtt import DEFAULT_PREFIX, BrokerAddress, MqttLink
+from edge_runtime.outputs import VARIANTS, CallbackSink, Prediction, PredictionSink, open_sink
 from edge_runtime.spool import WindowSpool
 from edge_runtime.stats import LatencyHistogram
 from edge_runtime.state import check_id, prepare_state_dir
@@ -103,6 +104,11 @@ class DeviceAgent:
         confirm: "monitor" (a window leaves the spool when the monitor confirms it is stored, the
             default) or "broker" (at the broker's PUBACK; for a deployment without an edgeops monitor).
         resend_after: seconds before a window the monitor has not confirmed is published again.
+        outputs: where predictions go: ``--output`` values ("stdout", "jsonl:PATH", "mqtt", "http:URL";
+            see edge_runtime.outputs) or sinks; each runs off the inference thread with a bounded queue.
+        on_prediction: called with every :class:`~edge_runtime.outputs.Prediction` (from its own thread).
+        output_variants: "primary" (the prediction the device acts on: A's, or B's for the inputs the A/B
+            split sends to B) or "all" (the shadow's too).
     """
 
     def __init__(self, model: EdgeModel, device_id: str, fleet: str, broker: BrokerAddress,
@@ -111,7 +117,8 @@ class DeviceAgent:
                  slots=None, reload: Callable[[Path], EdgeModel] | None = None,
                  rollback_policy: RollbackPolicy | None = RollbackPolicy(), second: EdgeModel | None = None,
                  mode: str = "ab", split: float = 0.5, seed: int | None = None, compress: bool = False,
-                 confirm: str = "monitor", resend_after: float = 30.0):
+                 confirm: str = "monitor", resend_after: float = 30.0, outputs: Iterable = (),
+                 on_prediction: Callable[[Prediction], object] | None = None, output_variants: str = "primary"):
         self.model = model
         self.window_seconds, self.window_size = window_seconds, window_size
         self.device_id = check_id(device_id, "device id")
@@ -160,6 +167,17 @@ class DeviceAgent:
         self.bad_inputs = 0
         self._logged_bad: set[str] = set()
         self._scale_warned: set[tuple] = set()
+        if output_variants not in VARIANTS:
+            raise ValueError(f"output_variants {output_variants!r}: one of {VARIANTS}")
+        self.output_variants = output_variants
+        predictions_topic = wire.topic(prefix, fleet, device_id, wire.PREDICTIONS)
+        self.sinks: list[PredictionSink] = [o if isinstance(o, PredictionSink) else open_sink(
+            o, publish=lambda t, payload, qos: self.link.publish(t, payload, qos=qos), topic=predictions_topic,
+            envelope=lambda records: wire.encode(wire.predictions_message(self.fleet, self.device_id, records)))
+            for o in outputs]
+        if on_prediction is not None:
+            self.sinks.append(CallbackSink(on_prediction, max_queue=10_000))
+        self._input_index = 0
 
     # -- status --------------------------------------------------------------------------------
 
@@ -385,15 +403,34 @@ class DeviceAgent:
         if self.second_recorder is not None:
             self._spool_closed_windows(self.second_recorder.poll(), primary=False)
 
-    def _predict(self, sample) -> None:
+    @property
+    def output_counts(self) -> dict[str, dict]:
+        """Per output sink: predictions delivered, dropped (queue full) and failed (delivery lost)."""
+        return {s.name: s.counts.as_dict() for s in self.sinks}
+
+    def _answer(self, model: EdgeModel, sample, sample_id, emit: bool = True):
+        """``model.predict(sample)``, offered to the output sinks (labelled with the model's variant)."""
+        t0 = time.perf_counter()
+        out = model.predict(sample)
+        if emit and self.sinks:
+            ms = (time.perf_counter() - t0) * 1000.0
+            info = model.recorder.model_info if model.recorder is not None else {}
+            p = Prediction(sample_id, time.time(), out, ms,
+                           {k: info.get(k) for k in ("name", "version", "variant")},
+                           tuple(model.labels) if model.labels else None, model.task)
+            for sink in self.sinks:
+                sink.offer(p)
+        return out
+
+    def _predict(self, sample, sample_id=None) -> None:
         if self.second is None:
-            self.model.predict(sample)
+            self._answer(self.model, sample, sample_id)
         elif self.mode == "ab":
-            (self.second if self._rng.random() < self.split else self.model).predict(sample)
+            self._answer(self.second if self._rng.random() < self.split else self.model, sample, sample_id)
         else:
-            a = self.model.predict(sample)
+            a = self._answer(self.model, sample, sample_id)
             try:
-                b = self.second.predict(sample)
+                b = self._answer(self.second, sample, sample_id, emit=self.output_variants == "all")
             except EdgeOpsError:
                 return   # counted as an error in the shadow's window
             a, b = np.asarray(a, np.float32).ravel(), np.asarray(b, np.float32).ravel()
@@ -419,6 +456,8 @@ class DeviceAgent:
             self.commands = CommandHandler(self.slots, self._publish_result, self._switched, self.device_id)
         self.link.start()
         self._publisher.start()
+        for sink in self.sinks:
+            sink.start()
         return self
 
     def run(self, samples: Iterable, rate: float | None = None, max_inferences: int | None = None,
@@ -432,12 +471,14 @@ class DeviceAgent:
                 break
             if not self._pending.empty():
                 self._apply_pending()
+            sample_id, sample = input_id(sample, self._input_index)
+            self._input_index += 1
             if isinstance(sample, BadSample):
                 self._bad(sample.where, sample.reason)
                 self.recorder.record_error(rejected=True, reason="unreadable")
             else:
                 try:
-                    self._predict(sample)
+                    self._predict(sample, sample_id)
                     self.inferences += 1
                 except EdgeOpsError as exc:
                     self._bad("input", str(exc))
@@ -498,6 +539,12 @@ class DeviceAgent:
         """
         if self.commands is not None:
             self.commands.stop()
+        for sink in self.sinks:   # before the link goes: the mqtt sink publishes its last batch on it
+            sink.close()
+            c = sink.counts
+            if c.dropped or c.failed:
+                log.warning("output %s: %d predictions delivered, %d dropped, %d failed", sink.name, c.delivered,
+                            c.dropped, c.failed)
         last = self.recorder.flush()
         if last is not None:
             self._spool_closed_windows([last])
@@ -529,12 +576,24 @@ class DeviceAgent:
         self.stop()
 
 
-def samples_from(source: str | None, model: EdgeModel, loop: bool = False) -> Iterable:
-    """The sample stream for ``--input``: a .csv/.npy/.npz file, a folder of images, or '-' for stdin."""
-    from edge_runtime.inputs import image_files, json_lines, read_rows, replay
+def samples_from(source: str | None, model: EdgeModel, loop: bool = False, broker: BrokerAddress | None = None,
+                 client_id: str = "edgeops-input") -> Iterable:
+    """The sample stream for ``--input``: a .csv/.npy/.npz file, a folder of images, '-' for stdin,
+    ``mqtt:TOPIC`` (on ``broker``), ``video:PATH``, ``camera:N`` or ``rtsp://...``.
+
+    Live sources (MQTT, video) are started here; close them (``.close()``) when the run ends.
+    """
+    from edge_runtime.inputs import MqttInput, VideoInput, image_files, is_video_source, json_lines, read_rows, replay
 
     if source in (None, "-"):
         return json_lines()
+    if source.startswith("mqtt:"):
+        if broker is None or not source[5:]:
+            raise InvalidInputError(f"input {source!r}: mqtt:TOPIC reads from the agent's --broker")
+        return MqttInput(broker, source[5:], client_id).start()
+    if is_video_source(source):
+        image = ((model.manifest or {}).get("input_schema") or {}).get("image")
+        return VideoInput(source, image).start()
     p = Path(source)
     if p.is_dir():
         return image_files(p, loop)

@@ -31,7 +31,8 @@ def _common_broker_options(f):
 @click.option("--fleet", default="default", show_default=True, help="Fleet the device belongs to.")
 @click.option("--broker", required=True, help="mqtt://host:port or mqtts://user:pass@host:8883")
 @click.option("--input", "source", default="-", show_default=True,
-              help="A .csv/.npy/.npz file to replay, a folder of images, or - for JSON lines on stdin.")
+              help="A .csv/.npy/.npz file to replay, a folder of images, - for JSON lines on stdin, mqtt:TOPIC "
+                   "(JSON arrays or {\"id\": ..., \"x\": [...]} on the --broker), video:PATH, camera:N or rtsp://...")
 @click.option("--rate", type=float, help="Inferences per second (default: as fast as inputs come).")
 @click.option("--loop", is_flag=True, help="Replay the input file forever.")
 @click.option("--window-seconds", type=float, default=10.0, show_default=True, help="Close a window after S seconds.")
@@ -68,6 +69,11 @@ def _common_broker_options(f):
                    "the broker's acknowledgement (for a deployment without an edgeops monitor).")
 @click.option("--resend-after", type=float, default=30.0, show_default=True,
               help="Seconds before a window the monitor has not confirmed is sent again (doubling per attempt).")
+@click.option("--output", "outputs", multiple=True,
+              help="Where predictions go (repeatable): stdout (JSON lines), jsonl:PATH[?max_mb=10&backups=3], "
+                   "mqtt[?qos=0&batch=100&seconds=1&rate=10] (on <prefix>/<fleet>/<device>/predictions), http:URL.")
+@click.option("--output-variants", type=click.Choice(["primary", "all"]), default="primary", show_default=True,
+              help="primary: the prediction the device acts on, one per input; all: the --shadow bundle's too.")
 @click.option("--added-latency-ms", type=float, default=0.0, hidden=True,
               help="Emulation only: add this much latency to every inference.")
 @_common_broker_options
@@ -75,7 +81,7 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
             threads, public_key, allow_unsigned, skip_test_vectors, nan_policy, max_inferences, duration, accept_flash,
             rollback_windows,
             rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, ab_bundle, ab_split, shadow_bundle,
-            compress, confirm, resend_after, added_latency_ms, username,
+            compress, confirm, resend_after, outputs, output_variants, added_latency_ms, username,
             password, ca_file, cert_file, key_file, topic_prefix):
     """Run BUNDLE on a stream of inputs and publish telemetry windows over MQTT.
 
@@ -115,7 +121,7 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
         bundle = str(_choose_bundle(slots, bundle))
     model = reload(bundle)
     model.added_latency_s = max(0.0, added_latency_ms) / 1000.0
-    samples = samples_from(source, model, loop)
+    samples = samples_from(source, model, loop, broker=address, client_id=f"edgeops-{fleet}-{device_id}-input")
     if ab_bundle and shadow_bundle:
         raise click.UsageError("--ab and --shadow: choose one")
     second = reload(ab_bundle or shadow_bundle) if (ab_bundle or shadow_bundle) else None
@@ -129,7 +135,8 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
     agent = DeviceAgent(model, device_id, fleet, address, state_dir=state, window_seconds=window_seconds,
                         window_size=window_size, prefix=topic_prefix, slots=slots, reload=reload,
                         rollback_policy=policy, second=second, mode="shadow" if shadow_bundle else "ab",
-                        split=ab_split, compress=compress, confirm=confirm, resend_after=resend_after)
+                        split=ab_split, compress=compress, confirm=confirm, resend_after=resend_after,
+                        outputs=outputs, output_variants=output_variants)
     log.info("device %s (fleet %s) runs %r, telemetry to %s", device_id, fleet, model, address.url)
 
     # a signal only asks the run loop to finish its inference: raising from the handler anywhere else
@@ -146,6 +153,11 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
         log.info("stopping")
     finally:
         left = agent.stop()
+        if hasattr(samples, "close"):
+            samples.close()
+        if getattr(samples, "dropped", 0):
+            log.warning("input %s: %d of %d inputs dropped (the model was slower than the source)", source,
+                        samples.dropped, samples.received)
     log.info("%d inferences, %d bad inputs, %d windows left in the spool", agent.inferences, agent.bad_inputs, left)
     sys.exit(0)
 

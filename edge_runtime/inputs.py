@@ -1,14 +1,20 @@
-"""Input streams for the agent: a file replayed, JSON lines on stdin, a folder of images.
+"""Input streams for the agent: a file replayed, JSON lines on stdin, a folder of images, an MQTT topic,
+a video file, a camera or an RTSP stream.
 
-Each source yields either a sample (numpy array) or a :class:`BadSample`
-saying why a line could not be read, so one bad line is counted and logged,
-and the stream goes on.
+Each source yields either a sample (numpy array, or a :class:`Sample` that
+carries its own id) or a :class:`BadSample` saying why a line could not be
+read, so one bad line is counted and logged, and the stream goes on. Live
+sources (MQTT, cameras, RTSP) keep a bounded queue: when the model is slower
+than the source, the oldest inputs are dropped and counted (``dropped``).
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
@@ -17,7 +23,28 @@ import numpy as np
 
 from edge_runtime.errors import InvalidInputError
 
+log = logging.getLogger("edgeops.inputs")
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".pgm", ".ppm")
+MAX_MESSAGE = 1 << 20          # an MQTT input message larger than this is refused unread
+MAX_ID = 128                   # characters of an input id
+
+
+@dataclass(frozen=True)
+class Sample:
+    """An input that carries its own id (``{"id": ..., "x": [...]}``); the id goes out with its prediction."""
+
+    id: object
+    x: object
+
+
+def input_id(sample, index: int) -> tuple[object, object]:
+    """(id, what to predict on): a :class:`Sample`'s own id, an image file's name, else the input's index."""
+    if isinstance(sample, Sample):
+        return sample.id, sample.x
+    if isinstance(sample, Path):
+        return sample.name, sample
+    return index, sample
 
 
 @dataclass(frozen=True)
@@ -71,27 +98,43 @@ def replay(X: np.ndarray, loop: bool = False) -> Iterator[np.ndarray]:
             return
 
 
-def json_lines(stream: IO[str] | None = None) -> Iterator[np.ndarray | BadSample]:
-    """Samples from JSON lines: ``[1.0, 2.0, ...]`` or ``{"x": [...]}`` (also "inputs"/"features")."""
+def parse_sample(text: str | bytes, where: str) -> np.ndarray | Sample | BadSample:
+    """One JSON sample: ``[1.0, 2.0, ...]`` or ``{"id": ..., "x": [...]}`` ("inputs"/"features" too).
+
+    >>> parse_sample('{"id": "s-1", "x": [1, 2]}', "line 1")
+    Sample(id='s-1', x=array([1., 2.], dtype=float32))
+    >>> parse_sample('[1, "a"]', "line 2").reason
+    'values are not all numbers'
+    """
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return BadSample(where, f"not JSON ({exc.msg})")
+    except (RecursionError, UnicodeDecodeError, ValueError):
+        return BadSample(where, "not JSON (nested too deep or not UTF-8)")
+    sid = None
+    if isinstance(doc, dict):
+        sid = doc.get("id")
+        if sid is not None and not (isinstance(sid, (str, int)) and not isinstance(sid, bool)
+                                    and len(str(sid)) <= MAX_ID):
+            return BadSample(where, f"id must be a string or an integer of at most {MAX_ID} characters")
+        doc = next((doc[k] for k in ("x", "inputs", "features") if k in doc), None)
+    if not isinstance(doc, list):
+        return BadSample(where, "expected a list of numbers or an object with key 'x'")
+    try:
+        x = np.asarray(doc, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        return BadSample(where, "values are not all numbers")
+    return x if sid is None else Sample(sid, x)
+
+
+def json_lines(stream: IO[str] | None = None) -> Iterator[np.ndarray | Sample | BadSample]:
+    """Samples from JSON lines (see :func:`parse_sample`)."""
     stream = stream or sys.stdin
     for n, line in enumerate(stream, 1):
         line = line.strip()
-        if not line:
-            continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield BadSample(f"line {n}", f"not JSON ({exc.msg})")
-            continue
-        if isinstance(doc, dict):
-            doc = next((doc[k] for k in ("x", "inputs", "features") if k in doc), None)
-        if not isinstance(doc, list):
-            yield BadSample(f"line {n}", "expected a list of numbers or an object with key 'x'")
-            continue
-        try:
-            yield np.asarray(doc, dtype=np.float32)
-        except (ValueError, TypeError):
-            yield BadSample(f"line {n}", "values are not all numbers")
+        if line:
+            yield parse_sample(line, f"line {n}")
 
 
 def image_files(folder: str | Path, loop: bool = False) -> Iterator[Path]:
@@ -103,3 +146,162 @@ def image_files(folder: str | Path, loop: bool = False) -> Iterator[Path]:
         yield from files
         if not loop:
             return
+
+
+class LiveQueue:
+    """What a live source has produced and the model has not taken yet: bounded, the oldest dropped first.
+
+    Iterating blocks until an item arrives and ends once :meth:`close` is called and the queue is empty.
+    """
+
+    def __init__(self, name: str, max_items: int):
+        self.name = name
+        self._items: collections.deque = collections.deque(maxlen=max(1, max_items))
+        self._ready = threading.Condition()
+        self._closed = False
+        self.received = 0
+        self.dropped = 0
+
+    def put(self, item) -> None:
+        with self._ready:
+            if len(self._items) == self._items.maxlen:
+                self.dropped += 1       # the deque pushes the oldest out
+                if self.dropped == 1:
+                    log.warning("input %s: the model is slower than the source; the oldest inputs are dropped "
+                                "and counted", self.name)
+            self._items.append(item)
+            self.received += 1
+            self._ready.notify()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def __iter__(self) -> Iterator:
+        while True:
+            with self._ready:
+                while not self._items and not self._closed:
+                    self._ready.wait(0.5)
+                if not self._items:
+                    return
+                item = self._items.popleft()
+            yield item
+
+
+class MqttInput(LiveQueue):
+    """Samples published on an MQTT topic (sensor gateways): JSON arrays or ``{"id": ..., "x": [...]}``.
+
+    Args:
+        address: the broker (a :class:`edge_runtime.mqtt.BrokerAddress`).
+        topic: topic filter to subscribe to (wildcards allowed).
+        client_id: this subscription's client id.
+        max_queue: inputs waiting at most; the oldest are dropped (and counted) beyond it.
+        qos: subscription QoS.
+    """
+
+    def __init__(self, address, topic: str, client_id: str, max_queue: int = 1000, qos: int = 1):
+        from edge_runtime.mqtt import connect_args, make_client
+
+        super().__init__(f"mqtt:{topic}", max_queue)
+        self.topic, self.qos = topic, qos
+        self.subscribed = threading.Event()
+        self._n = 0
+        self.client = make_client(address, client_id, session_expiry=0)
+        self.client.on_connect = lambda c, u, f, rc, p: None if rc.is_failure else c.subscribe(topic, qos=qos)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
+        self.client.on_message = self._on_message
+        self._connect_args = connect_args(address, session_expiry=0)
+
+    def start(self) -> "MqttInput":
+        """Connect and subscribe in the background (returns at once; :attr:`subscribed` is set at the SUBACK)."""
+        self.client.connect_async(**self._connect_args)
+        self.client.loop_start()
+        return self
+
+    def _on_message(self, client, userdata, message) -> None:
+        self._n += 1
+        where = f"message {self._n} on {message.topic}"
+        if len(message.payload) > MAX_MESSAGE:
+            self.put(BadSample(where, f"over {MAX_MESSAGE} bytes"))
+        else:
+            self.put(parse_sample(message.payload, where))
+
+    def close(self) -> None:
+        """Stop taking messages; iteration ends once the queued ones are taken."""
+        self.client.disconnect()
+        self.client.loop_stop()
+        super().close()
+
+
+def is_video_source(source: str) -> bool:
+    return source.startswith(("video:", "camera:", "rtsp://", "rtsps://"))
+
+
+class VideoInput(LiveQueue):
+    """Frames from OpenCV (``video:PATH``, ``camera:N``, ``rtsp://...``) as the model's image input.
+
+    A reader thread decodes frames and turns each into the model's input with the bundle's image
+    preprocessing (resize, channels, normalisation from the manifest's input schema). A video file is
+    read at the model's pace, every frame; a camera or stream runs at its own pace and, when the model
+    is slower, the oldest frames are dropped and counted. Needs ``pip install 'edgeops[camera]'``.
+
+    Args:
+        source: ``video:PATH``, ``camera:INDEX`` or an ``rtsp://`` URL.
+        image: the manifest's ``input_schema.image`` (height, width, channels, scale, mean, std).
+        max_queue: frames waiting at most (a live source drops the oldest beyond it).
+    """
+
+    def __init__(self, source: str, image: dict | None, max_queue: int = 2):
+        try:
+            import cv2
+        except ImportError:
+            raise InvalidInputError(f"input {source}: video and cameras need OpenCV: "
+                                    "pip install 'edgeops[camera]'") from None
+        if not image:
+            raise InvalidInputError(f"input {source}: the model takes no images (its manifest has no image schema)")
+        super().__init__(source, max_queue)
+        self.image, self.live = image, not source.startswith("video:")
+        kind, _, target = source.partition(":")
+        if kind == "video" and not Path(target).is_file():
+            raise InvalidInputError(f"input {source}: no such file")
+        if kind == "camera" and not target.isdigit():
+            raise InvalidInputError(f"input {source}: camera:N takes a device index (camera:0)")
+        self.capture = cv2.VideoCapture(int(target) if kind == "camera" else target if kind == "video" else source)
+        if not self.capture.isOpened():
+            raise InvalidInputError(f"input {source}: OpenCV cannot open it")
+        self._room = threading.Semaphore(max(1, max_queue))
+        self._cv2 = cv2
+        self._reader = threading.Thread(target=self._read, name="edgeops-video", daemon=True)
+
+    def start(self) -> "VideoInput":
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        from PIL import Image
+
+        from edge_runtime.preprocess import image_to_array
+
+        n = 0
+        while not self._closed:
+            if not self.live:
+                self._room.acquire()      # a file waits for the model instead of dropping frames
+            ok, frame = self.capture.read()
+            if not ok:
+                break
+            rgb = self._cv2.cvtColor(frame, self._cv2.COLOR_BGR2RGB)
+            self.put(Sample(n, image_to_array(Image.fromarray(rgb), self.image)))
+            n += 1
+        self.capture.release()
+        super().close()
+
+    def __iter__(self) -> Iterator:
+        for item in super().__iter__():
+            if not self.live:
+                self._room.release()
+            yield item
+
+    def close(self) -> None:
+        super().close()
+        self._room.release()

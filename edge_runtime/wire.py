@@ -48,6 +48,7 @@ ACK = "ack"                                       # monitor -> device: windows c
 CMD = "cmd"                                       # operator -> device
 CMD_RESULT = "cmd/result"                         # device -> operator
 ALERTS = "alerts"                                 # monitor -> operators, per fleet
+PREDICTIONS = "predictions"                       # device -> its consumers: what the model said
 
 REASONS = (
     "oversized", "malformed_json", "too_deep", "not_an_object", "schema_version", "wrong_type", "missing_field",
@@ -152,6 +153,17 @@ def status_message(fleet: str, device_id: str, online: bool, **fields) -> dict:
     """The retained status envelope."""
     return {"schema_version": SCHEMA_VERSION, "type": "status", "device_id": device_id, "fleet": fleet,
             "online": online, "ts": round(time.time(), 3), **fields}
+
+
+def predictions_message(fleet: str, device_id: str, predictions: list[dict]) -> dict:
+    """A batch of prediction records on ``<prefix>/<fleet>/<device>/predictions`` (or a webhook's body).
+
+    Each record: ``id``, ``ts``, ``label`` and ``probabilities`` (classification) or ``values``,
+    ``latency_ms`` and ``model`` (name, version, variant); see docs/telemetry.md. The monitor does not
+    consume this topic: it is for whatever acts on the device's predictions.
+    """
+    return {"schema_version": SCHEMA_VERSION, "type": PREDICTIONS, "device_id": device_id, "fleet": fleet,
+            "ts": round(time.time(), 3), "predictions": predictions}
 
 
 def ack_message(seqs: list[int], rejected: dict[int, str] | None = None) -> dict:
