@@ -19,10 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from helpers import eventually
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from helpers import eventually
 
 from devices import fleet_ca, provision
 from devices.broker import MosquittoBroker, free_port
@@ -127,7 +126,7 @@ class DeployedBroker:
     def log(self) -> str:
         return self.broker.log_path.read_text(errors="replace")
 
-    def __enter__(self) -> "DeployedBroker":
+    def __enter__(self) -> DeployedBroker:
         self.broker.start()
         # Mosquitto listens before it installs its signal handlers, and SIGHUP's default action ends a process:
         # wait for the line it logs once they are in place.

@@ -13,7 +13,14 @@ import sys
 
 import numpy as np
 import pytest
-from deploy_broker import NOT_AUTHORIZED, REFUSED_AT_CONNECT, SERVICES, DeployedBroker, Identity, Session
+from deploy_broker import (
+    NOT_AUTHORIZED,
+    REFUSED_AT_CONNECT,
+    SERVICES,
+    DeployedBroker,
+    Identity,
+    Session,
+)
 from helpers import eventually
 
 from devices import provision
@@ -110,10 +117,10 @@ def test_flashing_works_through_the_secure_broker_with_each_identity(secure_brok
         base = [sys.executable, "-m", "edgeops", "flash", str(v2), "--device", "dev-1", "--fleet", "fleet-a",
                 "--ca", str(secure_broker.ca), "--json", "--timeout", "60"]
         wrong = subprocess.run(base + ["--broker", secure_broker.url(), "--username", dev2.username, "--password",
-                                       dev2.password, "--timeout", "5"], capture_output=True, text=True, timeout=60)
+                                       dev2.password, "--timeout", "5"], check=False, capture_output=True, text=True, timeout=60)
         assert wrong.returncode == 1 and "refused the command" in wrong.stderr   # another device may not command dev-1
         res = subprocess.run(base + ["--broker", secure_broker.url("services"), "--username", "flasher", "--password",
-                                     SERVICES["flasher"]], capture_output=True, text=True, timeout=120)
+                                     SERVICES["flasher"]], check=False, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         out = json.loads(res.stdout)
         assert out["ok"] and out["version"] == "1.1.0" and out["device_id"] == "dev-1"

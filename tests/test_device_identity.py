@@ -14,12 +14,18 @@ import sys
 
 import numpy as np
 import pytest
-from deploy_broker import NOT_AUTHORIZED, REFUSED_AT_CONNECT, SERVICES, DeployedBroker, Identity, Session
+from deploy_broker import (
+    NOT_AUTHORIZED,
+    REFUSED_AT_CONNECT,
+    SERVICES,
+    DeployedBroker,
+    Identity,
+    Session,
+)
 from helpers import eventually
 
 from devices import provision
 from edge_runtime.errors import InvalidInputError
-
 
 MONITOR = Identity("monitor", SERVICES["monitor"])
 FLASHER = Identity("flasher", SERVICES["flasher"])
@@ -170,7 +176,7 @@ def test_a_provisioned_devices_agent_runs_from_its_folder_and_the_monitor_reads_
     res = subprocess.run([sys.executable, "-m", "edgeops", "devices", "provision", "--fleet", "fleet-a", "--device",
                           "dev-a", "--out", str(tmp_path / "dev-a"), "--password-file", str(broker.etc / "passwd"),
                           "--acl", str(broker.etc / "acl"), "--ca-dir", str(broker.etc), "--broker",
-                          broker.url("devices"), "--json"], capture_output=True, text=True, timeout=60)
+                          broker.url("devices"), "--json"], check=False, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     made = json.loads(res.stdout)
     assert made["username"] == "fleet-a/dev-a" and "run-agent.sh" in made["files"] and "ca.crt" in made["files"]
@@ -192,3 +198,29 @@ def test_a_provisioned_devices_agent_runs_from_its_folder_and_the_monitor_reads_
         monitor.close()
         agent.terminate()
         agent.communicate(timeout=30)
+
+
+def _edgeops(*args):
+    return subprocess.run([sys.executable, "-m", "edgeops", *args], check=False, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_the_cli_provisions_and_revokes_a_certificate_device_and_says_why_it_refuses(tmp_path):
+    files = ["--password-file", str(tmp_path / "etc" / "passwd"), "--acl", str(tmp_path / "etc" / "acl"),
+             "--ca-dir", str(tmp_path / "etc"), "--json"]
+    made = _edgeops("devices", "provision", "--fleet", "lab", "--device", "pi-8", "--cert", "--out",
+                    str(tmp_path / "pi-8"), *files)
+    assert made.returncode == 0, made.stderr
+    serial = json.loads(made.stdout)["cert_serial"]
+    assert {"device.crt", "device.key", "ca.crt", "run-agent.sh"} <= set(json.loads(made.stdout)["files"])
+    revoked = _edgeops("devices", "revoke", "--fleet", "lab", "--device", "pi-8", *files)
+    assert revoked.returncode == 0 and json.loads(revoked.stdout)["revoked_serials"] == [serial]
+    again = _edgeops("devices", "revoke", "--fleet", "lab", "--device", "pi-8", *files)
+    assert again.returncode == 3 and "lab/pi-8: nothing to revoke" in again.stderr
+    bad = _edgeops("devices", "provision", "--fleet", "lab", "--device", "pi/8", *files)
+    assert bad.returncode == 3 and "device id 'pi/8'" in bad.stderr
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "ca.crt").write_bytes((tmp_path / "etc" / "ca.crt").read_bytes())
+    no_key = _edgeops("devices", "provision", "--fleet", "lab", "--device", "pi-9", "--cert", "--ca-dir",
+                      str(tmp_path / "other"), "--out", str(tmp_path / "pi-9"), *files[:4])
+    assert no_key.returncode == 3 and "needs both ca.crt and ca.key" in no_key.stderr
