@@ -33,6 +33,6 @@ def test_the_server_keeps_to_its_openapi_description(bundle, request, tmp_path):
              "--request-timeout", "10", "--max-time", "30", "--generation-database", "none",
              # an image field's schema cannot say "a decodable image": valid-by-schema base64 may be refused
              *(["--exclude-checks", "positive_data_acceptance"] if bundle == "digits_cnn_bundle" else [])],
-            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "failure" not in out.stdout.rsplit("SUMMARY", 1)[-1], out.stdout[-3000:]

@@ -18,7 +18,7 @@ from typing import Any
 
 _HOME = {"ServeLimits": "limits", "Rejection": "bodies", "ServeMetrics": "metrics", "model_summary": "metrics",
          "create_app": "app", "running_server": "server", "serve_forever": "server"}
-__all__ = sorted(_HOME)
+__all__ = list(_HOME)
 
 
 def __getattr__(name: str) -> Any:

@@ -11,9 +11,10 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import numpy as np
@@ -25,7 +26,14 @@ from starlette.routing import Route
 
 from edge_runtime.errors import EdgeOpsError, InvalidInputError
 from edge_runtime.model import EdgeModel
-from edge_runtime.serving.bodies import Rejection, SampleShape, body_kind, decode_image, media_type, parse_json
+from edge_runtime.serving.bodies import (
+    Rejection,
+    SampleShape,
+    body_kind,
+    decode_image,
+    media_type,
+    parse_json,
+)
 from edge_runtime.serving.limits import InFlightBytes, ServeLimits
 from edge_runtime.serving.metrics import ServeMetrics, model_summary
 from edge_runtime.serving.openapi import openapi_document
@@ -144,7 +152,7 @@ def create_app(model: EdgeModel, limits: ServeLimits | None = None, agent: Any =
             return served.error(422, "invalid_input", str(exc))
         except EdgeOpsError as exc:
             return served.error(400, "bad_request", str(exc))
-        except Exception:  # noqa: BLE001 - never a traceback to the client
+        except Exception:
             log.exception("POST /predict failed")
             return served.error(500, "internal", "internal error (logged on the server)")
 
@@ -287,5 +295,5 @@ async def _collect_every_second(served: Served) -> None:
         await asyncio.sleep(1.0)
         try:
             await served.on_worker(served.agent.collect)
-        except Exception:  # noqa: BLE001 - the agent logs its own trouble; serving goes on
+        except Exception:
             log.exception("telemetry collection failed")

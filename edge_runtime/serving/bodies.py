@@ -221,7 +221,7 @@ def _utf8(body: bytes | bytearray) -> str:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Rejection(415, "unsupported_media_type", f"the body is not UTF-8 (byte {exc.start})") from None
-    return text[1:] if text.startswith("\ufeff") else text
+    return text.removeprefix("\ufeff")
 
 
 def _nesting_depth(skeleton: str) -> int:

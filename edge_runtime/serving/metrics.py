@@ -52,8 +52,8 @@ class ServeMetrics:
         lines = [
             "# HELP edgeops_model_info The model being served.",
             "# TYPE edgeops_model_info gauge",
-            f'edgeops_model_info{{name="{m.get("name", model.path.stem)}",version="{m.get("version", "")}",'
-            f'artifact="{model.path.name}",backend="{model.backend.name}"}} 1',
+            (f'edgeops_model_info{{name="{m.get("name", model.path.stem)}",version="{m.get("version", "")}",'
+             f'artifact="{model.path.name}",backend="{model.backend.name}"}} 1'),
             "# HELP edgeops_requests_total HTTP requests received.",
             "# TYPE edgeops_requests_total counter",
             f"edgeops_requests_total {self.requests}",

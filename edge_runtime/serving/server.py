@@ -6,8 +6,9 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -71,7 +72,8 @@ class HeaderDeadlineH11(H11Protocol):
 def server_config(model: EdgeModel, host: str, port: int, limits: ServeLimits, agent: Any = None) -> uvicorn.Config:
     """uvicorn's configuration: HTTP/1.1 (h11) with the header deadline, the limits' timeouts, no access log."""
     protocol = type("HeaderDeadlineH11", (HeaderDeadlineH11,), {"header_timeout": limits.header_timeout_s})
-    return uvicorn.Config(create_app(model, limits, agent), host=host, port=port, http=protocol,  # type: ignore[arg-type]
+    app = create_app(model, limits, agent)
+    return uvicorn.Config(app, host=host, port=port, http=protocol,  # type: ignore[arg-type]
                           lifespan="on", log_config=None, access_log=False, server_header=False,
                           timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
                           limit_concurrency=limits.max_connections, timeout_graceful_shutdown=5)
