@@ -52,6 +52,10 @@ class Monitor:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
         return self
 
+    def wait_connected(self, timeout: float = 60) -> bool:
+        """The monitor has subscribed (its log says it connected): windows sent from now on reach it."""
+        return bool(eventually(lambda: "monitor connected" in self.log.read_text(errors="replace"), timeout))
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
@@ -179,6 +183,9 @@ def test_an_agent_killed_with_a_full_spool_delivers_it_after_restart(tmp_path, b
     a.wait()
     broker = default_autosave_broker(tmp_path / "broker", port=port).start()
     monitor = Monitor(broker.url, tmp_path / "m.db", tmp_path / "monitor.log").start()
+    # a short run: the monitor must be there to confirm before the agent stops (what it does not confirm
+    # stays spooled for the next run, which this test does not make)
+    assert monitor.wait_connected()
     a = agent(bc_mlp_bundle, broker.url, inputs, state, "dev-k", "--rate", 200, "--duration", 3)
     try:
         assert a.wait(timeout=120) == 0
