@@ -72,6 +72,23 @@ def test_slow_clients_hold_no_threads_and_are_dropped(bc_mlp_bundle):
                 s.close()
 
 
+def test_headers_sent_a_byte_at_a_time_do_not_keep_the_connection(bc_mlp_bundle):
+    """Every byte received cancels uvicorn's own idle timer; the header deadline is not moved by them."""
+    with served(bc_mlp_bundle, header_timeout_s=1.0) as url:
+        s = open_raw(url, b"POST /predict HTTP/1.1\r\n")
+        try:
+            def one_more_byte_then_closed() -> bool:
+                try:
+                    s.send(b"X")
+                except OSError:
+                    return True
+                return closed_by_server(s)
+
+            assert eventually(one_more_byte_then_closed, timeout=15, interval=0.2)
+        finally:
+            s.close()
+
+
 def test_a_body_that_trickles_in_gets_a_408(bc_mlp_bundle):
     with served(bc_mlp_bundle, body_timeout_s=1.0) as url:
         s = open_raw(url, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
