@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from devices.provision import replace_file
 from edge_runtime.errors import InvalidInputError
 
 ISSUED, CRL = "issued.txt", "crl.pem"
@@ -113,6 +114,4 @@ def _write_crl(ca_dir: Path, ca: x509.Certificate, ca_key, serials: list[int]) -
     for serial in serials:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_now()).build())
-    tmp = ca_dir / f".{CRL}.tmp"
-    tmp.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
-    tmp.replace(ca_dir / CRL)
+    replace_file(ca_dir / CRL, builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), 0o644)

@@ -49,8 +49,11 @@ def acl_block(fleet: str, device: str, prefix: str = DEFAULT_PREFIX) -> str:
     base = f"{prefix}/{fleet}/{device}"
     writes = [f"{base}/{kind}" for kind in ("telemetry", "status", "bench", CMD_RESULT)]
     reads = [f"{base}/{CMD}", f"{base}/{CMD}/#", f"{base}/ack"]
-    return "\n".join([f"# device {user} (edgeops devices provision; `edgeops devices revoke` removes it)",
-                      f"user {user}"] + [f"topic write {t}" for t in writes] + [f"topic read {t}" for t in reads])
+    return "\n".join([_marker(user), f"user {user}"] + [f"topic write {t}" for t in writes] + [f"topic read {t}" for t in reads])
+
+
+def _marker(username: str) -> str:
+    return f"# device {username} (edgeops devices provision; `edgeops devices revoke` removes it)"
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -60,19 +63,29 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
     return f"$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    """Replace ``path`` in one step (the broker may read it at any moment), keeping its mode if it exists."""
+def replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace a file the broker reads in one step (it may reload at any moment), keeping the mode, owner and
+    group of the file it replaces (Mosquitto reads them as its own user): ``mode`` is for a new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else mode
+    old = path.stat() if path.exists() else None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, old.st_mode & 0o777 if old else mode)
+        if old:
+            try:
+                os.chown(tmp, old.st_uid, old.st_gid)
+            except PermissionError:
+                pass          # not root: the file stays ours, as the one it replaces was
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_text(path: Path, text: str, mode: int) -> None:
+    replace_file(path, text.encode(), mode)
 
 
 def _lines(path: Path) -> list[str]:
@@ -82,7 +95,7 @@ def _lines(path: Path) -> list[str]:
 def set_password(password_file: Path, username: str, password: str) -> None:
     """Add or replace ``username``'s entry in a Mosquitto password file."""
     kept = [line for line in _lines(password_file) if line.split(":", 1)[0] != username]
-    _write_atomic(password_file, "\n".join(kept + [f"{username}:{hash_password(password)}"]) + "\n", 0o640)
+    _write_text(password_file, "\n".join(kept + [f"{username}:{hash_password(password)}"]) + "\n", 0o640)
 
 
 def remove_password(password_file: Path, username: str) -> bool:
@@ -91,7 +104,7 @@ def remove_password(password_file: Path, username: str) -> bool:
     kept = [line for line in lines if line.split(":", 1)[0] != username]
     if len(kept) == len(lines):
         return False
-    _write_atomic(password_file, "".join(line + "\n" for line in kept), 0o640)
+    _write_text(password_file, "".join(line + "\n" for line in kept), 0o640)
     return True
 
 
@@ -100,19 +113,19 @@ def remove_acl_block(acl_file: Path, username: str) -> bool:
     lines, kept, skipping, found = _lines(acl_file), [], False, False
     for line in lines:
         words = line.split(None, 1)
-        if line.strip() == f"# device {username} (edgeops devices provision; `edgeops devices revoke` removes it)":
+        if line.strip() == _marker(username):
             continue
         if words[:1] == ["user"]:
             skipping = words[1:] == [username]
             found = found or skipping
         elif skipping and words[:1] not in (["topic"], ["pattern"]):
             skipping = False      # the block ends at the first line that is not an ACL rule
-        if not skipping:
+        if not skipping and (line.strip() or (kept and kept[-1].strip())):   # no runs of blank lines left
             kept.append(line)
     if found:
         while kept and not kept[-1].strip():
             kept.pop()
-        _write_atomic(acl_file, "".join(line + "\n" for line in kept), 0o644)
+        _write_text(acl_file, "".join(line + "\n" for line in kept), 0o644)
     return found
 
 
@@ -120,7 +133,7 @@ def set_acl_block(acl_file: Path, fleet: str, device: str, prefix: str = DEFAULT
     """Add the device's block at the end of the ACL (replacing a block it had)."""
     remove_acl_block(acl_file, device_username(fleet, device))
     text = acl_file.read_text().rstrip("\n") + "\n\n" if acl_file.exists() else ""
-    _write_atomic(acl_file, text + acl_block(fleet, device, prefix) + "\n", 0o644)
+    _write_text(acl_file, text + acl_block(fleet, device, prefix) + "\n", 0o644)
 
 
 @dataclass
@@ -151,7 +164,7 @@ def provision(fleet: str, device: str, out: Path, password_file: Path, acl_file:
     the broker, username and TLS files, relative to itself), ``ca.crt`` and, with ``cert``,
     ``device.crt``/``device.key``.
     """
-    from devices import fleet_ca
+    from devices import fleet_ca  # cryptography: imported only to provision
 
     username = device_username(fleet, device)
     broker = broker or f"mqtts://localhost:{CERTIFICATE_PORT if cert else PASSWORD_PORT}"
@@ -169,11 +182,11 @@ def provision(fleet: str, device: str, out: Path, password_file: Path, acl_file:
         password = secrets.token_urlsafe(24)
         set_password(password_file, username, password)
         made.password_file = str(password_file)
-        _write_atomic(out / "agent.env", f"EDGEOPS_MQTT_PASSWORD={password}\n", 0o600)
+        _write_text(out / "agent.env", f"EDGEOPS_MQTT_PASSWORD={password}\n", 0o600)
         args += ["--username", username]
     set_acl_block(acl_file, fleet, device, prefix)
     made.command = ["edgeops", "run", "BUNDLE"] + args
-    _write_atomic(out / "run-agent.sh", _run_script(args), 0o755)
+    _write_text(out / "run-agent.sh", _run_script(args), 0o755)
     made.files = {p.name: str(p) for p in sorted(out.iterdir()) if p.is_file()}
     return made
 
