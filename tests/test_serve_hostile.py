@@ -196,7 +196,7 @@ def test_importing_the_runtime_loads_no_web_stack(bc_mlp_bundle):
     import subprocess
     import sys
 
-    code = ("import sys, edge_runtime; m = edge_runtime.load(sys.argv[1]); m.predict([0.0] * 30); "
+    code = ("import sys, edge_runtime, edge_runtime.cli; m = edge_runtime.load(sys.argv[1]); m.predict([0.0] * 30); "
             "print(sorted(n for n in ('starlette', 'uvicorn', 'multipart', 'anyio', 'h11') if n in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(bc_mlp_bundle)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
