@@ -34,7 +34,15 @@ PBKDF2_ITERATIONS = 101          # what mosquitto_passwd 2.x writes (format $7$)
 
 
 def device_username(fleet: str, device: str) -> str:
-    """``<fleet>/<device>``, after checking both ids (InvalidInputError, exit 3, otherwise)."""
+    """``<fleet>/<device>``, after checking both ids (InvalidInputError, exit 3, otherwise).
+
+    >>> device_username("lab", "pi-7")
+    'lab/pi-7'
+    >>> device_username("lab", "pi/7")
+    Traceback (most recent call last):
+    ...
+    edge_runtime.errors.InvalidInputError: device id 'pi/7': use 1-64 letters, digits, '.', '_' or '-' (starting ...)
+    """
     for what, value in (("fleet", fleet), ("device", device)):
         if not isinstance(value, str) or not ID.match(value):
             raise InvalidInputError(f"{what} id {value!r}: use 1-64 letters, digits, '.', '_' or '-' "
@@ -44,7 +52,19 @@ def device_username(fleet: str, device: str) -> str:
 
 def acl_block(fleet: str, device: str, prefix: str = DEFAULT_PREFIX) -> str:
     """The ACL lines of one device: write its own telemetry, status, bench and cmd/result; read its own
-    cmd (and below) and ack. Anything else is denied."""
+    cmd (and below) and ack. Anything else is denied.
+
+    >>> print(acl_block("lab", "pi-7"))
+    # device lab/pi-7 (edgeops devices provision; `edgeops devices revoke` removes it)
+    user lab/pi-7
+    topic write edgeops/lab/pi-7/telemetry
+    topic write edgeops/lab/pi-7/status
+    topic write edgeops/lab/pi-7/bench
+    topic write edgeops/lab/pi-7/cmd/result
+    topic read edgeops/lab/pi-7/cmd
+    topic read edgeops/lab/pi-7/cmd/#
+    topic read edgeops/lab/pi-7/ack
+    """
     user = device_username(fleet, device)
     base = f"{prefix}/{fleet}/{device}"
     writes = [f"{base}/{kind}" for kind in ("telemetry", "status", "bench", CMD_RESULT)]
