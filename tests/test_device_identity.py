@@ -224,3 +224,18 @@ def test_the_cli_provisions_and_revokes_a_certificate_device_and_says_why_it_ref
     no_key = _edgeops("devices", "provision", "--fleet", "lab", "--device", "pi-9", "--cert", "--ca-dir",
                       str(tmp_path / "other"), "--out", str(tmp_path / "pi-9"), *files[:4])
     assert no_key.returncode == 3 and "needs both ca.crt and ca.key" in no_key.stderr
+
+
+def test_provisioning_a_device_again_rotates_its_password(broker):
+    old = broker.provision("fleet-a", "dev-a")
+    connected = Session(broker, old)
+    try:
+        assert connected.connack == 0
+        new = broker.provision("fleet-a", "dev-a")          # a new password; the broker reloads
+        assert new.password != old.password
+        # At the reload the broker checks connected clients again: the old password is no longer valid.
+        assert eventually(lambda: connected.disconnects, 10)
+    finally:
+        connected.close()
+    assert _connack(broker, old) in REFUSED_AT_CONNECT
+    assert _connack(broker, new) == 0
