@@ -58,6 +58,15 @@ def _result_exit(res: dict) -> int:
 @click.option("--waves", type=int, default=2, show_default=True, help="Waves after the canary set.")
 @click.option("--clean-windows", type=int, default=3, show_default=True,
               help="Clean telemetry windows of the new version each device must send before the next wave.")
+@click.option("--canary-samples", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Inferences of the new version each device must have in windows the monitor stored before the "
+                   "next wave (the monitor's --min-samples: fewer cannot show drift); 0: do not wait for the monitor.")
+@click.option("--evaluation-wait", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds after --canary-samples are stored before a wave is judged clear (the monitor evaluates "
+                   "every --eval-interval).")
+@click.option("--force-schema", is_flag=True,
+              help="Flash even when the bundle's inputs (kind, shape, dtype, feature names) do not fit what the "
+                   "device runs; the device is told to take it too.")
 @click.option("--devices", "device_list", help="Comma-separated devices to roll out to (default: every device "
                                                "whose retained status says online).")
 @click.option("--state-file", type=click.Path(), help="Rollout state (default: ~/.local/state/edgeops/rollouts/ID.json).")
@@ -73,13 +82,13 @@ def _result_exit(res: dict) -> int:
 @click.option("--profile", "profile_id", help="Board profile for --max-latency-ms (see `edgeops devices profiles`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_broker_options
-def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, device_list, state_file, resume, public_key,
-              timeout, window_timeout, wait_probation, url, max_latency_ms, profile_id, as_json, broker, username, password,
-              ca_file, cert_file, key_file, topic_prefix):
+def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, canary_samples, evaluation_wait, force_schema,
+              device_list, state_file, resume, public_key, timeout, window_timeout, wait_probation, url, max_latency_ms,
+              profile_id, as_json, broker, username, password, ca_file, cert_file, key_file, topic_prefix):
     """Flash BUNDLE to a running device (--device) or roll it out to a fleet (--canary).
 
-    Exit codes: 0 done; 1 failed, stopped or rolled back; 4 the device refused the bundle
-    (hash or signature); 5 the device's health check failed.
+    Exit codes: 0 done; 1 failed, stopped or rolled back; 4 the bundle was refused (hash,
+    signature, or inputs that do not fit the device's bundle); 5 the device's health check failed.
     """
     from devices import flash as fl
 
@@ -88,7 +97,8 @@ def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, dev
         path = Path(resume)
         r = fl.Rollout.load(path)
         _say(f"resuming rollout {r.id} of {r.name} {r.version} to fleet {r.fleet}")
-        r = fl.RolloutRunner(address, r, path, topic_prefix, timeout, window_timeout, public_key, _say).run()
+        r = fl.RolloutRunner(address, r, path, topic_prefix, timeout, window_timeout, public_key, _say,
+                             evaluation_wait=evaluation_wait).run()
         _finish_rollout(r, path, as_json)
         return
     if rollback:
@@ -106,7 +116,7 @@ def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, dev
             raise click.UsageError("--canary rolls out to a fleet; do not give --device with it")
         _say(f"flashing {bundle} to {device} (fleet {fleet})")
         res = fl.flash_device(address, fleet, device, bundle, prefix=topic_prefix, timeout=timeout,
-                              public_key=public_key, wait_probation=wait_probation, url=url)
+                              public_key=public_key, wait_probation=wait_probation, url=url, force_schema=force_schema)
         _print_result(res, as_json)
         sys.exit(_result_exit(res))
     if not canary:
@@ -117,12 +127,13 @@ def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, dev
     else:
         statuses, _ = fl.inventory(address, fleet, topic_prefix)
         targets = [d for d, s in statuses.items() if s.get("online") and s.get("accepts_flash", True)]
-    r = fl.new_rollout(bundle, fleet, targets, share, waves, clean_windows, public_key)
+    r = fl.new_rollout(bundle, fleet, targets, share, waves, clean_windows, public_key, canary_samples, force_schema)
     path = Path(state_file) if state_file else fl.default_rollout_dir() / f"{r.id}.json"
     r.save(path)
     _say(f"rollout {r.id}: {r.name} {r.version} to {len(targets)} devices of {fleet}: canary "
          f"{', '.join(r.groups[0])}, then {len(r.groups) - 1} wave(s); state in {path}")
-    r = fl.RolloutRunner(address, r, path, topic_prefix, timeout, window_timeout, public_key, _say).run()
+    r = fl.RolloutRunner(address, r, path, topic_prefix, timeout, window_timeout, public_key, _say,
+                         evaluation_wait=evaluation_wait).run()
     _finish_rollout(r, path, as_json)
 
 

@@ -10,15 +10,22 @@ Everything goes over MQTT (see docs/flashing.md):
 - the inventory from the retained ``.../status`` of every device, and the monitor's open alerts
   from the retained ``<prefix>/<fleet>/alerts``.
 
+Before anything is sent, the new bundle's input schema is checked against what each device says it
+runs (the ``input`` block of its status); the device checks again before it switches.
+
 A rollout (``--canary``) flashes a canary set, waits until each canary has sent ``clean_windows``
-telemetry windows from the new version with no alert opened for it, then the other devices in
-waves. An alert, a failed flash or an automatic rollback stops it and rolls back every device it
-flashed. Its state is a JSON file written after every step, so a restarted orchestrator resumes it.
+telemetry windows from the new version, passed its own probation, and has ``canary_samples``
+inferences of it in windows the monitor acknowledged as stored (and a few seconds more for the
+monitor to evaluate them), then the other devices in waves, each gated the same way. An alert on
+any device flashed so far (of any wave), a failed flash or an automatic rollback stops it and rolls
+back every device it flashed. Its state is a JSON file written after every step, so a restarted
+orchestrator resumes it.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import json
 import logging
@@ -33,8 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edge_runtime import wire
 from edge_runtime.bundle import opened_bundle, pack
 from edge_runtime.errors import EdgeOpsError
+from edge_runtime.flash import check_fit, input_schema
 from edge_runtime.mqtt import DEFAULT_PREFIX, BrokerAddress, MqttLink
 
 log = logging.getLogger("edgeops.flash")
@@ -56,6 +65,7 @@ class BundleImage:
     name: str
     version: str
     manifest_sha256: str | None = None
+    input: dict | None = None          # edge_runtime.flash.input_schema of its manifest
 
     @classmethod
     def from_path(cls, path: str | Path, public_key: str | None = None) -> "BundleImage":
@@ -63,12 +73,25 @@ class BundleImage:
         p = Path(path)
         with opened_bundle(p, public_key=public_key) as b:   # a .tar.gz's unpacked copy goes away after
             manifest_sha256 = hashlib.sha256((b.root / "manifest.json").read_bytes()).hexdigest()
+            inputs = input_schema(b.manifest)
         if p.is_dir():
             with tempfile.TemporaryDirectory(prefix="edgeops-pack-") as tmp:
                 data = pack(p, Path(tmp) / "bundle.tar.gz").read_bytes()
         else:
             data = p.read_bytes()
-        return cls(data, hashlib.sha256(data).hexdigest(), b.name, b.version, manifest_sha256)
+        return cls(data, hashlib.sha256(data).hexdigest(), b.name, b.version, manifest_sha256, inputs)
+
+
+def check_device_fit(image: BundleImage, device: str, status: dict | None) -> str | None:
+    """Refuse (:class:`edge_runtime.flash.InputSchemaMismatch`, exit 4) a bundle whose inputs do not fit
+    what ``device`` runs, as its retained status says. Returns a note when the status does not say."""
+    inputs = (status or {}).get("input")
+    if not isinstance(inputs, dict) or image.input is None:
+        return f"{device}: its status does not say which inputs it takes; the device checks the fit itself"
+    model = (status or {}).get("model") or {}
+    check_fit(inputs, image.input, f"{device} runs {model.get('name')} {model.get('version')}, which",
+              f"{image.name} {image.version}")
+    return None
 
 
 class FleetLink:
@@ -81,7 +104,8 @@ class FleetLink:
         self.results: list[dict] = []
         self.statuses: dict[str, dict] = {}
         self.alerts: dict | None = None
-        self.windows: list[dict] = []          # (device, model version, seq, end) of telemetry seen
+        self.windows: list[dict] = []          # (device, model version, seq, count, acked) of telemetry seen
+        self._acked: dict[str, collections.deque] = {}   # device -> recent [first, last] seqs the monitor stored
         self._watch_telemetry = watch_telemetry
         self.refused = 0                       # commands the broker refused (e.g. not authorised by its ACL)
         self.link = MqttLink(address, client_id or f"edgeops-flasher-{uuid.uuid4().hex[:8]}",
@@ -101,11 +125,14 @@ class FleetLink:
         base = f"{self.prefix}/{self.fleet}"
         topics = [(f"{base}/+/cmd/result", 1), (f"{base}/+/status", 1), (f"{base}/alerts", 1)]
         if self._watch_telemetry:
-            topics.append((f"{base}/+/telemetry", 0))
+            topics += [(f"{base}/+/telemetry", 1), (f"{base}/+/{wire.ACK}", 1)]
         self.link.client.subscribe(topics)   # one SUBACK for all
 
     def _on_message(self, topic_name: str, payload: bytes) -> None:
         parts = topic_name.split("/")
+        if parts[-1] == wire.ACK and len(parts) >= 4:
+            self._on_ack_message(parts[-2], payload)
+            return
         try:
             if payload[:1] == b"\x78":      # a window from an agent with --compress
                 payload = zlib.decompress(payload)
@@ -123,9 +150,37 @@ class FleetLink:
                 self.alerts = doc
             elif parts[-1] == "telemetry":
                 model = doc.get("model") or {}
-                self.windows.append({"device_id": parts[-2], "version": model.get("version"),
-                                     "seq": doc.get("seq"), "received": time.time()})
+                w = {"device_id": parts[-2], "version": model.get("version"), "seq": doc.get("seq"),
+                     "count": doc.get("count") if type(doc.get("count")) is int else 0, "received": time.time()}
+                w["acked"] = self._stored(w["device_id"], w["seq"])
+                self.windows.append(w)
             self._cond.notify_all()
+
+    def _stored(self, device: str, seq) -> bool:
+        return type(seq) is int and any(lo <= seq <= hi for lo, hi in self._acked.get(device, ()))
+
+    def _on_ack_message(self, device: str, payload: bytes) -> None:
+        """The monitor's confirmation to a device: these windows are committed (quarantined ones excepted)."""
+        try:
+            ranges = wire.parse_ack(payload)
+            refused = json.loads(payload).get("rejected")
+        except (wire.Rejected, ValueError, AttributeError):
+            return
+        refused = refused if isinstance(refused, dict) else {}
+        with self._cond:
+            acked = self._acked.setdefault(device, collections.deque(maxlen=10_000))
+            acked.extend(ranges)
+            for w in self.windows:
+                if w["device_id"] == device and not w["acked"] and type(w["seq"]) is int \
+                        and any(lo <= w["seq"] <= hi for lo, hi in ranges) and str(w["seq"]) not in refused:
+                    w["acked"] = True
+            self._cond.notify_all()
+
+    def stored_samples(self, device: str, version: str, since: float) -> int:
+        """Inferences of ``version`` from ``device``, received since ``since``, in windows the monitor stored
+        (call under the lock)."""
+        return sum(w["count"] for w in self.windows if w["device_id"] == device and w["version"] == version
+                   and w["acked"] and w["received"] >= since)
 
     def __enter__(self) -> "FleetLink":
         self.link.start()
@@ -163,12 +218,15 @@ class FleetLink:
 
     # -- commands ------------------------------------------------------------------------------
 
-    def start_flash(self, device: str, image: BundleImage, chunk_size: int = CHUNK_SIZE) -> str:
-        """Send a bundle to one device; returns the transfer id (results carry it)."""
+    def start_flash(self, device: str, image: BundleImage, chunk_size: int = CHUNK_SIZE,
+                    force_schema: bool = False) -> str:
+        """Send a bundle to one device; returns the transfer id (results carry it). ``force_schema`` tells
+        the device to take it even when its inputs do not fit the bundle it runs."""
         tid = uuid.uuid4().hex[:16]
         total = max(1, math.ceil(len(image.data) / chunk_size))
         self.send(device, {"type": "flash_begin", "id": tid, "total": total, "size": len(image.data),
-                           "sha256": image.sha256, "bundle": image.name, "version": image.version})
+                           "sha256": image.sha256, "bundle": image.name, "version": image.version,
+                           **({"force_schema": True} if force_schema else {})})
         for i in range(total):
             part = image.data[i * chunk_size:(i + 1) * chunk_size]
             self.send(device, {"type": "flash_chunk", "id": tid, "index": i,
@@ -176,11 +234,12 @@ class FleetLink:
                                "data": base64.b64encode(part).decode()})
         return tid
 
-    def start_flash_url(self, device: str, image: BundleImage, url: str) -> str:
+    def start_flash_url(self, device: str, image: BundleImage, url: str, force_schema: bool = False) -> str:
         """Ask one device to fetch the bundle archive from ``url`` (the same bytes as ``image``)."""
         tid = uuid.uuid4().hex[:16]
         self.send(device, {"type": "flash_url", "id": tid, "url": url, "size": len(image.data), "sha256": image.sha256,
-                           "bundle": image.name, "version": image.version})
+                           "bundle": image.name, "version": image.version,
+                           **({"force_schema": True} if force_schema else {})})
         return tid
 
     def start_rollback(self, device: str) -> str:
@@ -207,18 +266,25 @@ class FleetLink:
 
 def flash_device(address: BrokerAddress, fleet: str, device: str, bundle: str | Path, *, prefix: str = DEFAULT_PREFIX,
                  timeout: float = 120.0, public_key: str | None = None, chunk_size: int = CHUNK_SIZE,
-                 wait_probation: float = 0.0, url: str | None = None) -> dict:
+                 wait_probation: float = 0.0, url: str | None = None, force_schema: bool = False) -> dict:
     """Flash one device and wait for its answer. Returns the final result document.
 
     With ``url``, the device fetches the archive from there; ``bundle`` must then be that same
-    .tar.gz file (its sha256 and size go in the command).
+    .tar.gz file (its sha256 and size go in the command). A bundle whose inputs do not fit what the
+    device runs (its retained status says) is refused here, before it is sent, unless ``force_schema``
+    (which the device then honours too).
     """
     if url and not str(bundle).endswith((".tar.gz", ".tgz")):
         raise FlashError("with --url, BUNDLE must be the .tar.gz file served at that URL (its sha256 is sent)")
     image = BundleImage.from_path(bundle, public_key)
     with FleetLink(address, fleet, prefix) as fl:
+        if not force_schema:
+            note = check_device_fit(image, device, fl.wait(lambda: fl.statuses.get(device), 2.0))
+            if note:
+                log.warning("%s", note)
         started = time.time()
-        tid = fl.start_flash_url(device, image, url) if url else fl.start_flash(device, image, chunk_size)
+        tid = (fl.start_flash_url(device, image, url, force_schema) if url
+               else fl.start_flash(device, image, chunk_size, force_schema))
         res = fl.final_result(tid, timeout)
         if res is None:
             raise FlashError(f"{device}: no result within {timeout:g}s (is the agent running with --flash, "
@@ -266,6 +332,8 @@ class Rollout:
     groups: list[list[str]]                 # groups[0] is the canary set, then the waves
     clean_windows: int = 3
     devices: dict[str, dict] = field(default_factory=dict)   # device -> {state, group, ts, message}
+    canary_samples: int = 200               # inferences of the new version the monitor stored, per device
+    force_schema: bool = False              # flash even where the inputs do not fit
     group_index: int = 0
     phase: str = "running"                  # running | done | stopped
     reason: str | None = None
@@ -318,9 +386,12 @@ class RolloutRunner:
 
     def __init__(self, address: BrokerAddress, rollout: Rollout, state_path: Path, prefix: str = DEFAULT_PREFIX,
                  flash_timeout: float = 180.0, window_timeout: float = 300.0, public_key: str | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, evaluation_wait: float = 5.0):
         self.address, self.r, self.path, self.prefix = address, rollout, state_path, prefix
         self.flash_timeout, self.window_timeout = flash_timeout, window_timeout
+        # the monitor evaluates stored windows every second (`edgeops monitor --eval-interval`): once
+        # enough are stored, a group is judged clear only after this many more seconds without an alert
+        self.evaluation_wait = evaluation_wait
         self.public_key = public_key
         self.progress = progress or (lambda msg: None)
         self.started = time.time()
@@ -338,9 +409,15 @@ class RolloutRunner:
         if image.manifest_sha256 != r.sha256 and any(d["state"] != "pending" for d in r.devices.values()):
             raise FlashError(f"{r.bundle} changed since the rollout started; start a new rollout")
         with FleetLink(self.address, r.fleet, self.prefix, watch_telemetry=True) as fl:
+            if not self._fits(fl, image):
+                return self._stop(fl)
             while r.group_index < len(r.groups):
                 group = r.groups[r.group_index]
                 label = "canary" if r.group_index == 0 else f"wave {r.group_index}"
+                trouble = self._trouble(fl)
+                if trouble:
+                    r.reason = trouble
+                    return self._stop(fl)
                 if not self._flash_group(fl, image, group, label):
                     return self._stop(fl)
                 if not self._watch(fl, group, label):
@@ -357,7 +434,7 @@ class RolloutRunner:
         self._say(f"{label}: flashing {r.name} {r.version} to {', '.join(todo) or 'nobody (already done)'}")
         tids = {}
         for d in todo:
-            tids[d] = fl.start_flash(d, image)
+            tids[d] = fl.start_flash(d, image, force_schema=r.force_schema)
             r.devices[d].update(state="sent", ts=time.time(), transfer=tids[d])
         r.save(self.path)
         ok = True
@@ -387,39 +464,91 @@ class RolloutRunner:
                 and (a.get("model_version") == self.r.version
                      or (a.get("detector") != "latency" and (a.get("opened_at") or 0) >= since[a["device_id"]]))]
 
-    def _watch(self, fl: FleetLink, group: list[str], label: str) -> bool:
-        """Wait for clean windows of the new version from every device of the group; False on trouble."""
+    def _fits(self, fl: FleetLink, image: BundleImage) -> bool:
+        """Every device still to flash takes the inputs the new bundle takes (as its status says)."""
         r = self.r
-        need = r.clean_windows
-        if need <= 0:
+        if r.force_schema:
             return True
-        self._say(f"{label}: waiting for {need} clean windows of {r.version} from each device")
+        with fl._cond:
+            statuses = dict(fl.statuses)
+        misfits, unknown = [], []
+        for d, st in sorted(r.devices.items()):
+            if st["state"] != "pending":
+                continue
+            try:
+                if check_device_fit(image, d, statuses.get(d)):
+                    unknown.append(d)
+            except EdgeOpsError as exc:
+                misfits.append(str(exc))
+        if unknown:
+            self._say(f"{len(unknown)} device(s) do not report their inputs ({', '.join(unknown[:5])}): "
+                      "they check the fit themselves")
+        if misfits:
+            r.reason = f"{len(misfits)} device(s) refused before sending: {misfits[0]}"
+            return False
+        return True
+
+    def _flashed(self) -> list[str]:
+        return [d for d, st in self.r.devices.items() if st["state"] in ("flashed", "sent")]
+
+    def _trouble(self, fl: FleetLink) -> str | None:
+        """Why the rollout must stop now: an alert on any device flashed so far (of any wave), or one that
+        rolled back by itself; None when there is nothing."""
+        flashed = self._flashed()
+        with fl._cond:
+            alerts = self._alerts_for(fl, flashed)
+            rolled = [x for d in flashed for x in fl.later_results(d, (self.r.devices[d].get("ts") or 0) - 5)
+                      if x.get("type") == "auto_rollback"]
+        if alerts:
+            return "alert " + ", ".join(f"{a['detector']} on {a['device_id']}"
+                                        + (f" ({', '.join(a['features'][:5])})" if a.get("features") else "")
+                                        for a in alerts)
+        if rolled:
+            return "; ".join(f"{x['device_id']} rolled back by itself: {x.get('message')}" for x in rolled)
+        return None
+
+    def _watch(self, fl: FleetLink, group: list[str], label: str) -> bool:
+        """Wait until every device of the group has sent clean windows of the new version, passed its own
+        probation and has enough inferences of it stored (and evaluated) by the monitor; False on trouble
+        anywhere in what the rollout flashed so far."""
+        r = self.r
+        need, samples = r.clean_windows, r.canary_samples
+        what = [f"{need} clean windows"] if need > 0 else []
+        what += [f"{samples} inferences stored by the monitor"] if samples > 0 else []
+        self._say(f"{label}: waiting for {' and '.join(what) or 'its probation'} of {r.version} from each device")
         since = time.time()
         deadline = time.monotonic() + self.window_timeout
+        cleared_at = None
         while time.monotonic() < deadline:
+            trouble = self._trouble(fl)
+            if trouble:
+                r.reason = trouble
+                return False
             with fl._cond:
                 counts = {d: len({w["seq"] for w in fl.windows if w["device_id"] == d and w["version"] == r.version
                                   and w["received"] >= since}) for d in group}
-                alerts = self._alerts_for(fl, group)
+                stored = {d: fl.stored_samples(d, r.version, (r.devices[d].get("ts") or since) - 5) for d in group}
                 later = {d: fl.later_results(d, (r.devices[d].get("ts") or since) - 5) for d in group}
-                rolled = [x for d in group for x in later[d] if x.get("type") == "auto_rollback"]
                 # a device that judges a new bundle on its first windows must have said it passed
                 # (devices flashed before a restart of this orchestrator: their verdict went by unseen)
                 confirmed = {d: not r.devices[d].get("probation") or (r.devices[d].get("ts") or 0) < self.started
                              or any(x.get("type") == "probation" and x.get("ok") for x in later[d]) for d in group}
-            if alerts:
-                r.reason = "alert " + ", ".join(f"{a['detector']} on {a['device_id']}"
-                                                + (f" ({', '.join(a['features'][:5])})" if a.get("features") else "")
-                                                for a in alerts)
-                return False
-            if rolled:
-                r.reason = "; ".join(f"{x['device_id']} rolled back by itself: {x.get('message')}" for x in rolled)
-                return False
-            if all(c >= need for c in counts.values()) and all(confirmed.values()):
-                return True
+            if all(c >= need for c in counts.values()) and all(confirmed.values()) \
+                    and all(n >= samples for n in stored.values()):
+                if cleared_at is None:
+                    cleared_at = time.monotonic()
+                    if samples > 0:
+                        self._say(f"{label}: the monitor stored {min(stored.values())}+ inferences of {r.version} "
+                                  f"from each device; {self.evaluation_wait:g}s for its evaluation")
+                if time.monotonic() - cleared_at >= (self.evaluation_wait if samples > 0 else 0):
+                    return True
             time.sleep(0.2)
+        short = sorted(d for d in group if stored.get(d, 0) < samples)
         r.reason = (f"{label}: not every device sent {need} windows of {r.version} (and passed its own probation) "
-                    f"within {self.window_timeout:g}s")
+                    f"within {self.window_timeout:g}s" if not short else
+                    f"{label}: the monitor did not store {samples} inferences of {r.version} from "
+                    f"{', '.join(short)} within {self.window_timeout:g}s (is `edgeops monitor` running for fleet "
+                    f"{r.fleet}? with --canary-samples 0 the rollout goes on without its verdict)")
         return False
 
     def _stop(self, fl: FleetLink) -> Rollout:
@@ -437,14 +566,14 @@ class RolloutRunner:
 
 
 def new_rollout(bundle: str | Path, fleet: str, devices: list[str], canary: float, waves: int, clean_windows: int,
-                public_key: str | None = None) -> Rollout:
+                public_key: str | None = None, canary_samples: int = 200, force_schema: bool = False) -> Rollout:
     image = BundleImage.from_path(bundle, public_key)
     if not devices:
         raise FlashError(f"fleet {fleet!r} has no devices online to flash")
     groups = plan_groups(devices, canary, waves)
     r = Rollout(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], fleet=fleet,
                 bundle=str(Path(bundle).resolve()), name=image.name, version=image.version, sha256=image.manifest_sha256,
-                groups=groups, clean_windows=clean_windows,
+                groups=groups, clean_windows=clean_windows, canary_samples=canary_samples, force_schema=force_schema,
                 devices={d: {"state": "pending", "group": i} for i, g in enumerate(groups) for d in g})
     return r
 

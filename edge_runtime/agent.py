@@ -69,16 +69,19 @@ def platform_info() -> dict:
 class RollbackPolicy:
     """When a freshly flashed bundle rolls itself back: judged on its first ``windows`` windows.
 
-    It rolls back when their error rate is above ``max_error_rate``, or their p95 latency (the
-    median of their windows' p95, so one window slowed by something else on the device does not
-    decide) is above ``latency_factor`` x the same figure of the bundle before, and higher by at
-    least ``min_increase_ms``.
+    It rolls back when their error rate is above ``max_error_rate``, when the share of their inputs
+    it refused (wrong shape, NaN, ...) is above ``max_rejected_rate`` (a bundle that does not fit
+    what the device is fed refuses everything), or their p95 latency (the median of their windows'
+    p95, so one window slowed by something else on the device does not decide) is above
+    ``latency_factor`` x the same figure of the bundle before, and higher by at least
+    ``min_increase_ms``.
     """
 
     windows: int = 3
     latency_factor: float = 2.0
     min_increase_ms: float = 1.0
     max_error_rate: float = 0.05
+    max_rejected_rate: float = 0.2
 
 
 class DeviceAgent:
@@ -195,6 +198,10 @@ class DeviceAgent:
             model={k: info.get(k) for k in ("name", "version", "artifact", "sha256")},
             backend=f"{m.backend.name} {m.backend.version}", free_disk_bytes=free,
             accepts_flash=self._accepts_flash())
+        if m.manifest:
+            from edge_runtime.flash import input_schema
+
+            doc["input"] = input_schema(m.manifest)   # lets `edgeops flash` check a new bundle's fit first
         second = getattr(self, "second", None)
         if second is not None:
             info2 = self.second_recorder.model_info
@@ -291,8 +298,9 @@ class DeviceAgent:
         p = self._probation
         pol = self.rollback_policy
         p["windows"] += 1
-        p["count"] += w["count"] + w["errors"]
+        p["count"] += w["count"]          # every attempt: served, failed or refused
         p["errors"] += w["errors"]
+        p["rejected"] = p.get("rejected", 0) + int(w.get("rejected") or 0)
         q = LatencyHistogram.from_dict(w["latency_ms"]).quantile(0.95) if w["count"] else None
         if q is not None:
             p["p95s"].append(q)
@@ -302,15 +310,19 @@ class DeviceAgent:
         p95s = sorted(p["p95s"])
         p95 = p95s[len(p95s) // 2] if p95s else None
         err = p["errors"] / p["count"] if p["count"] else 0.0
+        refused = p["rejected"] / p["count"] if p["count"] else 0.0
         base = p["baseline_p95"]
         reason = None
-        if err > pol.max_error_rate:
+        if refused > pol.max_rejected_rate:
+            reason = (f"rejected inputs: {p['rejected']} of {p['count']} ({refused:.1%}) refused in its first "
+                      f"{pol.windows} windows, over {pol.max_rejected_rate:.1%}")
+        elif err > pol.max_error_rate:
             reason = f"error rate {err:.1%} over {pol.max_error_rate:.1%} in its first {pol.windows} windows"
         elif base and p95 is not None and p95 > pol.latency_factor * base and p95 - base >= pol.min_increase_ms:
             reason = (f"latency regression: p95 {p95:.3f} ms in its first {pol.windows} windows vs {base:.3f} ms "
                       f"before the flash (limit x{pol.latency_factor:g})")
         doc = {"id": None, "ts": round(time.time(), 3), "device_id": self.device_id,
-               "p95_ms": p95, "baseline_p95_ms": base, "error_rate": err}
+               "p95_ms": p95, "baseline_p95_ms": base, "error_rate": err, "rejected_rate": refused}
         if reason is None:
             self._publish_result({**doc, "type": "probation", "ok": True, "stage": "confirmed",
                                   "message": f"{p['version']} passed its first {pol.windows} windows",

@@ -57,6 +57,8 @@ def _common_broker_options(f):
               help="... and by at least this many milliseconds.")
 @click.option("--rollback-error-rate", type=float, default=0.05, show_default=True,
               help="Roll back when the error rate after a flash is above this.")
+@click.option("--rollback-rejected-rate", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Roll back when the share of inputs the new bundle refuses (wrong shape, NaN) is above this.")
 @click.option("--ab", "ab_bundle", type=click.Path(exists=True),
               help="A/B: also run this bundle (variant B) on a share of the inputs (--ab-split).")
 @click.option("--ab-split", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -80,8 +82,8 @@ def _common_broker_options(f):
 def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds, window_size, state_dir, artifact,
             threads, public_key, allow_unsigned, skip_test_vectors, nan_policy, max_inferences, duration, accept_flash,
             rollback_windows,
-            rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, ab_bundle, ab_split, shadow_bundle,
-            compress, confirm, resend_after, outputs, output_variants, added_latency_ms, username,
+            rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, rollback_rejected_rate, ab_bundle,
+            ab_split, shadow_bundle, compress, confirm, resend_after, outputs, output_variants, added_latency_ms, username,
             password, ca_file, cert_file, key_file, topic_prefix):
     """Run BUNDLE on a stream of inputs and publish telemetry windows over MQTT.
 
@@ -130,8 +132,8 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
         if second.input_spec.shape != model.input_spec.shape:
             raise click.UsageError(f"{ab_bundle or shadow_bundle} takes inputs of shape {second.input_spec.shape}, "
                                    f"{bundle} takes {model.input_spec.shape}: they cannot share inputs")
-    policy = RollbackPolicy(rollback_windows, rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate) \
-        if rollback_windows > 0 else None
+    policy = RollbackPolicy(rollback_windows, rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate,
+                            rollback_rejected_rate) if rollback_windows > 0 else None
     agent = DeviceAgent(model, device_id, fleet, address, state_dir=state, window_seconds=window_seconds,
                         window_size=window_size, prefix=topic_prefix, slots=slots, reload=reload,
                         rollback_policy=policy, second=second, mode="shadow" if shadow_bundle else "ab",

@@ -9,6 +9,10 @@ Results go to ``.../cmd/result``. Messages (JSON):
   archive itself (http or https, at most ``size`` bytes, checked against ``sha256``), then the same.
 - ``{"type": "rollback", "id"}``: back to the previous bundle.
 
+A flash of a bundle whose inputs do not fit the running bundle's (kind, shape, dtype, feature
+names) is refused (``refused: input schema mismatch: ...``) unless its ``flash_begin`` or
+``flash_url`` carries ``"force_schema": true``.
+
 Result: ``{"id", "type", "ok", "stage", "message", "bundle", "version", "ts", "device_id"}``.
 A bad command gets a failed result and changes nothing; the agent keeps running. A device whose
 slots have no trusted key and do not allow unsigned bundles answers every ``flash_begin`` and
@@ -149,6 +153,10 @@ class CommandHandler:
             self._refused.add(cmd_id)
             self._result(cmd_id, "flash", FlashResult(False, "failed", f"refused: {self.slots.flash_refusal()}"))
             return
+        if kind in ("flash_begin", "flash_url") and not isinstance(cmd.get("force_schema", False), bool):
+            self._refused.add(cmd_id)
+            self._result(cmd_id, "flash", FlashResult(False, "failed", "refused: force_schema must be true or false"))
+            return
         if kind == "flash_begin":
             try:
                 self._transfers[cmd_id] = ChunkAssembler(self.slots.staging, cmd_id, int(cmd["total"]),
@@ -180,7 +188,7 @@ class CommandHandler:
             except (EdgeOpsError, KeyError, ValueError) as exc:
                 self._result(cmd_id, "flash", FlashResult(False, "failed", f"refused: {exc}"))
                 return
-            self._install(cmd_id, archive, f"{cmd['size']} bytes fetched and verified")
+            self._install(cmd_id, archive, f"{cmd['size']} bytes fetched and verified", cmd.get("force_schema", False))
         elif kind == "rollback":
             res = self.slots.rollback()
             if res.ok:
@@ -195,13 +203,14 @@ class CommandHandler:
         except EdgeOpsError as exc:
             self._result(cmd_id, "flash", FlashResult(False, "failed", f"refused: {exc}"))
             return
-        self._install(cmd_id, archive, f"{asm.size} bytes received and verified")
+        force = self._meta.pop(cmd_id, {}).get("force_schema", False)
+        self._install(cmd_id, archive, f"{asm.size} bytes received and verified", force)
 
-    def _install(self, cmd_id: str, archive: Path, received: str) -> None:
-        """Say the archive arrived intact, then stage, check and switch to it."""
+    def _install(self, cmd_id: str, archive: Path, received: str, force_schema: bool = False) -> None:
+        """Say the archive arrived intact, then stage, check (its fit too, unless forced) and switch to it."""
         self._result(cmd_id, "flash", FlashResult(True, "received", received))
         try:
-            res = self.slots.flash(archive)
+            res = self.slots.flash(archive, force_schema=force_schema)
         finally:
             archive.unlink(missing_ok=True)
         if res.ok:

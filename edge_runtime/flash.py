@@ -9,7 +9,8 @@ Layout under the agent's state folder::
 
 The switch is one ``rename`` of a symlink over another (atomic on POSIX), done
 only after the new bundle verified (sha256 pins, signature when a trusted key
-is configured) and passed its health check (the manifest's test vectors, run
+is configured), fits the inputs of the bundle it replaces (kind, shape, dtype,
+feature names; unless forced) and passed its health check (the manifest's test vectors, run
 in a child process under a time limit). A crash or power cut at any moment
 leaves ``active`` pointing at a complete bundle: the old one or the new one.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -45,6 +47,63 @@ FAULT_ENV = "EDGEOPS_FLASH_FAULT"
 
 #: Why a device without a trusted key refuses flashes (it would run anything anyone may publish).
 NO_TRUSTED_KEY = "no trusted key: start the agent with --public-key or --allow-unsigned"
+
+
+class InputSchemaMismatch(VerificationError):
+    """A bundle whose inputs do not fit the bundle the device runs (refused unless forced)."""
+
+
+def input_schema(manifest: dict) -> dict:
+    """What a bundle's inputs look like, as far as fitting a device goes (also a status's ``input``).
+
+    Returns:
+        ``{"kind", "shape", "dtype", "features", "feature_names_sha256"}``: ``features`` is the
+        number of values per sample, the digest (16 hex) is of the tabular feature names in order
+        (None when the manifest names none).
+    """
+    s = manifest.get("input_schema") or {}
+    shape = [int(d) for d in s.get("shape") or []]
+    names = s.get("features") or None
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16] if names else None
+    return {"kind": s.get("kind"), "shape": shape, "dtype": s.get("dtype"),
+            "features": len(names) if names else math.prod(d for d in shape if d > 0),
+            "feature_names_sha256": digest}
+
+
+def describe_input(schema: dict) -> str:
+    """``image 8x8x1 float32 (64 values)``: one line for messages."""
+    shape = "x".join("any" if d < 0 else str(d) for d in schema.get("shape") or []) or "?"
+    return f"{schema.get('kind') or '?'} {shape} {schema.get('dtype') or '?'} ({schema.get('features')} values)"
+
+
+def input_differences(current: dict, new: dict, current_names=None, new_names=None) -> list[str]:
+    """How ``new`` does not fit ``current`` (both from :func:`input_schema`); empty when it fits.
+
+    Feature names are compared when both sides know them: by name with the lists, else by digest.
+    """
+    out = [label for key, label in (("kind", "image vs tabular"), ("shape", "shape"), ("dtype", "dtype"),
+                                    ("features", "values per sample"))
+           if current.get(key) is not None and new.get(key) is not None and current[key] != new[key]]
+    if out:
+        return out
+    if current_names and new_names:
+        diff = next((i for i, (a, b) in enumerate(zip(current_names, new_names)) if a != b), None)
+        if diff is not None:
+            out.append(f"feature names (column {diff}: {current_names[diff]!r} now, {new_names[diff]!r} in the new one)")
+    elif current.get("feature_names_sha256") and new.get("feature_names_sha256") \
+            and current["feature_names_sha256"] != new["feature_names_sha256"]:
+        out.append("feature names")
+    return out
+
+
+def check_fit(current: dict, new: dict, current_label: str, new_label: str, current_names=None,
+              new_names=None) -> None:
+    """Raise :class:`InputSchemaMismatch` naming both schemas when ``new`` does not fit ``current``."""
+    diffs = input_differences(current, new, current_names, new_names)
+    if diffs:
+        raise InputSchemaMismatch(
+            f"input schema mismatch: {new_label} takes {describe_input(new)}, but {current_label} takes "
+            f"{describe_input(current)} ({', '.join(diffs)} differ); flash with --force-schema to override")
 
 
 def _fault(step: str) -> None:
@@ -158,10 +217,15 @@ class BundleSlots:
 
     # -- staging -----------------------------------------------------------------------------
 
-    def _place(self, source: Path) -> Path:
-        """Verify a bundle (dir or .tar.gz) and copy it under bundles/ (complete before it is visible)."""
+    def _place(self, source: Path, check=None) -> Path:
+        """Verify a bundle (dir or .tar.gz) and copy it under bundles/ (complete before it is visible).
+
+        ``check``, when given, is called with the verified manifest before anything is copied (it raises
+        to refuse the bundle)."""
         with tempfile.TemporaryDirectory(dir=self.staging) as tmp:
             bundle = open_bundle(source, public_key=self.public_key, extract_to=Path(tmp) / "x")
+            if check is not None:
+                check(bundle.manifest)
             sha = hashlib.sha256((bundle.root / "manifest.json").read_bytes()).hexdigest()[:12]
             final = self.bundles / f"{bundle.name}-{bundle.version}-{sha}"
             if final.exists():
@@ -191,13 +255,25 @@ class BundleSlots:
             raise QualityCheckError(f"{bundle_dir.name}: health check failed: {last[-300:]}")
         return json.loads(res.stdout.strip().splitlines()[-1])
 
-    def flash(self, source: str | Path, health_timeout: float = 60.0) -> FlashResult:
-        """Stage, verify, health-check and switch to ``source``; the old active bundle becomes previous."""
+    def fits(self, manifest: dict) -> None:
+        """Raise :class:`InputSchemaMismatch` when a bundle's inputs do not fit the active bundle's."""
+        current = self.active
+        if current is None:
+            return
+        cur = json.loads((current / "manifest.json").read_text())
+        check_fit(input_schema(cur), input_schema(manifest), f"the running bundle {cur.get('name')} {cur.get('version')}",
+                  f"{manifest.get('name')} {manifest.get('version')}",
+                  (cur.get("input_schema") or {}).get("features"), (manifest.get("input_schema") or {}).get("features"))
+
+    def flash(self, source: str | Path, health_timeout: float = 60.0, force_schema: bool = False) -> FlashResult:
+        """Stage, verify, check the fit, health-check and switch to ``source``; the old active bundle
+        becomes previous. A bundle whose inputs do not fit the active one's is refused unless
+        ``force_schema``."""
         refusal = self.flash_refusal()
         if refusal is not None:
             return FlashResult(False, "failed", f"refused: {refusal}")
         try:
-            placed = self._place(Path(source))
+            placed = self._place(Path(source), check=None if force_schema else self.fits)
         except (VerificationError, BundleError) as exc:
             return FlashResult(False, "failed", f"refused: {exc}")
         _fault("staged")
@@ -277,4 +353,5 @@ class ChunkAssembler:
         return final
 
 
-__all__ = ["BundleSlots", "ChunkAssembler", "FlashResult", "EdgeOpsError"]
+__all__ = ["BundleSlots", "ChunkAssembler", "EdgeOpsError", "FlashResult", "InputSchemaMismatch", "check_fit",
+           "input_schema"]

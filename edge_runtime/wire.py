@@ -513,7 +513,24 @@ def check_status(doc: dict) -> dict:
         if not isinstance(doc["accepts_flash"], bool):
             raise Rejected("bad_value", "accepts_flash must be true or false")
         out["accepts_flash"] = doc["accepts_flash"]
+    if doc.get("input") is not None:
+        out["input"] = _status_input(doc["input"])
     return out
+
+
+def _status_input(v) -> dict:
+    """A status's ``input`` block: what the running bundle takes (kind, shape, dtype, values per sample)."""
+    i = _object(v, "input")
+    shape = i.get("shape")
+    if not isinstance(shape, list) or len(shape) > 8 or any(type(d) is not int or not -1 <= d <= MAX_INT for d in shape):
+        raise Rejected("bad_value", "input.shape must be a list of at most 8 integers from -1 up")
+    kind = _text(i.get("kind"), "input.kind", 16)
+    if kind not in (None, "tabular", "image", "tensor"):
+        raise Rejected("bad_value", f"input.kind must be tabular, image or tensor, got {_short(kind)}")
+    digest = _text(i.get("feature_names_sha256"), "input.feature_names_sha256", 64)
+    return {"kind": kind, "shape": shape, "dtype": _text(i.get("dtype"), "input.dtype", 16),
+            "features": None if i.get("features") is None else _count(i["features"], "input.features"),
+            "feature_names_sha256": digest}
 
 
 def _status_model(v, field: str) -> dict | None:

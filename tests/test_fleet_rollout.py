@@ -86,9 +86,10 @@ def stored_devices(db) -> set[str]:
         return set()
 
 
-def start_fleet(tmp_path, v1, broker, n=4):
+def start_fleet(tmp_path, v1, broker, n=4, confirm="monitor"):
     fleet = EmulatedFleet(v1, broker.url, n, replay_data(v1, "breast_cancer", None), tmp_path / "fleet",
-                          fleet=FLEET, per_process=n, rate=50, window_size=20, allow_unsigned=True).start()
+                          fleet=FLEET, per_process=n, rate=50, window_size=20, allow_unsigned=True,
+                          confirm=confirm).start()
     assert fleet.wait_started(90), fleet.events
     return fleet
 
@@ -134,13 +135,13 @@ def test_a_canary_rollout_stops_on_a_drift_alert_and_rolls_the_canary_back(mosqu
 def test_a_rollout_survives_a_restart_of_the_orchestrator(mosquitto, versions, tmp_path):
     v1, v2 = versions
     col = Collector(mosquitto.port, client_id="resume-watch")
-    fleet = start_fleet(tmp_path, v1, mosquitto)
+    fleet = start_fleet(tmp_path, v1, mosquitto, confirm="broker")
     state = tmp_path / "rollout-state.json"
     base = [sys.executable, "-m", "edgeops", "flash", "--broker", mosquitto.url, "--json"]
     try:
         first = subprocess.Popen(base + [str(v2), "--fleet", FLEET, "--canary", "25%", "--waves", "2",
-                                         "--clean-windows", "3", "--state-file", str(state), "--devices",
-                                         ",".join(fleet.devices)],
+                                         "--clean-windows", "3", "--canary-samples", "0",   # no monitor here
+                                         "--state-file", str(state), "--devices", ",".join(fleet.devices)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         def canary_flashed() -> bool:
             try:
