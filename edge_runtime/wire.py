@@ -423,7 +423,7 @@ def _features(v) -> dict:
             raise Rejected("bad_value", f"features.m2[{i}] is negative")
     if "out_of_range" in f:
         oor = _counts(f["out_of_range"], "features.out_of_range")
-        if len(oor) != n or any(o > c for o, c in zip(oor, out["count"])):
+        if len(oor) != n or any(o > c for o, c in zip(oor, out["count"], strict=True)):
             raise Rejected("bad_value", "features.out_of_range must have one count per feature, each at most "
                                         "its features.count")
         out["out_of_range"] = oor

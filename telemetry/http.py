@@ -153,7 +153,8 @@ class FleetCollector:
             for feature, value in scores.items():
                 psi.add_metric([fleet, device, feature], value)
         yield psi
-        seen = GaugeMetricFamily("edgeops_device_last_seen_timestamp_seconds", "When the monitor last received a window or status of the device.",
+        seen = GaugeMetricFamily("edgeops_device_last_seen_timestamp_seconds",
+                                 "When the monitor last received a window or status of the device.",
                                  labels=dev)
         online = GaugeMetricFamily("edgeops_device_online", "1 online, 0 offline or silent.", labels=dev)
         n_open = GaugeMetricFamily("edgeops_device_open_alerts", "Open alerts of the device.", labels=dev)
@@ -217,7 +218,8 @@ def dashboard_html(monitor) -> str:
     open_ = store.open_alerts(monitor.engine)
     alert_rows = "".join(
         f"<tr class='alarm'><td>{e(a['fleet'])}</td><td>{e(a['device_id'])}</td><td>{e(a['detector'])}</td>"
-        f"<td>{e(', '.join(a['features']))}</td><td>{(a['statistic'] or 0):.4g}</td><td>{_ago(a['opened_at'])}</td></tr>"
+        f"<td>{e(', '.join(a['features']))}</td><td>{(a['statistic'] or 0):.4g}</td>"
+        f"<td>{_ago(a['opened_at'])}</td></tr>"
         for a in open_)
     body = (
         f"<p class='summary'>{len(rows)} devices, {len(open_)} open alerts; received {s.received}, "

@@ -18,8 +18,19 @@ from dataclasses import dataclass, field
 
 from edge_runtime.mqtt import BrokerAddress
 from edge_runtime.wire import (
-    ACK, ALERTS, MAX_CLOCK_SKEW, MAX_PAYLOAD, Message, Rejected, ack_message, encode, fleet_topic, parse, parse_topic,
-    seq_of, subscription,
+    ACK,
+    ALERTS,
+    MAX_CLOCK_SKEW,
+    MAX_PAYLOAD,
+    Message,
+    Rejected,
+    ack_message,
+    encode,
+    fleet_topic,
+    parse,
+    parse_topic,
+    seq_of,
+    subscription,
 )
 from edge_runtime.wire import topic as wire_topic
 from telemetry import alerts as alerting
@@ -84,7 +95,7 @@ class FleetMonitor:
         webhook: URL to POST alert transitions to.
     """
 
-    def __init__(self, broker: BrokerAddress, db_url: str = "sqlite:///monitor.db", fleet: str = "+",
+    def __init__(self, broker: BrokerAddress, db_url: str = "sqlite:///monitor.db", fleet: str = "+",  # noqa: PLR0913
                  share: str | None = None, client_id: str | None = None, config: MonitorConfig | None = None,
                  bundles: list[dict] | None = None, webhook: str | None = None, prefix: str = "edgeops",
                  eval_interval: float = 1.0, session_expiry: int = 3600, max_payload: int = MAX_PAYLOAD,
@@ -475,10 +486,12 @@ class FleetMonitor:
         if device != "*":
             self.stats.scores[(fleet, device)] = ev.feature_scores
         else:
-            ev.verdicts = [v for v in ev.verdicts if v.detector in ("feature_drift", "prediction_drift", "missing_values")]
+            fleet_level = ("feature_drift", "prediction_drift", "missing_values")
+            ev.verdicts = [v for v in ev.verdicts if v.detector in fleet_level]
         return self._apply(fleet, device, name, version, ev.verdicts)
 
-    def _apply(self, fleet: str, device: str, name: str, version: str, verdicts: list[Verdict]) -> list[tuple[str, dict]]:
+    def _apply(self, fleet: str, device: str, name: str, version: str,
+               verdicts: list[Verdict]) -> list[tuple[str, dict]]:
         events = []
         states = store.alert_states(self.engine, fleet, device, name, version) if verdicts else {}
         for v in verdicts:
@@ -486,7 +499,8 @@ class FleetMonitor:
                 continue        # nothing open and nothing firing: no state to change
             change = alerting.apply(self.engine, fleet, device, name, version, v, self.config.close_after)
             if change:
-                event = {"event": change, "fleet": fleet, "device_id": device, "model": {"name": name, "version": version},
+                event = {"event": change, "fleet": fleet, "device_id": device,
+                         "model": {"name": name, "version": version},
                          "detector": v.detector, "features": v.features, "statistic": v.statistic, "detail": v.detail,
                          "ts": time.time()}
                 log.warning("alert %s: %s on %s/%s (%s %s) %s", change, v.detector, fleet, device, name, version,
@@ -506,7 +520,8 @@ class FleetMonitor:
             if self.fleet not in ("+", d["fleet"]) or not d["model_name"]:
                 continue
             series = store.window_series(self.engine, d["fleet"], d["device_id"], limit=5)
-            periods = [w["end"] - prev["end"] for prev, w in zip(series, series[1:]) if w["end"] > prev["end"]]
+            periods = [w["end"] - prev["end"] for prev, w in zip(series, series[1:], strict=False)
+                       if w["end"] > prev["end"]]
             period = sorted(periods)[len(periods) // 2] if periods else 10.0
             quiet = now - (d["last_seen"] or now)
             silent = d["online"] is False or quiet > self.config.silence_periods * max(period, 1.0)
@@ -521,6 +536,7 @@ class FleetMonitor:
             return
         open_ = store.open_alerts(self.engine, fleet)
         doc = {"fleet": fleet, "ts": time.time(), "open": [
-            {k: a[k] for k in ("device_id", "model_name", "model_version", "detector", "features", "statistic", "opened_at")}
+            {k: a[k] for k in ("device_id", "model_name", "model_version", "detector", "features", "statistic",
+                               "opened_at")}
             for a in open_]}
         self.client.publish(fleet_topic(self.prefix, fleet, ALERTS), encode(doc), qos=1, retain=True)

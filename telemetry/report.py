@@ -62,7 +62,8 @@ def psi_history(engine, device: dict, manifest: dict | None, config: MonitorConf
     """(seq, largest feature PSI) after each of the device's last windows, over the monitor's sliding window."""
     if not manifest or not (manifest.get("reference_profile") or {}).get("features"):
         return []
-    fleet, dev, name, version = device["fleet"], device["device_id"], device["model"]["name"], device["model"]["version"]
+    fleet, dev = device["fleet"], device["device_id"]
+    name, version = device["model"]["name"], device["model"]["version"]
     recent = store.recent_windows(engine, fleet, dev, name, version, HISTORY_WINDOWS + config.recent_windows - 1)
     recent.sort(key=lambda w: w["seq"])
     out = []
@@ -114,7 +115,7 @@ def _figure(engine, snapshot, parity, open_alerts, config):
             series.append((d["device_id"], p95, bool(d["open_alerts"])))
     if series:
         box = ax.boxplot([s[1] for s in series], vert=False, patch_artist=True)
-        for patch, s in zip(box["boxes"], series):
+        for patch, s in zip(box["boxes"], series, strict=False):
             patch.set_facecolor("#fca5a5" if s[2] else "#bfdbfe")
         ax.set_yticks(range(1, len(series) + 1), [s[0] for s in series], fontsize=8)
         ax.set_xlabel(f"p95 latency per window (ms), last {HISTORY_WINDOWS} windows")
@@ -196,8 +197,10 @@ def write_report(db_url: str, out: str | Path, config: MonitorConfig | None = No
     if out.suffix.lower() == ".png":
         out.write_bytes(buf.getvalue())
         return out
-    devices = [{**d, "model": f"{d['model']['name']} {d['model']['version']}", "open_alerts": ", ".join(d["open_alerts"]),
-                "last_seen": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d["last_seen"])) if d["last_seen"] else None,
+    devices = [{**d, "model": f"{d['model']['name']} {d['model']['version']}",
+                "open_alerts": ", ".join(d["open_alerts"]),
+                "last_seen": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d["last_seen"]))
+                if d["last_seen"] else None,
                 "p95_ms": None if d["p95_ms"] is None else round(d["p95_ms"], 3),
                 "ALERT": "ALERT" if d["open_alerts"] else ""} for d in snapshot]
     alerts = [{**a, "features": ", ".join(a["features"]), "statistic": round(a["statistic"] or 0.0, 4),

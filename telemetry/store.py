@@ -14,8 +14,26 @@ from pathlib import Path
 from typing import Iterable
 
 from sqlalchemy import (
-    BigInteger, Boolean, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text, UniqueConstraint,
-    bindparam, create_engine, delete, event, func, select, text, update,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    text,
+    update,
 )
 from sqlalchemy.engine import Engine
 
@@ -204,7 +222,8 @@ def store_status(engine: Engine, fleet: str, device: str, status: dict, received
 
 def store_bench(engine: Engine, fleet: str, device: str, doc: dict) -> None:
     with engine.begin() as conn:
-        conn.execute(bench.insert().values(fleet=fleet, device_id=device, received_at=time.time(), payload=json.dumps(doc)))
+        conn.execute(bench.insert().values(fleet=fleet, device_id=device, received_at=time.time(),
+                                           payload=json.dumps(doc)))
 
 
 def quarantine_messages(engine: Engine, items: list[tuple[str, str, str, bytes]], keep: int = 10_000) -> None:
@@ -251,9 +270,10 @@ def note_session(engine: Engine, client_id: str, fleet: str) -> tuple[float, str
 
 
 def store_bundle(engine: Engine, manifest: dict) -> None:
-    stmt = _insert(engine, bundles).values(name=manifest["name"], version=manifest["version"], manifest=json.dumps(manifest))
+    doc = json.dumps(manifest)
+    stmt = _insert(engine, bundles).values(name=manifest["name"], version=manifest["version"], manifest=doc)
     with engine.begin() as conn:
-        conn.execute(stmt.on_conflict_do_update(index_elements=["name", "version"], set_={"manifest": json.dumps(manifest)}))
+        conn.execute(stmt.on_conflict_do_update(index_elements=["name", "version"], set_={"manifest": doc}))
 
 
 def load_bundles(engine: Engine) -> dict[tuple[str, str], dict]:
@@ -282,7 +302,8 @@ def recent_windows(engine: Engine, fleet: str, device: str | None, model_name: s
         return [json.loads(r.payload) for r in conn.execute(q, params)]
 
 
-def first_windows(engine: Engine, fleet: str, device: str, model_name: str, model_version: str, limit: int) -> list[float]:
+def first_windows(engine: Engine, fleet: str, device: str, model_name: str, model_version: str,
+                  limit: int) -> list[float]:
     """p95 of a device's first windows of a model version (its latency baseline)."""
     with engine.connect() as conn:
         return [r.p95_ms for r in conn.execute(_FIRST, {"fleet": fleet, "device": device, "name": model_name,
@@ -290,7 +311,8 @@ def first_windows(engine: Engine, fleet: str, device: str, model_name: str, mode
                 if r.p95_ms is not None]
 
 
-_BENCH = (select(bench.c.payload).where((bench.c.fleet == bindparam("fleet")) & (bench.c.device_id == bindparam("device")))
+_BENCH = (select(bench.c.payload)
+          .where((bench.c.fleet == bindparam("fleet")) & (bench.c.device_id == bindparam("device")))
           .order_by(bench.c.id.desc()).limit(20))
 
 
@@ -361,12 +383,14 @@ def prune(engine: Engine, retention_days: float) -> int:
 
 
 def window_series(engine: Engine, fleet: str, device: str, limit: int = 200) -> list[dict]:
-    q = (select(windows.c.seq, windows.c.end, windows.c.count, windows.c.errors, windows.c.p95_ms, windows.c.model_version)
+    q = (select(windows.c.seq, windows.c.end, windows.c.count, windows.c.errors, windows.c.p95_ms,
+                windows.c.model_version)
          .where(windows.c.fleet == fleet, windows.c.device_id == device).order_by(windows.c.seq.desc()).limit(limit))
     with engine.connect() as conn:
         return [dict(r._mapping) for r in reversed(list(conn.execute(q)))]
 
 
-__all__ = ["connect", "store_windows", "store_status", "quarantine_messages", "quarantine_counts", "quarantined", "store_bench", "bench_p95", "store_bundle", "load_bundles", "recent_windows",
-           "first_windows", "device_rows", "open_alerts", "all_alerts", "prune", "window_series", "alerts", "update",
-           "windows", "devices", "bench", "quarantine"]
+__all__ = ["connect", "store_windows", "store_status", "quarantine_messages", "quarantine_counts", "quarantined",
+           "store_bench", "bench_p95", "store_bundle", "load_bundles", "recent_windows", "first_windows",
+           "device_rows", "open_alerts", "all_alerts", "prune", "window_series", "alerts", "update", "windows",
+           "devices", "bench", "quarantine"]

@@ -44,7 +44,7 @@ def reference_manifest(X: np.ndarray, y: np.ndarray | None, name: str, version: 
     return doc
 
 
-def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, fleet: str = "f1",
+def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, fleet: str = "f1",  # noqa: PLR0913
                 start: float = 0.0, end: float | None = None, predictions: Sequence[int] | None = None,
                 latencies_ms: Sequence[float] | None = None, errors: int = 0) -> dict:
     """The telemetry window (schema_version 1) a device running ``manifest`` would send for these rows."""
@@ -70,7 +70,8 @@ def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, flee
 
 def status_doc(device_id: str, fleet: str, online: bool, ts: float, model: dict | None = None) -> dict:
     """A status message (schema_version 1)."""
-    return {**wire.status_message(fleet, device_id, online), "ts": ts, "runtime_version": "0.1.0", "platform": {"machine": "x86_64", "system": "Linux"},
+    return {**wire.status_message(fleet, device_id, online), "ts": ts, "runtime_version": "0.1.0",
+            "platform": {"machine": "x86_64", "system": "Linux"},
             "model": model, "backend": "litert", "free_disk_bytes": 10**9, "previous_model": None}
 
 

@@ -21,10 +21,10 @@ def check_against_profile(doc: dict, profile: dict | None, labels: list | None) 
     f = doc["features"]
     if len(f["count"]) != len(feats):
         raise Rejected("feature_count_mismatch", f"{len(f['count'])} features, the bundle's profile has {len(feats)}")
-    for i, (h, ref) in enumerate(zip(f["hist"], feats)):
+    for i, (h, ref) in enumerate(zip(f["hist"], feats, strict=True)):
         if len(h) != len(ref["bin_edges"]) + 1:
-            raise Rejected("histogram_mismatch",
-                           f"features.hist[{i}] has {len(h)} bins, the profile's {ref['name']!r} has {len(ref['bin_edges']) + 1}")
+            raise Rejected("histogram_mismatch", f"features.hist[{i}] has {len(h)} bins, the profile's "
+                                                 f"{ref['name']!r} has {len(ref['bin_edges']) + 1}")
     counts = doc["predictions"].get("counts")
     if labels and counts is not None and len(counts) != len(labels):
         raise Rejected("histogram_mismatch", f"predictions.counts has {len(counts)} classes, the bundle {len(labels)}")

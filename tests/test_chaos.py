@@ -205,7 +205,7 @@ def test_a_monitor_killed_mid_batch_again_and_again_loses_no_window(tmp_path, bc
     try:
         for round_ in range(3):
             stored = len(monitor.seqs("dev-m"))
-            assert eventually(lambda: len(monitor.seqs("dev-m")) > stored + 20, 60), f"round {round_}"
+            assert eventually(lambda n=stored: len(monitor.seqs("dev-m")) > n + 20, 60), f"round {round_}"
             monitor.kill()
             monitor.start()
         assert a.wait(timeout=120) == 0
