@@ -30,5 +30,6 @@ def test_the_command_serves_with_its_limits_and_stops_on_sigterm(bc_mlp_bundle):
 
 def test_limits_that_cannot_work_are_a_usage_error(bc_mlp_bundle):
     out = subprocess.run([sys.executable, "-m", "edgeops.cli", "serve", str(bc_mlp_bundle), "--max-body-bytes",
-                          "1000", "--max-in-flight-bytes", "10"], capture_output=True, text=True, timeout=120, check=False)
+                          "1000", "--max-in-flight-bytes", "10"],
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2 and "max_in_flight_bytes (10) is below max_body_bytes (1000)" in out.stderr

@@ -11,10 +11,10 @@ from io import BytesIO
 
 import numpy as np
 import pytest
-from helpers import eventually
-from serve_helpers import call, closed_by_server, open_raw, served
 
 import edge_runtime
+from helpers import eventually
+from serve_helpers import call, closed_by_server, open_raw, served
 
 
 def _png(tmp_path, name="digit.png"):

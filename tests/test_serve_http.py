@@ -7,6 +7,7 @@ from io import BytesIO
 
 import numpy as np
 import pytest
+
 from serve_helpers import call, served
 
 
@@ -108,11 +109,10 @@ def test_an_image_is_taken_as_a_body_a_multipart_file_or_base64(digits_cnn_bundl
 
 
 def test_serving_with_a_broker_reports_telemetry(mosquitto, bc_rf_bundle, tmp_path, reference_data):
-    from mqtt_collector import Collector
-
     import edge_runtime
     from edge_runtime.agent import DeviceAgent
     from edge_runtime.mqtt import parse_broker_url
+    from mqtt_collector import Collector
 
     model = edge_runtime.load(bc_rf_bundle)
     sub = Collector(mosquitto.port)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+
 from serve_helpers import served
 
 # A refused invalid body may be 413 (over a limit, e.g. a batch over --max-batch) or 408 as well.

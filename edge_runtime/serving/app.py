@@ -138,37 +138,6 @@ def create_app(model: EdgeModel, limits: ServeLimits | None = None, agent: Any =
     async def openapi(request: Request) -> Response:
         return JSONResponse(served.openapi)
 
-    async def predict(request: Request) -> Response:
-        try:
-            return await _predict(served, request)
-        except Rejection as exc:
-            # refused before its body was read: close rather than read (and drop) the rest of it
-            close = {"Connection": "close"} if exc.status in (408, 413, 415) else None
-            return served.error(exc.status, exc.kind, exc.detail, close)
-        except ClientDisconnect:
-            served.metrics.disconnect()
-            return Response(status_code=CLIENT_CLOSED)
-        except InvalidInputError as exc:
-            return served.error(422, "invalid_input", str(exc))
-        except EdgeOpsError as exc:
-            return served.error(400, "bad_request", str(exc))
-        except Exception:
-            log.exception("POST /predict failed")
-            return served.error(500, "internal", "internal error (logged on the server)")
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if exc.status_code == 404:
-            return served.error(404, "not_found", f"no endpoint {request.url.path}; try {ENDPOINTS}")
-        if exc.status_code == 405:
-            return served.error(405, "method_not_allowed", f"{request.method} is not taken on {request.url.path}; "
-                                                           f"try {ENDPOINTS}", exc.headers)
-        return served.error(exc.status_code, "bad_request", str(exc.detail))
-
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return served.error(500, "internal", "internal error (logged on the server)")
-
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ticker = asyncio.create_task(_collect_every_second(served)) if agent is not None else None
@@ -180,14 +149,51 @@ def create_app(model: EdgeModel, limits: ServeLimits | None = None, agent: Any =
             served.worker.shutdown(wait=True, cancel_futures=True)
 
     app = Starlette(routes=[
-        Route("/predict", predict, methods=["POST"]),
+        Route("/predict", _predict_endpoint, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/model", model_info, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-    ], exception_handlers={HTTPException: http_error, Exception: internal_error}, lifespan=lifespan)
+    ], exception_handlers={HTTPException: _http_error, Exception: _internal_error}, lifespan=lifespan)
     app.state.served = served
     return _Counted(app, served.metrics)
+
+
+async def _predict_endpoint(request: Request) -> Response:
+    """POST /predict: an answer, or the refusal each failure maps to."""
+    served: Served = request.app.state.served
+    try:
+        return await _predict(served, request)
+    except Rejection as exc:
+        # refused before its body was read: close rather than read (and drop) the rest of it
+        close = {"Connection": "close"} if exc.status in (408, 413, 415) else None
+        return served.error(exc.status, exc.kind, exc.detail, close)
+    except ClientDisconnect:
+        served.metrics.disconnect()
+        return Response(status_code=CLIENT_CLOSED)
+    except InvalidInputError as exc:
+        return served.error(422, "invalid_input", str(exc))
+    except EdgeOpsError as exc:
+        return served.error(400, "bad_request", str(exc))
+    except Exception:
+        log.exception("POST /predict failed")
+        return served.error(500, "internal", "internal error (logged on the server)")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    served: Served = request.app.state.served
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return served.error(404, "not_found", f"no endpoint {request.url.path}; try {ENDPOINTS}")
+    if exc.status_code == 405:
+        return served.error(405, "method_not_allowed", f"{request.method} is not taken on {request.url.path}; "
+                                                       f"try {ENDPOINTS}", exc.headers)
+    return served.error(exc.status_code, "bad_request", str(exc.detail))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return request.app.state.served.error(500, "internal", "internal error (logged on the server)")
 
 
 class _Counted:

@@ -73,7 +73,7 @@ class ServeMetrics:
             lines.append(f'edgeops_errors_total{{kind="{kind}"}} {n}')
         lines += ["# HELP edgeops_predict_latency_ms Latency of a predict call in milliseconds.",
                   "# TYPE edgeops_predict_latency_ms histogram"]
-        for bound, count in zip(LATENCY_BUCKETS_MS, self.buckets):
+        for bound, count in zip(LATENCY_BUCKETS_MS, self.buckets, strict=True):
             lines.append(f'edgeops_predict_latency_ms_bucket{{le="{bound}"}} {count}')
         lines += [f'edgeops_predict_latency_ms_bucket{{le="+Inf"}} {self.latency_count}',
                   f"edgeops_predict_latency_ms_sum {self.latency_sum:.6f}",
