@@ -181,6 +181,7 @@ class DeviceAgent:
         if on_prediction is not None:
             self.sinks.append(CallbackSink(on_prediction, max_queue=10_000))
         self._input_index = 0
+        self._out_meta: dict[int, tuple] = {}
 
     # -- status --------------------------------------------------------------------------------
 
@@ -426,10 +427,13 @@ class DeviceAgent:
         out = model.predict(sample)
         if emit and self.sinks:
             ms = (time.perf_counter() - t0) * 1000.0
-            info = model.recorder.model_info if model.recorder is not None else {}
-            p = Prediction(sample_id, time.time(), out, ms,
-                           {k: info.get(k) for k in ("name", "version", "variant")},
-                           tuple(model.labels) if model.labels else None, model.task)
+            rec = model.recorder
+            meta = self._out_meta.get(id(rec))
+            if meta is None or meta[0] is not rec:   # once per model (and recorder): not per inference
+                info = rec.model_info if rec is not None else {}
+                meta = self._out_meta[id(rec)] = (rec, {k: info.get(k) for k in ("name", "version", "variant")},
+                                                  tuple(model.labels) if model.labels else None, model.task)
+            p = Prediction(sample_id, time.time(), out, ms, *meta[1:])
             for sink in self.sinks:
                 sink.offer(p)
         return out

@@ -20,12 +20,11 @@ does not fit its queue is dropped, and drops and failed deliveries are counted
 
 from __future__ import annotations
 
-import functools
+import collections
 import json
 import logging
 import math
 import os
-import queue
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, NamedTuple
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -43,11 +42,11 @@ from edge_runtime.errors import InvalidInputError
 log = logging.getLogger("edgeops.outputs")
 
 VARIANTS = ("primary", "all")
+POLL_S = 0.005          # an idle sink looks at its queue this often (offering then needs no signalling)
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """One inference's result, as the sinks see it.
+class Prediction(NamedTuple):
+    """One inference's result, as the sinks see it (a named tuple: cheap to make on the inference thread).
 
     Attributes:
         id: the input's id (given by the source, else its position in the stream).
@@ -67,8 +66,8 @@ class Prediction:
     labels: tuple | None = None
     task: str | None = None
 
-    @functools.cached_property
-    def _record(self) -> dict:
+    def record(self) -> dict:
+        """The JSON-ready record the sinks write (made by the sink's thread, not the inference thread)."""
         out = [_finite(v) for v in np.asarray(self.output, np.float32).ravel().tolist()]
         doc: dict = {"id": self.id, "ts": round(self.ts, 3)}
         if self.task == "classification" and out:
@@ -82,10 +81,6 @@ class Prediction:
         doc["latency_ms"] = round(self.latency_ms, 4)
         doc["model"] = self.model
         return doc
-
-    def record(self) -> dict:
-        """The JSON-ready record every sink writes (computed once, off the inference thread)."""
-        return self._record
 
 
 def _finite(v: float) -> float | None:
@@ -118,7 +113,8 @@ class PredictionSink:
         self.name = name
         self.batch_size, self.batch_seconds = max(1, batch_size), max(0.0, batch_seconds)
         self.counts = SinkCounts()
-        self._queue: queue.Queue[Prediction] = queue.Queue(max(1, max_queue))
+        self.max_queue = max(1, max_queue)
+        self._queue: collections.deque[Prediction] = collections.deque()
         self._closing = threading.Event()
         self._abandoned = False
         self._in_flight = 0
@@ -132,11 +128,16 @@ class PredictionSink:
 
     def offer(self, p: Prediction) -> None:
         """Queue a prediction; never blocks (a full queue drops it and counts the drop)."""
-        try:
-            self._queue.put_nowait(p)
-        except queue.Full:
+        if len(self._queue) < self.max_queue:
+            self._queue.append(p)
+        else:
             self.counts.dropped += 1
             self._warn_once("dropped", "its queue is full (target slow or down); predictions are dropped and counted")
+
+    @property
+    def pending(self) -> int:
+        """Predictions queued or being delivered."""
+        return len(self._queue) + self._in_flight
 
     def deliver(self, batch: list[Prediction]) -> int | None:
         """Write a batch; raise when it is lost (counted as failed), or return how many of it were lost."""
@@ -148,7 +149,7 @@ class PredictionSink:
         if self._worker is not None:
             self._worker.join(timeout)
             self._abandoned = self._worker.is_alive()   # a hung target: give up on what is queued
-        left = self._queue.qsize() + (self._in_flight if self._abandoned else 0)
+        left = len(self._queue) + (self._in_flight if self._abandoned else 0)
         if left:
             self.counts.dropped += left
             self._warn_once("closed", f"{left} predictions were still queued at stop")
@@ -168,22 +169,21 @@ class PredictionSink:
                 self._in_flight = 0
                 self.counts.delivered += len(batch) - lost
                 self.counts.failed += lost
-            elif self._closing.is_set():
+            elif self._closing.is_set() and not self._queue:
                 return
 
     def _next_batch(self) -> list[Prediction]:
-        try:
-            batch = [self._queue.get(timeout=0.05)]
-        except queue.Empty:
-            return []
+        q, batch = self._queue, []
         deadline = time.monotonic() + self.batch_seconds
         while len(batch) < self.batch_size:
-            wait = deadline - time.monotonic()
             try:
-                batch.append(self._queue.get(timeout=wait) if wait > 0 and not self._closing.is_set()
-                             else self._queue.get_nowait())
-            except queue.Empty:
-                break
+                batch.append(q.popleft())
+            except IndexError:
+                if (batch and time.monotonic() >= deadline) or self._closing.is_set():
+                    break
+                self._closing.wait(POLL_S)
+                if not batch:
+                    break
         return batch
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -212,16 +212,19 @@ class JsonlFileSink(PredictionSink):
         super().__init__(f"jsonl:{path}", **kw)
         self.path, self.max_bytes, self.backups = Path(path), max(1, max_bytes), max(0, backups)
         self._fh: IO[str] | None = None
+        self._size = 0
 
     def deliver(self, batch: list[Prediction]) -> None:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh = open(self.path, "a", encoding="ascii")
+            self._size = self.path.stat().st_size
         for p in batch:
-            line = json.dumps(p.record(), separators=(",", ":")) + "\n"
-            if self._fh.tell() and self._fh.tell() + len(line) > self.max_bytes:
+            line = json.dumps(p.record(), separators=(",", ":")) + "\n"   # ASCII: characters are bytes
+            if self._size and self._size + len(line) > self.max_bytes:
                 self._rotate()
             self._fh.write(line)
+            self._size += len(line)
         self._fh.flush()
 
     def _rotate(self) -> None:
@@ -232,7 +235,8 @@ class JsonlFileSink(PredictionSink):
                 if older.exists():
                     os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        self._fh = open(self.path, "w", encoding="utf-8")
+        self._fh = open(self.path, "w", encoding="ascii")
+        self._size = 0
 
     def close(self, timeout: float = 5.0) -> None:
         super().close(timeout)
@@ -284,10 +288,10 @@ class HttpSink(PredictionSink):
     """
 
     def __init__(self, url: str, envelope: Callable[[list[dict]], bytes], retries: int = 4, backoff: float = 0.2,
-                 timeout: float = 5.0, batch_size: int = 100, **kw):
+                 timeout: float = 5.0, batch_size: int = 100, batch_seconds: float = 1.0, **kw):
         if not url.startswith(("http://", "https://")):
             raise InvalidInputError(f"output http: {url!r} is not an http:// or https:// URL")
-        super().__init__(f"http:{url}", batch_size=batch_size, **kw)
+        super().__init__(f"http:{url}", batch_size=batch_size, batch_seconds=batch_seconds, **kw)
         self.url, self.envelope = url, envelope
         self.retries, self.backoff, self.timeout = max(0, retries), max(0.0, backoff), timeout
         self.attempts = 0
