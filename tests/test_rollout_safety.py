@@ -84,6 +84,23 @@ def test_a_bundle_with_other_feature_names_is_refused_with_the_first_that_differ
     assert slots.flash(renamed, force_schema=True).ok
 
 
+@pytest.mark.parametrize("block,reason", [({"shape": "30"}, "input.shape must be a list"),
+                                          ({"shape": [1] * 9}, "at most 8 integers"),
+                                          ({"shape": [True]}, "at most 8 integers"),
+                                          ({"shape": [30], "kind": "audio"}, "tabular, image or tensor"),
+                                          ({"shape": [30], "features": -1}, "input.features must be an integer"),
+                                          ({"shape": [30], "dtype": "x" * 100}, "input.dtype must be a string"),
+                                          ("tabular", "input must be an object")])
+def test_a_status_input_block_is_bounded_like_every_field(block, reason):
+    from edge_runtime import wire
+
+    doc = wire.status_message(FLEET, "pi-9", True, model={"name": "m", "version": "1.0.0"}, input=block)
+    with pytest.raises(wire.Rejected, match=reason):
+        wire.check_status(doc)
+    good = {"kind": "image", "shape": [8, 8, 1], "dtype": "float32", "features": 64, "feature_names_sha256": None}
+    assert wire.check_status({**doc, "input": good})["input"] == good
+
+
 def test_a_forced_bundle_that_rejects_every_input_rolls_back_by_itself(mosquitto, bc_mlp_bundle, digits_cnn_bundle,
                                                                        stream, tmp_path):
     v1 = variant(bc_mlp_bundle, tmp_path / "v1", "1.0.0")
