@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -41,11 +41,18 @@ class BrokerAddress:
     key_file: str | None = None
     insecure: bool = False
     protocol: str = "5"
+    fallbacks: tuple[tuple[str, int], ...] = ()   # more nodes of the same broker cluster, tried in turn
+
+    @property
+    def hosts(self) -> list[tuple[str, int]]:
+        """Every (host, port) to try, the first one first."""
+        return [(self.host, self.port), *self.fallbacks]
 
     @property
     def url(self) -> str:
         query = "" if self.protocol == "5" else f"?protocol={self.protocol}"
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}{query}"
+        scheme = "mqtts" if self.tls else "mqtt"
+        return ",".join(f"{scheme}://{h}:{p}{query}" for h, p in self.hosts)
 
     @property
     def v5(self) -> bool:
@@ -60,7 +67,21 @@ class BrokerAddress:
 def parse_broker_url(url: str, username: str | None = None, password: str | None = None,
                      ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
                      insecure: bool = False) -> BrokerAddress:
-    """Parse ``mqtt://host:port`` or ``mqtts://user:pass@host:8883``; explicit options win over the URL."""
+    """Parse ``mqtt://host:port`` or ``mqtts://user:pass@host:8883``; explicit options win over the URL.
+
+    Several comma-separated URLs name the nodes of one broker cluster (same scheme, protocol and
+    credentials): a client connects to the first and fails over to the next when it loses it.
+    """
+    parts = [u.strip() for u in url.split(",") if u.strip()]
+    if len(parts) > 1:
+        nodes = [parse_broker_url(u, username, password, ca_file, cert_file, key_file, insecure) for u in parts]
+        first = nodes[0]
+        for n in nodes[1:]:
+            if (n.tls, n.protocol, n.username, n.password) != (first.tls, first.protocol, first.username,
+                                                               first.password):
+                raise InvalidInputError(f"broker URLs {url!r}: every node needs the same scheme, protocol and "
+                                        "credentials")
+        return replace(first, fallbacks=tuple((n.host, n.port) for n in nodes[1:]))
     parsed = urlparse(url if "://" in url else f"mqtt://{url}")
     if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise InvalidInputError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
@@ -148,6 +169,35 @@ def connect_args(address: BrokerAddress, session_expiry: int = 3600, keepalive: 
     return args
 
 
+class NodeRotation:
+    """Which node of a broker cluster a client uses; :meth:`advance` fails over to the next one.
+
+    >>> r = NodeRotation(parse_broker_url("mqtt://a:1883,mqtt://b:1884"))
+    >>> r.current, r.advance(None), r.current
+    (('a', 1883), True, ('b', 1884))
+    """
+
+    def __init__(self, address: BrokerAddress):
+        self.hosts = address.hosts
+        self.index = 0
+
+    @property
+    def current(self) -> tuple[str, int]:
+        return self.hosts[self.index]
+
+    def advance(self, client) -> bool:
+        """Point ``client`` (a paho client whose connection is closed) at the next node; False with one node."""
+        if len(self.hosts) < 2:
+            return False
+        self.index = (self.index + 1) % len(self.hosts)
+        if client is not None:
+            # paho's host/port setters refuse while its reconnect loop owns the connection state (inside the
+            # disconnect and connect-failure callbacks); its reconnect reads these two fields, so set them
+            client._host, client._port = self.current
+            log.info("trying broker node %s:%d", *self.current)
+        return True
+
+
 class MqttLink:
     """A paho-mqtt 2.x v5 client with a persistent session, a last will and reconnect backoff.
 
@@ -183,6 +233,8 @@ class MqttLink:
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_publish = self._handle_publish
         self.client.on_message = self._handle_message
+        self.client.on_connect_fail = self._handle_connect_fail
+        self._nodes = NodeRotation(address)
         self.refused: str | None = None
         self._stopping = False
 
@@ -269,17 +321,31 @@ class MqttLink:
             log.error("broker %s refused the connection: %s", self.address.url, reason_code)
             return
         self.refused = None
-        log.info("%s to broker %s", "reconnected" if self._was_connected else "connected", self.address.url)
+        log.info("%s to broker %s", "reconnected" if self._was_connected else "connected",
+                 self.address.url if len(self.address.hosts) == 1 else "%s:%d" % self.node)
         self._was_connected = True
         self.connected.set()
         if self._user_on_connect:
             self._user_on_connect()
 
+    @property
+    def node(self) -> tuple[str, int]:
+        """The broker node this link uses (or tries) now."""
+        return self._nodes.current
+
+    def _next_node(self) -> None:
+        if not self._stopping:
+            self._nodes.advance(self.client)
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        self._next_node()
+
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.connected.is_set() and not self._stopping:
-            log.warning("lost broker %s (%s); reconnecting with backoff, windows are kept on disk",
-                        self.address.url, reason_code)
+            log.warning("lost broker %s:%d (%s); reconnecting with backoff, windows are kept on disk",
+                        *self.node, reason_code)
         self.connected.clear()
+        self._next_node()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         ok = not getattr(reason_code, "is_failure", False)

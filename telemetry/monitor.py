@@ -144,7 +144,7 @@ class FleetMonitor:
                 subscription(self.prefix, self.fleet, "status"), "$SYS/broker/publish/messages/dropped"]
 
     def start(self) -> "FleetMonitor":
-        from edge_runtime.mqtt import connect_args, make_client
+        from edge_runtime.mqtt import NodeRotation, connect_args, make_client
 
         # a persistent session (on an MQTT 3.1.1 broker: a non-clean one, and no shared subscription)
         c = make_client(self.broker, self.client_id, session_expiry=self.session_expiry, max_inflight=1000,
@@ -159,15 +159,19 @@ class FleetMonitor:
             client.subscribe([(t, 1) for t in self._subscriptions()])
             self.connected.set()
 
+        nodes = NodeRotation(self.broker)
+
         def on_disconnect(client, userdata, flags, rc, properties):
             if not self._stop.is_set():
-                log.warning("monitor lost broker %s (%s); reconnecting", self.broker.url, rc)
+                log.warning("monitor lost broker %s:%d (%s); reconnecting", *nodes.current, rc)
+                nodes.advance(client)     # a cluster: the next node (the session lives in the cluster)
             self.connected.clear()
 
         def on_message(client, userdata, msg):
             self._inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
 
         c.on_connect, c.on_disconnect, c.on_message = on_connect, on_disconnect, on_message
+        c.on_connect_fail = lambda client, userdata: nodes.advance(client)
         self.client = c
         c.connect_async(**connect_args(self.broker, self.session_expiry))
         c.loop_start()

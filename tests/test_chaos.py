@@ -303,3 +303,31 @@ def test_a_60_second_partition_between_agents_and_broker_loses_no_window(tmp_pat
         link.close()
         monitor.stop()
         broker.stop()
+
+
+def test_an_agent_given_two_broker_nodes_fails_over_when_one_dies(tmp_path, bc_mlp_bundle, inputs):
+    """Two nodes, one monitor on each writing one database: the first node dies for good, and every window
+    reaches the database through the second (resent, since the first node never delivered it)."""
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry.monitor import FleetMonitor
+
+    a = default_autosave_broker(tmp_path / "a").start()
+    b = default_autosave_broker(tmp_path / "b").start()
+    db = f"sqlite:///{tmp_path}/m.db"
+    monitors = [FleetMonitor(parse_broker_url(x.url), db, fleet="chaos").start() for x in (a, b)]
+    state = tmp_path / "dev-f"
+    proc = agent(bc_mlp_bundle, f"{a.url},{b.url}", inputs, state, "dev-f", "--rate", 300, "--duration", 15)
+    reader = Monitor(a.url, tmp_path / "m.db", tmp_path / "unused.log")      # only to read the database
+    try:
+        assert eventually(lambda: len(reader.seqs("dev-f")) >= 30, 60)
+        a.kill()
+        assert proc.wait(timeout=120) == 0
+        log = Path(state).with_suffix(".log").read_text()
+        assert "trying broker node" in log and f":{b.port}" in log
+        assert_exactly_once(reader, "dev-f", state)
+    finally:
+        proc.kill()
+        for m in monitors:
+            m.stop()
+        a.stop()
+        b.stop()
