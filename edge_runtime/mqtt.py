@@ -210,7 +210,7 @@ class MqttLink:
         session_expiry: seconds the broker keeps the session while disconnected.
     """
 
-    def __init__(self, address: BrokerAddress, client_id: str, will: tuple[str, bytes] | None = None,
+    def __init__(self, address: BrokerAddress, client_id: str, will: tuple[str, bytes] | None = None,  # noqa: PLR0913 - the link's configuration
                  on_connect: Callable[[], None] | None = None, on_ack: Callable[[int, bool], None] | None = None,
                  on_message: Callable[[str, bytes], None] | None = None, session_expiry: int = 3600,
                  min_backoff: float = 0.5, max_backoff: float = 30.0):
