@@ -83,8 +83,8 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
             threads, public_key, allow_unsigned, skip_test_vectors, nan_policy, max_inferences, duration, accept_flash,
             rollback_windows,
             rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, rollback_rejected_rate, ab_bundle,
-            ab_split, shadow_bundle, compress, confirm, resend_after, outputs, output_variants, added_latency_ms, username,
-            password, ca_file, cert_file, key_file, topic_prefix):
+            ab_split, shadow_bundle, compress, confirm, resend_after, outputs, output_variants, added_latency_ms,
+            username, password, ca_file, cert_file, key_file, topic_prefix):
     """Run BUNDLE on a stream of inputs and publish telemetry windows over MQTT.
 
     With a bundle (folder or .tar.gz), the device keeps an active and a previous

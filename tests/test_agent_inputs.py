@@ -10,12 +10,12 @@ import threading
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from helpers import eventually
 
 import edge_runtime
 from edge_runtime.agent import DeviceAgent, samples_from
 from edge_runtime.inputs import MqttInput
 from edge_runtime.mqtt import parse_broker_url
+from helpers import eventually
 
 
 def make_agent(broker, model, tmp_path, device, **kw) -> DeviceAgent:

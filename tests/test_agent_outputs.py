@@ -12,14 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from helpers import eventually
-from mqtt_collector import Collector
 
 import edge_runtime
 from edge_runtime import wire
 from edge_runtime.agent import DeviceAgent
 from edge_runtime.mqtt import parse_broker_url
 from edge_runtime.outputs import HttpSink
+from helpers import eventually
+from mqtt_collector import Collector
 
 
 def make_agent(broker, bundle, tmp_path, device="out-1", **kw) -> DeviceAgent:
@@ -183,8 +183,8 @@ def test_ab_sends_one_prediction_per_input_labelled_with_the_variant_that_served
         session_mosquitto, bc_mlp_bundle, bc_rf_bundle, reference_data, tmp_path):
     X = reference_data["breast_cancer"].X_test[:80].astype(np.float32)
     got = []
-    agent = make_agent(session_mosquitto, bc_mlp_bundle, tmp_path, device="cb-ab", second=edge_runtime.load(bc_rf_bundle),
-                       mode="ab", split=0.5, seed=3, on_prediction=got.append)
+    agent = make_agent(session_mosquitto, bc_mlp_bundle, tmp_path, device="cb-ab",
+                       second=edge_runtime.load(bc_rf_bundle), mode="ab", split=0.5, seed=3, on_prediction=got.append)
     run_agent(agent, X)
     assert [p.id for p in got] == list(range(80))
     assert {p.model["variant"] for p in got} == {"A", "B"}
