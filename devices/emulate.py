@@ -67,80 +67,92 @@ def load_scenario(source: str | Path | dict | None, devices: list[str]) -> list[
     if source is None:
         return []
     if isinstance(source, dict):
-        doc, where = source, "scenario"
+        doc, where, folder = source, "scenario", None
     else:
-        p = Path(source)
-        where = str(p)
-        try:
-            text = p.read_text()
-        except OSError as exc:
-            raise ScenarioError(f"{p}: cannot read the scenario ({exc.strerror})") from None
-        try:
-            if p.suffix.lower() in (".yaml", ".yml"):
-                try:
-                    import yaml
-                except ImportError:
-                    raise ScenarioError(f"{p}: YAML scenarios need PyYAML (pip install pyyaml), or use JSON") from None
-                doc = yaml.safe_load(text)
-            else:
-                doc = json.loads(text)
-        except (ValueError, Exception) as exc:  # noqa: BLE001 - yaml errors are not ValueErrors
-            if isinstance(exc, ScenarioError):
-                raise
-            raise ScenarioError(f"{p}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
-                                f"{exc}") from None
+        doc, where, folder = _read_scenario_file(Path(source)), str(Path(source)), Path(source).parent
     if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
         raise ScenarioError(f"{where}: expected an object with a list 'events'")
-    events = []
-    for i, e in enumerate(doc["events"]):
-        at = f"{where}: events[{i}]"
-        if not isinstance(e, dict):
-            raise ScenarioError(f"{at}: expected an object")
-        kind = e.get("kind")
-        if kind not in EVENT_KINDS:
-            raise ScenarioError(f"{at}: 'kind' must be one of {', '.join(EVENT_KINDS)}, not {kind!r}")
-        try:
-            t = float(e.get("at", 0))
-        except (TypeError, ValueError):
-            t = -1.0
-        if not 0 <= t < float("inf"):
-            raise ScenarioError(f"{at}: 'at' must be seconds after the start (a number >= 0)")
-        if "devices" in e:
-            if not isinstance(e["devices"], list):
-                raise ScenarioError(f"{at}: 'devices' must be a list of device ids")
-            chosen = [str(d) for d in e["devices"]]
-            unknown = [d for d in chosen if d not in devices]
-            if unknown:
-                raise ScenarioError(f"{at}: unknown devices {unknown[:5]} (the fleet has {devices[0]} .. {devices[-1]})")
-        elif "count" in e:
-            if isinstance(e["count"], bool) or not isinstance(e["count"], int) or not 1 <= e["count"] <= len(devices):
-                raise ScenarioError(f"{at}: 'count' must be a whole number of devices from 1 to {len(devices)}")
-            chosen = devices[:e["count"]]
-        elif "fraction" in e:
-            f = e["fraction"]
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-                raise ScenarioError(f"{at}: 'fraction' must be a number in (0, 1]")
-            chosen = devices[:max(1, round(len(devices) * f))]
-        else:
-            raise ScenarioError(f"{at}: name the devices with 'devices', 'count' or 'fraction'")
-        params = {k: v for k, v in e.items() if k not in ("at", "kind", "devices", "count", "fraction")}
-        if kind == "drift":
-            if params.get("shift") not in SHIFTS:
-                raise ScenarioError(f"{at}: drift 'shift' must be one of {', '.join(SHIFTS)}")
-            params.setdefault("factor", {"scale": 1.6, "offset": 1.5, "noise": 1.0, "missing": 0.3,
-                                         "prior": 0.8}[params["shift"]])
-        elif kind == "offline":
-            params.setdefault("seconds", 30.0)
-        elif kind == "slow":
-            params.setdefault("added_latency_ms", 5.0)
-        elif kind == "flash":
-            if not params.get("bundle"):
-                raise ScenarioError(f"{at}: a flash needs 'bundle'")
-            b = Path(params["bundle"])
-            if not b.is_absolute() and not isinstance(source, dict):
-                params["bundle"] = str((Path(source).parent / b).resolve())
-        events.append(Event(t, kind, chosen, params))
+    events = [_parse_event(e, f"{where}: events[{i}]", devices, folder) for i, e in enumerate(doc["events"])]
     return sorted(events, key=lambda ev: ev.at)
+
+
+def _read_scenario_file(p: Path):
+    """The document in a scenario file: YAML for .yaml/.yml, JSON otherwise."""
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ScenarioError(f"{p}: cannot read the scenario ({exc.strerror})") from None
+    is_yaml = p.suffix.lower() in (".yaml", ".yml")
+    if is_yaml:
+        try:
+            import yaml
+        except ImportError:
+            raise ScenarioError(f"{p}: YAML scenarios need PyYAML (pip install pyyaml), or use JSON") from None
+    try:
+        return yaml.safe_load(text) if is_yaml else json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - yaml errors are not ValueErrors
+        raise ScenarioError(f"{p}: not valid {'YAML' if is_yaml else 'JSON'}: {exc}") from None
+
+
+def _parse_event(e, at: str, devices: list[str], folder: Path | None) -> Event:
+    """One checked event; ``at`` names it in errors, ``folder`` resolves a relative flash bundle."""
+    if not isinstance(e, dict):
+        raise ScenarioError(f"{at}: expected an object")
+    kind = e.get("kind")
+    if kind not in EVENT_KINDS:
+        raise ScenarioError(f"{at}: 'kind' must be one of {', '.join(EVENT_KINDS)}, not {kind!r}")
+    try:
+        t = float(e.get("at", 0))
+    except (TypeError, ValueError):
+        t = -1.0
+    if not 0 <= t < float("inf"):
+        raise ScenarioError(f"{at}: 'at' must be seconds after the start (a number >= 0)")
+    chosen = _event_devices(e, at, devices)
+    params = {k: v for k, v in e.items() if k not in ("at", "kind", "devices", "count", "fraction")}
+    return Event(t, kind, chosen, _event_params(kind, params, at, folder))
+
+
+def _event_devices(e: dict, at: str, devices: list[str]) -> list[str]:
+    """The devices an event names: ``devices``, ``count`` (the first N) or ``fraction``."""
+    if "devices" in e:
+        if not isinstance(e["devices"], list):
+            raise ScenarioError(f"{at}: 'devices' must be a list of device ids")
+        chosen = [str(d) for d in e["devices"]]
+        unknown = [d for d in chosen if d not in devices]
+        if unknown:
+            raise ScenarioError(f"{at}: unknown devices {unknown[:5]} "
+                                f"(the fleet has {devices[0]} .. {devices[-1]})")
+        return chosen
+    if "count" in e:
+        if isinstance(e["count"], bool) or not isinstance(e["count"], int) or not 1 <= e["count"] <= len(devices):
+            raise ScenarioError(f"{at}: 'count' must be a whole number of devices from 1 to {len(devices)}")
+        return devices[:e["count"]]
+    if "fraction" in e:
+        f = e["fraction"]
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ScenarioError(f"{at}: 'fraction' must be a number in (0, 1]")
+        return devices[:max(1, round(len(devices) * f))]
+    raise ScenarioError(f"{at}: name the devices with 'devices', 'count' or 'fraction'")
+
+
+def _event_params(kind: str, params: dict, at: str, folder: Path | None) -> dict:
+    """An event's parameters, checked for its kind, with the defaults filled in."""
+    if kind == "drift":
+        if params.get("shift") not in SHIFTS:
+            raise ScenarioError(f"{at}: drift 'shift' must be one of {', '.join(SHIFTS)}")
+        params.setdefault("factor", {"scale": 1.6, "offset": 1.5, "noise": 1.0, "missing": 0.3,
+                                     "prior": 0.8}[params["shift"]])
+    elif kind == "offline":
+        params.setdefault("seconds", 30.0)
+    elif kind == "slow":
+        params.setdefault("added_latency_ms", 5.0)
+    elif kind == "flash":
+        if not params.get("bundle"):
+            raise ScenarioError(f"{at}: a flash needs 'bundle'")
+        b = Path(params["bundle"])
+        if not b.is_absolute() and folder is not None:
+            params["bundle"] = str((folder / b).resolve())
+    return params
 
 
 def feature_indices(spec, names: list[str], n_features: int) -> np.ndarray:
@@ -228,96 +240,22 @@ class DeviceStream:
 
 def _worker(spec: dict) -> None:
     """Run a group of agents until the duration ends or SIGTERM; print one JSON line per event."""
-    import edge_runtime
-    from edge_runtime.agent import DeviceAgent, RollbackPolicy
-    from edge_runtime.flash import BundleSlots
     from edge_runtime.mqtt import parse_broker_url
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    data = np.load(spec["data"])
-    X = data["X"]
-    y = data["y"] if "y" in data.files else None
-    names = json.loads(str(data["names"])) if "names" in data.files else [f"f{i}" for i in range(X.shape[1])]
-    address = parse_broker_url(spec["broker"])
-    events = [Event(**e) for e in spec["events"]]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
-
-    def emit(**kw):
-        print(json.dumps(kw), flush=True)
-
-    agents, streams, threads = {}, {}, []
-    for k, dev in enumerate(spec["devices"]):
-        state = Path(spec["state_root"]) / dev
-        slots = BundleSlots(state, public_key=spec.get("public_key"), allow_unsigned=spec.get("allow_unsigned", False))
-        active = slots.install_initial(spec["bundle"])
-
-        def reload(path):
-            return edge_runtime.load(path, public_key=spec.get("public_key"))
-
-        model = reload(active)
-        shape = tuple(model.input_spec.shape) if len(model.input_spec.shape) > 1 else None
-        stream = DeviceStream(X, y, names, seed=spec["seed"] + k, shape=shape)
-        agent = DeviceAgent(model, dev, spec["fleet"], address, state_dir=state, window_size=spec["window_size"],
-                            window_seconds=None, slots=slots, reload=reload,
-                            rollback_policy=RollbackPolicy(**spec["rollback"]) if spec.get("rollback") else
-                            RollbackPolicy(), confirm=spec.get("confirm", "monitor"))
-        agent.start()
-        agents[dev], streams[dev] = agent, stream
-    emit(event="started", devices=list(agents))
-
-    def drive(dev):
-        try:
-            agents[dev].run(streams[dev], rate=spec["rate"])
-        except Exception as exc:  # noqa: BLE001 - one device failing must not stop the others
-            emit(event="device_failed", device=dev, error=str(exc))
-
-    for dev in agents:
-        t = threading.Thread(target=drive, args=(dev,), daemon=True)
-        t.start()
-        threads.append(t)
-
-    t0 = spec["start"]
-    pending = [e for e in events if e.kind != "flash"]
-    control = Path(spec["state_root"]) / "control.jsonl"
-    control_pos = 0
-    offline_until: dict[str, float] = {}
-    deadline = t0 + spec["duration"] if spec.get("duration") else None
+    agents, streams = _start_agents(spec, parse_broker_url(spec["broker"]))
+    _emit(event="started", devices=list(agents))
+    threads = _drive(agents, streams, spec["rate"])
+    schedule = _WorkerSchedule(agents, streams, [Event(**e) for e in spec["events"]], spec["start"],
+                               Path(spec["state_root"]) / "control.jsonl")
+    deadline = spec["start"] + spec["duration"] if spec.get("duration") else None
     while not stop.is_set() and (deadline is None or time.time() < deadline):
-        now = time.time() - t0
-        if control.exists() and control.stat().st_size > control_pos:
-            with open(control) as fh:
-                fh.seek(control_pos)
-                for line in fh:
-                    if not line.endswith("\n"):
-                        break   # a line still being written: next time
-                    control_pos += len(line.encode())
-                    e = json.loads(line)
-                    pending.append(Event(now, e["kind"], e["devices"], e.get("params") or {}))
-            pending.sort(key=lambda ev: ev.at)
-        while pending and pending[0].at <= now:
-            e = pending.pop(0)
-            for dev in (d for d in e.devices if d in agents):
-                if e.kind == "drift":
-                    streams[dev].set_drift(e.params)
-                elif e.kind == "slow":
-                    agents[dev].model.added_latency_s = float(e.params["added_latency_ms"]) / 1000.0
-                elif e.kind == "offline":
-                    agents[dev].link.pause()
-                    offline_until[dev] = time.time() + float(e.params["seconds"])
-            mine = [d for d in e.devices if d in agents]
-            if mine:
-                emit(event=e.kind, devices=mine, at=round(now, 1), **{
-                    k: v for k, v in e.params.items() if isinstance(v, (int, float, str, list))})
-        for dev, until in list(offline_until.items()):
-            if time.time() >= until:
-                agents[dev].link.resume()
-                del offline_until[dev]
-                emit(event="online", devices=[dev], at=round(time.time() - t0, 1))
+        schedule.step()
         time.sleep(0.1)
-    for dev in offline_until:
-        agents[dev].link.resume()
+    schedule.bring_online(list(schedule.offline_until))
     for s in streams.values():
         s.stopped.set()
     for t in threads:
@@ -327,7 +265,117 @@ def _worker(spec: dict) -> None:
         left = agent.stop(drain_timeout=5.0)
         stats[dev] = {"inferences": agent.inferences, "unsent_windows": left,
                       "version": agent.recorder.model_info.get("version")}
-    emit(event="stopped", stats=stats)
+    _emit(event="stopped", stats=stats)
+
+
+def _emit(**kw) -> None:
+    """One event of the worker, as a JSON line the fleet reads."""
+    print(json.dumps(kw), flush=True)
+
+
+def _replay_arrays(path: str) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """X, y (None when absent) and the feature names of the fleet's replay file."""
+    data = np.load(path)
+    X = data["X"]
+    y = data["y"] if "y" in data.files else None
+    names = json.loads(str(data["names"])) if "names" in data.files else [f"f{i}" for i in range(X.shape[1])]
+    return X, y, names
+
+
+def _start_agents(spec: dict, address) -> tuple[dict, dict[str, DeviceStream]]:
+    """Each device of the group: its bundle slots, its agent (started) and its input stream."""
+    import edge_runtime
+    from edge_runtime.agent import DeviceAgent, RollbackPolicy
+    from edge_runtime.flash import BundleSlots
+
+    X, y, names = _replay_arrays(spec["data"])
+
+    def reload(path):
+        return edge_runtime.load(path, public_key=spec.get("public_key"))
+
+    rollback = RollbackPolicy(**spec["rollback"]) if spec.get("rollback") else RollbackPolicy()
+    agents, streams = {}, {}
+    for k, dev in enumerate(spec["devices"]):
+        state = Path(spec["state_root"]) / dev
+        slots = BundleSlots(state, public_key=spec.get("public_key"), allow_unsigned=spec.get("allow_unsigned", False))
+        model = reload(slots.install_initial(spec["bundle"]))
+        shape = tuple(model.input_spec.shape) if len(model.input_spec.shape) > 1 else None
+        streams[dev] = DeviceStream(X, y, names, seed=spec["seed"] + k, shape=shape)
+        agents[dev] = DeviceAgent(model, dev, spec["fleet"], address, state_dir=state,
+                                  window_size=spec["window_size"], window_seconds=None, slots=slots, reload=reload,
+                                  rollback_policy=rollback, confirm=spec.get("confirm", "monitor"))
+        agents[dev].start()
+    return agents, streams
+
+
+def _drive(agents: dict, streams: dict[str, DeviceStream], rate: float) -> list[threading.Thread]:
+    """One thread per device feeding its stream to its agent; a device that fails is reported, not fatal."""
+    def drive(dev):
+        try:
+            agents[dev].run(streams[dev], rate=rate)
+        except Exception as exc:  # noqa: BLE001 - one device failing must not stop the others
+            _emit(event="device_failed", device=dev, error=str(exc))
+
+    threads = [threading.Thread(target=drive, args=(dev,), daemon=True) for dev in agents]
+    for t in threads:
+        t.start()
+    return threads
+
+
+class _WorkerSchedule:
+    """The events of a worker's devices: the scenario's, and those the fleet injects through the control file.
+
+    Flashes are not here: the fleet sends them over MQTT as an operator would.
+    """
+
+    def __init__(self, agents: dict, streams: dict[str, DeviceStream], events: list[Event], t0: float,
+                 control: Path):
+        self.agents, self.streams, self.t0, self.control = agents, streams, t0, control
+        self.pending = [e for e in events if e.kind != "flash"]
+        self.control_pos = 0
+        self.offline_until: dict[str, float] = {}
+
+    def step(self) -> None:
+        """Take the injected events, apply those now due, bring back devices whose outage is over."""
+        now = time.time() - self.t0
+        self._read_control(now)
+        while self.pending and self.pending[0].at <= now:
+            self._apply(self.pending.pop(0), now)
+        self.bring_online([dev for dev, until in self.offline_until.items() if time.time() >= until], announce=True)
+
+    def _read_control(self, now: float) -> None:
+        if not self.control.exists() or self.control.stat().st_size <= self.control_pos:
+            return
+        with open(self.control) as fh:
+            fh.seek(self.control_pos)
+            for line in fh:
+                if not line.endswith("\n"):
+                    break   # a line still being written: next time
+                self.control_pos += len(line.encode())
+                e = json.loads(line)
+                self.pending.append(Event(now, e["kind"], e["devices"], e.get("params") or {}))
+        self.pending.sort(key=lambda ev: ev.at)
+
+    def _apply(self, e: Event, now: float) -> None:
+        mine = [d for d in e.devices if d in self.agents]
+        for dev in mine:
+            if e.kind == "drift":
+                self.streams[dev].set_drift(e.params)
+            elif e.kind == "slow":
+                self.agents[dev].model.added_latency_s = float(e.params["added_latency_ms"]) / 1000.0
+            elif e.kind == "offline":
+                self.agents[dev].link.pause()
+                self.offline_until[dev] = time.time() + float(e.params["seconds"])
+        if mine:
+            _emit(event=e.kind, devices=mine, at=round(now, 1), **{
+                k: v for k, v in e.params.items() if isinstance(v, (int, float, str, list))})
+
+    def bring_online(self, devices: list[str], announce: bool = False) -> None:
+        for dev in devices:
+            self.agents[dev].link.resume()
+            del self.offline_until[dev]
+            if announce:
+                _emit(event="online", devices=[dev], at=round(time.time() - self.t0, 1))
 
 
 # -- the fleet, from the operator's side ----------------------------------------------------------
@@ -538,7 +586,8 @@ def replay_data(bundle: str | Path, dataset: str | None, data_file: str | None) 
 @click.option("--bundle", required=True, type=click.Path(exists=True), help="The bundle every device starts with.")
 @click.option("--broker", required=True, help="mqtt://host:port")
 @click.option("--fleet", default="emulated", show_default=True)
-@click.option("--scenario", type=click.Path(exists=True), help="Events to inject (JSON or YAML; docs/fleet-emulation.md).")
+@click.option("--scenario", type=click.Path(exists=True),
+              help="Events to inject (JSON or YAML; docs/fleet-emulation.md).")
 @click.option("--dataset", type=click.Choice(["breast_cancer", "wine", "digits"]), help="Data to replay.")
 @click.option("--data", "data_file", type=click.Path(exists=True), help="Rows to replay (.npy/.npz/.csv).")
 @click.option("--rate", type=float, default=20.0, show_default=True, help="Inferences per second per device.")
