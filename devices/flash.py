@@ -104,7 +104,8 @@ class FleetLink:
         self.results: list[dict] = []
         self.statuses: dict[str, dict] = {}
         self.alerts: dict | None = None
-        self.windows: list[dict] = []          # (device, model version, seq, count, acked) of telemetry seen
+        self.windows: dict[str, list[dict]] = collections.defaultdict(list)   # device -> its windows seen:
+        # (model version, seq, count, received, acked), so a wave's checks read its own devices' windows only
         self._acked: dict[str, collections.deque] = {}   # device -> recent [first, last] seqs the monitor stored
         self._watch_telemetry = watch_telemetry
         self.refused = 0                       # commands the broker refused (e.g. not authorised by its ACL)
@@ -150,10 +151,10 @@ class FleetLink:
                 self.alerts = doc
             elif parts[-1] == "telemetry":
                 model = doc.get("model") or {}
-                w = {"device_id": parts[-2], "version": model.get("version"), "seq": doc.get("seq"),
+                w = {"version": model.get("version"), "seq": doc.get("seq"),
                      "count": doc.get("count") if type(doc.get("count")) is int else 0, "received": time.time()}
-                w["acked"] = self._stored(w["device_id"], w["seq"])
-                self.windows.append(w)
+                w["acked"] = self._stored(parts[-2], w["seq"])
+                self.windows[parts[-2]].append(w)
             self._cond.notify_all()
 
     def _stored(self, device: str, seq) -> bool:
@@ -170,8 +171,8 @@ class FleetLink:
         with self._cond:
             acked = self._acked.setdefault(device, collections.deque(maxlen=10_000))
             acked.extend(ranges)
-            for w in self.windows:
-                if w["device_id"] == device and not w["acked"] and type(w["seq"]) is int \
+            for w in self.windows.get(device, ()):
+                if not w["acked"] and type(w["seq"]) is int \
                         and any(lo <= w["seq"] <= hi for lo, hi in ranges) and str(w["seq"]) not in refused:
                     w["acked"] = True
             self._cond.notify_all()
@@ -179,7 +180,7 @@ class FleetLink:
     def stored_samples(self, device: str, version: str, since: float) -> int:
         """Inferences of ``version`` from ``device``, received since ``since``, in windows the monitor stored
         (call under the lock)."""
-        return sum(w["count"] for w in self.windows if w["device_id"] == device and w["version"] == version
+        return sum(w["count"] for w in self.windows.get(device, ()) if w["version"] == version
                    and w["acked"] and w["received"] >= since)
 
     def __enter__(self) -> "FleetLink":
@@ -525,7 +526,7 @@ class RolloutRunner:
                 r.reason = trouble
                 return False
             with fl._cond:
-                counts = {d: len({w["seq"] for w in fl.windows if w["device_id"] == d and w["version"] == r.version
+                counts = {d: len({w["seq"] for w in fl.windows.get(d, ()) if w["version"] == r.version
                                   and w["received"] >= since}) for d in group}
                 stored = {d: fl.stored_samples(d, r.version, (r.devices[d].get("ts") or since) - 5) for d in group}
                 later = {d: fl.later_results(d, (r.devices[d].get("ts") or since) - 5) for d in group}

@@ -87,9 +87,11 @@ def input_differences(current: dict, new: dict, current_names=None, new_names=No
     if out:
         return out
     if current_names and new_names:
-        diff = next((i for i, (a, b) in enumerate(zip(current_names, new_names)) if a != b), None)
+        # same count here (compared above), so zip stops at neither's end early
+        diff = next((i for i, (a, b) in enumerate(zip(current_names, new_names, strict=False)) if a != b), None)
         if diff is not None:
-            out.append(f"feature names (column {diff}: {current_names[diff]!r} now, {new_names[diff]!r} in the new one)")
+            out.append(f"feature names (column {diff}: {current_names[diff]!r} now, "
+                       f"{new_names[diff]!r} in the new one)")
     elif current.get("feature_names_sha256") and new.get("feature_names_sha256") \
             and current["feature_names_sha256"] != new["feature_names_sha256"]:
         out.append("feature names")
@@ -261,7 +263,8 @@ class BundleSlots:
         if current is None:
             return
         cur = json.loads((current / "manifest.json").read_text())
-        check_fit(input_schema(cur), input_schema(manifest), f"the running bundle {cur.get('name')} {cur.get('version')}",
+        check_fit(input_schema(cur), input_schema(manifest),
+                  f"the running bundle {cur.get('name')} {cur.get('version')}",
                   f"{manifest.get('name')} {manifest.get('version')}",
                   (cur.get("input_schema") or {}).get("features"), (manifest.get("input_schema") or {}).get("features"))
 

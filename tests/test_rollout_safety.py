@@ -8,15 +8,15 @@ import sys
 
 import numpy as np
 import pytest
-from bundle_variants import variant
-from helpers import eventually
-from mqtt_collector import Collector
 from test_flash_mqtt import Agent, flash, running_version, windows_of
 from test_fleet_rollout import stored_devices
 
+from bundle_variants import variant
 from devices.emulate import EmulatedFleet, replay_data
 from devices.flash import BundleImage, FleetLink, RolloutRunner, new_rollout
 from edge_runtime.mqtt import parse_broker_url
+from helpers import eventually
+from mqtt_collector import Collector
 
 FLEET = "lab"
 
