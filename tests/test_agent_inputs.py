@@ -176,3 +176,34 @@ def test_a_video_source_that_cannot_be_opened_is_a_clear_input_error(digits_cnn_
         samples_from(f"video:{tmp_path / 'junk.avi'}", model)
     with pytest.raises(InvalidInputError, match="takes no images"):
         samples_from(f"video:{tmp_path / 'junk.avi'}", edge_runtime.load(bc_mlp_bundle))
+
+
+def test_edgeops_run_answers_a_gateway_on_stdout(session_mosquitto, bc_mlp_bundle, reference_data, tmp_path):
+    X = reference_data["breast_cancer"].X_test[:5].astype(np.float32)
+    proc = subprocess.Popen([sys.executable, "-m", "edgeops", "run", str(bc_mlp_bundle), "--device-id", "mq-cli",
+                             "--fleet", "ins", "--broker", session_mosquitto.url, "--input", "mqtt:sensors/cli",
+                             "--no-flash", "--confirm", "broker", "--state-dir", str(tmp_path / "state"),
+                             "--output", "stdout", "--max-inferences", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gateway = Gateway(session_mosquitto.port)
+    sent = []
+
+    def keep_publishing():     # the gateway does not know when the device has subscribed: it keeps sending
+        if proc.poll() is None:
+            sent.append(len(sent))
+            gateway.publish("sensors/cli", {"id": f"g{len(sent) - 1}", "x": X[(len(sent) - 1) % 5].tolist()})
+        return proc.poll() is not None
+
+    try:
+        assert eventually(keep_publishing, 60, interval=0.1)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        gateway.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 5 and all(p["id"].startswith("g") for p in lines)
+    model = edge_runtime.load(bc_mlp_bundle)
+    for p in lines:
+        assert p["label"] == model.predict_labels(X[int(p["id"][1:]) % 5])

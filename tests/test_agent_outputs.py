@@ -200,3 +200,17 @@ def test_a_callback_that_raises_is_counted_and_inference_goes_on(session_mosquit
     run_agent(agent, reference_data["breast_cancer"].X_test[:50].astype(np.float32))
     assert agent.inferences == 50
     assert agent.output_counts["flaky"] == {"delivered": 45, "dropped": 0, "failed": 5}
+
+
+def test_the_mqtt_output_keeps_to_its_rate_limit(session_mosquitto, bc_mlp_bundle, reference_data, tmp_path):
+    col = Collector(session_mosquitto.port, topic="edgeops/outs/out-rate/predictions", client_id="rate-watch")
+    try:
+        agent = make_agent(session_mosquitto, bc_mlp_bundle, tmp_path, device="out-rate",
+                           outputs=["mqtt?qos=1&batch=5&seconds=0&rate=20"])
+        run_agent(agent, reference_data["breast_cancer"].X_test[:40].astype(np.float32))
+        assert col.wait_for(lambda: sum(len(m["predictions"]) for _, m in col.messages) >= 40, 20)
+    finally:
+        col.close()
+    stamps = [m["ts"] for _, m in col.messages]
+    assert len(stamps) == 8                                   # 40 predictions in batches of 5
+    assert all(b - a >= 0.045 for a, b in zip(stamps, stamps[1:], strict=False))   # 20 a second at most
