@@ -331,3 +331,54 @@ def test_an_agent_given_two_broker_nodes_fails_over_when_one_dies(tmp_path, bc_m
             m.stop()
         a.stop()
         b.stop()
+
+
+def test_a_nats_cluster_node_and_a_monitor_die_and_no_window_is_lost(tmp_path, bc_mlp_bundle, inputs, pg_url):
+    """Three NATS nodes (JetStream, MQTT 3.1.1 on each), agents spread over them, two monitors on
+    PostgreSQL: the node two agents use is killed, and so is one monitor; every window is stored once."""
+    from nats_cluster import NatsCluster, find_nats
+    from sqlalchemy import create_engine, text
+
+    if find_nats() is None:
+        pytest.skip("nats-server is not installed")
+    cluster = NatsCluster(tmp_path / "nats").start()
+    monitors = [subprocess.Popen([sys.executable, "-m", "edgeops", "monitor", "--broker", cluster.url(*order),
+                                  "--db", pg_url, "--fleet", "chaos", "--client-id", f"monitor-{k}"],
+                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"monitor-{k}.log", "ab"))
+                for k, order in enumerate(((1, 2), (2, 1)))]
+    engine = create_engine(pg_url)
+
+    def seqs(device):
+        try:
+            with engine.connect() as conn:
+                return [r[0] for r in conn.execute(text(
+                    "select seq from edgeops_windows where device_id = :d order by seq"), {"d": device})]
+        except Exception:  # noqa: BLE001 - tables not created yet
+            return []
+
+    states = [tmp_path / f"dev-n{i}" for i in range(3)]
+    # each agent starts on another node and fails over to the others in turn
+    agents = [agent(bc_mlp_bundle, cluster.url(i, (i + 1) % 3, (i + 2) % 3), inputs, s, s.name, "--rate", 200,
+                    "--duration", 25) for i, s in enumerate(states)]
+    try:
+        assert eventually(lambda: all(len(seqs(s.name)) >= 20 for s in states), 90), cluster.log_tail()
+        cluster.kill_node(0)            # dev-n0's node
+        monitors[0].send_signal(signal.SIGKILL)
+        monitors[0].wait()
+        for a in agents:
+            assert a.wait(timeout=150) == 0
+        for s in states:
+            n = handed_out(s)
+            got = eventually(lambda s=s, n=n: seqs(s.name) == list(range(n)), 90)
+            stored = seqs(s.name)
+            report(device=s.name, sent=n, stored=len(set(stored)), lost=n - len(set(stored) & set(range(n))),
+                   duplicated=len(stored) - len(set(stored)))
+            assert got, f"{s.name}: {n - len(set(stored))} of {n} lost"
+    finally:
+        for a in agents:
+            a.kill()
+        for m in monitors:
+            m.kill()
+            m.wait()
+        engine.dispose()
+        cluster.stop()
