@@ -209,13 +209,28 @@ def debian_mirror() -> str:
     env = os.environ.get("EDGEOPS_DEBIAN_MIRROR")
     if env:
         return env
-    candidates: list[tuple[list[str], list[str], list[str]]] = []  # (types, uris, suites)
     apt = Path("/etc/apt")
-    for path in sorted(apt.glob("sources.list.d/*.sources")):
-        try:
-            text = path.read_text(errors="replace")
-        except OSError:
-            continue
+    candidates = [*_deb822_sources(sorted(apt.glob("sources.list.d/*.sources"))),
+                  *_one_line_sources([apt / "sources.list", *sorted(apt.glob("sources.list.d/*.list"))])]
+    for types, uris, suites in candidates:
+        if "deb" in types and SUITE in suites:
+            for uri in uris:
+                if "security" not in uri:
+                    return uri.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def _read_apt_file(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _deb822_sources(paths: list[Path]) -> list[tuple[list[str], list[str], list[str]]]:
+    """(types, uris, suites) of each stanza of apt's deb822 ``.sources`` files."""
+    found = []
+    for text in filter(None, map(_read_apt_file, paths)):
         for stanza in text.split("\n\n"):
             fields: dict[str, str] = {}
             for line in stanza.splitlines():
@@ -223,26 +238,23 @@ def debian_mirror() -> str:
                     continue
                 key, _, value = line.partition(":")
                 fields[key.strip().lower()] = value.strip()
-            candidates.append((fields.get("types", "").split(), fields.get("uris", "").split(),
-                               fields.get("suites", "").split()))
-    for path in [apt / "sources.list", *sorted(apt.glob("sources.list.d/*.list"))]:
-        try:
-            lines = path.read_text(errors="replace").splitlines()
-        except OSError:
-            continue
-        for line in lines:
+            found.append((fields.get("types", "").split(), fields.get("uris", "").split(),
+                          fields.get("suites", "").split()))
+    return found
+
+
+def _one_line_sources(paths: list[Path]) -> list[tuple[list[str], list[str], list[str]]]:
+    """(types, uris, suites) of each ``deb URI SUITE COMPONENTS`` line of apt's ``.list`` files."""
+    found = []
+    for text in filter(None, map(_read_apt_file, paths)):
+        for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
             if "[" in line and "]" in line:  # deb [arch=... signed-by=...] URI SUITE COMPONENTS
                 line = line[:line.index("[")] + line[line.index("]") + 1:]
             words = line.split()
             if len(words) >= 3 and words[0] == "deb":
-                candidates.append((["deb"], [words[1]], [words[2]]))
-    for types, uris, suites in candidates:
-        if "deb" in types and SUITE in suites:
-            for uri in uris:
-                if "security" not in uri:
-                    return uri.rstrip("/")
-    return DEFAULT_MIRROR
+                found.append((["deb"], [words[1]], [words[2]]))
+    return found
 
 
 def _evaluate_marker(requirement: str) -> str | None:
@@ -385,7 +397,8 @@ def _ensure_wheels(root: Path, requirements: Sequence[str], force: bool, log) ->
     tmp = Path(tempfile.mkdtemp(prefix="wheels.tmp-", dir=root))
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
            "--no-warn-script-location", "--target", str(tmp), "--only-binary=:all:",
-           "--implementation", "cp", "--python-version", PYTHON_VERSION, "--abi", "cp" + PYTHON_VERSION.replace(".", "")]
+           "--implementation", "cp", "--python-version", PYTHON_VERSION,
+           "--abi", "cp" + PYTHON_VERSION.replace(".", "")]
     for tag in PLATFORM_TAGS:
         cmd += ["--platform", tag]
     cmd += list(requirements)
