@@ -32,12 +32,12 @@ def stream(tmp_path, reference_data):
 
 
 class Agent:
-    """An `edgeops run` process with flashing on."""
+    """An `edgeops run` process with flashing on (no monitor here: the broker's ack empties its spool)."""
 
     def __init__(self, bundle, device, broker, state, stream, *extra, env=None):
         self.cmd = [sys.executable, "-m", "edgeops", "run", str(bundle), "--device-id", device, "--fleet", FLEET,
                     "--broker", broker.url, "--input", str(stream), "--loop", "--rate", "400", "--window-size", "40",
-                    "--state-dir", str(state), "--duration", "120", *extra]
+                    "--state-dir", str(state), "--duration", "120", "--confirm", "broker", *extra]
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
 

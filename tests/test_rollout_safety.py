@@ -39,7 +39,7 @@ def test_a_digits_bundle_is_refused_by_a_device_fed_breast_cancer_features(mosqu
                                                                            digits_cnn_bundle, stream, tmp_path):
     v1 = variant(bc_mlp_bundle, tmp_path / "v1", "1.0.0")
     col = Collector(mosquitto.port, client_id="fit-watch")
-    agent = Agent(v1, "pi-1", mosquitto, tmp_path / "pi-1", stream, "--allow-unsigned", "--confirm", "broker")
+    agent = Agent(v1, "pi-1", mosquitto, tmp_path / "pi-1", stream, "--allow-unsigned")
     try:
         assert col.wait_for(lambda: windows_of(col, "pi-1", "1.0.0") >= 1, 30)
         # the operator's side reads what the device runs from its status and refuses before sending
@@ -105,7 +105,7 @@ def test_a_forced_bundle_that_rejects_every_input_rolls_back_by_itself(mosquitto
                                                                        stream, tmp_path):
     v1 = variant(bc_mlp_bundle, tmp_path / "v1", "1.0.0")
     col = Collector(mosquitto.port, client_id="rejected-watch")
-    agent = Agent(v1, "pi-2", mosquitto, tmp_path / "pi-2", stream, "--allow-unsigned", "--confirm", "broker",
+    agent = Agent(v1, "pi-2", mosquitto, tmp_path / "pi-2", stream, "--allow-unsigned",
                   "--rollback-windows", "3")
     try:
         assert col.wait_for(lambda: windows_of(col, "pi-2", "1.0.0") >= 2, 30)
