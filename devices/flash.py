@@ -514,9 +514,9 @@ class RolloutRunner:
         anywhere in what the rollout flashed so far."""
         r = self.r
         need, samples = r.clean_windows, r.canary_samples
-        what = [f"{need} clean windows"] if need > 0 else []
-        what += [f"{samples} inferences stored by the monitor"] if samples > 0 else []
-        self._say(f"{label}: waiting for {' and '.join(what) or 'its probation'} of {r.version} from each device")
+        what = [f"{need} clean windows of {r.version}"] if need > 0 else []
+        what += [f"{samples} of its inferences stored by the monitor"] if samples > 0 else []
+        self._say(f"{label}: waiting for {' and '.join(what) or f'the probation of {r.version}'} from each device")
         since = time.time()
         deadline = time.monotonic() + self.window_timeout
         cleared_at = None
