@@ -182,6 +182,8 @@ class DeviceAgent:
             self.sinks.append(CallbackSink(on_prediction, max_queue=10_000))
         self._input_index = 0
         self._out_meta: dict[int, tuple] = {}
+        self._source = None
+        self._losses_reported = (0, 0, 0)   # output drops, output failures, live-input drops in earlier windows
 
     # -- status --------------------------------------------------------------------------------
 
@@ -365,6 +367,7 @@ class DeviceAgent:
     def _spool_closed_windows(self, windows: list[dict], primary: bool = True) -> None:
         for w in windows:
             if primary:
+                self._report_losses(w)
                 self._check_scale(w)
                 p95 = LatencyHistogram.from_dict(w["latency_ms"]).quantile(0.95) if w["count"] else None
                 if p95 is not None:
@@ -379,6 +382,16 @@ class DeviceAgent:
                 self._agree = {"compared": 0, "agreed": 0, "max_abs_diff": 0.0}
             seq = self.spool.append(wire.telemetry_message(self.fleet, self.device_id, w))
             log.debug("window %d spooled (%d inferences)", seq, w["count"])
+
+    def _report_losses(self, w: dict) -> None:
+        """Predictions the outputs dropped or failed and inputs a live source dropped, since the last window."""
+        now = (sum(s.counts.dropped for s in self.sinks), sum(s.counts.failed for s in self.sinks),
+               getattr(self._source, "dropped", 0))
+        last, self._losses_reported = self._losses_reported, now
+        if self.sinks:
+            w["outputs"] = {"dropped": now[0] - last[0], "failed": now[1] - last[1]}
+        if hasattr(self._source, "dropped"):
+            w["inputs_dropped"] = now[2] - last[2]
 
     def _check_scale(self, w: dict) -> None:
         """Warn once per bundle when the inputs look like another scale than the calibration data (raw
@@ -479,6 +492,7 @@ class DeviceAgent:
     def run(self, samples: Iterable, rate: float | None = None, max_inferences: int | None = None,
             duration: float | None = None) -> None:
         """Predict on every sample (at ``rate`` per second when given) until the stream ends."""
+        self._source = samples    # a live source counts the inputs it dropped; windows report them
         t_start = time.monotonic()
         next_due = t_start
         last_poll = t_start

@@ -373,6 +373,11 @@ def check_telemetry(doc: dict, now: float | None = None, max_skew: float = MAX_C
     out["predictions"] = _predictions(doc["predictions"], count)
     if "agreement" in doc:
         out["agreement"] = _agreement(doc["agreement"])
+    if "outputs" in doc:
+        o = _object(doc["outputs"], "outputs")
+        out["outputs"] = {k: _count(o.get(k, 0), f"outputs.{k}") for k in ("dropped", "failed")}
+    if "inputs_dropped" in doc:
+        out["inputs_dropped"] = _count(doc["inputs_dropped"], "inputs_dropped")
     return out
 
 

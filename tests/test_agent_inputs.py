@@ -15,7 +15,9 @@ import edge_runtime
 from edge_runtime.agent import DeviceAgent, samples_from
 from edge_runtime.inputs import MqttInput
 from edge_runtime.mqtt import parse_broker_url
+from edge_runtime.wire import parse
 from helpers import eventually
+from mqtt_collector import Collector
 
 
 def make_agent(broker, model, tmp_path, device, **kw) -> DeviceAgent:
@@ -85,6 +87,7 @@ def test_a_flood_faster_than_the_model_drops_the_oldest_readings_and_counts_them
     model.added_latency_s = 0.005          # a slow device: 200 inferences a second at most
     got = []
     agent = make_agent(session_mosquitto, model, tmp_path, "mq-flood", on_prediction=got.append)
+    col = Collector(session_mosquitto.port, topic="edgeops/ins/mq-flood/telemetry", client_id="flood-watch")
     source = MqttInput(parse_broker_url(session_mosquitto.url), "sensors/flood", "mq-flood-input", max_queue=10).start()
     gateway = Gateway(session_mosquitto.port)
     try:
@@ -94,12 +97,17 @@ def test_a_flood_faster_than_the_model_drops_the_oldest_readings_and_counts_them
         for info in infos:
             info.wait_for_publish(5)
         assert eventually(lambda: source.received == 400, 20)
+        source.close()
+        runner.join(10)
+        agent.stop()
+        assert col.wait_for(lambda: sum(w["count"] for w in col.telemetry()) == agent.inferences, 20)
     finally:
         source.close()
         gateway.close()
-    runner.join(10)
-    agent.stop()
+        col.close()
     assert source.dropped > 0
+    windows = [parse("edgeops/ins/mq-flood/telemetry", json.dumps(w).encode()).doc for w in col.telemetry()]
+    assert sum(w["inputs_dropped"] for w in windows) == source.dropped          # the monitor sees the drops
     assert len(got) + source.dropped == 400 == agent.inferences + source.dropped
     ids = [p.id for p in got]
     assert ids == sorted(ids) and ids[-1] == 399                # the newest readings are the ones kept

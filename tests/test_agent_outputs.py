@@ -18,6 +18,7 @@ from edge_runtime import wire
 from edge_runtime.agent import DeviceAgent
 from edge_runtime.mqtt import parse_broker_url
 from edge_runtime.outputs import HttpSink
+from edge_runtime.wire import parse
 from helpers import eventually
 from mqtt_collector import Collector
 
@@ -146,19 +147,25 @@ def test_a_webhook_that_never_answers_does_not_hold_inference_back(session_mosqu
     X = np.tile(reference_data["breast_cancer"].X_test.astype(np.float32), (5, 1))[:500]
     sink = HttpSink(f"http://127.0.0.1:{black_hole.getsockname()[1]}/hook", lambda records: b"[]", timeout=3.0,
                     retries=0, max_queue=20, batch_size=10)
-    agent = make_agent(session_mosquitto, bc_mlp_bundle, tmp_path, outputs=[sink])
+    agent = make_agent(session_mosquitto, bc_mlp_bundle, tmp_path, device="out-hole", outputs=[sink])
+    col = Collector(session_mosquitto.port, topic="edgeops/outs/out-hole/telemetry", client_id="hole-watch")
     try:
         agent.start()
         t0 = time.monotonic()
         agent.run(X)
         took = time.monotonic() - t0
-    finally:
         agent.stop()
+        assert col.wait_for(lambda: sum(w["count"] for w in col.telemetry()) == 500, 20)
+    finally:
+        col.close()
         black_hole.close()
     assert agent.inferences == 500
     assert took < 3.0        # inference never waited for the hung request (one takes 3 s to time out)
     c = sink.counts
     assert c.delivered == 0 and c.dropped >= 500 - 20 - 10 and c.dropped + c.failed == 500
+    windows = [parse("edgeops/outs/out-hole/telemetry", json.dumps(w).encode()).doc for w in col.telemetry()]
+    # the monitor sees the losses (those at stop, after the last window closed, only the agent's log line tells)
+    assert 500 - 20 - 10 <= sum(w["outputs"]["dropped"] + w["outputs"]["failed"] for w in windows) <= 500
 
 
 @pytest.mark.parametrize("variants", ["primary", "all"])
