@@ -250,9 +250,10 @@ class VideoInput(LiveQueue):
         source: ``video:PATH``, ``camera:INDEX`` or an ``rtsp://`` URL.
         image: the manifest's ``input_schema.image`` (height, width, channels, scale, mean, std).
         max_queue: frames waiting at most (a live source drops the oldest beyond it).
+        live: drop frames when the model is behind (default: for cameras and streams, not for files).
     """
 
-    def __init__(self, source: str, image: dict | None, max_queue: int = 2):
+    def __init__(self, source: str, image: dict | None, max_queue: int = 2, live: bool | None = None):
         try:
             import cv2
         except ImportError:
@@ -261,7 +262,8 @@ class VideoInput(LiveQueue):
         if not image:
             raise InvalidInputError(f"input {source}: the model takes no images (its manifest has no image schema)")
         super().__init__(source, max_queue)
-        self.image, self.live = image, not source.startswith("video:")
+        self.image = image
+        self.live = not source.startswith("video:") if live is None else live
         kind, _, target = source.partition(":")
         if kind == "video" and not Path(target).is_file():
             raise InvalidInputError(f"input {source}: no such file")

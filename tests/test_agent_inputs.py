@@ -215,3 +215,25 @@ def test_edgeops_run_answers_a_gateway_on_stdout(session_mosquitto, bc_mlp_bundl
     model = edge_runtime.load(bc_mlp_bundle)
     for p in lines:
         assert p["label"] == model.predict_labels(X[int(p["id"][1:]) % 5])
+
+
+def test_a_live_camera_faster_than_the_model_drops_old_frames_and_counts_them(session_mosquitto, digits_cnn_bundle,
+                                                                               reference_data, tmp_path):
+    from edge_runtime.inputs import VideoInput
+
+    video = tmp_path / "feed.avi"
+    write_digits_video(video, np.tile(reference_data["digits"].X_test[:10], (6, 1)))    # 60 frames
+    model = edge_runtime.load(digits_cnn_bundle)
+    model.added_latency_s = 0.02                  # 50 frames a second at most, slower than the decoder
+    got = []
+    agent = make_agent(session_mosquitto, model, tmp_path, "cam-live", on_prediction=got.append)
+    # the file played as a camera would stream it: the decoder does not wait for the model
+    source = VideoInput(f"video:{video}", model.manifest["input_schema"]["image"], max_queue=2, live=True).start()
+    agent.start()
+    try:
+        agent.run(source)
+    finally:
+        agent.stop()
+    assert source.dropped > 0 and len(got) + source.dropped == 60
+    ids = [p.id for p in got]
+    assert ids == sorted(ids) and ids[-1] == 59           # the newest frames are the ones classified
