@@ -557,7 +557,16 @@ class RolloutRunner:
         r.phase = "stopped"
         self._say(f"rollout stopped: {r.reason}; rolling back the devices it flashed")
         for d, st in r.devices.items():
-            if st["state"] in ("flashed", "sent"):
+            if st["state"] not in ("flashed", "sent"):
+                continue
+            with fl._cond:
+                itself = [x for x in fl.later_results(d, (st.get("ts") or 0) - 5)
+                          if x.get("type") == "auto_rollback" and x.get("ok")]
+            if itself:
+                # already back on the bundle it ran before: a rollback now would return it to the new one
+                st["state"], st["message"] = "rolled_back", f"by itself: {itself[-1].get('message')}"
+                self._say(f"{d}: rolled back by itself earlier; not sent a rollback")
+            else:
                 res = fl.final_result(fl.start_rollback(d), self.flash_timeout)
                 st["state"] = "rolled_back" if res and res.get("ok") else "rollback_failed"
                 st["message"] = (res or {}).get("message", "no answer to the rollback")

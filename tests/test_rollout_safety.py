@@ -218,3 +218,29 @@ def test_an_alert_on_the_first_wave_while_the_second_runs_rolls_back_both_waves(
         assert rig.col.wait_for(lambda: rig.versions() == {d: "1.0.0" for d in rig.fleet.devices}, 20), rig.versions()
     finally:
         rig.close()
+
+
+@pytest.mark.slow
+def test_a_canary_that_rolled_back_by_itself_stays_on_the_old_bundle_when_the_rollout_stops(
+        mosquitto, bc_mlp_bundle, digits_cnn_bundle, tmp_path):
+    v1 = variant(bc_mlp_bundle, tmp_path / "v1", "1.0.0")
+    fleet = EmulatedFleet(v1, mosquitto.url, 2, replay_data(v1, "breast_cancer", None), tmp_path / "fleet",
+                          fleet=FLEET, per_process=2, rate=100, window_size=50, allow_unsigned=True,
+                          confirm="broker").start()                    # no monitor here
+    col = Collector(mosquitto.port, client_id="self-rollback-watch")
+    try:
+        assert fleet.wait_started(90), fleet.events
+        # forced past both fit checks: the canary refuses every input and rolls back by itself
+        rollout = new_rollout(digits_cnn_bundle, FLEET, fleet.devices, 0.5, 1, 3, canary_samples=0,
+                              force_schema=True)
+        r = RolloutRunner(parse_broker_url(mosquitto.url), rollout, tmp_path / "rollout.json",
+                          window_timeout=60).run()
+        assert r.phase == "stopped" and "dev-000 rolled back by itself: rejected inputs" in r.reason, r.log
+        assert r.devices["dev-000"]["state"] == "rolled_back" and r.devices["dev-001"]["state"] == "pending"
+        # the rollout's own rollback must not send it back to the bundle it just left
+        n = len(col.telemetry("dev-000"))
+        assert col.wait_for(lambda: len(col.telemetry("dev-000")) >= n + 4, 20)
+        assert {w["model"]["name"] for w in col.telemetry("dev-000")[n + 2:]} == {"breast-cancer-mlp"}
+    finally:
+        fleet.stop()
+        col.close()
