@@ -208,7 +208,7 @@ class MqttInput(LiveQueue):
         self.subscribed = threading.Event()
         self._n = 0
         self.client = make_client(address, client_id, session_expiry=0)
-        self.client.on_connect = lambda c, u, f, rc, p: None if rc.is_failure else c.subscribe(topic, qos=qos)
+        self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
         self.client.on_message = self._on_message
         self._connect_args = connect_args(address, session_expiry=0)
@@ -218,6 +218,12 @@ class MqttInput(LiveQueue):
         self.client.connect_async(**self._connect_args)
         self.client.loop_start()
         return self
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("input mqtt:%s: the broker refused the connection (%s); retrying", self.topic, reason_code)
+        else:
+            client.subscribe(self.topic, qos=self.qos)
 
     def _on_message(self, client, userdata, message) -> None:
         self._n += 1
