@@ -103,11 +103,15 @@ def _image(scale: float | None, rng: str | None, mean: str | None, std: str | No
 @click.option("--image-std", help="Image models: per-channel std divided by after the mean, comma-separated.")
 @click.option("--trust-pickle", is_flag=True, help="Allow .joblib/.pkl sources (loading a pickle runs its code).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--register", "register", is_flag=False, flag_value="", default=None, metavar="[NAME]",
+              help="Log the bundle to MLflow (MLFLOW_TRACKING_URI) and register it as a new version of NAME-edge "
+                   "(default NAME: the bundle's name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert_cmd(source, out_dir, name, version, formats, quantize, calibration, holdout, sign_key,
                 max_accuracy_drop, task, feature_names, labels_file, normalization_file, keep_normalization, image_scale,
-                image_range, image_mean, image_std, trust_pickle, force, as_json):
-    """Convert SOURCE (.keras, SavedModel dir, .skops, .joblib/.pkl, .onnx, .tflite) into a checked bundle."""
+                image_range, image_mean, image_std, trust_pickle, force, register, as_json):
+    """Convert SOURCE (.keras, SavedModel dir, .skops, .joblib/.pkl, .onnx, .tflite, or an MLflow model URI
+    models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) into a checked bundle."""
     from convert.api import FORMATS, QUANTIZATIONS
 
     fmt_list = _split(formats, FORMATS, "--format")
@@ -133,14 +137,24 @@ def convert_cmd(source, out_dir, name, version, formats, quantize, calibration, 
     finally:
         if status is not None:
             status.stop()
-    _print_result(result, sign_key, as_json)
+    registered = _register(result.path, register) if register is not None else None
+    _print_result(result, sign_key, as_json, registered)
+
+
+def _register(bundle_dir, name: str):
+    from convert.mlflow_io import register_bundle
+
+    return register_bundle(bundle_dir, name or None)
 
 
 def _convert(source, out_dir, name, version, fmt_list, q_list, calibration, holdout, sign_key, max_accuracy_drop,
              trust_pickle, force, feature_names, labels_file, task, image, normalization_file, keep_normalization,
              progress):
     from convert.api import to_bundle
+    from convert.mlflow_io import default_name, is_mlflow_uri
 
+    if name is None and is_mlflow_uri(source):
+        name = default_name(source)
     return to_bundle(
         source, out_dir, name=name, version=version, formats=fmt_list, quantize=q_list,
         calibration=calibration, holdout=holdout, sign_key=sign_key, max_accuracy_drop=max_accuracy_drop,
@@ -152,12 +166,15 @@ def _convert(source, out_dir, name, version, fmt_list, q_list, calibration, hold
     )
 
 
-def _print_result(result, sign_key, as_json: bool) -> None:
+def _print_result(result, sign_key, as_json: bool, registered=None) -> None:
     m = result.manifest
     if as_json:
         click.echo(json.dumps({
             "bundle": str(result.path), "name": m["name"], "version": m["version"], "notes": result.notes,
             "signed": sign_key is not None,
+            "registered": None if registered is None else {
+                "name": registered.name, "version": registered.version, "run_id": registered.run_id,
+                "model_uri": registered.model_uri},
             "artifacts": [{k: a[k] for k in ("file", "format", "quantization", "size_bytes", "size_ratio", "parity")}
                           for a in m["artifacts"]],
         }, indent=2))
@@ -177,6 +194,8 @@ def _print_result(result, sign_key, as_json: bool) -> None:
                    f"{fmt(p.get('max_abs_prob_diff') if p.get('max_abs_prob_diff') is not None else p.get('mae'), '.2e'):>10}")
     for note in result.notes:
         click.echo(f"note: {note}")
+    if registered is not None:
+        click.echo(f"registered in MLflow as {registered.model_uri} (run {registered.run_id})")
 
 
 @click.group("keys")

@@ -251,7 +251,14 @@ def from_model_file(path: Path, fmt: str, task: str | None = None) -> SourceMode
 
 def load_source(source: Any, trust_pickle: bool = False, task: str | None = None,
                 hoist_normalization: bool = False) -> SourceModel:
-    """Load SOURCE: a model object, or a path to a .keras/.h5, SavedModel dir, .joblib/.pkl, .skops, .onnx or .tflite."""
+    """Load SOURCE: a model object, a path to a .keras/.h5, SavedModel dir, .joblib/.pkl, .skops, .onnx or .tflite,
+    or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) of the keras or sklearn flavor."""
+    from convert.mlflow_io import is_mlflow_uri
+
+    if is_mlflow_uri(source):
+        from convert.mlflow_io import load_mlflow_source
+
+        return load_mlflow_source(source, trust_pickle=trust_pickle, task=task, hoist_normalization=hoist_normalization)
     if not isinstance(source, (str, os.PathLike)):
         module = type(source).__module__
         if module.startswith("keras") or hasattr(source, "layers") and hasattr(source, "inputs"):

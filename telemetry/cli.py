@@ -23,9 +23,12 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
         if not d.is_dir():
             raise InvalidInputError(f"--bundles {d}: not a folder")
         found += sorted(p for p in d.iterdir() if (p / "manifest.json").is_file() or p.name.endswith(".tar.gz"))
+    from convert.mlflow_io import resolved_bundle
+
     manifests = []
     for p in found:
-        b = open_bundle(p)
+        with resolved_bundle(p) as local:   # a path, or an MLflow URI such as models:/NAME-edge/3
+            b = open_bundle(local)
         b.cleanup()          # only the manifest is kept: a .tar.gz's temporary folder goes at once
         manifests.append(b.manifest)
     return manifests
