@@ -63,7 +63,7 @@ def _result_exit(res: dict) -> int:
                    "next wave (the monitor's --min-samples: fewer cannot show drift); 0: do not wait for the monitor.")
 @click.option("--evaluation-wait", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds after --canary-samples are stored before a wave is judged clear (the monitor evaluates "
-                   "every --eval-interval).")
+                   "once a second).")
 @click.option("--force-schema", is_flag=True,
               help="Flash even when the bundle's inputs (kind, shape, dtype, feature names) do not fit what the "
                    "device runs; the device is told to take it too.")

@@ -390,7 +390,7 @@ class RolloutRunner:
                  progress: Callable[[str], None] | None = None, evaluation_wait: float = 5.0):
         self.address, self.r, self.path, self.prefix = address, rollout, state_path, prefix
         self.flash_timeout, self.window_timeout = flash_timeout, window_timeout
-        # the monitor evaluates stored windows every second (`edgeops monitor --eval-interval`): once
+        # the monitor evaluates the devices with new windows once a second (FleetMonitor's eval_interval): once
         # enough are stored, a group is judged clear only after this many more seconds without an alert
         self.evaluation_wait = evaluation_wait
         self.public_key = public_key
