@@ -334,6 +334,7 @@ def to_bundle(
                 "model_type": src.model_type,
                 "file": src.file.name if src.file else None,
                 "sha256": _sha_of_source(src),
+                **src.extra.get("source", {}),
             },
             "input_schema": input_schema(src, names, image, normalization),
             "labels": labels,

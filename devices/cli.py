@@ -109,6 +109,9 @@ def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, can
         sys.exit(_result_exit(res))
     if not bundle:
         raise click.UsageError("give a BUNDLE (or --rollback / --resume)")
+    from convert.mlflow_io import resolved_bundle  # BUNDLE may be models:/NAME-edge/...: downloaded until exit
+
+    bundle = str(click.get_current_context().with_resource(resolved_bundle(bundle)))
     if max_latency_ms is not None:
         _check_budget(bundle, profile_id, max_latency_ms)
     if device:
