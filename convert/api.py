@@ -16,7 +16,7 @@ import numpy as np
 from convert import onnx_export, tflite
 from convert.data import load_array, load_labeled
 from convert.inputs import columns_of, input_schema, normalizer
-from convert.profile import reference_profile
+from convert.profile import confidence_profile, reference_profile
 from convert.sources import SourceModel, load_source
 from convert.verify import ArtifactRunner, parity
 from edge_runtime.bundle import write_manifest
@@ -321,6 +321,12 @@ def to_bundle(
             labels=labels,
             regression_outputs=ref_out.ravel() if src.task == "regression" else None,
         )
+        if src.task == "classification":
+            # confidence drift compares a window's top-class probabilities with those on held-out data
+            # (on training data they would be inflated)
+            confidence = confidence_profile(source_out)
+            if confidence is not None:
+                profile["confidence"] = confidence
         manifest = {
             "schema_version": 1,
             "name": _bundle_name(name, src),

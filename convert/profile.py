@@ -108,3 +108,18 @@ def reference_profile(
         out = feature_profile("prediction", np.asarray(regression_outputs).ravel(), bins)
         profile["output_stats"] = out
     return profile
+
+
+def confidence_profile(outputs: np.ndarray) -> dict | None:
+    """The reference histogram of a classifier's top-class probability on holdout data (None when its
+    outputs are not probabilities); windows carry the same on the same fixed edges.
+
+    >>> confidence_profile(np.array([[0.97, 0.03], [0.6, 0.4], [0.2, 0.8]]))["hist"]
+    [0, 0, 0, 0, 0, 1, 0, 1, 0, 1, 0]
+    """
+    from edge_runtime.window import CONFIDENCE_EDGES, confidence_histogram
+
+    hist = confidence_histogram(outputs)
+    if hist is None:
+        return None
+    return {"bin_edges": list(CONFIDENCE_EDGES), "hist": hist, "n_samples": int(sum(hist))}

@@ -21,6 +21,40 @@ import numpy as np
 from edge_runtime.stats import FeatureStats, LatencyHistogram
 
 BUFFER_ROWS = 512
+# Bin edges of a classifier's top-class probability (its confidence), fixed so that every window and
+# the reference profile of every bundle share them. A shift the input statistics miss (a rotated
+# camera, one class's rows swapped for another's) shows as a drop in confidence (black-box shift
+# detection; Rabanser, Guennemann and Lipton, "Failing Loudly", NeurIPS 2019).
+CONFIDENCE_EDGES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def top_probability(outputs: np.ndarray) -> np.ndarray | None:
+    """Per row, the probability of the predicted class; None when the outputs are not probabilities.
+
+    >>> top_probability(np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]])).tolist()
+    [0.7, 0.5]
+    >>> top_probability(np.array([[0.9], [0.2]])).round(3).tolist()    # one sigmoid output
+    [0.9, 0.8]
+    >>> top_probability(np.array([[3.2, -1.0]])) is None               # logits
+    True
+    """
+    out = np.asarray(outputs, dtype=np.float64)
+    if out.ndim != 2 or out.size == 0 or out.min() < 0.0 or out.max() > 1.0:
+        return None
+    if out.shape[1] == 1:
+        return np.maximum(out[:, 0], 1.0 - out[:, 0])
+    if np.abs(out.sum(axis=1) - 1.0).max() > 0.02:
+        return None
+    return out.max(axis=1)
+
+
+def confidence_histogram(outputs: np.ndarray) -> list[int] | None:
+    """Counts of the top-class probabilities on :data:`CONFIDENCE_EDGES` (None for non-probabilities)."""
+    top = top_probability(outputs)
+    if top is None:
+        return None
+    return np.bincount(np.searchsorted(CONFIDENCE_EDGES, top, side="right"),
+                       minlength=len(CONFIDENCE_EDGES) + 1).tolist()
 # Per-channel drift needs a few pixels from many images, not every pixel of one: 64 keeps
 # the cost of an image window to microseconds however large the image is.
 MAX_PIXELS_PER_SAMPLE = 64
@@ -42,7 +76,7 @@ class WindowRecorder:
             counted per feature in ``features.out_of_range`` (inputs on another scale show there).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the recorder's configuration, from the manifest
         self,
         model_info: dict,
         bin_edges: list[list[float]],
@@ -85,6 +119,8 @@ class WindowRecorder:
         self.features = FeatureStats(self.bin_edges)
         self._rows = 0
         self._classes = np.zeros(self.n_classes or 0, dtype=np.int64)
+        self._confidence = np.zeros(len(CONFIDENCE_EDGES) + 1, dtype=np.int64)
+        self._confidence_ok = True
         self._outputs = FeatureStats([self.output_edges or []]) if self.n_classes is None else None
 
     # -- hot path ------------------------------------------------------------------------------
@@ -114,10 +150,23 @@ class WindowRecorder:
                     self._classes[idx[0]] += 1
                 else:
                     self._classes += np.bincount(idx, minlength=self.n_classes)[: self.n_classes]
+                if self._confidence_ok:
+                    self._add_confidence(outputs)
             elif self._outputs is not None:
                 self._outputs.update(outputs[:, :1])
             if self.window_size is not None and self.count >= self.window_size:
                 self._close(self.clock())
+
+    def _add_confidence(self, outputs: np.ndarray) -> None:
+        top = top_probability(outputs)
+        if top is None:             # logits or scores: no confidence histogram in this window
+            self._confidence_ok = False
+            return
+        if top.shape[0] == 1:
+            self._confidence[int(np.searchsorted(CONFIDENCE_EDGES, top[0], side="right"))] += 1
+        else:
+            self._confidence += np.bincount(np.searchsorted(CONFIDENCE_EDGES, top, side="right"),
+                                            minlength=len(self._confidence))
 
     def _rows_of(self, batch: np.ndarray) -> np.ndarray | None:
         if self._n_features == 0:
@@ -176,7 +225,10 @@ class WindowRecorder:
 
     def _predictions(self) -> dict:
         if self.n_classes:
-            return {"counts": self._classes.tolist()}
+            out = {"counts": self._classes.tolist()}
+            if self._confidence_ok and self._confidence.any():
+                out["confidence"] = self._confidence.tolist()
+            return out
         d = self._outputs.to_dict()
         return {"count": d["count"][0], "mean": d["mean"][0], "m2": d["m2"][0], "min": d["min"][0],
                 "max": d["max"][0], "hist": d["hist"][0]}

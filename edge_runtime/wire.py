@@ -456,6 +456,10 @@ def _predictions(v, count: int) -> dict:
             raise Rejected("bad_value", "more predictions than inferences")
     if "hist" in p:
         out["hist"] = _counts(p["hist"], "predictions.hist")
+    if "confidence" in p:
+        out["confidence"] = _counts(p["confidence"], "predictions.confidence")
+        if len(out["confidence"]) > 64 or sum(out["confidence"]) > count:
+            raise Rejected("bad_value", "predictions.confidence has more than 64 bins or more counts than inferences")
     if "count" in p:
         out["count"] = _count(p["count"], "predictions.count")
     for k in ("mean", "min", "max"):
