@@ -68,12 +68,17 @@ class Prediction(NamedTuple):
 
     def record(self) -> dict:
         """The JSON-ready record the sinks write (made by the sink's thread, not the inference thread)."""
-        out = [_finite(v) for v in np.asarray(self.output, np.float32).ravel().tolist()]
+        vals = np.asarray(self.output, np.float32).ravel().tolist()
+        if self.task == "classification" and len(vals) == 1:   # one sigmoid column: P(second class)
+            vals = [1.0 - vals[0], vals[0]]
+        if all(map(math.isfinite, vals)):
+            out = [round(v, 6) for v in vals]
+            idx = out.index(max(out)) if out else 0
+        else:
+            out = [round(v, 6) if math.isfinite(v) else None for v in vals]
+            idx = max(range(len(out)), key=lambda i: -1.0 if out[i] is None else out[i])
         doc: dict = {"id": self.id, "ts": round(self.ts, 3)}
         if self.task == "classification" and out:
-            if len(out) == 1:     # one sigmoid column: the probability of the second class
-                out = [None if out[0] is None else round(1.0 - out[0], 6), out[0]]
-            idx = max(range(len(out)), key=lambda i: -1.0 if out[i] is None else out[i])
             doc["label"] = self.labels[idx] if self.labels and idx < len(self.labels) else str(idx)
             doc["probabilities"] = out
         else:
@@ -81,10 +86,6 @@ class Prediction(NamedTuple):
         doc["latency_ms"] = round(self.latency_ms, 4)
         doc["model"] = self.model
         return doc
-
-
-def _finite(v: float) -> float | None:
-    return round(v, 6) if math.isfinite(v) else None
 
 
 @dataclass
