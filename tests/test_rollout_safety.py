@@ -101,6 +101,7 @@ def test_a_status_input_block_is_bounded_like_every_field(block, reason):
     assert wire.check_status({**doc, "input": good})["input"] == good
 
 
+@pytest.mark.slow
 def test_a_forced_bundle_that_rejects_every_input_rolls_back_by_itself(mosquitto, bc_mlp_bundle, digits_cnn_bundle,
                                                                        stream, tmp_path):
     v1 = variant(bc_mlp_bundle, tmp_path / "v1", "1.0.0")
