@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_runtime.stats import FeatureStats, LatencyHistogram, merge_many_feature_dicts
 from telemetry.drift.batch import feature_tests
+from telemetry.drift.confidence import ConfidenceDriftDetector
 from telemetry.drift.effective_size import design_effects, effective_samples
 from telemetry.drift.floors import floors as effect_floors
 from telemetry.drift.meanshift import MeanShiftDetector
@@ -48,6 +49,9 @@ class MonitorConfig:
     prediction_min_tvd: float = 0.1
     rejected_rate: float = 0.05       # refused inputs / attempted inferences above this ...
     rejected_min_attempts: int = 100  # ... once this many were attempted
+    confidence_alpha: float = 0.001   # top-class probabilities unlike the holdout's (chi-square) ...
+    confidence_min_psi: float = 0.1   # ... and by at least this PSI
+    out_of_range_rate: float = 0.25   # a feature with this share of its values outside the calibration range
     hold_alpha: float = 0.05          # an open drift alert holds while the change is significant at this level ...
     close_ratio: float = 0.5          # ... and its effect at least this share of the opening threshold
     min_open_seconds: float = 60.0    # an alert stays open at least this long
@@ -248,6 +252,13 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
                                 if classes is not None else 0.0, config)
         if pred is not None:
             verdicts.append(pred)
+        conf = confidence_drift(profile, windows, deff_classes, config)
+        if conf is not None:
+            verdicts.append(conf)
+    if ref and windows:
+        rng = out_of_range(profile, windows, config)
+        if rng is not None:
+            verdicts.append(rng)
     if windows:
         verdicts.append(rejected_inputs(windows, config))
     if p95 is not None and count:
@@ -256,3 +267,41 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
         verdicts.append(Verdict("error_rate", err_rate > config.error_rate, err_rate, [],
                                 {"errors": errors, "count": count}, hold_s=config.min_open_seconds))
     return Evaluation(count, verdicts, scores, p95, err_rate)
+
+
+def confidence_drift(profile: dict, windows: list[dict], deff_classes, config: MonitorConfig) -> Verdict | None:
+    """The model's top-class probabilities against those on its holdout data (``reference_profile.confidence``)."""
+    ref = (profile.get("confidence") or {}).get("hist")
+    hists = [w["predictions"]["confidence"] for w in windows
+             if isinstance(w.get("predictions"), dict) and w["predictions"].get("confidence")]
+    if not ref or not hists or any(len(h) != len(ref) for h in hists):
+        return None
+    current = np.sum(np.asarray(hists, dtype=np.float64), axis=0)
+    n_eff = effective_samples(float(current.sum()), deff_classes, config.horizon)
+    d = ConfidenceDriftDetector(config.confidence_alpha, config.confidence_min_psi, config.min_samples)
+    d.update(ref, current, n_eff=n_eff)
+    clear = d.psi < config.close_ratio * config.confidence_min_psi
+    return Verdict("confidence_drift", d.drift_detected, d.psi, [],
+                   {"psi": round(d.psi, 4), "p_value": d.p_value, "mean_confidence_drop": round(d.mean_drop, 4),
+                    "counts": current.astype(int).tolist(), "effective_samples": round(n_eff, 1)},
+                   clear=clear, hold_s=config.min_open_seconds)
+
+
+def out_of_range(profile: dict, windows: list[dict], config: MonitorConfig) -> Verdict | None:
+    """Inputs outside the range of the data the model was calibrated on (``features.out_of_range``): a
+    feature with at least ``out_of_range_rate`` of its values there (inputs on another scale, a sensor
+    stuck at a rail) flags it."""
+    ref = profile.get("features") or []
+    rows = [w["features"] for w in windows if len((w["features"].get("out_of_range") or [])) == len(ref)]
+    if not rows:
+        return None
+    outside = np.sum([f["out_of_range"] for f in rows], axis=0).astype(np.float64)
+    counts = np.sum([f["count"] for f in rows], axis=0).astype(np.float64)
+    rates = np.where(counts > 0, outside / np.maximum(counts, 1.0), 0.0)
+    enough = counts >= config.min_samples
+    flagged = [ref[i]["name"] for i in np.flatnonzero(enough & (rates >= config.out_of_range_rate))]
+    worst = float(rates.max()) if rates.size else 0.0
+    return Verdict("out_of_range", bool(flagged), worst, flagged,
+                   {"rates": {ref[i]["name"]: round(float(rates[i]), 4) for i in np.argsort(-rates)[:5]},
+                    "threshold": config.out_of_range_rate},
+                   clear=worst < config.close_ratio * config.out_of_range_rate, hold_s=config.min_open_seconds)

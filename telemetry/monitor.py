@@ -490,7 +490,7 @@ class FleetMonitor:
         if device != "*":
             self.stats.scores[(fleet, device)] = ev.feature_scores
         else:
-            fleet_level = ("feature_drift", "prediction_drift", "missing_values")
+            fleet_level = ("feature_drift", "prediction_drift", "missing_values", "confidence_drift")
             ev.verdicts = [v for v in ev.verdicts if v.detector in fleet_level]
         return self._apply(fleet, device, name, version, ev.verdicts)
 

@@ -48,3 +48,29 @@ def test_a_moved_camera_is_caught_by_confidence_and_missed_by_channel_statistics
     w = {**wire.telemetry_message("lab", "cam-1", rotated[0]), "seq": 0}
     assert wire.parse("edgeops/lab/cam-1/telemetry", wire.encode(w)).doc["predictions"]["confidence"] == \
         rotated[0]["predictions"]["confidence"]
+
+
+def _ingest(monitor, bundle, images, device, fleet="lab"):
+    for i, w in enumerate(windows_of(bundle, images)):
+        doc = {**wire.telemetry_message(fleet, device, w), "seq": i}
+        monitor.ingest([(f"edgeops/{fleet}/{device}/telemetry", wire.encode(doc), 0, 0)])
+
+
+def test_the_monitor_alerts_on_a_moved_camera_and_on_inputs_on_another_scale(digits_cnn_bundle, reference_data,
+                                                                           tmp_path):
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry.evaluate import MonitorConfig
+    from telemetry.monitor import FleetMonitor
+
+    manifest = json.loads((digits_cnn_bundle / "manifest.json").read_text())
+    m = FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), f"sqlite:///{tmp_path}/m.db", bundles=[manifest],
+                     config=MonitorConfig(recent_windows=3))
+    X = (reference_data["digits"].X_test / 16.0).reshape(-1, 8, 8, 1)[:300]
+    _ingest(m, digits_cnn_bundle, X, "cam-ok")
+    _ingest(m, digits_cnn_bundle, np.roll(X, 2, axis=2), "cam-moved")
+    _ingest(m, digits_cnn_bundle, X * 16.0, "cam-raw")            # pixels 0..16: another scale
+    opened = {(e[1]["device_id"], e[1]["detector"]) for e in m.evaluate_pending() if e[0] == "opened"}
+    assert ("cam-moved", "confidence_drift") in opened
+    assert ("cam-raw", "out_of_range") in opened
+    assert not {d for dev, d in opened if dev == "cam-ok"}
+    assert ("cam-moved", "feature_drift") not in opened             # the channel statistics did not move
