@@ -82,6 +82,11 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--rejected-rate", type=float, default=0.05, show_default=True,
               help="Alert when more than this share of a device's attempted inferences were refused ...")
 @click.option("--rejected-min-attempts", type=int, default=100, show_default=True, help="... once this many were attempted.")
+@click.option("--confidence-min-psi", type=float, default=0.1, show_default=True,
+              help="Confidence drift: the top-class probabilities' PSI against the holdout's must reach this ...")
+@click.option("--confidence-alpha", type=float, default=0.001, show_default=True, help="... and be significant at this level.")
+@click.option("--out-of-range-rate", type=float, default=0.25, show_default=True,
+              help="Alert when a feature has this share of its values outside the calibration data's range.")
 @click.option("--username", help="MQTT username.")
 @click.option("--password", envvar="EDGEOPS_MQTT_PASSWORD", help="MQTT password (or EDGEOPS_MQTT_PASSWORD).")
 @click.option("--ca", "ca_file", type=click.Path(), help="CA certificate for mqtts://.")
