@@ -476,7 +476,8 @@ def _open_dir(p: Path, public_key: Any, require_signature: bool) -> Bundle:
         digest = sha256_file(fpath)
         if digest != art["sha256"]:
             raise VerificationError(
-                f"{fpath}: sha256 {digest[:12]}... does not match the manifest's {art['sha256'][:12]}... (tampered or corrupt)"
+                f"{fpath}: sha256 {digest[:12]}... does not match the manifest's {art['sha256'][:12]}... "
+                "(tampered or corrupt)"
             )
     return Bundle(root=p, manifest=doc, signed=signed)
 

@@ -113,7 +113,7 @@ def _print_artifacts(info: dict) -> None:
     except ImportError:
         widths = [max(len(r[i]) for r in rows + [_HEADERS]) for i in range(len(_HEADERS))]
         for r in [_HEADERS] + rows:
-            click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         return
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     for i, h in enumerate(_HEADERS):

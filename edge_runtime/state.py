@@ -43,7 +43,8 @@ def prepare_state_dir(state_dir: str | Path | None, device_id: str, fleet: str) 
             known = {}
         if known.get("device_id") not in (None, device_id):
             raise InvalidInputError(
-                f"state dir {d} belongs to device {known.get('device_id')!r}, not {device_id!r}; use another --state-dir"
+                f"state dir {d} belongs to device {known.get('device_id')!r}, not {device_id!r}; "
+                "use another --state-dir"
             )
     tmp = ident.with_suffix(".tmp")
     tmp.write_text(json.dumps({"device_id": device_id, "fleet": fleet}))

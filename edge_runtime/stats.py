@@ -233,10 +233,10 @@ class FeatureStats:
         return {
             "count": self.count.tolist(),
             "nan": self.nan.tolist(),
-            "mean": [round6(float(v)) if h else None for v, h in zip(self.mean, has)],
-            "m2": [round6(float(v)) if h else None for v, h in zip(self.m2, has)],
-            "min": [round6(float(v)) if h else None for v, h in zip(self.min, has)],
-            "max": [round6(float(v)) if h else None for v, h in zip(self.max, has)],
+            "mean": [round6(float(v)) if h else None for v, h in zip(self.mean, has, strict=True)],
+            "m2": [round6(float(v)) if h else None for v, h in zip(self.m2, has, strict=True)],
+            "min": [round6(float(v)) if h else None for v, h in zip(self.min, has, strict=True)],
+            "max": [round6(float(v)) if h else None for v, h in zip(self.max, has, strict=True)],
             "hist": self.histograms(),
         }
 
@@ -289,7 +289,7 @@ def merge_many_feature_dicts(blocks: Sequence[dict], bin_edges: Sequence[Sequenc
     rows = []
     for d in blocks:
         flat = [c for h in d["hist"] for c in h]
-        if len(flat) != total or any(len(h) != k for h, k in zip(d["hist"], lengths)):
+        if len(flat) != total or any(len(h) != k for h, k in zip(d["hist"], lengths, strict=True)):
             raise ValueError("a window's histogram lengths do not match the bin edges")
         rows.append(flat)
     np.add.at(fs.hist, flat_idx, np.asarray(rows, dtype=np.int64).sum(axis=0))
@@ -314,7 +314,8 @@ class ClassCounts:
         self.counts = np.zeros(n_classes, dtype=np.int64)
 
     def update(self, class_indices: np.ndarray) -> None:
-        self.counts += np.bincount(np.asarray(class_indices, dtype=np.int64), minlength=len(self.counts))[: len(self.counts)]
+        n = len(self.counts)
+        self.counts += np.bincount(np.asarray(class_indices, dtype=np.int64), minlength=n)[:n]
 
     def merge(self, other: "ClassCounts") -> "ClassCounts":
         if len(other.counts) != len(self.counts):

@@ -29,7 +29,8 @@ def test_inspect_a_bundle_as_text_and_json(bc_mlp_bundle):
 
 def test_inspect_a_bare_model_file(digits_cnn_bundle):
     info = json.loads(inspect(digits_cnn_bundle / "model.int8.tflite", "--json").stdout)
-    assert info["kind"] == "model" and info["inputs"][0]["dtype"] == "int8" and info["inputs"][0]["shape"] == [-1, 8, 8, 1]
+    assert info["kind"] == "model"
+    assert info["inputs"][0]["dtype"] == "int8" and info["inputs"][0]["shape"] == [-1, 8, 8, 1]
 
 
 def test_inspect_reports_signature_status(tmp_path, bc_rf_bundle):

@@ -145,7 +145,8 @@ def test_running_a_bundle_never_imports_tensorflow_keras_or_sklearn(digits_cnn_b
         "[m.predict(np.zeros((8, 8, 1), np.float32)) for _ in range(10)]\n"
         f"r = edge_runtime.load({str(bc_rf_bundle)!r})\n"
         "r.predict(np.zeros(30, np.float32))\n"
-        "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'keras', 'sklearn', 'onnx', 'tf2onnx', 'skl2onnx', 'convert', 'telemetry', 'devices', 'benchmarks'))\n"
+        "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'keras', 'sklearn', 'onnx', "
+        "'tf2onnx', 'skl2onnx', 'convert', 'telemetry', 'devices', 'benchmarks'))\n"
         "print(json.dumps(heavy))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

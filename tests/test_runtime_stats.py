@@ -135,13 +135,14 @@ def test_wire_form_merges_equal_the_statistics_of_all_the_calls(seed):
         lat_dicts.append(h.to_dict())
         class_dicts.append(c.to_dict())
     merged_lat, merged_cls = lat_dicts[0], class_dicts[0]
-    for a, b in zip(lat_dicts[1:], class_dicts[1:]):
+    for a, b in zip(lat_dicts[1:], class_dicts[1:], strict=True):
         merged_lat, merged_cls = merge_latency_dicts(merged_lat, a), merge_class_dicts(merged_cls, b)
     whole = LatencyHistogram()
     for v in lat:
         whole.add(float(v))
     assert merged_lat["counts"] == whole.to_dict()["counts"] and merged_lat["offset"] == whole.to_dict()["offset"]
-    assert merged_lat["min"] == pytest.approx(lat.min(), rel=1e-5) and merged_lat["sum"] == pytest.approx(lat.sum(), rel=1e-5)
+    assert merged_lat["min"] == pytest.approx(lat.min(), rel=1e-5)
+    assert merged_lat["sum"] == pytest.approx(lat.sum(), rel=1e-5)
     assert merged_cls["counts"] == np.bincount(classes, minlength=4).tolist()
     with pytest.raises(ValueError):
         ClassCounts(3).merge(ClassCounts(4))

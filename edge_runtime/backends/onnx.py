@@ -51,4 +51,4 @@ class OnnxRuntimeBackend:
     def run(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
         if len(feeds) != len(self._in_names):
             raise ValueError(f"expected {len(self._in_names)} inputs, got {len(feeds)}")
-        return self._sess.run(self._out_names, dict(zip(self._in_names, feeds)))
+        return self._sess.run(self._out_names, dict(zip(self._in_names, feeds, strict=True)))

@@ -133,7 +133,7 @@ class TFLiteBackend:
                 it = self._by_shape.pop(oldest)
             else:
                 it = self._new_interpreter()
-            for idx, shape in zip(self._in_idx, shapes):
+            for idx, shape in zip(self._in_idx, shapes, strict=True):
                 it.resize_tensor_input(idx, list(shape))
             it.allocate_tensors()
         self._by_shape[shapes] = it  # most recently used last
@@ -149,7 +149,7 @@ class TFLiteBackend:
         if shapes != self._shapes:
             self._switch(shapes)
         it = self._it
-        for idx, x in zip(self._in_idx, feeds):
+        for idx, x in zip(self._in_idx, feeds, strict=True):
             it.set_tensor(idx, x)
         it.invoke()
         return [it.get_tensor(idx) for idx in self._out_idx]
