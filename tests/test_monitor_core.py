@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 
@@ -11,7 +10,7 @@ import jsonschema
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from edge_runtime.mqtt import parse_broker_url
 from telemetry import store
@@ -36,10 +35,12 @@ def bc():
     return d, manifest
 
 
-def windows_for(device, manifest, X, n_windows, size=100, shift=None, start_seq=0, latency=2.0, rng=None, y=None,
-                t0=None):
-    """Windows of rows drawn from X (the reference data itself for clean streams: drawing many windows
-    from a 171-row test set would compare its own sampling noise against the reference at 1000-sample power)."""
+def windows_for(device, reference, n_windows, shift=None, start_seq=0, latency=2.0, rng=None, t0=None):
+    """Windows of 100 rows drawn from the training data of ``reference`` (the ``bc`` fixture: the reference
+    data itself for clean streams: drawing many windows from a 171-row test set would compare its own
+    sampling noise against the reference at 1000-sample power)."""
+    d, manifest = reference
+    X, size = d.X_train, 100
     rng = rng or np.random.default_rng(0)
     t0 = time.time() - 10 * n_windows if t0 is None else t0
     out = []
@@ -48,7 +49,7 @@ def windows_for(device, manifest, X, n_windows, size=100, shift=None, start_seq=
         rows = X[idx].astype(np.float64)
         if shift is not None:
             rows = shift(rows)
-        preds = y[idx] if y is not None else rng.choice(2, size=size, p=PRIORS)
+        preds = rng.choice(2, size=size, p=PRIORS)
         out.append(make_window(rows, manifest, device, start_seq + i, fleet="f1", start=t0 + 10 * i,
                                predictions=preds, latencies_ms=np.full(size, latency)))
     return out
@@ -86,7 +87,7 @@ def stored_count(engine):
 
 def test_the_hand_written_validator_agrees_with_the_json_schema(bc):
     d, manifest = bc
-    good = windows_for("dev-1", manifest, d.X_train, 1)[0]
+    good = windows_for("dev-1", bc, 1)[0]
     jsonschema.validate(good, SCHEMA)
     assert parse(topic("dev-1"), json.dumps(good).encode()).kind == "telemetry"
     broken = []
@@ -109,7 +110,7 @@ def test_the_hand_written_validator_agrees_with_the_json_schema(bc):
 def test_a_redelivered_window_is_stored_once(tmp_path, bc):
     d, manifest = bc
     m = FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), f"sqlite:///{tmp_path}/m.db", bundles=[manifest])
-    ws = windows_for("dev-1", manifest, d.X_train, 3)
+    ws = windows_for("dev-1", bc, 3)
     batch = [(topic("dev-1"), json.dumps(w).encode(), 0, 0) for w in ws + ws[:2]]
     m.ingest(batch)
     assert (m.stats.stored, m.stats.duplicates) == (3, 2)
@@ -122,7 +123,7 @@ def test_malformed_messages_are_rejected_for_the_right_reason_while_valid_traffi
                      client_id="mon-malformed").start()
     try:
         assert m.connected.wait(10)
-        good = windows_for("dev-ok", manifest, d.X_train, 20)
+        good = windows_for("dev-ok", bc, 20)
         base = {**json.loads(json.dumps(good[0])), "device_id": "dev-bad"}
         bad_kinds = {
             "malformed_json": lambda i: b"{not json",
@@ -133,11 +134,12 @@ def test_malformed_messages_are_rejected_for_the_right_reason_while_valid_traffi
                                              "hist": [h[:-1] for h in base["features"]["hist"]]}},
             "oversized": lambda i: b"[" + b"1," * 200_000 + b"1]",
             "not_an_object": lambda i: b"[1, 2, 3]",
-            "feature_count_mismatch": lambda i: {**base, "seq": i, "features": {k: v[:5] for k, v in base["features"].items()}},
+            "feature_count_mismatch": lambda i: {**base, "seq": i,
+                                                 "features": {k: v[:5] for k, v in base["features"].items()}},
         }
         items = []
         per_kind = 125
-        for reason, make in bad_kinds.items():
+        for make in bad_kinds.values():
             items += [(topic("dev-bad"), make(1000 + i)) for i in range(per_kind)]
         rng = np.random.default_rng(1)
         order = rng.permutation(len(items))
@@ -156,7 +158,7 @@ def test_a_monitor_restart_loses_no_window(mosquitto, tmp_path, bc):
     db = f"sqlite:///{tmp_path}/m.db"
     m = FleetMonitor(parse_broker_url(mosquitto.url), db, bundles=[manifest], client_id="mon-restart").start()
     assert m.connected.wait(10)
-    ws = windows_for("dev-1", manifest, d.X_train, 60)
+    ws = windows_for("dev-1", bc, 60)
     publish(mosquitto.port, [(topic("dev-1"), w) for w in ws[:20]])
     assert wait(lambda: m.stats.stored == 20)
     m.stop()                                   # the monitor goes down ...
@@ -181,7 +183,7 @@ def test_two_shared_subscription_monitors_count_each_window_once_and_agree(mosqu
         items = []
         for k in range(6):
             shift = (lambda r: r * 1.8) if k < 2 else None   # dev-0 and dev-1 drift
-            items += [(topic(f"dev-{k}"), w) for w in windows_for(f"dev-{k}", manifest, d.X_train, 15, shift=shift,
+            items += [(topic(f"dev-{k}"), w) for w in windows_for(f"dev-{k}", bc, 15, shift=shift,
                                                                   rng=np.random.default_rng(k))]
         publish(mosquitto.port, items)
         assert wait(lambda: stored_count(monitors[0].engine) == 90)
@@ -207,8 +209,8 @@ def test_drift_opens_an_alert_and_hysteresis_closes_it(tmp_path, bc):
         m.ingest([(topic(w["device_id"]), json.dumps(w).encode(), 0, 0) for w in ws])
         return m.evaluate_pending()
 
-    assert feed(windows_for("clean", manifest, d.X_train, 5)) == []
-    drifted = windows_for("dev-d", manifest, d.X_train, 3, shift=lambda r: r + 0.8 * r.std(axis=0))
+    assert feed(windows_for("clean", bc, 5)) == []
+    drifted = windows_for("dev-d", bc, 3, shift=lambda r: r + 0.8 * r.std(axis=0))
     events = feed(drifted)
     kinds = {(e[1]["device_id"], e[1]["detector"], e[0]) for e in events}
     assert ("dev-d", "feature_drift", "opened") in kinds
@@ -217,7 +219,7 @@ def test_drift_opens_an_alert_and_hysteresis_closes_it(tmp_path, bc):
     # back to normal: clean windows replace the drifted ones and the alert closes
     closed_at = None
     for i in range(8):
-        events = feed(windows_for("dev-d", manifest, d.X_train, 1, start_seq=3 + i, rng=np.random.default_rng(10 + i)))
+        events = feed(windows_for("dev-d", bc, 1, start_seq=3 + i, rng=np.random.default_rng(10 + i)))
         if ("closed", "feature_drift") in {(e[0], e[1]["detector"]) for e in events}:
             closed_at = i
             break
@@ -239,15 +241,15 @@ def test_latency_regression_and_silence_alert(tmp_path, bc):
     d, manifest = bc
     m = FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), f"sqlite:///{tmp_path}/m.db", bundles=[manifest],
                      config=MonitorConfig(recent_windows=3, baseline_windows=5))
-    fast = windows_for("dev-l", manifest, d.X_train, 8, latency=2.0, t0=1000.0)
+    fast = windows_for("dev-l", bc, 8, latency=2.0, t0=1000.0)
     m.ingest([(topic("dev-l"), json.dumps(w).encode(), 0, 0) for w in fast])
     assert not [e for e in m.evaluate_pending() if e[1]["detector"] == "latency"]
     # one busy window, then a normal one: the merged p95 of the recent windows rises, but no regression
-    burst = windows_for("dev-l", manifest, d.X_train, 1, latency=9.0, start_seq=8, t0=1080.0) \
-        + windows_for("dev-l", manifest, d.X_train, 1, latency=2.0, start_seq=9, t0=1090.0)
+    burst = windows_for("dev-l", bc, 1, latency=9.0, start_seq=8, t0=1080.0) \
+        + windows_for("dev-l", bc, 1, latency=2.0, start_seq=9, t0=1090.0)
     m.ingest([(topic("dev-l"), json.dumps(w).encode(), 0, 0) for w in burst])
     assert not [e for e in m.evaluate_pending() if e[1]["detector"] == "latency"]
-    slow = windows_for("dev-l", manifest, d.X_train, 3, latency=5.0, start_seq=10, t0=1100.0)
+    slow = windows_for("dev-l", bc, 3, latency=5.0, start_seq=10, t0=1100.0)
     m.ingest([(topic("dev-l"), json.dumps(w).encode(), 0, 0) for w in slow])
     events = m.evaluate_pending()
     assert ("opened", "latency") in {(e[0], e[1]["detector"]) for e in events}
@@ -255,7 +257,8 @@ def test_latency_regression_and_silence_alert(tmp_path, bc):
     events = m.check_silence(now=time.time() + 60)
     assert ("opened", "silence") in {(e[0], e[1]["detector"]) for e in events}
     # and a retained offline status is silence too
-    m.ingest([(topic("dev-off", "status"), json.dumps(status_doc("dev-off", "f1", False, 1.0, {"name": "bc-model", "version": "1.0.0"})).encode(), 0, 0)])
+    offline = status_doc("dev-off", "f1", False, 1.0, {"name": "bc-model", "version": "1.0.0"})
+    m.ingest([(topic("dev-off", "status"), json.dumps(offline).encode(), 0, 0)])
     events = m.check_silence(now=2.0)
     assert ("opened", "silence", "dev-off") in {(e[0], e[1]["detector"], e[1]["device_id"]) for e in events}
 
@@ -270,7 +273,7 @@ def test_a_fleet_evaluation_that_is_not_due_waits_but_is_not_lost(tmp_path, bc, 
     monkeypatch.setattr(m, "evaluate_device", lambda *a: calls.append(a[1]) or real(*a))
     monkeypatch.setattr(monitor_module, "FLEET_EVAL_SHARE", 1e6)    # the next fleet evaluation is far away
     send = lambda seq: m.ingest([(topic("dev-a"), json.dumps(w).encode(), 0, 0)  # noqa: E731
-                                 for w in windows_for("dev-a", manifest, d.X_train, 2, start_seq=seq)])
+                                 for w in windows_for("dev-a", bc, 2, start_seq=seq)])
     send(0)
     m.evaluate_pending()
     assert calls == ["dev-a", "*"]                                  # the first fleet evaluation runs at once
@@ -296,13 +299,14 @@ def test_a_published_bench_result_is_the_latency_baseline(tmp_path, bc):
     m.ingest([(topic("dev-b", "bench"), json.dumps(bench_doc("0.9.0", "model.tflite", 1.0)).encode(), 0, 0),
               (topic("dev-b", "bench"), json.dumps(bench_doc(manifest["version"], "model.int8.tflite", 1.0)).encode(),
                0, 0)])
-    steady = windows_for("dev-b", manifest, d.X_train, 6, latency=5.0, t0=1000.0)
+    steady = windows_for("dev-b", bc, 6, latency=5.0, t0=1000.0)
     m.ingest([(topic("dev-b"), json.dumps(w).encode(), 0, 0) for w in steady])
     # 5 ms from its first window on: against its own first windows that is no regression
     assert not [e for e in m.evaluate_pending() if e[1]["detector"] == "latency"]
     # the device benchmarked this version's artifact at 1 ms p95: 5 ms in service is a regression
-    m.ingest([(topic("dev-b", "bench"), json.dumps(bench_doc(manifest["version"], "model.tflite", 1.0)).encode(), 0, 0)])
-    more = windows_for("dev-b", manifest, d.X_train, 1, latency=5.0, start_seq=6, t0=1060.0)
+    bench = bench_doc(manifest["version"], "model.tflite", 1.0)
+    m.ingest([(topic("dev-b", "bench"), json.dumps(bench).encode(), 0, 0)])
+    more = windows_for("dev-b", bc, 1, latency=5.0, start_seq=6, t0=1060.0)
     m.ingest([(topic("dev-b"), json.dumps(w).encode(), 0, 0) for w in more])
     opened = [e[1] for e in m.evaluate_pending() if e[0] == "opened" and e[1]["detector"] == "latency"]
     assert len(opened) == 1
