@@ -138,6 +138,7 @@ def test_the_webhook_retries_until_the_server_takes_the_predictions(session_mosq
     assert counts == {"delivered": 30, "dropped": 0, "failed": 0}
 
 
+@pytest.mark.slow   # the agent's stop gives the hung webhook its 5 s to deliver
 def test_a_webhook_that_never_answers_does_not_hold_inference_back(session_mosquitto, bc_mlp_bundle, reference_data,
                                                                    tmp_path):
     # a listening socket nobody accepts from: connections open, requests hang until the sink's timeout
