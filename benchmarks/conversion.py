@@ -105,10 +105,12 @@ def check_targets(rows: list[dict], latencies: list[dict]) -> list[dict]:
         where = f"{r['dataset']}/{r['model']}/{r['artifact']}"
         if r["model"] in ("mlp", "cnn") and r["format"] == "tflite" and r["quantization"] == "int8":
             checks.append({"target": f"int8 size <= {INT8_SIZE_TARGET}x float32", "where": where,
-                           "value": r["size_ratio"], "ok": r["size_ratio"] is not None and r["size_ratio"] <= INT8_SIZE_TARGET})
+                           "value": r["size_ratio"],
+                           "ok": r["size_ratio"] is not None and r["size_ratio"] <= INT8_SIZE_TARGET})
         if r["format"] == "tflite" and r["quantization"] in ("int8", "float16"):
             checks.append({"target": f"accuracy drop <= {DROP_TARGET} point", "where": where,
-                           "value": r["drop_points"], "ok": r["drop_points"] is not None and r["drop_points"] <= DROP_TARGET})
+                           "value": r["drop_points"],
+                           "ok": r["drop_points"] is not None and r["drop_points"] <= DROP_TARGET})
         if r["model"] == "rf" and r["quantization"] == "none":
             checks.append({"target": "RF ONNX label agreement 100%", "where": where, "value": r["label_agreement"],
                            "ok": r["label_agreement"] == 1.0})
@@ -175,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
 
         doc = {
             "benchmark": "conversion", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "platform": {"machine": platform.machine(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
-            "versions": {"tensorflow": tf.__version__, "sklearn": sklearn.__version__, "onnxruntime": onnxruntime.__version__},
+            "platform": {"machine": platform.machine(), "python": platform.python_version(),
+                         "cpu_count": os.cpu_count()},
+            "versions": {"tensorflow": tf.__version__, "sklearn": sklearn.__version__,
+                         "onnxruntime": onnxruntime.__version__},
             "train_and_convert_seconds": timings, "artifacts": rows, "forest_latency": latencies, "targets": checks,
         }
         Path(args.json_file).write_text(json.dumps(doc, indent=2) + "\n")

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
            "bench_p50_ms": round(bench, 4), "difference_pct": round((bench - bare) / bare * 100, 2),
            "rounds": args.rounds, "runs_per_round": args.runs}
     row["met"] = abs(row["difference_pct"]) <= 5
-    print_table([row], [("model", "model"), ("bare_p50_ms", "bare loop p50 ms"), ("bench_p50_ms", "edgeops bench p50 ms"),
+    print_table([row], [("model", "model"), ("bare_p50_ms", "bare loop p50 ms"),
+                        ("bench_p50_ms", "edgeops bench p50 ms"),
                         ("difference_pct", "difference %"), ("rounds", "rounds"), ("met", "within 5%")],
                 title="edgeops bench vs a bare interpreter loop (medians of per-round p50s, same process)")
     doc = {"result": row, "bare_p50_per_round": bare_p50, "bench_p50_per_round": bench_p50}

@@ -86,7 +86,7 @@ def _run_publisher(spec: dict) -> None:
     d, manifest = _manifest()
     rng = np.random.default_rng(0)
     templates = []
-    for i in range(50):
+    for _ in range(50):
         idx = rng.integers(0, len(d.X_train), 100)
         templates.append(make_window(d.X_train[idx], manifest, "x", 0, fleet="bench", predictions=d.y_train[idx]))
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:6]}",
@@ -149,8 +149,8 @@ def run(processes: int, devices: int, windows: int, workdir: Path) -> dict:
         for i in range(processes):
             spec = {"broker": broker.url, "db": db, "client_id": f"bench-mon-{i}",
                     "share": "bench" if processes > 1 else None}
-            p = subprocess.Popen([sys.executable, "-m", "benchmarks.monitor_throughput", "--_monitor", json.dumps(spec)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            p = subprocess.Popen([sys.executable, "-m", "benchmarks.monitor_throughput", "--_monitor",
+                                  json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             monitors.append(p)
         for p in monitors:
             line = p.stdout.readline()

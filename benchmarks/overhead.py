@@ -99,7 +99,8 @@ def measure(bundle: Path, rounds: int, calls: int) -> dict:
         recorder.poll()
     med = {k: float(np.median(v)) * 1e6 for k, v in (("raw", bare), ("predict", plain), ("recorded", recorded))}
     return {
-        "raw_us": round(med["raw"], 2), "predict_us": round(med["predict"], 2), "recorded_us": round(med["recorded"], 2),
+        "raw_us": round(med["raw"], 2), "predict_us": round(med["predict"], 2),
+        "recorded_us": round(med["recorded"], 2),
         "validation_us": round(med["predict"] - med["raw"], 2),
         "telemetry_us": round(med["recorded"] - med["predict"], 2),
         "overhead_us": round(med["recorded"] - med["raw"], 2),

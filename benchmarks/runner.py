@@ -8,7 +8,6 @@ asked for, is measured apart from the timing.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 import time
@@ -17,9 +16,9 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.machine import peak_rss_mb
 from edge_runtime.backends import TensorInfo, open_backend
 from edge_runtime.errors import EdgeOpsError, InvalidInputError
-from benchmarks.machine import peak_rss_mb
 
 
 def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -47,7 +46,7 @@ def concrete_shape(t: TensorInfo, batch: int, shapes: dict[str, tuple[int, ...]]
                 f"--input-shape {t.name}={','.join(map(str, given))}: the input has {len(t.shape)} dimensions "
                 f"({list(t.shape)}), not {len(given)}"
             )
-        for g, want in zip(given, t.shape):
+        for g, want in zip(given, t.shape, strict=True):
             if want > 0 and g != want and t.shape.index(want) != 0:
                 raise InvalidInputError(
                     f"--input-shape {t.name}={','.join(map(str, given))} does not fit the model's shape {list(t.shape)}"
@@ -99,8 +98,7 @@ def summarise(samples_ms: list[float]) -> dict:
 
 
 def measure(path: str | Path, runs: int = 100, warmup: int = 10, duration: float | None = None,
-            threads: int | None = None, batch: int = 1, input_shapes: dict | None = None,
-            on_progress: Callable[[int, int], None] | None = None, seed: int = 0) -> dict:
+            threads: int | None = None, batch: int = 1, input_shapes: dict | None = None, seed: int = 0) -> dict:
     """Benchmark one .tflite/.onnx file; returns the per-artifact result (without accuracy).
 
     Args:
@@ -111,7 +109,7 @@ def measure(path: str | Path, runs: int = 100, warmup: int = 10, duration: float
         threads: inference threads.
         batch: size of a dynamic first dimension.
         input_shapes: NAME -> shape for inputs with dynamic dimensions.
-        on_progress: called with (done, total) during measured runs.
+        seed: of the random inputs.
     """
     p = Path(path)
     if not p.exists():
@@ -120,46 +118,10 @@ def measure(path: str | Path, runs: int = 100, warmup: int = 10, duration: float
     t0 = time.perf_counter()
     backend = open_backend(p, threads=threads)
     init_ms = (time.perf_counter() - t0) * 1000
-    shapes = input_shapes or {}
-    unknown = set(shapes) - {t.name for t in backend.inputs}
-    if unknown:
-        names = ", ".join(t.name for t in backend.inputs)
-        raise InvalidInputError(f"--input-shape names unknown input(s) {', '.join(sorted(unknown))}; inputs: {names}")
-    feeds = [random_input(t, concrete_shape(t, batch, shapes), rng) for t in backend.inputs]
-    run = backend.run
-    t0 = time.perf_counter()
-    try:
-        run(feeds)
-    except EdgeOpsError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - interpreters raise RuntimeError/ValueError/ORT errors on bad shapes
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InvalidInputError(
-            f"{p.name}: the input shapes {[list(f.shape) for f in feeds]} do not fit the model ({detail})"
-        ) from None
-    first_ms = (time.perf_counter() - t0) * 1000
-    warm = []
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        run(feeds)
-        warm.append((time.perf_counter() - t0) * 1000)
-    samples: list[float] = []
-    perf = time.perf_counter
-    start = perf()
-    total = runs
-    while True:
-        t0 = perf()
-        run(feeds)
-        samples.append((perf() - t0) * 1000)
-        n = len(samples)
-        if on_progress is not None and n % 10 == 0:
-            on_progress(n, total)
-        if n >= runs and (duration is None or perf() - start >= duration):
-            break
-        if duration is not None and n >= runs:
-            total = n + 10
-    wall = perf() - start
-    lat = summarise(samples)
+    feeds = _feeds(backend.inputs, batch, input_shapes or {}, rng)
+    first_ms = _first_inference(p, backend.run, feeds)
+    warm = [_timed(backend.run, feeds) for _ in range(warmup)]
+    samples, wall = _steady_state(backend.run, feeds, runs, duration)
     return {
         "artifact": str(p),
         "format": "onnx" if backend.name == "onnxruntime" else "tflite",
@@ -168,14 +130,60 @@ def measure(path: str | Path, runs: int = 100, warmup: int = 10, duration: float
         "threads": threads,
         "batch": batch,
         "model_bytes": p.stat().st_size,
-        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(f.shape)} for t, f in zip(backend.inputs, feeds)],
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(f.shape)}
+                   for t, f in zip(backend.inputs, feeds, strict=True)],
         "init_ms": round(init_ms, 3),
         "first_ms": round(first_ms, 3),
         "warmup": {"runs": len(warm), "mean_ms": round(statistics.fmean(warm), 4) if warm else None},
-        "latency_ms": lat,
+        "latency_ms": summarise(samples),
         "throughput_ips": round(len(samples) * batch / wall, 2) if wall > 0 else None,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _feeds(inputs: list[TensorInfo], batch: int, shapes: dict[str, tuple[int, ...]],
+           rng: np.random.Generator) -> list[np.ndarray]:
+    """Random input tensors of the shapes to benchmark (InvalidInputError for a shape naming no input)."""
+    unknown = set(shapes) - {t.name for t in inputs}
+    if unknown:
+        names = ", ".join(t.name for t in inputs)
+        raise InvalidInputError(f"--input-shape names unknown input(s) {', '.join(sorted(unknown))}; inputs: {names}")
+    return [random_input(t, concrete_shape(t, batch, shapes), rng) for t in inputs]
+
+
+def _timed(run: Callable, feeds: list[np.ndarray]) -> float:
+    """Milliseconds of one inference."""
+    t0 = time.perf_counter()
+    run(feeds)
+    return (time.perf_counter() - t0) * 1000
+
+
+def _first_inference(p: Path, run: Callable, feeds: list[np.ndarray]) -> float:
+    """Milliseconds of the first inference; InvalidInputError when the interpreter refuses the inputs."""
+    try:
+        return _timed(run, feeds)
+    except EdgeOpsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - interpreters raise RuntimeError/ValueError/ORT errors on bad shapes
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InvalidInputError(
+            f"{p.name}: the input shapes {[list(f.shape) for f in feeds]} do not fit the model ({detail})"
+        ) from None
+
+
+def _steady_state(run: Callable, feeds: list[np.ndarray], runs: int,
+                  duration: float | None) -> tuple[list[float], float]:
+    """The measured runs: at least ``runs``, and at least ``duration`` seconds; their latencies and wall time."""
+    samples: list[float] = []
+    perf = time.perf_counter
+    start = perf()
+    while True:
+        t0 = perf()
+        run(feeds)
+        samples.append((perf() - t0) * 1000)
+        if len(samples) >= runs and (duration is None or perf() - start >= duration):
+            break
+    return samples, perf() - start
 
 
 def main() -> None:

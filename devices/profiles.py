@@ -44,7 +44,8 @@ PROFILES: dict[str, BoardProfile] = {
     p.id: p
     for p in (
         BoardProfile("rpi-zero-2w", "Raspberry Pi Zero 2 W", "aarch64", 4, 512, "Cortex-A53 @ 1.0 GHz", "cortex-a53"),
-        BoardProfile("rpi-3b-plus", "Raspberry Pi 3 Model B Plus", "aarch64", 4, 1024, "Cortex-A53 @ 1.4 GHz", "cortex-a53"),
+        BoardProfile("rpi-3b-plus", "Raspberry Pi 3 Model B Plus", "aarch64", 4, 1024, "Cortex-A53 @ 1.4 GHz",
+                     "cortex-a53"),
         BoardProfile("rpi-4b", "Raspberry Pi 4 Model B", "aarch64", 4, 4096, "Cortex-A72 @ 1.8 GHz", "cortex-a72"),
         BoardProfile("rpi-5", "Raspberry Pi 5", "aarch64", 4, 8192, "Cortex-A76 @ 2.4 GHz", "cortex-a76"),
         BoardProfile("arm64-generic", "Generic ARM64 box", "aarch64", 4, 4096, "ARMv8-A", "cortex-a72"),
@@ -121,7 +122,7 @@ def store_results(profile_id: str, items: list[dict], results: list[dict]) -> Pa
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         doc = {}
-    for item, r in zip(items, results):
+    for item, r in zip(items, results, strict=True):
         p50 = (r.get("latency_ms") or {}).get("p50")
         if item.get("bundle") is None or p50 is None:
             continue
