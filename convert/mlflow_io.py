@@ -259,7 +259,8 @@ def save_model(path: str, mlflow_model: Any, bundle_dir: str | Path, manifest: d
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(bundle_dir, out / BUNDLE_DATA)
     mlflow.pyfunc.add_to_model(mlflow_model, loader_module=LOADER_MODULE, data=BUNDLE_DATA)
-    mlflow_model.add_flavor(FLAVOR_NAME, bundle=BUNDLE_DATA, bundle_name=manifest["name"], bundle_version=manifest["version"],
+    mlflow_model.add_flavor(FLAVOR_NAME, bundle=BUNDLE_DATA, bundle_name=manifest["name"],
+                            bundle_version=manifest["version"],
                             task=manifest.get("task"), default_artifact=manifest.get("default_artifact"),
                             edge_runtime_version=edge_runtime.__version__)
     mlflow_model.save(str(out / "MLmodel"))

@@ -251,8 +251,9 @@ def from_model_file(path: Path, fmt: str, task: str | None = None) -> SourceMode
 
 def load_source(source: Any, trust_pickle: bool = False, task: str | None = None,
                 hoist_normalization: bool = False) -> SourceModel:
-    """Load SOURCE: a model object, a path to a .keras/.h5, SavedModel dir, .joblib/.pkl, .skops, .onnx or .tflite,
-    or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) of the keras or sklearn flavor."""
+    """Load SOURCE: a model object, a path to a .keras/.h5, SavedModel dir, .joblib/.pkl, .skops, .onnx or
+    .tflite, or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) of the keras
+    or sklearn flavor."""
     from convert.mlflow_io import is_mlflow_uri
 
     if is_mlflow_uri(source):

@@ -30,6 +30,12 @@ def edgeops(capsys, *args) -> tuple[int, str, str]:
     return stopped.value.code, out.out, out.err
 
 
+def json_report(stdout: str) -> dict:
+    """The --json report (TensorFlow's converter prints its own lines to stdout before it)."""
+    lines = stdout.splitlines()
+    return json.loads("\n".join(lines[lines.index("{"):]))
+
+
 def error_line(err: str) -> str:
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("edgeops: error:")]
@@ -102,7 +108,7 @@ def wine_edge(mlflow_store, registered_sklearn, tmp_path_factory):
                           "--holdout", str(registered_sklearn.holdout), "--register", "--json"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    return SimpleNamespace(bundle=out, report=json.loads(res.stdout))
+    return SimpleNamespace(bundle=out, report=json_report(res.stdout))
 
 
 def _pyfunc_predictions(model_uri: str, X: np.ndarray) -> np.ndarray:
@@ -150,7 +156,7 @@ def test_a_keras_model_by_its_alias_round_trips_through_tflite(registered_keras,
                                 "--quantize", "none,int8", "--holdout", registered_keras.holdout,
                                 "--register", "bc", "--json")
     assert code == 0, err
-    report = json.loads(stdout)
+    report = json_report(stdout)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["framework"] == "keras"
     assert manifest["source"]["uri"] == "models:/bc-mlp@champion"
@@ -219,6 +225,11 @@ def test_unknown_models_foreign_flavors_and_unusable_stores_are_bad_input(wine_e
 
     with pytest.raises(InvalidInputError, match="not an edgeops bundle"):
         resolve_bundle("models:/wine-logreg/1")
+    # flash resolves its BUNDLE before it talks to any broker or device
+    code, _, err = edgeops(capsys, "flash", "models:/wine-logreg/1", "--device", "pi-1", "--fleet", "lab",
+                           "--broker", "mqtt://127.0.0.1:9")
+    assert code == 3 and "models:/wine-logreg/1: not an edgeops bundle (MLflow flavors: python_function, sklearn)" \
+        in error_line(err)
 
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a-file' / 'store.db'}")
