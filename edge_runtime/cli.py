@@ -149,11 +149,20 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     agent.start()
+    # systemd (Type=notify, WatchdogSec=) and container health checks: a beat while the run loop progresses
+    from edge_runtime import sdnotify
+
+    watchdog = sdnotify.Watchdog(lambda: None if getattr(agent, "_waiting_input", False)
+                                 else agent.inferences + agent.bad_inputs,
+                                 stall_after=max(60.0, 3.0 / rate if rate else 0.0)).start()
+    sdnotify.notify("READY=1")
     try:
         agent.run(samples, rate=rate, max_inferences=max_inferences, duration=duration)
     except KeyboardInterrupt:
         log.info("stopping")
     finally:
+        sdnotify.notify("STOPPING=1")
+        watchdog.stop()
         left = agent.stop()
         if hasattr(samples, "close"):
             samples.close()
