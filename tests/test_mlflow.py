@@ -243,3 +243,21 @@ def test_a_malformed_mlflow_uri_is_refused_before_any_store_is_opened(uri, tmp_p
     code, _, err = edgeops(capsys, "convert", uri, "--out", tmp_path / "b")
     assert code == 3
     assert f"{uri}: not an MLflow model URI; expected models:/NAME/VERSION" in error_line(err)
+
+
+@pytest.mark.parametrize("uri, name", [("models:/wine-rf/3", "wine-rf"), ("models:/wine-rf@champion", "wine-rf"),
+                                       ("runs:/5c0f1e/models/forest", "forest")])
+def test_a_bundle_from_an_mlflow_uri_is_named_after_its_registered_model_or_logged_path(uri, name):
+    from convert.mlflow_io import default_name
+
+    assert default_name(uri) == name
+
+
+def test_the_conversion_report_becomes_mlflow_metrics_per_artifact():
+    from convert.mlflow_io import report_metrics
+
+    manifest = {"artifacts": [{"file": "model.int8.tflite", "size_bytes": 4096, "size_ratio": 0.26,
+                               "parity": {"metric_drop_points": 0.5, "label_agreement": 0.99, "mae": None}}]}
+    assert report_metrics(manifest) == {"model.int8.tflite.size_bytes": 4096.0, "model.int8.tflite.size_ratio": 0.26,
+                                        "model.int8.tflite.accuracy_drop_points": 0.5,
+                                        "model.int8.tflite.label_agreement": 0.99}
