@@ -66,10 +66,9 @@ def keras_to_onnx(source) -> bytes:
     """A Keras 3 model (or SavedModel) as ONNX bytes through tf2onnx."""
     import tensorflow as tf
     import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     from convert.tflite import quiet_native_stderr
-
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     spec = (tf.TensorSpec((None,) + tuple(source.input_shape), tf.float32, name="input"),)
     if source.framework == "tensorflow":

@@ -153,7 +153,8 @@ def convert_reference(kind: str, dataset: str, out_dir, quantize=None, formats=(
         model = train_keras_cnn(data)
         X_tr, X_te = digits_images(data.X_train), digits_images(data.X_test)
         result = to_bundle(model, out_dir, name=name, formats=formats, quantize=quantize, calibration=X_tr,
-                           holdout=(X_te, data.y_test), labels=data.labels, image={"scale": 1.0 / 16.0, "source_range": [0.0, 16.0]}, **kwargs)
+                           holdout=(X_te, data.y_test), labels=data.labels,
+                           image={"scale": 1.0 / 16.0, "source_range": [0.0, 16.0]}, **kwargs)
     elif kind == "mlp":
         model = train_keras_mlp(data)
         result = to_bundle(model, out_dir, name=name, formats=formats, quantize=quantize, calibration=data.X_train,

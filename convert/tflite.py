@@ -64,7 +64,8 @@ def to_tflite(source, quantization: str, calibration: np.ndarray | None, max_cal
     import tensorflow as tf
 
     if quantization not in TFLITE_QUANTIZATIONS:
-        raise InvalidInputError(f"unknown TFLite quantization {quantization!r}; choose from {', '.join(TFLITE_QUANTIZATIONS)}")
+        raise InvalidInputError(f"unknown TFLite quantization {quantization!r}; "
+                                f"choose from {', '.join(TFLITE_QUANTIZATIONS)}")
     conv = _converter(source)
     if quantization == "float16":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]

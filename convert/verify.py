@@ -100,7 +100,8 @@ class ArtifactRunner:
         shape = [int(x) for x in (sig if sig is not None and len(sig) else d["shape"])]
         scale, zp = d["quantization"]
         dtype = np.dtype(d["dtype"]).name
-        quant = {"scale": float(scale), "zero_point": int(zp)} if scale and dtype in ("int8", "uint8", "int16") else None
+        quantized = scale and dtype in ("int8", "uint8", "int16")
+        quant = {"scale": float(scale), "zero_point": int(zp)} if quantized else None
         return TensorSpec(d["name"], dtype, shape, quant)
 
     @property
@@ -169,7 +170,8 @@ def parity(source_out: np.ndarray, artifact_out: np.ndarray, y: np.ndarray | Non
         if y is not None:
             yi = _label_indices(y, classes)
             s_acc, a_acc = float((ls == yi).mean()), float((la == yi).mean())
-            result.update(source_metric=s_acc, artifact_metric=a_acc, metric_drop_points=round((s_acc - a_acc) * 100, 4) + 0.0)
+            result.update(source_metric=s_acc, artifact_metric=a_acc,
+                          metric_drop_points=round((s_acc - a_acc) * 100, 4) + 0.0)
         return result
     s, a = source_out.ravel(), artifact_out.ravel()
     result = {"n_samples": n, "metric": "r2", "mae": float(np.abs(s - a).mean()), "source_metric": None,

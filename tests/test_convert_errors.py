@@ -78,7 +78,8 @@ def test_transformer_only_pipeline_is_refused(tmp_path):
 def test_corrupt_pickle_with_trust(tmp_path):
     path = tmp_path / "model.joblib"
     path.write_bytes(b"not a pickle at all")
-    assert_one_line_error(convert(path, "--out", tmp_path / "b", "--trust-pickle"), 3, "model.joblib", "not a readable pickle")
+    assert_one_line_error(convert(path, "--out", tmp_path / "b", "--trust-pickle"), 3, "model.joblib",
+                          "not a readable pickle")
 
 
 def test_skops_file_with_foreign_types_needs_trust(tmp_path):
@@ -113,8 +114,8 @@ def test_output_dir_that_exists(forest_file, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert '"label_agreement": 1.0' in ok.stdout
     (tmp_path / "a-file").write_text("x")
-    assert_one_line_error(convert(path, "--out", tmp_path / "a-file", "--trust-pickle", "--holdout", holdout, "--force"),
-                          3, "a-file", "not a directory")
+    assert_one_line_error(convert(path, "--out", tmp_path / "a-file", "--trust-pickle", "--holdout", holdout,
+                                  "--force"), 3, "a-file", "not a directory")
 
 
 def test_unknown_quantization_is_a_usage_error(forest_file, tmp_path):

@@ -47,7 +47,8 @@ def test_keras_file_and_savedmodel_dir_convert(tmp_path, wine, small_keras):
     res = to_bundle(path, tmp_path / "b1", quantize=["none", "dynamic"], holdout=(wine.X_test, wine.y_test),
                     calibration=wine.X_train, normalization=norm)
     assert res.manifest["source"]["framework"] == "keras" and res.manifest["name"] == "wine"
-    assert res.manifest["source"]["sha256"] and len(open_bundle(res.path).artifacts) == 4  # tflite + onnx, none + dynamic
+    # tflite + onnx, none + dynamic
+    assert res.manifest["source"]["sha256"] and len(open_bundle(res.path).artifacts) == 4
 
     saved = tmp_path / "saved"
     model.export(saved, verbose=False)
@@ -83,7 +84,8 @@ def test_sklearn_regressor_pipeline_converts(tmp_path):
     ds = load_diabetes()
     X, y = ds.data.astype(np.float32), ds.target
     pipe = Pipeline([("scale", StandardScaler()),
-                     ("forest", RandomForestRegressor(n_estimators=20, max_depth=8, random_state=0))]).fit(X[:300], y[:300])
+                     ("forest", RandomForestRegressor(n_estimators=20, max_depth=8, random_state=0))])
+    pipe.fit(X[:300], y[:300])
     res = to_bundle(pipe, tmp_path / "reg", holdout=(X[300:], y[300:]), feature_names=ds.feature_names)
     (art,) = res.manifest["artifacts"]
     assert art["format"] == "onnx" and art["outputs"][0]["shape"] == [-1, 1]
