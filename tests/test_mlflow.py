@@ -168,10 +168,17 @@ def test_a_keras_model_by_its_alias_round_trips_through_tflite(registered_keras,
 
 
 @pytest.mark.slow
-def test_a_model_logged_in_a_run_converts_from_its_runs_uri(registered_sklearn, tmp_path, capsys):
+def test_a_model_logged_in_a_run_converts_from_its_runs_uri_and_leaves_no_download(registered_sklearn, tmp_path,
+                                                                                  capsys, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     uri = f"runs:/{registered_sklearn.run_id}/model"
     code, _, err = edgeops(capsys, "convert", uri, "--out", tmp_path / "b", "--holdout", registered_sklearn.holdout)
     assert code == 0, err
+    assert list(scratch.iterdir()) == []
     source = json.loads((tmp_path / "b" / "manifest.json").read_text())["source"]
     assert source["uri"] == uri and source["run_id"] == registered_sklearn.run_id
     assert source["model_version"] is None
