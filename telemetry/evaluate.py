@@ -233,8 +233,13 @@ def latency(windows: list[dict], p95: float, config: MonitorConfig, baseline_p95
 
 
 def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
-             baseline_p95: float | None = None, baseline_source: str = "first_windows") -> Evaluation:
-    """Run every detector on the merged recent windows of one device (or a fleet) and one model version."""
+             baseline_p95: float | None = None, baseline_source: str = "first_windows",
+             dependence_from: list[dict] | None = None) -> Evaluation:
+    """Run every detector on the merged recent windows of one device (or a fleet) and one model version.
+
+    ``dependence_from``: the windows the dependence between consecutive windows is estimated from, when
+    ``windows`` are already merged (a fleet's pooled statistics); by default ``windows`` themselves.
+    """
     profile = (manifest or {}).get("reference_profile") or {}
     ref = profile.get("features") or []
     edges = [f["bin_edges"] for f in ref] if ref else [[] for _ in (windows[0]["features"]["count"] if windows else [])]
@@ -245,7 +250,7 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
     err_rate = errors / count if count else 0.0
 
     if ref and count >= config.min_samples:
-        deff, deff_classes = dependence(windows, len(ref), config)
+        deff, deff_classes = dependence(windows if dependence_from is None else dependence_from, len(ref), config)
         drift, nan, scores = feature_drift(profile, fs, deff, config)
         verdicts += [drift, nan]
         pred = prediction_drift(profile, classes, effective_samples(float(classes.sum()), deff_classes, config.horizon)

@@ -36,9 +36,12 @@ from edge_runtime.wire import topic as wire_topic
 from telemetry import alerts as alerting
 from telemetry import store
 from telemetry.evaluate import Evaluation, MonitorConfig, Verdict, evaluate
+from telemetry.fleet_view import FleetView
 from telemetry.validation import check_against_profile
 
 FLEET_EVAL_SHARE = 4.0   # a fleet's merge: at most about 1 / (1 + 4) of evaluation time
+FLEET_DEVICE_MAX_AGE = 3600.0   # a device silent this long no longer counts in its fleet's verdict
+FLEET_RELOAD_S = 30.0           # shared workers reload their fleet view from the database this often
 
 log = logging.getLogger("edgeops.monitor")
 
@@ -128,6 +131,8 @@ class FleetMonitor:
         # meanwhile stays pending), so a large fleet's merge takes a bounded share of evaluation time
         self._fleet_due: dict[tuple[str, str, str], float] = {}
         self._fleet_pending: set[tuple[str, str, str]] = set()
+        self.fleet_view = FleetView()
+        self._fleet_loaded: dict[tuple[str, str, str], float] = {}
         self._stop = threading.Event()
         self._logged: set[tuple[str, str]] = set()
         self._threads: list[threading.Thread] = []
@@ -465,9 +470,7 @@ class FleetMonitor:
         cfg = self.config
         source = "first_windows"
         if device == "*":
-            n_devices = max(1, len([d for d in store.device_rows(self.engine) if d["fleet"] == fleet]))
-            recent = store.recent_windows(self.engine, fleet, None, name, version, cfg.recent_windows * n_devices)
-            baseline = None
+            return self._evaluate_fleet(fleet, name, version, manifest)
         else:
             recent = store.recent_windows(self.engine, fleet, device, name, version, cfg.recent_windows)
             # the baseline: the device's own `edgeops bench --publish` result for this version and artifact
@@ -480,6 +483,7 @@ class FleetMonitor:
                 baseline = sorted(first)[len(first) // 2] if len(first) >= cfg.baseline_windows else None
         if manifest is not None:
             recent = self._fitting(recent, manifest)
+            self.fleet_view.update(fleet, name, version, device, recent)
         if not recent:
             return []
         if manifest is None:
@@ -487,12 +491,40 @@ class FleetMonitor:
             # lengths nothing pins) are left out of the merge; latency and errors are still judged
             recent = [{**w, "features": _NO_FEATURES} for w in recent]
         ev: Evaluation = evaluate(recent, manifest, cfg, baseline_p95=baseline, baseline_source=source)
-        if device != "*":
-            self.stats.scores[(fleet, device)] = ev.feature_scores
-        else:
-            fleet_level = ("feature_drift", "prediction_drift", "missing_values", "confidence_drift")
-            ev.verdicts = [v for v in ev.verdicts if v.detector in fleet_level]
+        self.stats.scores[(fleet, device)] = ev.feature_scores
         return self._apply(fleet, device, name, version, ev.verdicts)
+
+    def _evaluate_fleet(self, fleet: str, name: str, version: str, manifest: dict | None) -> list[tuple[str, dict]]:
+        """The fleet's drift verdicts, from the pooled recent statistics of its devices (see FleetView): the
+        cost does not grow with the number of devices."""
+        if manifest is None:
+            return []          # fleet verdicts are about drift, which needs the bundle's reference profile
+        self._load_fleet_view(fleet, name, version)
+        self.fleet_view.expire(fleet, name, version, FLEET_DEVICE_MAX_AGE)
+        merged = self.fleet_view.merged(fleet, name, version)
+        if merged is None:
+            return []
+        ev = evaluate([merged], manifest, self.config,
+                      dependence_from=self.fleet_view.sample_windows(fleet, name, version))
+        fleet_level = ("feature_drift", "prediction_drift", "missing_values", "confidence_drift")
+        return self._apply(fleet, "*", name, version, [v for v in ev.verdicts if v.detector in fleet_level])
+
+    def _load_fleet_view(self, fleet: str, name: str, version: str) -> None:
+        """Fill the fleet view from the database for devices this process has not evaluated: at the first
+        fleet verdict, and, when workers share the stream (each evaluates only the devices it received),
+        every FLEET_RELOAD_S seconds."""
+        key = (fleet, name, version)
+        last = self._fleet_loaded.get(key)
+        if last is not None and (not self.share or time.monotonic() - last < FLEET_RELOAD_S):
+            return
+        self._fleet_loaded[key] = time.monotonic()
+        manifest = self._manifest({"name": name, "version": version})
+        for d in store.device_rows(self.engine):
+            if d["fleet"] != fleet or d["model_name"] != name or d["model_version"] != version:
+                continue
+            recent = store.recent_windows(self.engine, fleet, d["device_id"], name, version,
+                                          self.config.recent_windows)
+            self.fleet_view.update(fleet, name, version, d["device_id"], self._fitting(recent, manifest))
 
     def _apply(self, fleet: str, device: str, name: str, version: str,
                verdicts: list[Verdict]) -> list[tuple[str, dict]]:
