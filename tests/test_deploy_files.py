@@ -64,7 +64,7 @@ def test_the_dockerfile_has_an_agent_and_a_monitor_target_non_root_with_health_c
     assert "'edgeops[monitor]'" in stages["build-monitor"]
     # the agent's health check is the heartbeat the run loop touches
     assert "edge_runtime.sdnotify" in stages["agent"] and "EDGEOPS_HEARTBEAT_FILE" in stages["agent"]
-    assert "9100/metrics" in stages["monitor"]
+    assert "EDGEOPS_HEALTH_URL=http://127.0.0.1:9100/metrics" in stages["monitor"]
 
 
 def test_build_images_is_valid_bash_tags_the_version_and_downloads_binary_wheels():
