@@ -170,6 +170,7 @@ class DeviceAgent:
         self.bad_inputs = 0
         self._logged_bad: set[str] = set()
         self._scale_warned: set[tuple] = set()
+        self.last_window: dict | None = None
         if output_variants not in VARIANTS:
             raise ValueError(f"output_variants {output_variants!r}: one of {VARIANTS}")
         self.output_variants = output_variants
@@ -367,6 +368,7 @@ class DeviceAgent:
     def _spool_closed_windows(self, windows: list[dict], primary: bool = True) -> None:
         for w in windows:
             if primary:
+                self.last_window = w
                 self._report_losses(w)
                 self._check_scale(w)
                 p95 = LatencyHistogram.from_dict(w["latency_ms"]).quantile(0.95) if w["count"] else None
@@ -428,6 +430,25 @@ class DeviceAgent:
         self._spool_closed_windows(self.recorder.poll())
         if self.second_recorder is not None:
             self._spool_closed_windows(self.second_recorder.poll(), primary=False)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() or self._interrupted.is_set()
+
+    @property
+    def spool_depth(self) -> int | None:
+        """Windows not yet confirmed (None once the spool is closed)."""
+        try:
+            return len(self.spool)
+        except Exception:  # noqa: BLE001 - closed at stop
+            return None
+
+    @property
+    def spool_dropped(self) -> int | None:
+        try:
+            return self.spool.dropped
+        except Exception:  # noqa: BLE001
+            return None
 
     @property
     def output_counts(self) -> dict[str, dict]:

@@ -69,6 +69,8 @@ def _common_broker_options(f):
 @click.option("--confirm", type=click.Choice(["monitor", "broker"]), default="monitor", show_default=True,
               help="When a window leaves the spool: once the monitor confirms it is stored (end to end), or at "
                    "the broker's acknowledgement (for a deployment without an edgeops monitor).")
+@click.option("--http", "http_addr", metavar="[HOST]:PORT",
+              help="Serve the agent's own /metrics and /healthz here (e.g. :9101; HOST defaults to 127.0.0.1).")
 @click.option("--resend-after", type=float, default=30.0, show_default=True,
               help="Seconds before a window the monitor has not confirmed is sent again (doubling per attempt).")
 @click.option("--output", "outputs", multiple=True,
@@ -83,7 +85,8 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
             threads, public_key, allow_unsigned, skip_test_vectors, nan_policy, max_inferences, duration, accept_flash,
             rollback_windows,
             rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, rollback_rejected_rate, ab_bundle,
-            ab_split, shadow_bundle, compress, confirm, resend_after, outputs, output_variants, added_latency_ms,
+            ab_split, shadow_bundle, compress, confirm, http_addr, resend_after, outputs, output_variants,
+            added_latency_ms,
             username, password, ca_file, cert_file, key_file, topic_prefix):
     """Run BUNDLE on a stream of inputs and publish telemetry windows over MQTT.
 
@@ -148,6 +151,17 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    device_http = None
+    if http_addr:
+        from edge_runtime.device_http import DeviceHTTP
+
+        host, _, port = http_addr.rpartition(":")
+        try:
+            device_http = DeviceHTTP(agent, host or "127.0.0.1", int(port))
+        except (ValueError, OSError) as exc:
+            from edge_runtime.errors import InvalidInputError
+
+            raise InvalidInputError(f"--http {http_addr}: cannot serve there ({exc})") from None
     agent.start()
     # systemd (Type=notify, WatchdogSec=) and container health checks: a beat while the run loop progresses
     from edge_runtime import sdnotify
@@ -164,6 +178,8 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
         sdnotify.notify("STOPPING=1")
         watchdog.stop()
         left = agent.stop()
+        if device_http is not None:
+            device_http.close()
         if hasattr(samples, "close"):
             samples.close()
         if getattr(samples, "dropped", 0):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Callable
 from urllib.parse import parse_qs, unquote, urlparse
@@ -235,6 +236,7 @@ class MqttLink:
         self.client.on_message = self._handle_message
         self.client.on_connect_fail = self._handle_connect_fail
         self._nodes = NodeRotation(address)
+        self.last_contact: float | None = None     # wall time of the broker's last answer (for /metrics)
         self.refused: str | None = None
         self._stopping = False
 
@@ -321,6 +323,7 @@ class MqttLink:
             log.error("broker %s refused the connection: %s", self.address.url, reason_code)
             return
         self.refused = None
+        self.last_contact = time.time()
         log.info("%s to broker %s", "reconnected" if self._was_connected else "connected",
                  self.address.url if len(self.address.hosts) == 1 else "%s:%d" % self.node)
         self._was_connected = True
@@ -348,6 +351,7 @@ class MqttLink:
         self._next_node()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self.last_contact = time.time()
         ok = not getattr(reason_code, "is_failure", False)
         if not ok:
             log.error("broker refused message %s: %s", mid, reason_code)
