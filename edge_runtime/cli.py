@@ -37,7 +37,8 @@ def _common_broker_options(f):
 @click.option("--loop", is_flag=True, help="Replay the input file forever.")
 @click.option("--window-seconds", type=float, default=10.0, show_default=True, help="Close a window after S seconds.")
 @click.option("--window-size", type=int, help="Close a window after M inferences.")
-@click.option("--state-dir", type=click.Path(), help="Spool and identity (default: ~/.local/state/edgeops/<device-id>).")
+@click.option("--state-dir", type=click.Path(),
+              help="Spool and identity (default: ~/.local/state/edgeops/<device-id>).")
 @click.option("--artifact", help="Artifact file of the bundle to run (default: the bundle's choice).")
 @click.option("--threads", type=int, help="Inference threads.")
 @click.option("--public-key", type=click.Path(), help="Trusted Ed25519 key: refuse bundles it did not sign.")
@@ -111,30 +112,11 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
         return edge_runtime.load(path, artifact=artifact, threads=threads, public_key=public_key,
                                  nan_policy=nan_policy, verify_vectors=not skip_test_vectors)
 
-    if public_key and allow_unsigned:
-        raise click.UsageError("--public-key and --allow-unsigned: choose one")
-    slots = None
-    if accept_flash and not str(bundle).endswith((".tflite", ".onnx")):
-        from edge_runtime.flash import NO_TRUSTED_KEY, BundleSlots
-
-        if allow_unsigned:
-            log.warning("--allow-unsigned: this device takes unsigned bundles from anyone who may publish on its "
-                        "cmd topic")
-        elif public_key is None:
-            log.warning("flash commands will be refused (%s)", NO_TRUSTED_KEY)
-        slots = BundleSlots(state, public_key=public_key, allow_unsigned=allow_unsigned)
-        bundle = str(_choose_bundle(slots, bundle))
+    slots, bundle = _flash_slots(state, bundle, accept_flash, public_key, allow_unsigned)
     model = reload(bundle)
     model.added_latency_s = max(0.0, added_latency_ms) / 1000.0
     samples = samples_from(source, model, loop, broker=address, client_id=f"edgeops-{fleet}-{device_id}-input")
-    if ab_bundle and shadow_bundle:
-        raise click.UsageError("--ab and --shadow: choose one")
-    second = reload(ab_bundle or shadow_bundle) if (ab_bundle or shadow_bundle) else None
-    if second is not None:
-        second.added_latency_s = model.added_latency_s
-        if second.input_spec.shape != model.input_spec.shape:
-            raise click.UsageError(f"{ab_bundle or shadow_bundle} takes inputs of shape {second.input_spec.shape}, "
-                                   f"{bundle} takes {model.input_spec.shape}: they cannot share inputs")
+    second = _second_model(reload, model, bundle, ab_bundle, shadow_bundle)
     policy = RollbackPolicy(rollback_windows, rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate,
                             rollback_rejected_rate) if rollback_windows > 0 else None
     agent = DeviceAgent(model, device_id, fleet, address, state_dir=state, window_seconds=window_seconds,
@@ -151,17 +133,7 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    device_http = None
-    if http_addr:
-        from edge_runtime.device_http import DeviceHTTP
-
-        host, _, port = http_addr.rpartition(":")
-        try:
-            device_http = DeviceHTTP(agent, host or "127.0.0.1", int(port))
-        except (ValueError, OSError) as exc:
-            from edge_runtime.errors import InvalidInputError
-
-            raise InvalidInputError(f"--http {http_addr}: cannot serve there ({exc})") from None
+    device_http = _device_http(agent, http_addr)
     agent.start()
     # systemd (Type=notify, WatchdogSec=) and container health checks: a beat while the run loop progresses
     from edge_runtime import sdnotify
@@ -187,6 +159,51 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
                         samples.dropped, samples.received)
     log.info("%d inferences, %d bad inputs, %d windows left in the spool", agent.inferences, agent.bad_inputs, left)
     sys.exit(0)
+
+
+def _flash_slots(state, bundle, accept_flash: bool, public_key, allow_unsigned: bool):
+    """The device's bundle slots when it takes flashes (None otherwise), and the bundle to run."""
+    if public_key and allow_unsigned:
+        raise click.UsageError("--public-key and --allow-unsigned: choose one")
+    if not accept_flash or str(bundle).endswith((".tflite", ".onnx")):
+        return None, bundle
+    from edge_runtime.flash import NO_TRUSTED_KEY, BundleSlots
+
+    if allow_unsigned:
+        log.warning("--allow-unsigned: this device takes unsigned bundles from anyone who may publish on its "
+                    "cmd topic")
+    elif public_key is None:
+        log.warning("flash commands will be refused (%s)", NO_TRUSTED_KEY)
+    slots = BundleSlots(state, public_key=public_key, allow_unsigned=allow_unsigned)
+    return slots, str(_choose_bundle(slots, bundle))
+
+
+def _second_model(reload, model, bundle, ab_bundle, shadow_bundle):
+    """The --ab or --shadow bundle, loaded, which must take the same inputs (None without one)."""
+    if ab_bundle and shadow_bundle:
+        raise click.UsageError("--ab and --shadow: choose one")
+    if not (ab_bundle or shadow_bundle):
+        return None
+    second = reload(ab_bundle or shadow_bundle)
+    second.added_latency_s = model.added_latency_s
+    if second.input_spec.shape != model.input_spec.shape:
+        raise click.UsageError(f"{ab_bundle or shadow_bundle} takes inputs of shape {second.input_spec.shape}, "
+                               f"{bundle} takes {model.input_spec.shape}: they cannot share inputs")
+    return second
+
+
+def _device_http(agent, http_addr: str | None):
+    """The agent's /metrics and /healthz server when --http is given."""
+    if not http_addr:
+        return None
+    from edge_runtime.device_http import DeviceHTTP
+    from edge_runtime.errors import InvalidInputError
+
+    host, _, port = http_addr.rpartition(":")
+    try:
+        return DeviceHTTP(agent, host or "127.0.0.1", int(port))
+    except (ValueError, OSError) as exc:
+        raise InvalidInputError(f"--http {http_addr}: cannot serve there ({exc})") from None
 
 
 def _choose_bundle(slots, given):
