@@ -95,7 +95,9 @@ class Evaluation:
     error_rate: float
 
 
-def merge_windows(windows: list[dict], edges: list[list[float]]) -> tuple[FeatureStats, LatencyHistogram, np.ndarray | None, int, int]:
+def merge_windows(
+    windows: list[dict], edges: list[list[float]]
+) -> tuple[FeatureStats, LatencyHistogram, np.ndarray | None, int, int]:
     fs = merge_many_feature_dicts([w["features"] for w in windows], edges)
     lat = None
     classes = None
@@ -124,7 +126,46 @@ def dependence(windows: list[dict], n_features: int, config: MonitorConfig) -> t
     return deff[:n_features], float(deff[n_features]) if with_classes else float(np.median(deff))
 
 
-def feature_drift(profile: dict, fs: FeatureStats, deff: np.ndarray, config: MonitorConfig) -> tuple[Verdict, Verdict, dict]:
+def _effective_scale(fs: FeatureStats, deff: np.ndarray, config: MonitorConfig) -> np.ndarray:
+    """Per feature, the factor taking its counts to its effective sample size (capped at the horizon)."""
+    m = fs.count.astype(np.float64)
+    return np.where(m > 0, np.minimum(m / np.maximum(deff, 1.0), config.horizon) / np.maximum(m, 1.0), 0.0)
+
+
+def _significant(chi2_p: np.ndarray, ks_p: np.ndarray, level: float, config: MonitorConfig) -> np.ndarray:
+    """Features whose chi-square (or, when turned on, binned KS) test rejects at `level` after correction."""
+    correct = benjamini_hochberg if config.correction == "bh" else bonferroni
+    sig = np.asarray(correct(chi2_p.tolist(), level), dtype=bool)
+    if config.ks_alpha:
+        sig |= ks_p * len(ks_p) < (level / config.alpha if config.alpha > 0 else 1.0) * config.ks_alpha
+    return sig
+
+
+def _psi_noise(ref: list[dict], current: list[list[float]], n_current: np.ndarray) -> np.ndarray:
+    """The PSI two finite samples of one distribution show on average: (bins - 1) (1/n_ref + 1/n)."""
+    n_ref = np.array([max(1.0, float(sum(f["hist"]))) for f in ref])
+    bins = np.array([sum(1 for a, b in zip(f["hist"], c, strict=True) if a or b)
+                     for f, c in zip(ref, current, strict=True)])
+    return np.maximum(bins - 1, 0) * (1 / n_ref + 1 / np.maximum(n_current, 1.0))
+
+
+def _missing_values(ref: list[dict], fs: FeatureStats, config: MonitorConfig) -> Verdict:
+    """The missing_values verdict: features whose NaN rate rose by ``missing_increase`` or more."""
+    md = MissingRateDetector(config.missing_increase, min_count=config.min_samples // 2)
+    missing, excess = [], []
+    for i, f in enumerate(ref):
+        md.update(f.get("nan_rate", 0.0), int(fs.count[i]), int(fs.nan[i]))
+        excess.append(md.rate - md.ref_rate if md.seen >= md.min_count else 0.0)
+        if md.drift_detected:
+            missing.append(f["name"])
+    worst = float(max((fs.nan[i] / max(1, fs.nan[i] + fs.count[i]) for i in range(len(ref))), default=0.0))
+    return Verdict("missing_values", bool(missing), worst, missing, clear=max(excess, default=0.0) <
+                   config.close_ratio * config.missing_increase, hold_s=config.min_open_seconds)
+
+
+def feature_drift(
+    profile: dict, fs: FeatureStats, deff: np.ndarray, config: MonitorConfig
+) -> tuple[Verdict, Verdict, dict]:
     """The feature_drift and missing_values verdicts, and PSI per feature."""
     ref = profile["features"]
     names = [f["name"] for f in ref]
@@ -132,28 +173,19 @@ def feature_drift(profile: dict, fs: FeatureStats, deff: np.ndarray, config: Mon
     floor_a = np.asarray(floor)
     m = fs.count.astype(np.float64)
     # the tests see each feature's counts scaled to its effective sample size; shares, hence PSI, stay
-    scale = np.where(m > 0, np.minimum(m / np.maximum(deff, 1.0), config.horizon) / np.maximum(m, 1.0), 0.0)
-    current = [(np.asarray(h, dtype=np.float64) * s).tolist() for h, s in zip(fs.histograms(), scale)]
+    scale = _effective_scale(fs, deff, config)
+    current = [(np.asarray(h, dtype=np.float64) * s).tolist() for h, s in zip(fs.histograms(), scale, strict=True)]
     psi, chi2_p, ks_p = feature_tests([f["hist"] for f in ref], current)
-    correct = benjamini_hochberg if config.correction == "bh" else bonferroni
-
-    def significant(level: float) -> np.ndarray:
-        sig = np.asarray(correct(chi2_p.tolist(), level), dtype=bool)
-        if config.ks_alpha:
-            sig |= ks_p * len(ks_p) < (level / config.alpha if config.alpha > 0 else 1.0) * config.ks_alpha
-        return sig
-
-    # PSI of two finite samples of one distribution is about (bins - 1) (1/n_ref + 1/n) on average, not 0:
-    # the floor applies to what the change adds beyond that, so a small reference's noise is not an effect
-    n_ref = np.array([max(1.0, float(sum(f["hist"]))) for f in ref])
-    bins = np.array([sum(1 for a, b in zip(f["hist"], c) if a or b) for f, c in zip(ref, current)])
-    noise = np.maximum(bins - 1, 0) * (1 / n_ref + 1 / np.maximum(m * scale, 1.0))
-    flagged = significant(config.alpha) & (psi - noise >= floor_a)
-    holding = significant(config.hold_alpha) & (psi >= config.close_ratio * floor_a)
-    scores = {n: round(float(p), 4) for n, p in zip(names, psi)}
-    chosen = [n for n, f in zip(names, flagged) if f]
+    significant = _significant(chi2_p, ks_p, config.alpha, config)
+    # the floor applies to what the change adds beyond the sampling noise, so a small reference's noise
+    # is not an effect
+    noise = _psi_noise(ref, current, m * scale)
+    flagged = significant & (psi - noise >= floor_a)
+    holding = _significant(chi2_p, ks_p, config.hold_alpha, config) & (psi >= config.close_ratio * floor_a)
+    scores = {n: round(float(p), 4) for n, p in zip(names, psi, strict=True)}
+    chosen = [n for n, f in zip(names, flagged, strict=True) if f]
     detail = {"psi": {n: scores[n] for n in chosen}, "floors": {n: floor[names.index(n)] for n in chosen},
-              "significant": [n for n, s in zip(names, significant(config.alpha)) if s],
+              "significant": [n for n, s in zip(names, significant, strict=True) if s],
               "min_p_value": float(min(chi2_p.min(), ks_p.min())) if len(names) else 1.0,
               "design_effect": round(float(np.median(deff)), 3) if len(deff) else 1.0,
               "design_effect_max": round(float(deff.max()), 3) if len(deff) else 1.0,
@@ -161,17 +193,7 @@ def feature_drift(profile: dict, fs: FeatureStats, deff: np.ndarray, config: Mon
               "moments": moments(ref, fs, chosen, config), "threshold_problems": problems}
     drift = Verdict("feature_drift", bool(chosen), float(psi.max()) if len(names) else 0.0, chosen, detail,
                     clear=not holding.any(), hold_s=config.min_open_seconds)
-    md = MissingRateDetector(config.missing_increase, min_count=config.min_samples // 2)
-    missing, excess = [], []
-    for i, f in enumerate(ref):
-        md.update(f.get("nan_rate", 0.0), int(fs.count[i]), int(fs.nan[i]))
-        excess.append(md.rate - md.ref_rate if md.seen >= md.min_count else 0.0)
-        if md.drift_detected:
-            missing.append(names[i])
-    worst = float(max((fs.nan[i] / max(1, fs.nan[i] + fs.count[i]) for i in range(len(ref))), default=0.0))
-    nan = Verdict("missing_values", bool(missing), worst, missing, clear=max(excess, default=0.0) <
-                  config.close_ratio * config.missing_increase, hold_s=config.min_open_seconds)
-    return drift, nan, scores
+    return drift, _missing_values(ref, fs, config), scores
 
 
 def moments(ref: list[dict], fs: FeatureStats, flagged: list[str], config: MonitorConfig) -> dict:
@@ -232,6 +254,19 @@ def latency(windows: list[dict], p95: float, config: MonitorConfig, baseline_p95
     return Verdict("latency", bool(reasons), p95, [], {"p95_ms": p95, **reasons}, hold_s=config.min_open_seconds)
 
 
+def _drift_verdicts(profile: dict, windows: list[dict], fs: FeatureStats, classes: np.ndarray | None,
+                    config: MonitorConfig, dependence_from: list[dict] | None) -> tuple[list[Verdict], dict]:
+    """The verdicts on what the inputs and predictions look like (feature, missing values, prediction and
+    confidence drift), and PSI per feature."""
+    deff, deff_classes = dependence(windows if dependence_from is None else dependence_from,
+                                    len(profile["features"]), config)
+    drift, nan, scores = feature_drift(profile, fs, deff, config)
+    n_eff = effective_samples(float(classes.sum()), deff_classes, config.horizon) if classes is not None else 0.0
+    pred = prediction_drift(profile, classes, n_eff, config)
+    conf = confidence_drift(profile, windows, deff_classes, config)
+    return [drift, nan] + [v for v in (pred, conf) if v is not None], scores
+
+
 def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
              baseline_p95: float | None = None, baseline_source: str = "first_windows",
              dependence_from: list[dict] | None = None) -> Evaluation:
@@ -250,16 +285,7 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
     err_rate = errors / count if count else 0.0
 
     if ref and count >= config.min_samples:
-        deff, deff_classes = dependence(windows if dependence_from is None else dependence_from, len(ref), config)
-        drift, nan, scores = feature_drift(profile, fs, deff, config)
-        verdicts += [drift, nan]
-        pred = prediction_drift(profile, classes, effective_samples(float(classes.sum()), deff_classes, config.horizon)
-                                if classes is not None else 0.0, config)
-        if pred is not None:
-            verdicts.append(pred)
-        conf = confidence_drift(profile, windows, deff_classes, config)
-        if conf is not None:
-            verdicts.append(conf)
+        verdicts, scores = _drift_verdicts(profile, windows, fs, classes, config, dependence_from)
     if ref and windows:
         rng = out_of_range(profile, windows, config)
         if rng is not None:
