@@ -110,6 +110,23 @@ def test_the_compose_stack_has_every_service_with_the_built_images_and_existing_
     assert re.search(r"^persistence true", conf, re.M)
 
 
+def _compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return None
+
+
+@pytest.mark.skipif(_compose_command() is None, reason="neither docker compose nor docker-compose is installed")
+def test_compose_reads_the_stack():
+    res = subprocess.run([*_compose_command(), "-f", str(DEPLOY / "compose.yaml"), "config"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "EDGEOPS_AGENTS": "5"})
+    assert res.returncode == 0, res.stderr
+    services = yaml.safe_load(res.stdout)["services"]
+    assert services["agent"]["deploy"]["replicas"] == 5 and services["agent"]["image"] == IMAGES["agent"]
+
+
 def test_prometheus_scrapes_the_monitor_and_grafana_is_provisioned_with_it():
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
