@@ -46,8 +46,9 @@ def apply(engine: Engine, fleet: str, device: str, model_name: str, model_versio
                     fleet=fleet, device_id=device, model_name=model_name, model_version=model_version,
                     detector=verdict.detector, open=True, statistic=verdict.statistic, features=features,
                     detail=detail, opened_at=now, closed_at=None, clean_evaluations=0,
-                ).on_conflict_do_nothing(index_elements=["fleet", "device_id", "model_name", "model_version", "detector"]
-                                         ).returning(t.c.id)
+                ).on_conflict_do_nothing(
+                    index_elements=["fleet", "device_id", "model_name", "model_version", "detector"]
+                ).returning(t.c.id)
                 return "opened" if conn.execute(stmt).first() is not None else None
             if not row.open:
                 res = conn.execute(update(t).where(t.c.id == row.id, t.c.open.is_(False)).values(

@@ -49,11 +49,13 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
               help="Refused messages kept (raw bytes, topic, reason) in the quarantine table; the newest.")
 @click.option("--no-confirm", is_flag=True,
               help="Do not acknowledge committed windows to the devices (they then resend until a monitor does).")
-@click.option("--bundle", "bundle_paths", multiple=True, type=click.Path(), help="A bundle whose reference profile drift is measured against (repeatable).")
+@click.option("--bundle", "bundle_paths", multiple=True, type=click.Path(),
+              help="A bundle whose reference profile drift is measured against (repeatable).")
 @click.option("--bundles", "bundles_dir", type=click.Path(), help="A folder of bundles.")
 @click.option("--webhook", help="POST alert openings and closings as JSON to this URL.")
 @click.option("--retention-days", type=float, default=30.0, show_default=True, help="Delete windows older than this.")
-@click.option("--recent-windows", type=int, default=10, show_default=True, help="Sliding window: the most recent N windows per device.")
+@click.option("--recent-windows", type=int, default=10, show_default=True,
+              help="Sliding window: the most recent N windows per device.")
 @click.option("--min-samples", type=int, default=200, show_default=True, help="No drift verdict on fewer inferences.")
 @click.option("--alpha", type=float, default=0.01, show_default=True, help="Per-feature test level after correction.")
 @click.option("--correction", type=click.Choice(["bh", "bonferroni"]), default="bh", show_default=True)
@@ -62,7 +64,8 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
                    "a bundle's drift_thresholds override it per bundle and per feature.")
 @click.option("--ks-alpha", type=float, default=0.01, show_default=True,
               help="Level of the binned KS test across features (Bonferroni); 0 turns that path off.")
-@click.option("--latency-factor", type=float, default=1.5, show_default=True, help="p95 above its baseline by this factor alerts.")
+@click.option("--latency-factor", type=float, default=1.5, show_default=True,
+              help="p95 above its baseline by this factor alerts.")
 @click.option("--latency-min-increase-ms", type=float, default=1.0, show_default=True,
               help="A regression must also raise p95 by at least this much over its baseline.")
 @click.option("--latency-sustain", type=int, default=3, show_default=True,
@@ -78,13 +81,16 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
               help="An open drift alert holds while its change is significant at this level ...")
 @click.option("--close-ratio", type=float, default=0.5, show_default=True,
               help="... and its effect is at least this share of the opening threshold.")
-@click.option("--min-open-seconds", type=float, default=60.0, show_default=True, help="An alert stays open at least this long.")
+@click.option("--min-open-seconds", type=float, default=60.0, show_default=True,
+              help="An alert stays open at least this long.")
 @click.option("--rejected-rate", type=float, default=0.05, show_default=True,
               help="Alert when more than this share of a device's attempted inferences were refused ...")
-@click.option("--rejected-min-attempts", type=int, default=100, show_default=True, help="... once this many were attempted.")
+@click.option("--rejected-min-attempts", type=int, default=100, show_default=True,
+              help="... once this many were attempted.")
 @click.option("--confidence-min-psi", type=float, default=0.1, show_default=True,
               help="Confidence drift: the top-class probabilities' PSI against the holdout's must reach this ...")
-@click.option("--confidence-alpha", type=float, default=0.001, show_default=True, help="... and be significant at this level.")
+@click.option("--confidence-alpha", type=float, default=0.001, show_default=True,
+              help="... and be significant at this level.")
 @click.option("--out-of-range-rate", type=float, default=0.25, show_default=True,
               help="Alert when a feature has this share of its values outside the calibration data's range.")
 @click.option("--username", help="MQTT username.")
@@ -92,9 +98,10 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--ca", "ca_file", type=click.Path(), help="CA certificate for mqtts://.")
 @click.option("--topic-prefix", default="edgeops", show_default=True)
 @click.option("--duration", type=float, help="Stop after S seconds (default: run until interrupted).")
-def monitor_cmd(broker, fleet, db, http, share, client_id, max_clock_skew, quarantine_keep, no_confirm, bundle_paths, bundles_dir, webhook, retention_days,
-                recent_windows, min_samples, alpha, correction, psi_threshold, ks_alpha, latency_factor, latency_min_increase_ms, latency_sustain,
-                latency_slo_ms, error_rate, close_after, username, password, ca_file, topic_prefix, duration, **judgments):
+def monitor_cmd(broker, fleet, db, http, share, client_id, max_clock_skew, quarantine_keep, no_confirm, bundle_paths,
+                bundles_dir, webhook, retention_days, recent_windows, min_samples, alpha, correction, psi_threshold,
+                ks_alpha, latency_factor, latency_min_increase_ms, latency_sustain, latency_slo_ms, error_rate,
+                close_after, username, password, ca_file, topic_prefix, duration, **judgments):
     """Consume fleet telemetry: validate, store, detect drift and latency regressions, alert."""
     from edge_runtime.mqtt import parse_broker_url
     from telemetry import store
@@ -104,7 +111,8 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, max_clock_skew, quara
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = MonitorConfig(recent_windows=recent_windows, min_samples=min_samples, alpha=alpha, correction=correction,
                            psi_threshold=psi_threshold, ks_alpha=ks_alpha or None, latency_factor=latency_factor,
-                           latency_min_increase_ms=latency_min_increase_ms, latency_sustain=latency_sustain, latency_slo_ms=latency_slo_ms,
+                           latency_min_increase_ms=latency_min_increase_ms, latency_sustain=latency_sustain,
+                           latency_slo_ms=latency_slo_ms,
                            error_rate=error_rate, close_after=close_after, **judgments)
     address = parse_broker_url(broker, username, password, ca_file)
     try:

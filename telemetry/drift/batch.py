@@ -31,7 +31,7 @@ def feature_tests(reference: Sequence[Sequence[float]], current: Sequence[Sequen
     """(PSI, chi-square p-value, binned KS p-value) per feature, for histograms on the same bins."""
     if len(reference) != len(current):
         raise ValueError(f"{len(reference)} reference and {len(current)} current histograms")
-    for i, (r, c) in enumerate(zip(reference, current)):
+    for i, (r, c) in enumerate(zip(reference, current, strict=True)):
         if len(r) != len(c):
             raise ValueError(f"feature {i}: histograms have {len(r)} and {len(c)} bins")
     f = len(reference)

@@ -27,7 +27,7 @@ True
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import chdtrc   # the chi-square survival function, without rv_continuous overhead
+from scipy.special import chdtrc  # the chi-square survival function, without rv_continuous overhead
 
 from telemetry.drift import PValueDetector
 

@@ -97,7 +97,7 @@ def design_effects(windows: Sequence[Sequence[Sequence[float]]], devices: Sequen
     width = max((len(h) for w in windows for h in w), default=0)
     hists = np.array([[list(h) + [0] * (width - len(h)) for h in w] for w in windows], dtype=np.float64)
     paired = np.ones(len(windows) - 1, dtype=bool) if devices is None else \
-        np.array([a == b for a, b in zip(devices, devices[1:])])
+        np.array([a == b for a, b in zip(devices, devices[1:], strict=False)])
     if not paired.any():
         return np.ones(cols)
     R, D = _pair_ratios(hists[:-1][paired], hists[1:][paired])           # (pairs, columns)
