@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -324,3 +326,36 @@ def test_the_watchdog_beats_while_progress_changes_and_stops_when_it_stalls(tmp_
 def test_the_docker_marker_is_registered():
     markers = PYPROJECT.split("markers = [", 1)[1].split("]", 1)[0]
     assert re.search(r'^\s+"docker: ', markers, re.M)
+
+
+@pytest.mark.slow
+def test_edgeops_run_tells_systemd_it_is_ready_beats_and_stops(tmp_path, session_mosquitto, bc_rf_bundle,
+                                                             reference_data):
+    import numpy as np
+
+    inputs = tmp_path / "inputs.npy"
+    np.save(inputs, reference_data["breast_cancer"].X_train[:50])
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.settimeout(60)
+        env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000",
+               "EDGEOPS_HEARTBEAT_FILE": str(tmp_path / "beat")}
+        env.pop("WATCHDOG_PID", None)
+        proc = subprocess.Popen([sys.executable, "-m", "edgeops", "run", str(bc_rf_bundle), "--device-id", "sd-1",
+                                 "--broker", session_mosquitto.url, "--input", str(inputs), "--loop", "--rate", "20",
+                                 "--state-dir", str(tmp_path / "state"), "--confirm", "broker", "--no-flash"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            seen = []
+            while seen.count(b"WATCHDOG=1") < 2:
+                seen.append(server.recv(100))
+            assert b"READY=1" in seen and set(seen) <= {b"READY=1", b"WATCHDOG=1"}, seen
+            assert sdnotify.check(str(tmp_path / "beat"), 30) == 0
+            proc.send_signal(signal.SIGTERM)
+            while server.recv(100) != b"STOPPING=1":
+                pass
+            assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+        finally:
+            proc.kill()
+            proc.wait()
