@@ -67,7 +67,7 @@ def containers():
     for cid in started:
         logs = _docker("logs", "--tail", "30", cid, check=False)
         print(f"--- {cid[:12]}\n{logs.stdout[-2000:]}{logs.stderr[-3000:]}")
-        _docker("rm", "-f", cid, check=False)
+        _docker("rm", "-f", "-v", cid, check=False)  # -v: the anonymous state volume too
 
 
 def test_the_agent_image_is_the_runtime_alone_and_runs_as_a_user(images):
