@@ -165,11 +165,7 @@ def start_monitor(out: Path, broker_url: str, db: str, bundles: list[Path], http
 
 def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
     """The fleet part; False when it ends in a wrong verdict, ChildProcessDied when a child it needs dies."""
-    from devices.broker import AmqttBroker, BrokerUnavailable, free_port, start_broker
-    from devices.emulate import EmulatedFleet, replay_data
-    from devices.flash import RolloutRunner, new_rollout
-    from edge_runtime.mqtt import parse_broker_url
-    from telemetry import store
+    from devices.broker import AmqttBroker, BrokerUnavailable, start_broker
 
     try:
         broker = start_broker(out / "broker", prefer=broker_kind)
@@ -186,74 +182,17 @@ def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
     try:
         v1, v2, pub = _signed_versions(out)
         db = f"sqlite:///{(out / 'monitor.db').resolve()}"
-        http_port = free_port()
-        _say(f"broker {broker.url}; starting the monitor (SQLite {out / 'monitor.db'}, dashboard "
-             f"http://127.0.0.1:{http_port}/)")
-        procs.append(start_monitor(out, broker.url, db, [v1, v2], http_port, children))
-        n = 20
+        procs.append(_start_demo_monitor(out, broker.url, db, [v1, v2], children))
         rate, window = (40.0, 40) if quick else (20.0, 50)
-        _say(f"starting an emulated fleet of {n} devices on {v1.name} (signature checked with {pub.name}), "
-             f"{rate:g} inferences/s each, a window every {window} inferences")
-
-        def show(doc):
-            if doc.get("event") in ("started", "drift", "device_failed"):
-                _say(f"fleet: {doc['event']} " + ", ".join(doc.get("devices") or [doc.get("device", "")]))
-
-        fleet = EmulatedFleet(v1, broker.url, n, replay_data(v1, "breast_cancer", None), out / "fleet-state",
-                              fleet="demo", per_process=10, rate=rate, window_size=window, public_key=str(pub),
-                              # 20 emulated devices share this machine's cores with the health checks of a
-                              # whole wave: judge latency after a flash with a wider margin than a real device
-                              rollback={"windows": 3, "latency_factor": 3.0, "min_increase_ms": 5.0},   # as the monitor's
-                              on_event=show, supervisor=children).start()
+        fleet = _start_demo_fleet(out, broker.url, v1, pub, rate, window, children)
         if not fleet.wait_started(180):
             _say("the emulated devices did not start in time")
             return False
         children.sleep(window / rate * 2)
-        address = parse_broker_url(broker.url)
-        rollout = new_rollout(v2, "demo", fleet.devices, 0.1, 2, 2, public_key=str(pub))
-        _say(f"rolling out {v2.name} with a canary: {', '.join(rollout.groups[0])} first, then "
-             f"{len(rollout.groups) - 1} waves")
-        r = children.call(RolloutRunner(address, rollout, out / "rollout.json", flash_timeout=120,
-                                        window_timeout=120, public_key=str(pub), progress=_say).run)
-        if r.phase != "done":
-            _say(f"the rollout did not finish: {r.reason}")
+        if not _canary_rollout(out, broker.url, v2, pub, fleet.devices, children):
             return False
-        for dev, params in DRIFTS.items():
-            fleet.inject("drift", [dev], **params)
-        injected = ", ".join(f"{d} ({p['shift']})" for d, p in DRIFTS.items())
-        _say(f"injected drift on {injected}; waiting for the monitor")
-        engine = store.connect(db)
-
-        def flagged() -> dict[str, list]:
-            found: dict[str, list] = {}
-            for a in store.open_alerts(engine, "demo"):
-                if a["detector"] in DRIFT_DETECTORS and a["device_id"] != "*":   # "*": the fleet as a whole
-                    found.setdefault(a["device_id"], []).append(a)
-            return found
-
-        children.wait(lambda: set(DRIFTS) <= set(flagged()), 90 if quick else 150, interval=1.0)
-        children.sleep(window / rate * 2)   # a little longer: clean devices must stay clean
-        found = flagged()
-        click.echo()
-        click.echo(f"{'device':<10}{'version':<9}{'detector':<18}{'statistic':>10}  features")
-        for dev in sorted(found):
-            for a in found[dev]:
-                feats = ", ".join(a["features"][:6]) + (" ..." if len(a["features"]) > 6 else "")
-                click.echo(f"{dev:<10}{a['model_version']:<9}{a['detector']:<18}{a['statistic'] or 0:>10.3f}  {feats}")
-        ok = set(found) == set(DRIFTS)
-        verdict = "the injected devices and only them" if ok else (
-            f"MISMATCH: injected {sorted(DRIFTS)}, flagged {sorted(found)}")
-        _say(f"flagged: {', '.join(sorted(found)) or 'nobody'} -> {verdict}")
-        (out / "flagged.json").write_text(json.dumps(
-            {"injected": DRIFTS, "flagged": {d: [{k: a[k] for k in ("detector", "features", "statistic",
-                                                                     "model_version")} for a in v]
-                                             for d, v in found.items()}, "ok": ok}, indent=2, default=float))
-        from telemetry.report import write_report
-
-        for suffix in ("png", "html"):
-            write_report(db, out / f"report.{suffix}")
-        _say(f"report written: {out / 'report.png'} and {out / 'report.html'}")
-        engine.dispose()
+        ok = _flag_drift(out, db, fleet, 90 if quick else 150, window / rate * 2, children)
+        _write_reports(out, db)
         return ok
     finally:
         if fleet is not None:
@@ -261,3 +200,107 @@ def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
         for p in procs:
             stop_process(p)
         broker.stop()
+
+
+def _start_demo_monitor(out: Path, broker_url: str, db: str, bundles: list[Path],
+                        children: Supervisor) -> subprocess.Popen:
+    """The monitor on the demo's SQLite database, its dashboard on a free port."""
+    from devices.broker import free_port
+
+    http_port = free_port()
+    _say(f"broker {broker_url}; starting the monitor (SQLite {out / 'monitor.db'}, dashboard "
+         f"http://127.0.0.1:{http_port}/)")
+    return start_monitor(out, broker_url, db, bundles, http_port, children)
+
+
+def _start_demo_fleet(out: Path, broker_url: str, v1: Path, pub: Path, rate: float, window: int,
+                      children: Supervisor):
+    """Twenty emulated devices on bundle ``v1``, replaying Breast Cancer rows (started, not yet running)."""
+    from devices.emulate import EmulatedFleet, replay_data
+
+    n = 20
+    _say(f"starting an emulated fleet of {n} devices on {v1.name} (signature checked with {pub.name}), "
+         f"{rate:g} inferences/s each, a window every {window} inferences")
+
+    def show(doc):
+        if doc.get("event") in ("started", "drift", "device_failed"):
+            _say(f"fleet: {doc['event']} " + ", ".join(doc.get("devices") or [doc.get("device", "")]))
+
+    return EmulatedFleet(v1, broker_url, n, replay_data(v1, "breast_cancer", None), out / "fleet-state",
+                         fleet="demo", per_process=10, rate=rate, window_size=window, public_key=str(pub),
+                         # 20 emulated devices share this machine's cores with the health checks of a
+                         # whole wave: judge latency after a flash with a wider margin than a real device
+                         rollback={"windows": 3, "latency_factor": 3.0, "min_increase_ms": 5.0},  # as the monitor's
+                         on_event=show, supervisor=children).start()
+
+
+def _canary_rollout(out: Path, broker_url: str, v2: Path, pub: Path, devices: list[str],
+                    children: Supervisor) -> bool:
+    """Roll ``v2`` out with a canary then two waves; False when the rollout does not finish."""
+    from devices.flash import RolloutRunner, new_rollout
+    from edge_runtime.mqtt import parse_broker_url
+
+    address = parse_broker_url(broker_url)
+    rollout = new_rollout(v2, "demo", devices, 0.1, 2, 2, public_key=str(pub))
+    _say(f"rolling out {v2.name} with a canary: {', '.join(rollout.groups[0])} first, then "
+         f"{len(rollout.groups) - 1} waves")
+    r = children.call(RolloutRunner(address, rollout, out / "rollout.json", flash_timeout=120,
+                                    window_timeout=120, public_key=str(pub), progress=_say).run)
+    if r.phase != "done":
+        _say(f"the rollout did not finish: {r.reason}")
+        return False
+    return True
+
+
+def _flag_drift(out: Path, db: str, fleet, timeout: float, settle: float, children: Supervisor) -> bool:
+    """Inject :data:`DRIFTS`, wait for the monitor's alerts, print and save them (OUT/flagged.json).
+
+    True when exactly the injected devices are flagged, after ``settle`` more seconds for clean
+    devices to prove they stay clean.
+    """
+    from telemetry import store
+
+    for dev, params in DRIFTS.items():
+        fleet.inject("drift", [dev], **params)
+    injected = ", ".join(f"{d} ({p['shift']})" for d, p in DRIFTS.items())
+    _say(f"injected drift on {injected}; waiting for the monitor")
+    engine = store.connect(db)
+
+    def flagged() -> dict[str, list]:
+        found: dict[str, list] = {}
+        for a in store.open_alerts(engine, "demo"):
+            if a["detector"] in DRIFT_DETECTORS and a["device_id"] != "*":   # "*": the fleet as a whole
+                found.setdefault(a["device_id"], []).append(a)
+        return found
+
+    children.wait(lambda: set(DRIFTS) <= set(flagged()), timeout, interval=1.0)
+    children.sleep(settle)   # a little longer: clean devices must stay clean
+    found = flagged()
+    _print_flagged(found)
+    ok = set(found) == set(DRIFTS)
+    verdict = "the injected devices and only them" if ok else (
+        f"MISMATCH: injected {sorted(DRIFTS)}, flagged {sorted(found)}")
+    _say(f"flagged: {', '.join(sorted(found)) or 'nobody'} -> {verdict}")
+    (out / "flagged.json").write_text(json.dumps(
+        {"injected": DRIFTS, "flagged": {d: [{k: a[k] for k in ("detector", "features", "statistic",
+                                                                 "model_version")} for a in v]
+                                         for d, v in found.items()}, "ok": ok}, indent=2, default=float))
+    engine.dispose()
+    return ok
+
+
+def _print_flagged(found: dict[str, list]) -> None:
+    click.echo()
+    click.echo(f"{'device':<10}{'version':<9}{'detector':<18}{'statistic':>10}  features")
+    for dev in sorted(found):
+        for a in found[dev]:
+            feats = ", ".join(a["features"][:6]) + (" ..." if len(a["features"]) > 6 else "")
+            click.echo(f"{dev:<10}{a['model_version']:<9}{a['detector']:<18}{a['statistic'] or 0:>10.3f}  {feats}")
+
+
+def _write_reports(out: Path, db: str) -> None:
+    from telemetry.report import write_report
+
+    for suffix in ("png", "html"):
+        write_report(db, out / f"report.{suffix}")
+    _say(f"report written: {out / 'report.png'} and {out / 'report.html'}")
