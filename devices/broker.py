@@ -209,7 +209,8 @@ class AmqttBroker(_BrokerProcess):
         try:
             import amqtt  # noqa: F401 - only to say clearly when it is missing
         except ImportError:
-            raise BrokerUnavailable("amqtt is not installed (pip install 'edgeops[all]' or pip install amqtt)") from None
+            raise BrokerUnavailable(
+                "amqtt is not installed (pip install 'edgeops[all]' or pip install amqtt)") from None
         self._place(host, port, workdir)
         self.log_path = self.workdir / "amqtt.log"
         self.config_path = self.workdir / "amqtt.yaml"

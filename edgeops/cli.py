@@ -25,7 +25,8 @@ from edgeops import __version__
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("convert.cli", "convert_cmd", "Convert a Keras/scikit-learn/ONNX/TFLite model into a bundle."),
     "keys": ("convert.cli", "keys_group", "Make and show Ed25519 signing keys."),
-    "inspect": ("edge_runtime.inspect", "inspect_cmd", "Show a bundle's or model file's tensors, sizes, parity and signature."),
+    "inspect": ("edge_runtime.inspect", "inspect_cmd",
+                "Show a bundle's or model file's tensors, sizes, parity and signature."),
     "run": ("edge_runtime.cli", "run_cmd", "Run a bundle on a stream of inputs and report telemetry over MQTT."),
     "serve": ("edge_runtime.cli", "serve_cmd", "Serve a bundle over HTTP (POST /predict)."),
     "bench": ("benchmarks.cli", "bench_cmd", "Benchmark models or bundles on this machine."),

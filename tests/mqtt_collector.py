@@ -6,9 +6,10 @@ import json
 import threading
 
 import paho.mqtt.client as mqtt
-from helpers import eventually
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from helpers import eventually
 
 
 class Collector:
@@ -53,7 +54,8 @@ class Collector:
 
     def telemetry(self, device: str | None = None) -> list[dict]:
         with self.lock:
-            return [m for t, m in self.messages if t.endswith("/telemetry") and (device is None or m.get("device_id") == device)]
+            return [m for t, m in self.messages
+                    if t.endswith("/telemetry") and (device is None or m.get("device_id") == device)]
 
     def seqs(self, device: str | None = None) -> set[int]:
         return {m["seq"] for m in self.telemetry(device)}

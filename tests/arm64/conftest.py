@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +87,7 @@ class GuestRun:
                                   timeout=timeout)
         assert proc.returncode == 0, f"guest failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
         report = json.loads((run_dir / "report.json").read_text())
-        for job, result in zip(spec, report["results"]):
+        for job, result in zip(spec, report["results"], strict=True):
             result["y"] = np.load(job["out"])
         return report
 

@@ -56,7 +56,7 @@ def test_bundles_predict_inside_what_they_predict_on_the_host(guest, digits_cnn_
     assert report["machine"] == "aarch64"
     assert report["forbidden"] == [], "a bundle loaded TensorFlow/scikit-learn/Keras on the device"
 
-    for job, result in zip(jobs, report["results"]):
+    for job, result in zip(jobs, report["results"], strict=True):
         inside = result["y"]
         host = _host_predict(job["model"], job["artifact"], job["x"])
         what = f"{job['model'].name}/{job['artifact'] or 'default'}"
