@@ -87,7 +87,8 @@ def compare(results: list[dict], budget: float) -> list[str]:
     base = results[0]
     warnings = []
     for r in results:
-        r["speedup_vs_first"] = round(base["latency_ms"]["p50"] / r["latency_ms"]["p50"], 3) if r["latency_ms"]["p50"] else None
+        p50 = r["latency_ms"]["p50"]
+        r["speedup_vs_first"] = round(base["latency_ms"]["p50"] / p50, 3) if p50 else None
         r["size_ratio_vs_first"] = round(r["model_bytes"] / base["model_bytes"], 4)
         r["recommended"] = False
     accs = [r["accuracy"] for r in results if r.get("accuracy") is not None]
@@ -106,7 +107,8 @@ def compare(results: list[dict], budget: float) -> list[str]:
             if floats and r["latency_ms"]["p50"] > 1.05 * floats[0]["latency_ms"]["p50"]:
                 ratio = r["latency_ms"]["p50"] / floats[0]["latency_ms"]["p50"]
                 warnings.append(f"{Path(r['artifact']).name} ({q}) is {ratio:.2f}x SLOWER than its float original "
-                                f"{Path(floats[0]['artifact']).name} on this CPU: quantization saves size here, not time")
+                                f"{Path(floats[0]['artifact']).name} on this CPU: quantization saves size here, "
+                                "not time")
     return warnings
 
 
@@ -149,12 +151,15 @@ def render_table(results: list[dict], machine: dict, warnings: list[str]) -> Non
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Warm-up runs, reported apart.")
 @click.option("--duration", type=float, help="Also measure for at least S seconds.")
 @click.option("--threads", type=int, help="Inference threads (default: the backend's).")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="Size of a dynamic batch dimension.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1),
+              help="Size of a dynamic batch dimension.")
 @click.option("--input-shape", "input_shape", multiple=True, help="NAME=D1,D2,... for inputs with dynamic dimensions.")
 @click.option("--artifact", help="Benchmark only this artifact of each bundle.")
 @click.option("--data", type=click.Path(), help="Labelled data (.npz X,y or .csv label last) for accuracy.")
-@click.option("--dataset", type=click.Choice(["digits", "wine", "breast_cancer"]), help="A bundled data set for accuracy.")
-@click.option("--accuracy-budget", default=1.0, show_default=True, help="Points of accuracy the pick may lose to the best.")
+@click.option("--dataset", type=click.Choice(["digits", "wine", "breast_cancer"]),
+              help="A bundled data set for accuracy.")
+@click.option("--accuracy-budget", default=1.0, show_default=True,
+              help="Points of accuracy the pick may lose to the best.")
 @click.option("--json", "json_out", help="Write results as JSON to FILE ('-' for stdout).")
 @click.option("--csv", "csv_out", type=click.Path(), help="Write one row per artifact to FILE.")
 @click.option("--publish", help="Send the result to mqtt://host:port on edgeops/<fleet>/<device>/bench.")

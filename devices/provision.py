@@ -69,7 +69,8 @@ def acl_block(fleet: str, device: str, prefix: str = DEFAULT_PREFIX) -> str:
     base = f"{prefix}/{fleet}/{device}"
     writes = [f"{base}/{kind}" for kind in ("telemetry", "status", "bench", CMD_RESULT)]
     reads = [f"{base}/{CMD}", f"{base}/{CMD}/#", f"{base}/ack"]
-    return "\n".join([_marker(user), f"user {user}"] + [f"topic write {t}" for t in writes] + [f"topic read {t}" for t in reads])
+    return "\n".join([_marker(user), f"user {user}"] + [f"topic write {t}" for t in writes]
+                     + [f"topic read {t}" for t in reads])
 
 
 def _marker(username: str) -> str:
