@@ -78,38 +78,319 @@ def _output_kind(source: SourceModel, outputs: np.ndarray) -> str:
     return "probabilities" if (outputs >= -1e-6).all() and np.allclose(sums, 1.0, atol=1e-3) else "logits"
 
 
-def _plan(source: SourceModel, formats: Sequence[str], quantize: Sequence[str], notes: list[str]) -> list[tuple[str, str]]:
+def _plan_tflite(source: SourceModel, quantize: Sequence[str], notes: list[str]) -> list[tuple[str, str]]:
+    if source.framework in ("keras", "tensorflow"):
+        return [("tflite", q) for q in quantize]
+    if source.framework == "tflite":
+        if any(q != "none" for q in quantize):
+            notes.append("an existing .tflite file is packaged as is (TFLite cannot re-quantize a flatbuffer)")
+        return [("tflite", "passthrough")]
+    notes.append(f"TFLite: not available for {source.framework} models (ONNX is their device format)")
+    return []
+
+
+ONNX_QUANTIZATIONS = {"none": "none", "dynamic": "dynamic", "int8": "static"}
+
+
+def _plan_onnx(source: SourceModel, quantize: Sequence[str], notes: list[str]) -> list[tuple[str, str]]:
+    if source.framework == "tflite":
+        notes.append("ONNX: not made from a .tflite file")
+        return []
+    mapped = []
+    for q in quantize:
+        if q in ONNX_QUANTIZATIONS:
+            mapped.append(ONNX_QUANTIZATIONS[q])
+        else:
+            notes.append(f"ONNX: {q} is a TFLite quantization; skipped for ONNX")
+    return [("onnx", "passthrough" if source.framework == "onnx" and q == "none" else q) for q in mapped]
+
+
+def _plan(
+    source: SourceModel, formats: Sequence[str], quantize: Sequence[str], notes: list[str]
+) -> list[tuple[str, str]]:
     """(format, quantization) pairs that apply to this source."""
     plan: list[tuple[str, str]] = []
     for fmt in formats:
         if fmt == "tflite":
-            if source.framework in ("keras", "tensorflow"):
-                plan += [("tflite", q) for q in quantize]
-            elif source.framework == "tflite":
-                plan.append(("tflite", "passthrough"))
-                if any(q != "none" for q in quantize):
-                    notes.append("an existing .tflite file is packaged as is (TFLite cannot re-quantize a flatbuffer)")
-            else:
-                notes.append(f"TFLite: not available for {source.framework} models (ONNX is their device format)")
+            plan += _plan_tflite(source, quantize, notes)
         elif fmt == "onnx":
-            if source.framework == "tflite":
-                notes.append("ONNX: not made from a .tflite file")
-                continue
-            mapped = []
-            for q in quantize:
-                if q == "none":
-                    mapped.append("none")
-                elif q == "dynamic":
-                    mapped.append("dynamic")
-                elif q == "int8":
-                    mapped.append("static")
-                else:
-                    notes.append(f"ONNX: {q} is a TFLite quantization; skipped for ONNX")
-            plan += [("onnx", "passthrough" if source.framework == "onnx" and q == "none" else q) for q in mapped]
+            plan += _plan_onnx(source, quantize, notes)
     return plan
 
 
-def to_bundle(
+def _validate_request(
+    out: Path, version: str, formats: Sequence[str], quantize: Sequence[str], *, force: bool
+) -> None:
+    """Reject a bad destination, version, format or quantization before any model is loaded."""
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out} exists and is not a directory; choose another --out")
+    if out.exists() and not force:
+        raise InvalidInputError(f"{out} exists; choose another --out or pass --force to replace it")
+    if not SEMVER.match(version):
+        raise InvalidInputError(f"version {version!r} is not a semantic version X.Y.Z")
+    bad_formats = [f for f in formats if f not in FORMATS]
+    if bad_formats or not formats:
+        raise InvalidInputError(
+            f"unknown format(s) {', '.join(bad_formats) or '(none)'}; choose from {', '.join(FORMATS)}"
+        )
+    bad_q = [q for q in quantize if q not in QUANTIZATIONS]
+    if bad_q or not quantize:
+        raise InvalidInputError(
+            f"unknown quantization(s) {', '.join(bad_q) or '(none)'}; choose from {', '.join(QUANTIZATIONS)}"
+        )
+
+
+@dataclass(frozen=True)
+class _CheckData:
+    """The rows artifacts are checked on, calibrated with and profiled from (caller's raw features)."""
+
+    X_check: np.ndarray
+    y_check: np.ndarray | None
+    X_cal: np.ndarray
+    X_ref: np.ndarray
+
+
+def _fitted_inputs(
+    source: SourceModel, holdout: Any, calibration: Any, reference: Any
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Holdout rows and labels, calibration rows and reference rows, each shaped for the model."""
+    X_h, y_h = _as_inputs(holdout, "holdout")
+    X_c, _ = _as_inputs(calibration, "calibration")
+    X_r, _ = _as_inputs(reference, "reference")
+    X_h = _fit_to_model(X_h, source, "holdout")
+    X_c = _fit_to_model(X_c, source, "calibration")
+    X_r = _fit_to_model(X_r, source, "reference")
+    return X_h, y_h, X_c, X_r
+
+
+def _check_data(
+    X_h: np.ndarray | None, y_h: np.ndarray | None, X_c: np.ndarray | None, X_r: np.ndarray | None
+) -> _CheckData:
+    """Holdout checks when given (else calibration); calibration falls back on holdout, reference on both."""
+    if X_h is None and X_c is None:
+        raise InvalidInputError(
+            "no data to check the conversion on: give holdout data (--holdout) or calibration data"
+        )
+    X_cal = X_c if X_c is not None else X_h
+    return _CheckData(
+        X_check=X_h if X_h is not None else X_c,
+        y_check=y_h if X_h is not None else None,
+        X_cal=X_cal,
+        X_ref=X_r if X_r is not None else X_cal,
+    )
+
+
+def _class_labels(source: SourceModel, source_out: np.ndarray, labels: Sequence[str] | None) -> list[str] | None:
+    """The manifest's labels: given, the model's classes or class indices; None for regression."""
+    if source.task != "classification":
+        return None
+    n_out = 2 if source_out.shape[1] == 1 else source_out.shape[1]
+    labels = list(labels) if labels is not None else (source.classes or [str(i) for i in range(n_out)])
+    if len(labels) != n_out:
+        raise InvalidInputError(f"{len(labels)} labels given, but the model has {n_out} classes")
+    return labels
+
+
+def _feature_names(source: SourceModel, feature_names: Sequence[str] | None) -> list[str] | None:
+    names = list(feature_names) if feature_names is not None else source.feature_names
+    if names is not None and len(source.input_shape) == 1 and len(names) != source.input_shape[0]:
+        raise InvalidInputError(
+            f"{len(names)} feature names given, but the model takes {source.input_shape[0]} features"
+        )
+    return names
+
+
+def _first_notes(hoisted: dict | None, y_check: np.ndarray | None) -> list[str]:
+    notes: list[str] = []
+    if hoisted is not None:
+        notes.append("the model's leading Normalization layer is applied by the runtime "
+                     "(input_schema.normalization), so int8 quantizes standardised inputs")
+    if y_check is None:
+        notes.append("no holdout labels: artifacts were compared with the source model only; "
+                     "the accuracy gate (--max-accuracy-drop) did not run")
+    return notes
+
+
+def _onnx_from_source(source: SourceModel) -> bytes:
+    return onnx_export.sklearn_to_onnx(source) if source.framework == "sklearn" else onnx_export.keras_to_onnx(source)
+
+
+@dataclass
+class _Conversion:
+    """One source model being converted: what each artifact is made from and checked against."""
+
+    src: SourceModel
+    to_model: Callable[[np.ndarray], np.ndarray]
+    data: _CheckData
+    source_out: np.ndarray
+    notes: list[str]
+    say: Callable[[str], None]
+    onnx_float: bytes | None = None  # the float ONNX graph, once made, is what ONNX quantization starts from
+
+    def make(self, fmt: str, q: str) -> tuple[bytes, str] | None:
+        """(artifact bytes, file name), or None when this quantization does not apply (with a note)."""
+        return self._tflite(q) if fmt == "tflite" else self._onnx(q)
+
+    def _tflite(self, q: str) -> tuple[bytes, str]:
+        if q == "passthrough":
+            return self.src.obj, "model.tflite"
+        return tflite.to_tflite(self.src, q, self.to_model(self.data.X_cal)), tflite.FILE_NAMES[q]
+
+    def _onnx(self, q: str) -> tuple[bytes, str] | None:
+        if q == "passthrough":
+            made = self.src.obj, "model.onnx"
+        elif q == "none":
+            made = _onnx_from_source(self.src), onnx_export.FILE_NAMES["none"]
+        else:
+            return self._onnx_quantized(q)
+        self.onnx_float = made[0]
+        return made
+
+    def _onnx_quantized(self, q: str) -> tuple[bytes, str] | None:
+        base = self.onnx_float
+        if base is None:
+            base = self.src.obj if self.src.framework == "onnx" else _onnx_from_source(self.src)
+        if onnx_export.is_tree_model(base):
+            self.notes.append(f"ONNX {q}: skipped, tree ensembles have no weights that int8 would shrink")
+            return None
+        in_name = ArtifactRunner(base, "onnx").inputs[0].name
+        data = onnx_export.quantize_onnx(base, q, self.to_model(self.data.X_cal), in_name)
+        if not onnx_export.is_quantized(data):
+            self.notes.append(f"ONNX {q}: skipped, the graph has no operators ONNX Runtime quantizes "
+                              "(ai.onnx.ml operators such as LinearClassifier stay float)")
+            return None
+        return data, onnx_export.FILE_NAMES[q]
+
+    def verify(self, data: bytes, fmt: str, q: str, file_name: str) -> tuple[dict, dict]:
+        """Run the artifact on the check rows: its manifest entry (with parity) and its test vectors."""
+        X_check = self.data.X_check
+        self.say(f"checking {file_name} against the source on {len(X_check)} samples")
+        runner = ArtifactRunner(data, fmt, where=file_name)
+        art_out = runner.run(self.to_model(X_check))
+        par = parity(self.source_out, art_out, self.data.y_check, self.src.task, self.src.classes)
+        quant_name = {"passthrough": _detect_quantization(runner), "static": "static"}.get(q, q)
+        n_vec = min(N_TEST_VECTORS, len(X_check))
+        artifact = {
+            "file": file_name,
+            "format": fmt,
+            "quantization": quant_name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size_bytes": len(data),
+            "size_ratio": None,
+            "output_kind": _output_kind(self.src, self.source_out),
+            "inputs": [t.to_dict() for t in runner.inputs],
+            "outputs": [t.to_dict() for t in runner.outputs[:1]],
+            "parity": par,
+        }
+        vector = {
+            "artifact": file_name,
+            "inputs": X_check[:n_vec].tolist(),
+            "expected": art_out[:n_vec].tolist(),
+            "atol": _atol(quant_name, runner),
+        }
+        return artifact, vector
+
+
+def _accuracy_failure(artifact: dict, max_accuracy_drop: float) -> str | None:
+    """Why this artifact fails the accuracy gate, or None when it passes."""
+    par = artifact["parity"]
+    drop = par.get("metric_drop_points")
+    if drop is None or drop <= max_accuracy_drop:
+        return None
+    hint = ""
+    if artifact["quantization"] == "int8":
+        hint = "; int8 collapses this model's accuracy: try --quantize int16x8 or float16"
+    elif artifact["quantization"] == "static":
+        hint = "; try ONNX dynamic quantization or none"
+    return (
+        f"{artifact['file']}: {par['metric']} {par['artifact_metric']:.4f} vs source {par['source_metric']:.4f} "
+        f"(drop {drop:.2f} points > {max_accuracy_drop:g} allowed){hint}"
+    )
+
+
+def _convert_all(
+    conversion: _Conversion, plan: list[tuple[str, str]], work: Path, max_accuracy_drop: float
+) -> tuple[list[dict], list[dict]]:
+    """Make, verify and write each planned artifact into `work`: manifest entries and test vectors."""
+    artifacts, vectors, failures = [], [], []
+    float_sizes: dict[str, int] = {}
+    for fmt, q in plan:
+        conversion.say(f"converting to {fmt} {q}")
+        made = conversion.make(fmt, q)
+        if made is None:
+            continue
+        data, file_name = made
+        artifact, vector = conversion.verify(data, fmt, q, file_name)
+        (work / file_name).write_bytes(data)
+        if q in ("none", "passthrough"):
+            float_sizes[fmt] = len(data)
+        artifacts.append(artifact)
+        vectors.append(vector)
+        failure = _accuracy_failure(artifact, max_accuracy_drop)
+        if failure is not None:
+            failures.append(failure)
+    if failures:
+        raise QualityCheckError("accuracy check failed: " + " | ".join(failures))
+    for art in artifacts:
+        base = float_sizes.get(art["format"])
+        art["size_ratio"] = round(art["size_bytes"] / base, 4) if base else None
+    return artifacts, vectors
+
+
+def _profile(conversion: _Conversion, names: list[str] | None, labels: list[str] | None) -> dict:
+    """The reference profile drift is measured against."""
+    src = conversion.src
+    X_ref = conversion.data.X_ref
+    ref_out = src.predict(conversion.to_model(X_ref))
+    monitored = "channels" if len(src.input_shape) == 3 else "features"
+    profile = reference_profile(
+        X_ref,
+        feature_names=names if monitored == "features" else None,
+        monitored=monitored,
+        predictions=_as_class(ref_out) if src.task == "classification" else None,
+        labels=labels,
+        regression_outputs=ref_out.ravel() if src.task == "regression" else None,
+    )
+    if src.task == "classification":
+        # confidence drift compares a window's top-class probabilities with those on held-out data
+        # (on training data they would be inflated)
+        confidence = confidence_profile(conversion.source_out)
+        if confidence is not None:
+            profile["confidence"] = confidence
+    return profile
+
+
+def _manifest_head(name: str | None, version: str, description: str | None, src: SourceModel) -> dict:
+    """The manifest's first keys: what the bundle is and where it came from."""
+    return {
+        "schema_version": 1,
+        "name": _bundle_name(name, src),
+        "version": version,
+        "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "task": src.task,
+        "description": description or f"{src.model_type} converted by edgeops",
+        "source": {
+            "framework": src.framework,
+            "framework_version": src.framework_version,
+            "model_type": src.model_type,
+            "file": src.file.name if src.file else None,
+            "sha256": _sha_of_source(src),
+            **src.extra.get("source", {}),
+        },
+    }
+
+
+def _install(work: Path, out: Path, manifest: dict, sign_key: Any, say: Callable[[str], None]) -> None:
+    """Write the manifest (and signature) into `work`, then put `work` in place of `out`."""
+    say("writing the manifest" + (" and its signature" if sign_key is not None else ""))
+    write_manifest(work, manifest, sign_key=sign_key)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(work), str(out))  # a rename when on one file system
+
+
+def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversion API, called by keyword
     source: Any,
     out_dir: str | Path,
     *,
@@ -174,18 +455,7 @@ def to_bundle(
     """
     say = progress or (lambda _msg: None)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"{out} exists and is not a directory; choose another --out")
-    if out.exists() and not force:
-        raise InvalidInputError(f"{out} exists; choose another --out or pass --force to replace it")
-    if not SEMVER.match(version):
-        raise InvalidInputError(f"version {version!r} is not a semantic version X.Y.Z")
-    bad_formats = [f for f in formats if f not in FORMATS]
-    if bad_formats or not formats:
-        raise InvalidInputError(f"unknown format(s) {', '.join(bad_formats) or '(none)'}; choose from {', '.join(FORMATS)}")
-    bad_q = [q for q in quantize if q not in QUANTIZATIONS]
-    if bad_q or not quantize:
-        raise InvalidInputError(f"unknown quantization(s) {', '.join(bad_q) or '(none)'}; choose from {', '.join(QUANTIZATIONS)}")
+    _validate_request(out, version, formats, quantize, force=force)
 
     say("loading the source model")
     src = load_source(source, trust_pickle=trust_pickle, task=task,
@@ -195,153 +465,28 @@ def to_bundle(
         normalization = hoisted
     if feature_names is None:
         feature_names = columns_of(holdout[0] if isinstance(holdout, tuple) else holdout) or columns_of(calibration)
-    X_h, y_h = _as_inputs(holdout, "holdout")
-    X_c, _ = _as_inputs(calibration, "calibration")
-    X_r, _ = _as_inputs(reference, "reference")
-    X_h = _fit_to_model(X_h, src, "holdout")
-    X_c = _fit_to_model(X_c, src, "calibration")
-    X_r = _fit_to_model(X_r, src, "reference")
+    X_h, y_h, X_c, X_r = _fitted_inputs(src, holdout, calibration, reference)
     to_model = normalizer(normalization, src)
-    if X_h is None and X_c is None:
-        raise InvalidInputError("no data to check the conversion on: give holdout data (--holdout) or calibration data")
-    X_check = X_h if X_h is not None else X_c
-    y_check = y_h if X_h is not None else None
-    X_cal = X_c if X_c is not None else X_h
-    X_ref = X_r if X_r is not None else X_cal
+    data = _check_data(X_h, y_h, X_c, X_r)
+    source_out = src.predict(to_model(data.X_check))
+    labels = _class_labels(src, source_out, labels)
+    names = _feature_names(src, feature_names)
 
-    source_out = src.predict(to_model(X_check))
-    if src.task == "classification":
-        n_out = 2 if source_out.shape[1] == 1 else source_out.shape[1]
-        labels = list(labels) if labels is not None else (src.classes or [str(i) for i in range(n_out)])
-        if len(labels) != n_out:
-            raise InvalidInputError(f"{len(labels)} labels given, but the model has {n_out} classes")
-    else:
-        labels = None
-    names = list(feature_names) if feature_names is not None else src.feature_names
-    if names is not None and len(src.input_shape) == 1 and len(names) != src.input_shape[0]:
-        raise InvalidInputError(f"{len(names)} feature names given, but the model takes {src.input_shape[0]} features")
-
-    notes: list[str] = []
-    if hoisted is not None:
-        notes.append("the model's leading Normalization layer is applied by the runtime "
-                     "(input_schema.normalization), so int8 quantizes standardised inputs")
-    if y_check is None:
-        notes.append("no holdout labels: artifacts were compared with the source model only; "
-                     "the accuracy gate (--max-accuracy-drop) did not run")
+    notes = _first_notes(hoisted, data.y_check)
     plan = _plan(src, formats, quantize, notes)
     if not plan:
-        raise InvalidInputError("nothing to convert: no requested format applies to this model (" + "; ".join(notes) + ")")
+        raise InvalidInputError(
+            "nothing to convert: no requested format applies to this model (" + "; ".join(notes) + ")"
+        )
+    conversion = _Conversion(src, to_model, data, source_out, notes, say)
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
-        artifacts, vectors, failures = [], [], []
-        float_sizes: dict[str, int] = {}
-        onnx_float: bytes | None = None
-        n_vec = min(N_TEST_VECTORS, len(X_check))
-        for fmt, q in plan:
-            label = f"{fmt} {q}"
-            say(f"converting to {label}")
-            if fmt == "tflite":
-                if q == "passthrough":
-                    data, file_name = src.obj, "model.tflite"
-                else:
-                    data, file_name = tflite.to_tflite(src, q, to_model(X_cal)), tflite.FILE_NAMES[q]
-            else:
-                if q == "passthrough":
-                    data, file_name = src.obj, "model.onnx"
-                elif q == "none":
-                    data = onnx_export.sklearn_to_onnx(src) if src.framework == "sklearn" else onnx_export.keras_to_onnx(src)
-                    file_name = onnx_export.FILE_NAMES["none"]
-                else:
-                    base = onnx_float if onnx_float is not None else (
-                        src.obj if src.framework == "onnx" else
-                        onnx_export.sklearn_to_onnx(src) if src.framework == "sklearn" else onnx_export.keras_to_onnx(src))
-                    if onnx_export.is_tree_model(base):
-                        notes.append(f"ONNX {q}: skipped, tree ensembles have no weights that int8 would shrink")
-                        continue
-                    in_name = ArtifactRunner(base, "onnx").inputs[0].name
-                    data, file_name = onnx_export.quantize_onnx(base, q, to_model(X_cal), in_name), onnx_export.FILE_NAMES[q]
-                    if not onnx_export.is_quantized(data):
-                        notes.append(f"ONNX {q}: skipped, the graph has no operators ONNX Runtime quantizes "
-                                     "(ai.onnx.ml operators such as LinearClassifier stay float)")
-                        continue
-                if q in ("none", "passthrough"):
-                    onnx_float = data
-            say(f"checking {file_name} against the source on {len(X_check)} samples")
-            runner = ArtifactRunner(data, fmt, where=file_name)
-            art_out = runner.run(to_model(X_check))
-            par = parity(source_out, art_out, y_check, src.task, src.classes)
-            (work / file_name).write_bytes(data)
-            if q in ("none", "passthrough"):
-                float_sizes[fmt] = len(data)
-            quant_name = {"passthrough": _detect_quantization(runner), "static": "static"}.get(q, q)
-            artifacts.append({
-                "file": file_name,
-                "format": fmt,
-                "quantization": quant_name,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "size_bytes": len(data),
-                "size_ratio": None,
-                "output_kind": _output_kind(src, source_out),
-                "inputs": [t.to_dict() for t in runner.inputs],
-                "outputs": [t.to_dict() for t in runner.outputs[:1]],
-                "parity": par,
-            })
-            vectors.append({
-                "artifact": file_name,
-                "inputs": X_check[:n_vec].tolist(),
-                "expected": art_out[:n_vec].tolist(),
-                "atol": _atol(quant_name, runner),
-            })
-            drop = par.get("metric_drop_points")
-            if drop is not None and drop > max_accuracy_drop:
-                hint = ""
-                if quant_name == "int8":
-                    hint = "; int8 collapses this model's accuracy: try --quantize int16x8 or float16"
-                elif quant_name == "static":
-                    hint = "; try ONNX dynamic quantization or none"
-                failures.append(
-                    f"{file_name}: {par['metric']} {par['artifact_metric']:.4f} vs source {par['source_metric']:.4f} "
-                    f"(drop {drop:.2f} points > {max_accuracy_drop:g} allowed){hint}"
-                )
-        if failures:
-            raise QualityCheckError("accuracy check failed: " + " | ".join(failures))
-        for art in artifacts:
-            base = float_sizes.get(art["format"])
-            art["size_ratio"] = round(art["size_bytes"] / base, 4) if base else None
-
+        artifacts, vectors = _convert_all(conversion, plan, work, max_accuracy_drop)
         say("profiling the reference data")
-        ref_out = src.predict(to_model(X_ref))
-        monitored = "channels" if len(src.input_shape) == 3 else "features"
-        profile = reference_profile(
-            X_ref,
-            feature_names=names if monitored == "features" else None,
-            monitored=monitored,
-            predictions=_as_class(ref_out) if src.task == "classification" else None,
-            labels=labels,
-            regression_outputs=ref_out.ravel() if src.task == "regression" else None,
-        )
-        if src.task == "classification":
-            # confidence drift compares a window's top-class probabilities with those on held-out data
-            # (on training data they would be inflated)
-            confidence = confidence_profile(source_out)
-            if confidence is not None:
-                profile["confidence"] = confidence
+        profile = _profile(conversion, names, labels)
         manifest = {
-            "schema_version": 1,
-            "name": _bundle_name(name, src),
-            "version": version,
-            "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
-            "task": src.task,
-            "description": description or f"{src.model_type} converted by edgeops",
-            "source": {
-                "framework": src.framework,
-                "framework_version": src.framework_version,
-                "model_type": src.model_type,
-                "file": src.file.name if src.file else None,
-                "sha256": _sha_of_source(src),
-                **src.extra.get("source", {}),
-            },
+            **_manifest_head(name, version, description, src),
             "input_schema": input_schema(src, names, image, normalization),
             "labels": labels,
             "artifacts": artifacts,
@@ -350,12 +495,7 @@ def to_bundle(
             "test_vectors": vectors,
             "conversion_notes": notes,
         }
-        say("writing the manifest" + (" and its signature" if sign_key is not None else ""))
-        write_manifest(work, manifest, sign_key=sign_key)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(work), str(out))  # a rename when on one file system
+        _install(work, out, manifest, sign_key, say)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
