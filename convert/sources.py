@@ -249,6 +249,82 @@ def from_model_file(path: Path, fmt: str, task: str | None = None) -> SourceMode
     )
 
 
+def _from_object(source: Any, task: str | None, hoist_normalization: bool) -> SourceModel:
+    module = type(source).__module__
+    if module.startswith("keras") or hasattr(source, "layers") and hasattr(source, "inputs"):
+        return from_keras(source, task=task, hoist_normalization=hoist_normalization)
+    if module.startswith("sklearn") or hasattr(source, "get_params"):
+        return from_sklearn(source, task=task)
+    raise InvalidInputError(f"source: unsupported model object of type {type(source).__name__}")
+
+
+def _from_keras_file(path: Path, task: str | None, hoist_normalization: bool) -> SourceModel:
+    import keras
+
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a corrupt file
+        raise ModelFormatError(
+            f"{path}: not a loadable Keras model ({type(exc).__name__}: {str(exc)[:120]})"
+        ) from None
+    return from_keras(model, file=path, task=task, hoist_normalization=hoist_normalization)
+
+
+def _from_pickle(path: Path, task: str | None, trust_pickle: bool) -> SourceModel:
+    if not trust_pickle:
+        raise InvalidInputError(
+            f"{path}: loading a pickle runs arbitrary code; pass --trust-pickle if you trust this file, "
+            "or save the model with skops"
+        )
+    import joblib
+
+    try:
+        est = joblib.load(path)
+    except Exception as exc:  # noqa: BLE001 - unpickling raises anything
+        raise ModelFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {str(exc)[:120]})") from None
+    return from_sklearn(est, file=path, task=task)
+
+
+def _from_skops(path: Path, task: str | None, trust_pickle: bool) -> SourceModel:
+    import skops.io as sio
+
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFormatError(f"{path}: not a readable skops file ({type(exc).__name__})") from None
+    # scikit-learn's and NumPy's own types are what an estimator is made of; anything else
+    # (a custom transformer, an arbitrary callable) needs the user's explicit trust.
+    foreign = [t for t in untrusted if not t.startswith(("sklearn.", "numpy."))]
+    if foreign and not trust_pickle:
+        raise InvalidInputError(
+            f"{path}: the skops file holds types outside scikit-learn and NumPy ({', '.join(foreign[:5])}); "
+            "pass --trust-pickle to load them"
+        )
+    return from_sklearn(sio.load(path, trusted=untrusted), file=path, task=task)
+
+
+def _from_path(path: Path, trust_pickle: bool, task: str | None, hoist_normalization: bool) -> SourceModel:
+    if not path.exists():
+        raise InvalidInputError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "saved_model.pb").exists():
+            return from_saved_model(path, task)
+        raise InvalidInputError(f"{path}: a directory, but not a TensorFlow SavedModel (no saved_model.pb)")
+    suffix = path.suffix.lower()
+    if suffix in (".keras", ".h5"):
+        return _from_keras_file(path, task, hoist_normalization)
+    if suffix in PICKLE_SUFFIXES:
+        return _from_pickle(path, task, trust_pickle)
+    if suffix == ".skops":
+        return _from_skops(path, task, trust_pickle)
+    if suffix in (".onnx", ".tflite"):
+        return from_model_file(path, suffix[1:], task)
+    raise InvalidInputError(
+        f"{path}: unsupported model file type {suffix or '(none)'}; expected .keras, .h5, a SavedModel directory, "
+        ".joblib/.pkl (with --trust-pickle), .skops, .onnx or .tflite"
+    )
+
+
 def load_source(source: Any, trust_pickle: bool = False, task: str | None = None,
                 hoist_normalization: bool = False) -> SourceModel:
     """Load SOURCE: a model object, a path to a .keras/.h5, SavedModel dir, .joblib/.pkl, .skops, .onnx or
@@ -259,63 +335,9 @@ def load_source(source: Any, trust_pickle: bool = False, task: str | None = None
     if is_mlflow_uri(source):
         from convert.mlflow_io import load_mlflow_source
 
-        return load_mlflow_source(source, trust_pickle=trust_pickle, task=task, hoist_normalization=hoist_normalization)
+        return load_mlflow_source(
+            source, trust_pickle=trust_pickle, task=task, hoist_normalization=hoist_normalization
+        )
     if not isinstance(source, (str, os.PathLike)):
-        module = type(source).__module__
-        if module.startswith("keras") or hasattr(source, "layers") and hasattr(source, "inputs"):
-            return from_keras(source, task=task, hoist_normalization=hoist_normalization)
-        if module.startswith("sklearn") or hasattr(source, "get_params"):
-            return from_sklearn(source, task=task)
-        raise InvalidInputError(f"source: unsupported model object of type {type(source).__name__}")
-
-    path = Path(source)
-    if not path.exists():
-        raise InvalidInputError(f"{path}: no such file or directory")
-    if path.is_dir():
-        if (path / "saved_model.pb").exists():
-            return from_saved_model(path, task)
-        raise InvalidInputError(f"{path}: a directory, but not a TensorFlow SavedModel (no saved_model.pb)")
-    suffix = path.suffix.lower()
-    if suffix in (".keras", ".h5"):
-        import keras
-
-        try:
-            model = keras.saving.load_model(path, compile=False)
-        except Exception as exc:  # noqa: BLE001 - Keras raises many types for a corrupt file
-            raise ModelFormatError(f"{path}: not a loadable Keras model ({type(exc).__name__}: {str(exc)[:120]})") from None
-        return from_keras(model, file=path, task=task, hoist_normalization=hoist_normalization)
-    if suffix in PICKLE_SUFFIXES:
-        if not trust_pickle:
-            raise InvalidInputError(
-                f"{path}: loading a pickle runs arbitrary code; pass --trust-pickle if you trust this file, "
-                "or save the model with skops"
-            )
-        import joblib
-
-        try:
-            est = joblib.load(path)
-        except Exception as exc:  # noqa: BLE001 - unpickling raises anything
-            raise ModelFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {str(exc)[:120]})") from None
-        return from_sklearn(est, file=path, task=task)
-    if suffix == ".skops":
-        import skops.io as sio
-
-        try:
-            untrusted = sio.get_untrusted_types(file=path)
-        except Exception as exc:  # noqa: BLE001
-            raise ModelFormatError(f"{path}: not a readable skops file ({type(exc).__name__})") from None
-        # scikit-learn's and NumPy's own types are what an estimator is made of; anything else
-        # (a custom transformer, an arbitrary callable) needs the user's explicit trust.
-        foreign = [t for t in untrusted if not t.startswith(("sklearn.", "numpy."))]
-        if foreign and not trust_pickle:
-            raise InvalidInputError(
-                f"{path}: the skops file holds types outside scikit-learn and NumPy ({', '.join(foreign[:5])}); "
-                "pass --trust-pickle to load them"
-            )
-        return from_sklearn(sio.load(path, trusted=untrusted), file=path, task=task)
-    if suffix in (".onnx", ".tflite"):
-        return from_model_file(path, suffix[1:], task)
-    raise InvalidInputError(
-        f"{path}: unsupported model file type {suffix or '(none)'}; expected .keras, .h5, a SavedModel directory, "
-        ".joblib/.pkl (with --trust-pickle), .skops, .onnx or .tflite"
-    )
+        return _from_object(source, task, hoist_normalization)
+    return _from_path(Path(source), trust_pickle, task, hoist_normalization)
