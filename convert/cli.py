@@ -86,19 +86,27 @@ def _image(scale: float | None, rng: str | None, mean: str | None, std: str | No
 @click.option("--format", "formats", default="tflite,onnx", show_default=True, help="Comma-separated: tflite, onnx.")
 @click.option("--quantize", default="none,float16,dynamic,int8", show_default=True,
               help="Comma-separated: none, float16, dynamic, int8, int16x8 (ONNX: none, dynamic, int8 = static QDQ).")
-@click.option("--calibration", type=click.Path(), help="Representative inputs (.npy/.npz/.csv) for int8 calibration and the reference profile.")
-@click.option("--holdout", type=click.Path(), help="Labelled data (.npz with X,y or .csv with the label last) to check every artifact on.")
+@click.option("--calibration", type=click.Path(),
+              help="Representative inputs (.npy/.npz/.csv) for int8 calibration and the reference profile.")
+@click.option("--holdout", type=click.Path(),
+              help="Labelled data (.npz with X,y or .csv with the label last) to check every artifact on.")
 @click.option("--sign-key", type=click.Path(), help="Ed25519 private key (PEM) to sign the manifest with.")
-@click.option("--max-accuracy-drop", default=2.0, show_default=True, type=float, help="Fail when an artifact loses more accuracy points than this.")
+@click.option("--max-accuracy-drop", default=2.0, show_default=True, type=float,
+              help="Fail when an artifact loses more accuracy points than this.")
 @click.option("--task", type=click.Choice(["classification", "regression"]), help="Override the detected task.")
-@click.option("--feature-names", type=click.Path(), help="File with feature names (one a line, comma-separated, or a JSON list).")
+@click.option("--feature-names", type=click.Path(),
+              help="File with feature names (one a line, comma-separated, or a JSON list).")
 @click.option("--labels", "labels_file", type=click.Path(), help="File with class labels (one a line, or a JSON list).")
 @click.option("--normalization", "normalization_file", type=click.Path(),
-              help="JSON file {\"mean\": [..], \"std\": [..]}: the model takes standardised features; the runtime applies it.")
+              help="JSON file {\"mean\": [..], \"std\": [..]}: the model takes standardised features; the runtime "
+                   "applies it.")
 @click.option("--keep-normalization", is_flag=True,
-              help="Keep a Keras model's leading Normalization layer inside the artifacts (default: the runtime applies it).")
-@click.option("--image-scale", type=float, help="Image models: model input = pixel * scale (e.g. 0.0039 for 0..255 pixels).")
-@click.option("--image-range", help="Image models: the pixel range LO,HI the scale applies to (default 0,255; Digits: 0,16).")
+              help="Keep a Keras model's leading Normalization layer inside the artifacts (default: the runtime "
+                   "applies it).")
+@click.option("--image-scale", type=float,
+              help="Image models: model input = pixel * scale (e.g. 0.0039 for 0..255 pixels).")
+@click.option("--image-range",
+              help="Image models: the pixel range LO,HI the scale applies to (default 0,255; Digits: 0,16).")
 @click.option("--image-mean", help="Image models: per-channel mean subtracted after scaling, comma-separated.")
 @click.option("--image-std", help="Image models: per-channel std divided by after the mean, comma-separated.")
 @click.option("--trust-pickle", is_flag=True, help="Allow .joblib/.pkl sources (loading a pickle runs its code).")
@@ -108,8 +116,8 @@ def _image(scale: float | None, rng: str | None, mean: str | None, std: str | No
                    "(default NAME: the bundle's name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert_cmd(source, out_dir, name, version, formats, quantize, calibration, holdout, sign_key,
-                max_accuracy_drop, task, feature_names, labels_file, normalization_file, keep_normalization, image_scale,
-                image_range, image_mean, image_std, trust_pickle, force, register, as_json):
+                max_accuracy_drop, task, feature_names, labels_file, normalization_file, keep_normalization,
+                image_scale, image_range, image_mean, image_std, trust_pickle, force, register, as_json):
     """Convert SOURCE (.keras, SavedModel dir, .skops, .joblib/.pkl, .onnx, .tflite, or an MLflow model URI
     models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) into a checked bundle."""
     from convert.api import FORMATS, QUANTIZATIONS
@@ -180,7 +188,8 @@ def _print_result(result, sign_key, as_json: bool, registered=None) -> None:
         }, indent=2))
         return
     click.echo(f"bundle {m['name']} {m['version']} written to {result.path}" + (" (signed)" if sign_key else ""))
-    header = f"{'artifact':<24}{'size':>10}{'ratio':>7}{'source':>9}{'artifact':>10}{'drop':>7}{'agree':>8}{'max|dp|':>10}"
+    header = (f"{'artifact':<24}{'size':>10}{'ratio':>7}{'source':>9}{'artifact':>10}{'drop':>7}{'agree':>8}"
+              f"{'max|dp|':>10}")
     click.echo(header)
     for a in m["artifacts"]:
         p = a["parity"]
@@ -188,10 +197,12 @@ def _print_result(result, sign_key, as_json: bool, registered=None) -> None:
         def fmt(v, spec):
             return format(v, spec) if v is not None else "-"
 
+        # regressions report the mean absolute error where classifiers report the largest probability change
+        max_diff = p.get("max_abs_prob_diff") if p.get("max_abs_prob_diff") is not None else p.get("mae")
         click.echo(f"{a['file']:<24}{a['size_bytes']:>10}{fmt(a['size_ratio'], '.2f'):>7}"
                    f"{fmt(p.get('source_metric'), '.4f'):>9}{fmt(p.get('artifact_metric'), '.4f'):>10}"
                    f"{fmt(p.get('metric_drop_points'), '.2f'):>7}{fmt(p.get('label_agreement'), '.3f'):>8}"
-                   f"{fmt(p.get('max_abs_prob_diff') if p.get('max_abs_prob_diff') is not None else p.get('mae'), '.2e'):>10}")
+                   f"{fmt(max_diff, '.2e'):>10}")
     for note in result.notes:
         click.echo(f"note: {note}")
     if registered is not None:
@@ -204,7 +215,8 @@ def keys_group():
 
 
 @keys_group.command("new")
-@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(), help="Folder for NAME.key and NAME.pub.")
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(),
+              help="Folder for NAME.key and NAME.pub.")
 @click.option("--name", default="edgeops", show_default=True, help="File stem.")
 @click.option("--json", "as_json", is_flag=True, help="Print the paths and key id as JSON.")
 def keys_new(out_dir, name, as_json):
