@@ -311,7 +311,7 @@ def confidence_drift(profile: dict, windows: list[dict], deff_classes, config: M
     n_eff = effective_samples(float(current.sum()), deff_classes, config.horizon)
     d = ConfidenceDriftDetector(config.confidence_alpha, config.confidence_min_psi, config.min_samples)
     d.update(ref, current, n_eff=n_eff)
-    clear = d.psi < config.close_ratio * config.confidence_min_psi
+    clear = d.psi < config.close_ratio * config.confidence_min_psi or d.mean_drop <= 0.0
     return Verdict("confidence_drift", d.drift_detected, d.psi, [],
                    {"psi": round(d.psi, 4), "p_value": d.p_value, "mean_confidence_drop": round(d.mean_drop, 4),
                     "counts": current.astype(int).tolist(), "effective_samples": round(n_eff, 1)},
