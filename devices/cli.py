@@ -69,22 +69,26 @@ def _result_exit(res: dict) -> int:
                    "device runs; the device is told to take it too.")
 @click.option("--devices", "device_list", help="Comma-separated devices to roll out to (default: every device "
                                                "whose retained status says online).")
-@click.option("--state-file", type=click.Path(), help="Rollout state (default: ~/.local/state/edgeops/rollouts/ID.json).")
+@click.option("--state-file", type=click.Path(),
+              help="Rollout state (default: ~/.local/state/edgeops/rollouts/ID.json).")
 @click.option("--resume", type=click.Path(exists=True), help="Resume the rollout saved in this state file.")
 @click.option("--public-key", type=click.Path(), help="Check BUNDLE's signature here before sending it.")
-@click.option("--timeout", type=float, default=180.0, show_default=True, help="Seconds to wait for each device's answer.")
+@click.option("--timeout", type=float, default=180.0, show_default=True,
+              help="Seconds to wait for each device's answer.")
 @click.option("--window-timeout", type=float, default=300.0, show_default=True,
               help="Seconds to wait for a wave's clean windows.")
 @click.option("--wait-probation", type=float, default=0.0,
-              help="After a single-device flash, wait up to S seconds for the device's own verdict on its first windows.")
+              help="After a single-device flash, wait up to S seconds for the device's own verdict on its first "
+                   "windows.")
 @click.option("--url", help="The device fetches the bundle from this http(s) URL (BUNDLE: the same .tar.gz file).")
 @click.option("--max-latency-ms", type=float, help="Refuse BUNDLE when its stored bench p50 on --profile exceeds this.")
 @click.option("--profile", "profile_id", help="Board profile for --max-latency-ms (see `edgeops devices profiles`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_broker_options
-def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, canary_samples, evaluation_wait, force_schema,
-              device_list, state_file, resume, public_key, timeout, window_timeout, wait_probation, url, max_latency_ms,
-              profile_id, as_json, broker, username, password, ca_file, cert_file, key_file, topic_prefix):
+def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, canary_samples, evaluation_wait,
+              force_schema, device_list, state_file, resume, public_key, timeout, window_timeout, wait_probation,
+              url, max_latency_ms, profile_id, as_json, broker, username, password, ca_file, cert_file, key_file,
+              topic_prefix):
     """Flash BUNDLE to a running device (--device) or roll it out to a fleet (--canary).
 
     Exit codes: 0 done; 1 failed, stopped or rolled back; 4 the bundle was refused (hash,
@@ -118,8 +122,9 @@ def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, can
         if canary:
             raise click.UsageError("--canary rolls out to a fleet; do not give --device with it")
         _say(f"flashing {bundle} to {device} (fleet {fleet})")
-        res = fl.flash_device(address, fleet, device, bundle, prefix=topic_prefix, timeout=timeout,
-                              public_key=public_key, wait_probation=wait_probation, url=url, force_schema=force_schema)
+        options = fl.FlashOptions(timeout=timeout, public_key=public_key, wait_probation=wait_probation, url=url,
+                                  force_schema=force_schema)
+        res = fl.flash_device(address, fleet, device, bundle, prefix=topic_prefix, options=options)
         _print_result(res, as_json)
         sys.exit(_result_exit(res))
     if not canary:
@@ -283,7 +288,8 @@ def _identity_files(f):
 
 @devices_group.command("provision")
 @_identity_files
-@click.option("--out", type=click.Path(file_okay=False), help="Folder for the device's files (default: ./FLEET-DEVICE).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for the device's files (default: ./FLEET-DEVICE).")
 @click.option("--cert", is_flag=True, help="A client certificate from the fleet CA instead of a password.")
 @click.option("--broker", help="The broker URL the agent uses (default: mqtts://localhost:8883, 8884 with --cert).")
 @click.option("--topic-prefix", default="edgeops", show_default=True)

@@ -265,19 +265,40 @@ class FleetLink:
                     and r.get("type") in ("probation", "auto_rollback")]
 
 
+@dataclass(frozen=True)
+class FlashOptions:
+    """How one device is flashed.
+
+    Attributes:
+        timeout: seconds to wait for the device's result.
+        public_key: check the bundle's signature with this key before sending it.
+        chunk_size: bytes per chunk when the bundle is sent over MQTT.
+        wait_probation: after a successful flash, seconds to wait for the device's verdict on its first windows.
+        url: the device fetches the archive from this http(s) URL instead.
+        force_schema: send a bundle whose inputs do not fit what the device runs (the device honours it too).
+    """
+
+    timeout: float = 120.0
+    public_key: str | None = None
+    chunk_size: int = CHUNK_SIZE
+    wait_probation: float = 0.0
+    url: str | None = None
+    force_schema: bool = False
+
+
 def flash_device(address: BrokerAddress, fleet: str, device: str, bundle: str | Path, *, prefix: str = DEFAULT_PREFIX,
-                 timeout: float = 120.0, public_key: str | None = None, chunk_size: int = CHUNK_SIZE,
-                 wait_probation: float = 0.0, url: str | None = None, force_schema: bool = False) -> dict:
+                 options: FlashOptions = FlashOptions()) -> dict:
     """Flash one device and wait for its answer. Returns the final result document.
 
-    With ``url``, the device fetches the archive from there; ``bundle`` must then be that same
+    With ``options.url``, the device fetches the archive from there; ``bundle`` must then be that same
     .tar.gz file (its sha256 and size go in the command). A bundle whose inputs do not fit what the
-    device runs (its retained status says) is refused here, before it is sent, unless ``force_schema``
-    (which the device then honours too).
+    device runs (its retained status says) is refused here, before it is sent, unless
+    ``options.force_schema`` (which the device then honours too).
     """
+    timeout, url, force_schema = options.timeout, options.url, options.force_schema
     if url and not str(bundle).endswith((".tar.gz", ".tgz")):
         raise FlashError("with --url, BUNDLE must be the .tar.gz file served at that URL (its sha256 is sent)")
-    image = BundleImage.from_path(bundle, public_key)
+    image = BundleImage.from_path(bundle, options.public_key)
     with FleetLink(address, fleet, prefix) as fl:
         if not force_schema:
             note = check_device_fit(image, device, fl.wait(lambda: fl.statuses.get(device), 2.0))
@@ -285,14 +306,15 @@ def flash_device(address: BrokerAddress, fleet: str, device: str, bundle: str | 
                 log.warning("%s", note)
         started = time.time()
         tid = (fl.start_flash_url(device, image, url, force_schema) if url
-               else fl.start_flash(device, image, chunk_size, force_schema))
+               else fl.start_flash(device, image, options.chunk_size, force_schema))
         res = fl.final_result(tid, timeout)
         if res is None:
             raise FlashError(f"{device}: no result within {timeout:g}s (is the agent running with --flash, "
-                             f"on fleet {fleet!r}?); a device with a session at the broker still gets the command when it reconnects")
+                             f"on fleet {fleet!r}?); a device with a session at the broker still gets the command "
+                             "when it reconnects")
         res = dict(res)
-        if res.get("ok") and wait_probation > 0:
-            later = fl.wait(lambda: fl.later_results(device, started), wait_probation)
+        if res.get("ok") and options.wait_probation > 0:
+            later = fl.wait(lambda: fl.later_results(device, started), options.wait_probation)
             if later:
                 res["after"] = later[-1]
         return res
@@ -385,7 +407,8 @@ def parse_fraction(text: str) -> float:
 class RolloutRunner:
     """Carries a :class:`Rollout` forward; every step is saved to ``state_path`` first."""
 
-    def __init__(self, address: BrokerAddress, rollout: Rollout, state_path: Path, prefix: str = DEFAULT_PREFIX,
+    def __init__(  # noqa: PLR0913 - configuration constructor: the keyword arguments are the runner's settings
+                 self, address: BrokerAddress, rollout: Rollout, state_path: Path, prefix: str = DEFAULT_PREFIX,
                  flash_timeout: float = 180.0, window_timeout: float = 300.0, public_key: str | None = None,
                  progress: Callable[[str], None] | None = None, evaluation_wait: float = 5.0):
         self.address, self.r, self.path, self.prefix = address, rollout, state_path, prefix
@@ -582,8 +605,9 @@ def new_rollout(bundle: str | Path, fleet: str, devices: list[str], canary: floa
         raise FlashError(f"fleet {fleet!r} has no devices online to flash")
     groups = plan_groups(devices, canary, waves)
     r = Rollout(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], fleet=fleet,
-                bundle=str(Path(bundle).resolve()), name=image.name, version=image.version, sha256=image.manifest_sha256,
-                groups=groups, clean_windows=clean_windows, canary_samples=canary_samples, force_schema=force_schema,
+                bundle=str(Path(bundle).resolve()), name=image.name, version=image.version,
+                sha256=image.manifest_sha256, groups=groups, clean_windows=clean_windows,
+                canary_samples=canary_samples, force_schema=force_schema,
                 devices={d: {"state": "pending", "group": i} for i, g in enumerate(groups) for d in g})
     return r
 
