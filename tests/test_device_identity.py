@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from deploy_broker import (
     NOT_AUTHORIZED,
     REFUSED_AT_CONNECT,
@@ -22,10 +23,9 @@ from deploy_broker import (
     Identity,
     Session,
 )
-from helpers import eventually
-
 from devices import provision
 from edge_runtime.errors import InvalidInputError
+from helpers import eventually
 
 MONITOR = Identity("monitor", SERVICES["monitor"])
 FLASHER = Identity("flasher", SERVICES["flasher"])
@@ -158,8 +158,8 @@ def test_a_device_with_a_certificate_is_its_certificate_and_a_revoked_certificat
 
 def test_a_password_hashed_by_the_project_is_the_one_mosquitto_passwd_would_write():
     # mosquitto_passwd 2.x wrote this line for password "secret"; the same salt gives the same hash.
-    line = ("fleet-a/dev-1:$7$101$PHiDehzkA2p/r5ut$oTpztJkYqx2iZeeFZnRgkrTe96azhngcy5aDJVRchn2yulLZ8Jzd6W8gOQlBms5NSsAAE9H9"
-            "+cV/F5JC3GdA5w==")
+    line = ("fleet-a/dev-1:$7$101$PHiDehzkA2p/r5ut$"
+            "oTpztJkYqx2iZeeFZnRgkrTe96azhngcy5aDJVRchn2yulLZ8Jzd6W8gOQlBms5NSsAAE9H9+cV/F5JC3GdA5w==")
     assert provision.hash_password("secret", base64.b64decode("PHiDehzkA2p/r5ut")) == line.split(":", 1)[1]
 
 
@@ -171,8 +171,8 @@ def test_provisioning_refuses_ids_that_would_escape_a_topic_level(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_provisioned_devices_agent_runs_from_its_folder_and_the_monitor_reads_its_telemetry(broker, bc_mlp_bundle,
-                                                                                               reference_data, tmp_path):
+def test_a_provisioned_devices_agent_runs_from_its_folder_and_the_monitor_reads_its_telemetry(
+        broker, bc_mlp_bundle, reference_data, tmp_path):
     res = subprocess.run([sys.executable, "-m", "edgeops", "devices", "provision", "--fleet", "fleet-a", "--device",
                           "dev-a", "--out", str(tmp_path / "dev-a"), "--password-file", str(broker.etc / "passwd"),
                           "--acl", str(broker.etc / "acl"), "--ca-dir", str(broker.etc), "--broker",
@@ -185,8 +185,9 @@ def test_a_provisioned_devices_agent_runs_from_its_folder_and_the_monitor_reads_
     monitor.subscribe("edgeops/fleet-a/dev-a/telemetry")
     np.save(tmp_path / "x.npy", reference_data["breast_cancer"].X_train)
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    agent = subprocess.Popen(["sh", made["files"]["run-agent.sh"], str(bc_mlp_bundle), "--input", str(tmp_path / "x.npy"),
-                              "--loop", "--rate", "200", "--window-size", "50", "--state-dir", str(tmp_path / "s"),
+    agent = subprocess.Popen(["sh", made["files"]["run-agent.sh"], str(bc_mlp_bundle),
+                              "--input", str(tmp_path / "x.npy"), "--loop", "--rate", "200", "--window-size", "50",
+                              "--state-dir", str(tmp_path / "s"),
                               "--duration", "60", "--confirm", "broker"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -201,7 +202,8 @@ def test_a_provisioned_devices_agent_runs_from_its_folder_and_the_monitor_reads_
 
 
 def _edgeops(*args):
-    return subprocess.run([sys.executable, "-m", "edgeops", *args], check=False, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "edgeops", *args],
+                          check=False, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.slow

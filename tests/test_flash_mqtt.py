@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from bundle_variants import variant
 
+from bundle_variants import variant
 from edge_runtime import signing
 from edge_runtime.flash import FAULT_ENV
 from edge_runtime.mqtt import parse_broker_url

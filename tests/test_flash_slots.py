@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-from bundle_variants import variant
 
 import edge_runtime
+from bundle_variants import variant
 from edge_runtime import signing
 from edge_runtime.bundle import pack
 from edge_runtime.flash import BundleSlots

@@ -84,7 +84,7 @@ def test_the_batched_feature_tests_equal_the_per_feature_ones():
         cur.append(c.tolist())
     cur[-1] = (np.array(ref[-1]) * 3).tolist()               # the same shape: no drift at all
     psis, chi2_p, ks_p = feature_tests(ref, cur)
-    for i, (r, c) in enumerate(zip(ref, cur)):
+    for i, (r, c) in enumerate(zip(ref, cur, strict=True)):
         assert psis[i] == pytest.approx(psi(r, c), abs=1e-12), i
         assert chi2_p[i] == pytest.approx(chi2_homogeneity(r, c)[1], rel=1e-9, abs=1e-300), i
         assert ks_p[i] == pytest.approx(ks_binned(r, c)[1], rel=1e-9, abs=1e-300), i
