@@ -32,8 +32,8 @@ from edge_runtime.model import EdgeModel
 from edge_runtime.mqtt import DEFAULT_PREFIX, BrokerAddress, MqttLink
 from edge_runtime.outputs import VARIANTS, CallbackSink, Prediction, PredictionSink, open_sink
 from edge_runtime.spool import WindowSpool
-from edge_runtime.stats import LatencyHistogram
 from edge_runtime.state import check_id, prepare_state_dir
+from edge_runtime.stats import LatencyHistogram
 
 log = logging.getLogger("edgeops.agent")
 
@@ -114,7 +114,8 @@ class DeviceAgent:
             split sends to B) or "all" (the shadow's too).
     """
 
-    def __init__(self, model: EdgeModel, device_id: str, fleet: str, broker: BrokerAddress,
+    def __init__(  # noqa: PLR0913 - configuration constructor: the keyword arguments are the agent's settings
+                 self, model: EdgeModel, device_id: str, fleet: str, broker: BrokerAddress,
                  state_dir: str | Path | None = None, window_seconds: float | None = 10.0,
                  window_size: int | None = None, prefix: str = DEFAULT_PREFIX, spool_max: int = 10_000,
                  slots=None, reload: Callable[[Path], EdgeModel] | None = None,
@@ -407,7 +408,7 @@ class DeviceAgent:
         if not oor or key in self._scale_warned or sum(counts) < 20 or len(feats) != len(oor):
             return
         flagged, seen = [], 0
-        for i, (o, c, ref) in enumerate(zip(oor, counts, feats)):
+        for i, (o, c, ref) in enumerate(zip(oor, counts, feats, strict=True)):
             if not c:
                 continue
             seen += 1

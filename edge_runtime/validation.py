@@ -54,9 +54,8 @@ def as_batch(x, spec: InputSpec, nan_policy: str = "reject") -> tuple[np.ndarray
         except (ValueError, TypeError) as exc:
             raise InvalidInputError(f"input {spec.name!r}: not an array of numbers ({exc})", "not_numeric") from None
         if arr.dtype.kind not in "fiub":
-            raise InvalidInputError(
-                f"input {spec.name!r}: expected numbers (float32), got {arr.dtype.name if arr.dtype.kind != 'O' else 'mixed objects'}",
-                "not_numeric")
+            got = arr.dtype.name if arr.dtype.kind != "O" else "mixed objects"
+            raise InvalidInputError(f"input {spec.name!r}: expected numbers (float32), got {got}", "not_numeric")
         arr = arr.astype(np.float32)
     shape, ndim = spec.shape, len(spec.shape)
     single = False
@@ -88,7 +87,7 @@ def as_batch(x, spec: InputSpec, nan_policy: str = "reject") -> tuple[np.ndarray
 
 
 def _fits(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
-    return len(got) == len(want) and all(w < 0 or g == w for g, w in zip(got, want))
+    return len(got) == len(want) and all(w < 0 or g == w for g, w in zip(got, want, strict=True))
 
 
 def standardise(batch: np.ndarray, spec: InputSpec) -> np.ndarray:

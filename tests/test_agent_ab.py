@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import numpy as np
 
 from mqtt_collector import Collector
-import json
-
 from telemetry.validation import parse
 
 
