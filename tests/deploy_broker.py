@@ -19,12 +19,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import eventually
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from devices import fleet_ca, provision
 from devices.broker import MosquittoBroker, free_port
+from helpers import eventually
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
 SERVICES = {"monitor": "pw-monitor", "flasher": "pw-flasher"}

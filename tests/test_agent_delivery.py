@@ -133,7 +133,8 @@ def test_bad_device_id_and_broker_url_are_one_line_errors(bc_rf_bundle, tmp_path
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 3 and "device id 'a/b'" in res.stderr and "Traceback" not in res.stderr
     res = subprocess.run([sys.executable, "-m", "edgeops", "run", str(bc_rf_bundle), "--device-id", "d",
-                          "--broker", "http://x", "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+                          "--broker", "http://x", "--state-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 3 and "mqtt://" in res.stderr
 
 

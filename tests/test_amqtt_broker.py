@@ -8,13 +8,13 @@ import sys
 
 import numpy as np
 import pytest
-from bundle_variants import variant
-from helpers import eventually
 from sqlalchemy import create_engine, text
 
+from bundle_variants import variant
 from devices.broker import check_broker, free_port
 from edge_runtime.errors import InvalidInputError
 from edge_runtime.mqtt import parse_broker_url
+from helpers import eventually
 
 
 def test_the_broker_url_names_the_protocol():

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bundle_variants import variant
-from helpers import eventually
 
 import edge_runtime
+from bundle_variants import variant
 from edge_runtime import signing
 from edge_runtime.bundle import MANIFEST_FILE, TEMP_PREFIX, open_bundle, pack, write_manifest
 from edge_runtime.errors import BundleError, ModelFormatError, QualityCheckError, VerificationError
 from edge_runtime.flash import NO_TRUSTED_KEY, BundleSlots
+from helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 BOMB_BYTES = 64 << 20   # zeros: about 64 KB once gzipped

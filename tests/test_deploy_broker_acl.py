@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from deploy_broker import (
     NOT_AUTHORIZED,
     REFUSED_AT_CONNECT,
@@ -21,10 +22,9 @@ from deploy_broker import (
     Identity,
     Session,
 )
-from helpers import eventually
-
 from devices import provision
 from edge_runtime.bundle import write_manifest
+from helpers import eventually
 
 
 @pytest.fixture
@@ -117,7 +117,8 @@ def test_flashing_works_through_the_secure_broker_with_each_identity(secure_brok
         base = [sys.executable, "-m", "edgeops", "flash", str(v2), "--device", "dev-1", "--fleet", "fleet-a",
                 "--ca", str(secure_broker.ca), "--json", "--timeout", "60"]
         wrong = subprocess.run(base + ["--broker", secure_broker.url(), "--username", dev2.username, "--password",
-                                       dev2.password, "--timeout", "5"], check=False, capture_output=True, text=True, timeout=60)
+                                       dev2.password, "--timeout", "5"],
+                               check=False, capture_output=True, text=True, timeout=60)
         assert wrong.returncode == 1 and "refused the command" in wrong.stderr   # another device may not command dev-1
         res = subprocess.run(base + ["--broker", secure_broker.url("services"), "--username", "flasher", "--password",
                                      SERVICES["flasher"]], check=False, capture_output=True, text=True, timeout=120)

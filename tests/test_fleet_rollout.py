@@ -10,12 +10,12 @@ import subprocess
 import sys
 
 import pytest
-from bundle_variants import variant
-from helpers import eventually
 
+from bundle_variants import variant
 from devices.emulate import EmulatedFleet, ScenarioError, load_scenario, replay_data
 from devices.flash import RolloutRunner, new_rollout, plan_groups
 from edge_runtime.mqtt import parse_broker_url
+from helpers import eventually
 from mqtt_collector import Collector
 
 FLEET = "ward"
@@ -176,9 +176,10 @@ def test_fleet_emulate_applies_offline_and_slow_events(mosquitto, versions, tmp_
         {"at": 2, "kind": "slow", "devices": ["dev-002"], "added_latency_ms": 8}]}))
     col = Collector(mosquitto.port, client_id="emulate-watch")
     try:
-        res = subprocess.run([sys.executable, "-m", "edgeops", "fleet", "emulate", "--devices", "3", "--bundle", str(v1),
-                              "--broker", mosquitto.url, "--fleet", FLEET, "--scenario", str(scenario), "--duration",
-                              "10", "--rate", "50", "--window-size", "25", "--state-root", str(tmp_path / "fs"),
+        res = subprocess.run([sys.executable, "-m", "edgeops", "fleet", "emulate", "--devices", "3",
+                              "--bundle", str(v1), "--broker", mosquitto.url, "--fleet", FLEET,
+                              "--scenario", str(scenario), "--duration", "10", "--rate", "50", "--window-size", "25",
+                              "--state-root", str(tmp_path / "fs"),
                               "--json", "--confirm", "broker"],      # no monitor here: the broker's ack empties spools
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-2000:]

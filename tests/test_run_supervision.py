@@ -127,7 +127,8 @@ def test_an_emulated_fleet_whose_worker_is_killed_stops_naming_it(parent_of_a_cl
         fleet.stop()
 
 
-def test_an_emulated_worker_that_refuses_its_bundle_stops_the_fleet_with_the_reason(tmp_path, session_mosquitto, bc_mlp_bundle):
+def test_an_emulated_worker_that_refuses_its_bundle_stops_the_fleet_with_the_reason(
+        tmp_path, session_mosquitto, bc_mlp_bundle):
     _, other_pub = signing.generate_key_pair(tmp_path / "keys", "other")   # the bundle is not signed with it
     fleet = EmulatedFleet(bc_mlp_bundle, session_mosquitto.url, 1, _replay_rows(), tmp_path / "fleet",
                           fleet="refused", public_key=str(other_pub)).start()
