@@ -298,10 +298,11 @@ def devices_provision(fleet, device, password_file, acl_file, ca_dir, as_json, o
     certificate), an ACL block that allows its own topics only, and a ready-to-copy agent folder
     (run-agent.sh, agent.env, ca.crt). Again on the same device: rotates its credential.
     Send the broker SIGHUP afterwards."""
-    from devices.provision import provision
+    from devices.provision import BrokerFiles, provision
 
-    made = provision(fleet, device, Path(out or f"{fleet}-{device}"), Path(password_file), Path(acl_file),
-                     Path(ca_dir), cert=cert, broker=broker, prefix=topic_prefix)
+    made = provision(fleet, device, Path(out or f"{fleet}-{device}"),
+                     BrokerFiles(Path(password_file), Path(acl_file), Path(ca_dir)),
+                     cert=cert, broker=broker, prefix=topic_prefix)
     if as_json:
         click.echo(json.dumps(made.to_dict(), indent=2))
         return

@@ -176,10 +176,19 @@ class ProvisionedDevice:
         return asdict(self)
 
 
-def provision(fleet: str, device: str, out: Path, password_file: Path, acl_file: Path, ca_dir: Path,
+@dataclass(frozen=True)
+class BrokerFiles:
+    """Where the broker keeps its identities: the password file, the ACL file and the fleet CA folder."""
+
+    password_file: Path
+    acl_file: Path
+    ca_dir: Path
+
+
+def provision(fleet: str, device: str, out: Path, files: BrokerFiles, *,
               cert: bool = False, broker: str | None = None, prefix: str = DEFAULT_PREFIX) -> ProvisionedDevice:
     """Make one device's credential (a password, or with ``cert`` a client certificate from the fleet CA
-    in ``ca_dir``), its ACL block and, in ``out``, the files to copy to the device.
+    in ``files.ca_dir``), its ACL block and, in ``out``, the files to copy to the device.
 
     ``out`` receives ``agent.env`` (the password, mode 0600), ``run-agent.sh`` (``edgeops run`` with
     the broker, username and TLS files, relative to itself), ``ca.crt`` and, with ``cert``,
@@ -187,6 +196,7 @@ def provision(fleet: str, device: str, out: Path, password_file: Path, acl_file:
     """
     from devices import fleet_ca  # cryptography: imported only to provision
 
+    password_file, acl_file, ca_dir = files.password_file, files.acl_file, files.ca_dir
     username = device_username(fleet, device)
     broker = broker or f"mqtts://localhost:{CERTIFICATE_PORT if cert else PASSWORD_PORT}"
     out.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,8 @@ class DeployedBroker:
 
     def provision(self, fleet: str, device: str, cert: bool = False) -> Identity:
         out = self.devices_dir / fleet / device
-        made = provision.provision(fleet, device, out, self.etc / "passwd", self.etc / "acl", self.etc, cert=cert,
+        files = provision.BrokerFiles(self.etc / "passwd", self.etc / "acl", self.etc)
+        made = provision.provision(fleet, device, out, files, cert=cert,
                                    broker=self.url("certificates" if cert else "devices"))
         self.reload()
         if cert:

@@ -166,7 +166,8 @@ def test_a_password_hashed_by_the_project_is_the_one_mosquitto_passwd_would_writ
 def test_provisioning_refuses_ids_that_would_escape_a_topic_level(tmp_path):
     for fleet, device in [("fleet/a", "dev"), ("fleet-a", "+"), ("fleet-a", "#"), ("", "dev"), ("fleet-a", "x" * 65)]:
         with pytest.raises(InvalidInputError):
-            provision.provision(fleet, device, tmp_path / "out", tmp_path / "passwd", tmp_path / "acl", tmp_path)
+            provision.provision(fleet, device, tmp_path / "out",
+                                provision.BrokerFiles(tmp_path / "passwd", tmp_path / "acl", tmp_path))
     assert not (tmp_path / "passwd").exists() and not (tmp_path / "acl").exists()
 
 
