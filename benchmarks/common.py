@@ -13,7 +13,8 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]], title: str | N
     if title:
         print(title)
     for n, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        pairs = enumerate(zip(row, widths, strict=True))
+        print("  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in pairs))
         if n == 0:
             print("  ".join("-" * w for w in widths))
 

@@ -598,7 +598,8 @@ class RolloutRunner:
         return r
 
 
-def new_rollout(bundle: str | Path, fleet: str, devices: list[str], canary: float, waves: int, clean_windows: int,
+def new_rollout(bundle: str | Path, fleet: str, devices: list[str], canary: float,  # noqa: PLR0913 - a rollout's settings
+                waves: int, clean_windows: int,
                 public_key: str | None = None, canary_samples: int = 200, force_schema: bool = False) -> Rollout:
     image = BundleImage.from_path(bundle, public_key)
     if not devices:

@@ -531,7 +531,8 @@ def _status_input(v) -> dict:
     """A status's ``input`` block: what the running bundle takes (kind, shape, dtype, values per sample)."""
     i = _object(v, "input")
     shape = i.get("shape")
-    if not isinstance(shape, list) or len(shape) > 8 or any(type(d) is not int or not -1 <= d <= MAX_INT for d in shape):
+    if not isinstance(shape, list) or len(shape) > 8 \
+            or any(type(d) is not int or not -1 <= d <= MAX_INT for d in shape):
         raise Rejected("bad_value", "input.shape must be a list of at most 8 integers from -1 up")
     kind = _text(i.get("kind"), "input.kind", 16)
     if kind not in (None, "tabular", "image", "tensor"):
