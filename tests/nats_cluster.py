@@ -36,7 +36,8 @@ class NatsCluster:
             f"server_name: n{i}\nlisten: 127.0.0.1:{p['client']}\nhttp: 127.0.0.1:{p['http']}\n"
             f"jetstream {{ store_dir: {self.workdir / f's{i}'} }}\n"
             f"cluster {{ name: edgeops, listen: 127.0.0.1:{p['cluster']}, routes: [{routes}] }}\n"
-            f"mqtt {{ listen: 127.0.0.1:{p['mqtt']}, stream_replicas: {len(self.ports)} }}\n")
+            f"mqtt {{ listen: 127.0.0.1:{p['mqtt']}, stream_replicas: {len(self.ports)}, "
+            f"consumer_replicas: {len(self.ports)} }}\n")
         return conf
 
     def start(self) -> "NatsCluster":

@@ -360,7 +360,7 @@ def test_a_nats_cluster_node_and_a_monitor_die_and_no_window_is_lost(tmp_path, b
     states = [tmp_path / f"dev-n{i}" for i in range(3)]
     # each agent starts on another node and fails over to the others in turn
     agents = [agent(bc_mlp_bundle, cluster.url(i, (i + 1) % 3, (i + 2) % 3), inputs, s, s.name, "--rate", 200,
-                    "--duration", 25) for i, s in enumerate(states)]
+                    "--duration", 40) for i, s in enumerate(states)]
     try:
         assert eventually(lambda: all(len(seqs(s.name)) >= 20 for s in states), 90), cluster.log_tail()
         cluster.kill_node(0)            # dev-n0's node
