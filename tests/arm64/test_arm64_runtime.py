@@ -61,7 +61,13 @@ def test_bundles_predict_inside_what_they_predict_on_the_host(guest, digits_cnn_
         host = _host_predict(job["model"], job["artifact"], job["x"])
         what = f"{job['model'].name}/{job['artifact'] or 'default'}"
         assert inside.shape == host.shape, what
-        # Quantized artifacts compute in integers: the same numbers, bit for bit.
+        # Quantized TFLite computes in integers: the same numbers, bit for bit. ONNX Runtime's int8 kernels
+        # differ by architecture (on x86 without VNNI its u8s8 products can saturate, on ARM they do not),
+        # so there the device is held to the same classes, not to the host's saturated numbers.
+        if job["artifact"] == "model.int8.onnx":
+            agree = float((inside.argmax(axis=-1) == host.argmax(axis=-1)).mean())
+            assert agree >= 0.98, f"{what}: {agree:.1%} of the classes agree"
+            continue
         if job["artifact"] and "int8" in job["artifact"]:
             np.testing.assert_array_equal(inside, host, err_msg=what)
         else:
