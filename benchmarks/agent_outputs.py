@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         hook.terminate()
         hook.wait(5)
+        shutil.rmtree(work, ignore_errors=True)     # the broker's folder, the sinks' files, the bundle
     base, cpu_base = statistics.median(times["none"]), statistics.median(cpu["none"])
     rows = []
     for name, t in times.items():

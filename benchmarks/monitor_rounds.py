@@ -20,8 +20,10 @@ one fleet-level evaluation alone.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
+import shutil
 import tempfile
 import time
 
@@ -40,6 +42,7 @@ def fill(devices: int, windows: int):
     predicted = (data.X_train[:, 0] > np.median(data.X_train[:, 0])).astype(int)
     manifest = reference_manifest(data.X_train, predicted, "bc", feature_names=data.feature_names)
     workdir = tempfile.mkdtemp(prefix="edgeops-rounds-")
+    atexit.register(shutil.rmtree, workdir, True)      # the benchmark's database, whatever way it ends
     monitor = FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), f"sqlite:///{workdir}/m.db", bundles=[manifest])
     rng = np.random.default_rng(0)
     for dev in range(devices):
