@@ -13,6 +13,7 @@ import jsonschema
 import numpy as np
 import pytest
 
+from helpers import eventually
 from mqtt_collector import Collector
 
 SCHEMA = json.loads(open("edge_runtime/schemas/telemetry.schema.json").read())
@@ -86,7 +87,14 @@ def test_a_killed_agent_delivers_its_spooled_windows_after_restart(mosquitto, bc
     mosquitto.stop()  # no broker: every window stays in the spool
     agent = subprocess.Popen(agent_cmd(bc_mlp_bundle, mosquitto, bc_inputs, state, "--loop", "--rate", 500,
                                        "--window-size", 25), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(3.0)
+    def spooled_count():
+        try:
+            with sqlite3.connect(state / "spool.sqlite") as conn:
+                return conn.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
+        except sqlite3.OperationalError:      # not created yet
+            return 0
+
+    assert eventually(lambda: spooled_count() >= 5, 60)
     agent.send_signal(signal.SIGKILL)
     agent.wait(timeout=10)
     spool = sqlite3.connect(state / "spool.sqlite")

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from edge_runtime.mqtt import parse_broker_url
+from helpers import eventually
 from telemetry import store
 from telemetry.evaluate import MonitorConfig
 from telemetry.monitor import FleetMonitor
@@ -72,12 +73,7 @@ def topic(device, kind="telemetry", fleet="f1"):
 
 
 def wait(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    return eventually(predicate, timeout)
 
 
 def stored_count(engine):
@@ -189,7 +185,6 @@ def test_two_shared_subscription_monitors_count_each_window_once_and_agree(mosqu
         assert wait(lambda: stored_count(monitors[0].engine) == 90)
         assert sum(m.stats.stored for m in monitors) == 90
         assert all(m.stats.stored > 0 for m in monitors)   # the load was split
-        time.sleep(1.0)
         for m in monitors:
             m.evaluate_pending()
         opened = {(a["device_id"], a["detector"]) for a in store.open_alerts(monitors[0].engine)}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
+from helpers import eventually
 from mqtt_collector import Collector
 
 pytestmark = pytest.mark.slow
@@ -27,8 +27,17 @@ def test_agents_report_to_the_monitor_which_flags_only_the_drifted_device(mosqui
                                 f"sqlite:///{db}", "--bundle", str(bc_mlp_bundle), "--client-id", "e2e-monitor"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     alerts = Collector(mosquitto.port, topic="edgeops/+/alerts", client_id="alerts-watcher")
+    engine = create_engine(f"sqlite:///{db}")
+
+    def connected():     # the monitor records its session when it connects, just before it subscribes
+        try:
+            with engine.connect() as conn:
+                return conn.execute(text("select count(*) from edgeops_monitor_sessions")).scalar()
+        except Exception:  # noqa: BLE001 - tables not created yet
+            return 0
+
     try:
-        time.sleep(2.0)
+        assert eventually(connected, 60), "the monitor did not connect"
         agents = [subprocess.run([sys.executable, "-m", "edgeops", "run", str(bc_mlp_bundle), "--device-id", dev,
                                   "--fleet", "ward", "--broker", mosquitto.url, "--input", str(inputs), "--loop",
                                   "--max-inferences", "1200", "--window-size", "100",
@@ -37,20 +46,13 @@ def test_agents_report_to_the_monitor_which_flags_only_the_drifted_device(mosqui
                   # bed-2 sends its windows zlib-compressed: the monitor takes both encodings
                   for dev, inputs, extra in (("bed-1", clean, []), ("bed-2", drifted, ["--compress"]))]
         assert all(a.returncode == 0 for a in agents), [a.stderr[-500:] for a in agents]
-        engine = create_engine(f"sqlite:///{db}")
-
         def stored():
             with engine.connect() as conn:
                 return conn.execute(text("select count(*) from edgeops_windows")).scalar()
 
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and stored() < 24:
-            time.sleep(0.2)
-        assert stored() == 24
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not any(
-                any(a["device_id"] == "bed-2" for a in m.get("open", [])) for _, m in alerts.messages):
-            time.sleep(0.2)
+        assert eventually(lambda: stored() >= 24, 30) and stored() == 24
+        eventually(lambda: any(any(a["device_id"] == "bed-2" for a in m.get("open", []))
+                               for _, m in alerts.messages), 20)
         latest = alerts.messages[-1][1]
         flagged = {(a["device_id"], a["detector"]) for a in latest["open"]}
         assert ("bed-2", "feature_drift") in flagged
