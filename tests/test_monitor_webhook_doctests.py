@@ -6,13 +6,13 @@ import doctest
 import importlib
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
 
 from edge_runtime.mqtt import parse_broker_url
+from helpers import eventually
 from telemetry.evaluate import MonitorConfig
 from telemetry.monitor import FleetMonitor
 from telemetry.synthetic import make_window, reference_manifest
@@ -54,9 +54,7 @@ def test_an_opened_alert_is_posted_to_the_webhook(tmp_path):
                     for i, rows in enumerate(shifted)])
         events = mon.evaluate_pending()
         assert ("opened", "feature_drift") in {(e[0], e[1]["detector"]) for e in events}
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(received) < 2:   # the device and the fleet
-            time.sleep(0.05)
+        eventually(lambda: len(received) >= 2, 10)                       # the device and the fleet
     finally:
         server.shutdown()
     (hook,) = [r for r in received if r["detector"] == "feature_drift" and r["device_id"] == "dev-9"]
