@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from edge_runtime.accel_options import accel_options
 from edge_runtime.errors import EdgeOpsError, InvalidInputError
 
 QUANTIZED = ("int8", "int16x8", "dynamic", "static", "float16")
@@ -121,14 +122,15 @@ def render_table(results: list[dict], machine: dict, warnings: list[str]) -> Non
     table = Table(title=f"edgeops bench{' ' + ', '.join(bundles) if bundles else ''} on {machine['cpu']} "
                         f"({machine['arch']}, {machine['cores']} cores"
                         + (f", {machine['board']}" if machine.get("board") else "") + ")")
-    cols = ["artifact", "backend", "size KB", "init ms", "first ms", "p50 ms", "p90 ms", "p99 ms", "mean±std ms",
-            "inf/s", "RSS MB", "accuracy", "speed-up", "size x"]
+    cols = ["artifact", "backend", "runs on", "size KB", "init ms", "first ms", "p50 ms", "p90 ms", "p99 ms",
+            "mean±std ms", "inf/s", "RSS MB", "accuracy", "speed-up", "size x"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("artifact", "backend") else "right", no_wrap=True)
     for r in results:
         lat = r["latency_ms"]
         table.add_row(
             ("* " if r.get("recommended") else "  ") + Path(r["artifact"]).name, r["backend"],
+            r.get("delegate") or r.get("provider") or "cpu",
             f"{r['model_bytes'] / 1024:.1f}", f"{r['init_ms']:.1f}", f"{r['first_ms']:.3f}",
             f"{lat['p50']:.4f}", f"{lat['p90']:.4f}", f"{lat['p99']:.4f}", f"{lat['mean']:.4f}±{lat['std']:.4f}",
             f"{r['throughput_ips']:.0f}", f"{r['peak_rss_mb']}",
@@ -141,6 +143,10 @@ def render_table(results: list[dict], machine: dict, warnings: list[str]) -> Non
     console.print(f"{first['latency_ms']['runs']} measured runs per artifact after {first['warmup']['runs']} warm-up, "
                   f"batch {first['batch']}, threads {first['threads'] or 'default'}; {versions}; "
                   "speed-up and size against the first row; * = fastest within the accuracy budget")
+    for r in results:
+        if (r.get("accelerator") or {}).get("fallback"):
+            console.print(f"note: {Path(r['artifact']).name}: {r['accelerator']['fallback']}; "
+                          f"ran on {r.get('delegate') or r.get('provider') or 'the builtin CPU kernels'}")
     for w in warnings:
         console.print(f"warning: {w}")
 
@@ -167,8 +173,11 @@ def render_table(results: list[dict], machine: dict, warnings: list[str]) -> Non
 @click.option("--fleet", default="default", show_default=True, help="Fleet for --publish.")
 @click.option("--store-profile", help="Also store the results against this board profile (for flash latency budgets).")
 @click.option("--in-process", is_flag=True, help="Measure in this process (faster; init time and RSS then accumulate).")
+@click.option("--profile", "board", help="A board profile: use the delegate it names (unless --delegate is given), "
+                                         "with a fallback to the CPU.")
+@accel_options
 def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifact, data, dataset, accuracy_budget,
-              json_out, csv_out, publish, device_id, fleet, store_profile, in_process):
+              json_out, csv_out, publish, device_id, fleet, store_profile, in_process, board, accel):
     """Benchmark PATHS (.tflite, .onnx, bundle dirs or .tar.gz) on this machine."""
     if store_profile:
         from devices.profiles import get_profile
@@ -178,6 +187,7 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
     from benchmarks.runner import measure, parse_input_shapes
 
     shapes = parse_input_shapes(input_shape)
+    accel = board_acceleration(board, accel)
     items = expand(paths, artifact)
     # a .tar.gz bundle was unpacked into a temporary folder: removed when the command ends, however it ends
     click.get_current_context().call_on_close(lambda: [b.cleanup() for b in {id(i["bundle"]): i["bundle"]
@@ -188,7 +198,7 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
 
         labelled = load_labelled(data, dataset)
     opts = {"runs": runs, "warmup": warmup, "duration": duration, "threads": threads, "batch": batch,
-            "input_shapes": {k: list(v) for k, v in shapes.items()}}
+            "input_shapes": {k: list(v) for k, v in shapes.items()}, "accel": accel.to_dict()}
     results = []
     show_progress = sys.stderr.isatty() and json_out != "-"
     from rich.progress import Progress
@@ -199,7 +209,7 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
             progress.update(task, description=f"benchmarking {item['path'].name}")
             if in_process:
                 r = measure(item["path"], runs=runs, warmup=warmup, duration=duration, threads=threads, batch=batch,
-                            input_shapes=shapes)
+                            input_shapes=shapes, accel=accel)
             else:
                 r = measure_in_child(item["path"], opts)
             r["bundle"] = item["bundle"].name if item["bundle"] else None
@@ -210,7 +220,7 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
             progress.advance(task)
     warnings = compare(results, accuracy_budget)
     machine = machine_info()
-    doc = {"schema_version": 1, "machine": machine, "data": labelled[2] if labelled else None,
+    doc = {"schema_version": 1, "machine": machine, "profile": board, "data": labelled[2] if labelled else None,
            "accuracy_budget_points": accuracy_budget, "warnings": warnings,
            "results": [{**r, "machine": machine} for r in results]}
     if json_out == "-":
@@ -230,15 +240,36 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
         click.echo(f"stored against profile {store_profile} in {where}", err=True)
 
 
+def board_acceleration(board: str | None, accel):
+    """The Acceleration to measure with: the options given, completed by the board profile's delegate/providers."""
+    from dataclasses import replace
+
+    from edge_runtime.accel import Acceleration
+
+    accel = accel or Acceleration()
+    if not board:
+        return accel
+    from devices.profiles import get_profile
+
+    profile = get_profile(board)
+    if profile.delegate and not accel.delegate:
+        accel = replace(accel, delegate=Acceleration.from_specs(profile.delegate).delegate,
+                        delegate_options=Acceleration.from_specs(profile.delegate).delegate_options)
+    if profile.providers and not accel.providers:
+        accel = replace(accel, providers=Acceleration.from_specs(providers=profile.providers).providers)
+    return accel
+
+
 def write_csv(path: str, results: list[dict]) -> None:
     fields = ["artifact", "bundle", "quantization", "backend", "backend_version", "threads", "batch", "model_bytes",
+              "delegate", "provider", "accelerator_fallback",
               "init_ms", "first_ms", "mean", "std", "min", "p50", "p90", "p99", "max", "runs", "throughput_ips",
               "peak_rss_mb", "accuracy", "speedup_vs_first", "size_ratio_vs_first", "recommended"]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in results:
-            w.writerow({**r, **r["latency_ms"]})
+            w.writerow({**r, **r["latency_ms"], "accelerator_fallback": (r.get("accelerator") or {}).get("fallback")})
 
 
 def publish_result(url: str, fleet: str, device_id: str, doc: dict, prefix: str = "edgeops") -> None:

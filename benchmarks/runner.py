@@ -1,8 +1,12 @@
 """Measure one model artifact: initialisation, first inference, warm-up, steady state, memory.
 
 Like LiteRT's benchmark_model and onnxruntime_perf_test, the timed loop runs
-the interpreter on prepared input tensors and nothing else; accuracy, when
-asked for, is measured apart from the timing.
+the interpreter on prepared input tensors and nothing else: one timed call is
+set_tensor for each input, invoke and get_tensor for each output (TFLite), or
+one session.run (ONNX), on inputs allocated before the loop, timed with
+perf_counter_ns and stored in a list; accuracy, when asked for, is measured
+apart from the timing. ``python -m benchmarks.bench_fidelity`` checks this loop
+against a bare interpreter loop.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from benchmarks.machine import peak_rss_mb
+from edge_runtime.accel import Acceleration, report_of
 from edge_runtime.backends import TensorInfo, open_backend
 from edge_runtime.errors import EdgeOpsError, InvalidInputError
 
@@ -97,8 +102,9 @@ def summarise(samples_ms: list[float]) -> dict:
     }
 
 
-def measure(path: str | Path, runs: int = 100, warmup: int = 10, duration: float | None = None,
-            threads: int | None = None, batch: int = 1, input_shapes: dict | None = None, seed: int = 0) -> dict:
+def measure(path: str | Path, runs: int = 100, warmup: int = 10, duration: float | None = None,  # noqa: PLR0913
+            threads: int | None = None, batch: int = 1, input_shapes: dict | None = None, seed: int = 0,
+            accel: Acceleration | None = None) -> dict:
     """Benchmark one .tflite/.onnx file; returns the per-artifact result (without accuracy).
 
     Args:
@@ -110,24 +116,31 @@ def measure(path: str | Path, runs: int = 100, warmup: int = 10, duration: float
         batch: size of a dynamic first dimension.
         input_shapes: NAME -> shape for inputs with dynamic dimensions.
         seed: of the random inputs.
+        accel: delegate, providers, XNNPACK on/off (default: the backend's defaults); the result says
+            what ran (``delegate``, ``provider``, ``accelerator``) and why anything asked for did not.
     """
     p = Path(path)
     if not p.exists():
         raise InvalidInputError(f"{p}: no such file")
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    backend = open_backend(p, threads=threads)
+    backend = open_backend(p, threads=threads, accel=accel or Acceleration())
     init_ms = (time.perf_counter() - t0) * 1000
     feeds = _feeds(backend.inputs, batch, input_shapes or {}, rng)
     first_ms = _first_inference(p, backend.run, feeds)
-    warm = [_timed(backend.run, feeds) for _ in range(warmup)]
-    samples, wall = _steady_state(backend.run, feeds, runs, duration)
+    step = timed_call(backend, feeds)
+    warm = [_timed(step) for _ in range(warmup)]
+    samples, wall = steady_state(step, runs, duration)
+    report = report_of(backend)
     return {
         "artifact": str(p),
         "format": "onnx" if backend.name == "onnxruntime" else "tflite",
         "backend": backend.name,
         "backend_version": backend.version,
         "threads": threads,
+        "delegate": report.delegate,
+        "provider": ",".join(report.providers) or None,
+        "accelerator": {**report.to_dict(), "requested": (accel or Acceleration()).to_dict()},
         "batch": batch,
         "model_bytes": p.stat().st_size,
         "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(f.shape)}
@@ -151,11 +164,18 @@ def _feeds(inputs: list[TensorInfo], batch: int, shapes: dict[str, tuple[int, ..
     return [random_input(t, concrete_shape(t, batch, shapes), rng) for t in inputs]
 
 
-def _timed(run: Callable, feeds: list[np.ndarray]) -> float:
-    """Milliseconds of one inference."""
-    t0 = time.perf_counter()
-    run(feeds)
-    return (time.perf_counter() - t0) * 1000
+def timed_call(backend, feeds: list[np.ndarray]) -> Callable[[], object]:
+    """The call the benchmark times: set the inputs, invoke, get the outputs, with nothing else in it."""
+    prepared = getattr(backend, "prepared", None)
+    return prepared(feeds) if prepared is not None else (lambda: backend.run(feeds))
+
+
+def _timed(step: Callable, feeds: list[np.ndarray] | None = None) -> float:
+    """Milliseconds of one inference (``step(feeds)``, or ``step()`` without feeds)."""
+    args = () if feeds is None else (feeds,)
+    t0 = time.perf_counter_ns()
+    step(*args)
+    return (time.perf_counter_ns() - t0) / 1e6
 
 
 def _first_inference(p: Path, run: Callable, feeds: list[np.ndarray]) -> float:
@@ -171,28 +191,35 @@ def _first_inference(p: Path, run: Callable, feeds: list[np.ndarray]) -> float:
         ) from None
 
 
-def _steady_state(run: Callable, feeds: list[np.ndarray], runs: int,
-                  duration: float | None) -> tuple[list[float], float]:
-    """The measured runs: at least ``runs``, and at least ``duration`` seconds; their latencies and wall time."""
-    samples: list[float] = []
-    perf = time.perf_counter
+def steady_state(step: Callable[[], object], runs: int, duration: float | None = None) -> tuple[list[float], float]:
+    """The measured runs: at least ``runs``, and at least ``duration`` seconds; their latencies (ms) and wall time (s).
+
+    Between the two clock reads there is the call alone: integer nanoseconds are appended to a
+    list and converted after the loop.
+    """
+    samples: list[int] = []
+    append, perf = samples.append, time.perf_counter_ns
+    until = None if duration is None else perf() + int(duration * 1e9)
     start = perf()
     while True:
         t0 = perf()
-        run(feeds)
-        samples.append((perf() - t0) * 1000)
-        if len(samples) >= runs and (duration is None or perf() - start >= duration):
+        step()
+        t1 = perf()
+        append(t1 - t0)
+        if len(samples) >= runs and (until is None or t1 >= until):
             break
-    return samples, perf() - start
+    wall = (perf() - start) / 1e9
+    return [ns / 1e6 for ns in samples], wall
 
 
 def main() -> None:
     """Child-process entry: measure one artifact and print its JSON (used for an honest RSS per artifact)."""
     args = json.loads(sys.argv[1])
     try:
+        accel = Acceleration.from_dict(args["accel"]) if args.get("accel") else None
         result = measure(args["path"], runs=args["runs"], warmup=args["warmup"], duration=args["duration"],
                          threads=args["threads"], batch=args["batch"],
-                         input_shapes={k: tuple(v) for k, v in args["input_shapes"].items()})
+                         input_shapes={k: tuple(v) for k, v in args["input_shapes"].items()}, accel=accel)
         print(json.dumps({"ok": result}))
     except EdgeOpsError as exc:
         print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}))

@@ -26,6 +26,10 @@ class BoardProfile:
         memory_mb: RAM of the common variant, in MiB.
         cpu: CPU core type.
         qemu_cpu: the QEMU CPU model that emulates it (for the emulated device), if any.
+        delegate: the LiteRT external delegate the board wants (``PATH[:K=V,...]``, as ``--delegate``
+            takes it); None: LiteRT's default, XNNPACK on the CPU.
+        providers: ONNX Runtime execution providers the board wants, in order (``--provider`` values);
+            CPUExecutionProvider is always last.
     """
 
     id: str
@@ -35,6 +39,8 @@ class BoardProfile:
     memory_mb: int
     cpu: str
     qemu_cpu: str | None = None
+    delegate: str | None = None
+    providers: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +56,9 @@ PROFILES: dict[str, BoardProfile] = {
         BoardProfile("rpi-5", "Raspberry Pi 5", "aarch64", 4, 8192, "Cortex-A76 @ 2.4 GHz", "cortex-a76"),
         BoardProfile("arm64-generic", "Generic ARM64 box", "aarch64", 4, 4096, "ARMv8-A", "cortex-a72"),
         BoardProfile("x86-64", "x86-64 box", "x86_64", os.cpu_count() or 2, 8192, "x86-64"),
+        # the Coral Dev Board's device tree calls it Phanbell; its Edge TPU runs models compiled for it
+        BoardProfile("coral-dev-board", "Freescale i.MX8MQ Phanbell", "aarch64", 4, 1024, "Cortex-A53 @ 1.5 GHz",
+                     "cortex-a53", delegate="libedgetpu.so.1"),
     )
 }
 

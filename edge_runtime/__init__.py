@@ -11,6 +11,7 @@ scikit-learn: a device installs this package alone.
 from __future__ import annotations
 
 from edge_runtime.errors import (
+    AcceleratorError,
     BackendUnavailableError,
     BundleError,
     EdgeOpsError,
@@ -23,13 +24,13 @@ from edge_runtime.errors import (
 __version__ = "0.1.0"
 
 
-def load(path, artifact=None, threads=None, public_key=None, nan_policy="reject", prefer=None, isolate=False,
-         verify_vectors=True):
+def load(path, artifact=None, threads=None, public_key=None, nan_policy="reject", prefer=None,  # noqa: PLR0913
+         isolate=False, verify_vectors=True, accel=None):
     """Load a bundle directory, bundle .tar.gz or bare .tflite/.onnx file; see :func:`edge_runtime.model.load`."""
     from edge_runtime.model import load as _load
 
     return _load(path, artifact=artifact, threads=threads, public_key=public_key, nan_policy=nan_policy,
-                 prefer=prefer, isolate=isolate, verify_vectors=verify_vectors)
+                 prefer=prefer, isolate=isolate, verify_vectors=verify_vectors, accel=accel)
 
 
 __all__ = [
@@ -41,5 +42,6 @@ __all__ = [
     "VerificationError",
     "QualityCheckError",
     "BackendUnavailableError",
+    "AcceleratorError",
     "__version__",
 ]

@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from edge_runtime.accel_options import accel_options
+
 log = logging.getLogger("edgeops.agent")
 
 
@@ -82,13 +84,14 @@ def _common_broker_options(f):
 @click.option("--added-latency-ms", type=float, default=0.0, hidden=True,
               help="Emulation only: add this much latency to every inference.")
 @_common_broker_options
+@accel_options
 def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds, window_size, state_dir, artifact,
             threads, public_key, allow_unsigned, skip_test_vectors, nan_policy, max_inferences, duration, accept_flash,
             rollback_windows,
             rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, rollback_rejected_rate, ab_bundle,
             ab_split, shadow_bundle, compress, confirm, http_addr, resend_after, outputs, output_variants,
             added_latency_ms,
-            username, password, ca_file, cert_file, key_file, topic_prefix):
+            username, password, ca_file, cert_file, key_file, topic_prefix, accel):
     """Run BUNDLE on a stream of inputs and publish telemetry windows over MQTT.
 
     With a bundle (folder or .tar.gz), the device keeps an active and a previous
@@ -110,7 +113,7 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
 
     def reload(path):
         return edge_runtime.load(path, artifact=artifact, threads=threads, public_key=public_key,
-                                 nan_policy=nan_policy, verify_vectors=not skip_test_vectors)
+                                 nan_policy=nan_policy, verify_vectors=not skip_test_vectors, accel=accel)
 
     slots, bundle = _flash_slots(state, bundle, accept_flash, public_key, allow_unsigned)
     model = reload(bundle)
@@ -283,8 +286,9 @@ def _serve_limit_options(f):
 @click.option("--state-dir", type=click.Path())
 @_serve_limit_options
 @_common_broker_options
+@accel_options
 def serve_cmd(bundle, host, port, artifact, threads, public_key, skip_test_vectors, broker, device_id, fleet,
-              window_seconds, state_dir, username, password, ca_file, cert_file, key_file, topic_prefix,
+              window_seconds, state_dir, username, password, ca_file, cert_file, key_file, topic_prefix, accel,
               **limit_options):
     """Serve BUNDLE over HTTP: POST /predict, GET /healthz, /metrics, /model, /openapi.json.
 
@@ -300,7 +304,7 @@ def serve_cmd(bundle, host, port, artifact, threads, public_key, skip_test_vecto
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     model = edge_runtime.load(bundle, artifact=artifact, threads=threads, public_key=public_key,
-                              verify_vectors=not skip_test_vectors)
+                              verify_vectors=not skip_test_vectors, accel=accel)
     agent = None
     if broker:
         from edge_runtime.agent import DeviceAgent

@@ -51,3 +51,9 @@ class BackendUnavailableError(EdgeOpsError):
     """No installed inference backend can run the artifact."""
 
     exit_code = 1
+
+
+class AcceleratorError(EdgeOpsError):
+    """A delegate or execution provider that was required (``--require-delegate``) did not load."""
+
+    exit_code = 6

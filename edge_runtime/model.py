@@ -317,7 +317,7 @@ def _formats_available() -> set[str]:
     return fmts
 
 
-def load(
+def load(  # noqa: PLR0913 - the loader's options, all keywords with defaults
     path: str | Path,
     artifact: str | None = None,
     threads: int | None = None,
@@ -326,6 +326,7 @@ def load(
     prefer: str | None = None,
     isolate: bool = False,
     verify_vectors: bool = True,
+    accel=None,
 ) -> EdgeModel:
     """Load a bundle directory, a bundle .tar.gz, or a bare .tflite/.onnx file.
 
@@ -340,6 +341,8 @@ def load(
         isolate: load the model in a child process first, so a crafted file cannot crash this one.
         verify_vectors: run the manifest's test vectors for the chosen artifact (when it has some), so an
             artifact altered together with its sha256 pin is refused even in an unsigned bundle.
+        accel: an ``edge_runtime.accel.Acceleration``: LiteRT delegate, ONNX Runtime providers, XNNPACK on/off
+            (``model.backend.accel`` reports what runs).
 
     A .tar.gz is unpacked into a temporary folder that is removed before this returns (the model
     keeps its bytes in memory).
@@ -356,10 +359,10 @@ def load(
             from edge_runtime.modelcheck import probe_in_child
 
             probe_in_child(p, p.suffix.lower()[1:])
-        return EdgeModel(open_backend(p, threads=threads, prefer=prefer), p, nan_policy=nan_policy)
+        return EdgeModel(open_backend(p, threads=threads, prefer=prefer, accel=accel), p, nan_policy=nan_policy)
     bundle = open_bundle(p, public_key=public_key)
     try:
-        model = _load_bundle(bundle, artifact, threads, nan_policy, prefer, isolate)
+        model = _load_bundle(bundle, artifact, threads, nan_policy, prefer, isolate, accel)
         if verify_vectors:
             model.check_test_vectors()
         return model
@@ -367,8 +370,8 @@ def load(
         bundle.cleanup()
 
 
-def _load_bundle(bundle: Bundle, artifact: str | None, threads: int | None, nan_policy: str, prefer: str | None,
-                 isolate: bool) -> EdgeModel:
+def _load_bundle(bundle: Bundle, artifact: str | None, threads: int | None, nan_policy: str,  # noqa: PLR0913
+                 prefer: str | None, isolate: bool, accel=None) -> EdgeModel:
     if artifact:
         candidates = [bundle.artifact(artifact)]
     else:
@@ -383,7 +386,7 @@ def _load_bundle(bundle: Bundle, artifact: str | None, threads: int | None, nan_
 
             probe_in_child(art_path, chosen["format"])
         try:
-            backend = open_backend(art_path, format=chosen["format"], threads=threads, prefer=prefer)
+            backend = open_backend(art_path, format=chosen["format"], threads=threads, prefer=prefer, accel=accel)
         except BackendUnavailableError as exc:
             if n + 1 == len(candidates):
                 raise

@@ -59,6 +59,7 @@ def open_backend(
     format: str | None = None,
     threads: int | None = None,
     prefer: str | None = None,
+    accel=None,
 ) -> Backend:
     """Open a model file (or its bytes) with the best available backend.
 
@@ -67,10 +68,13 @@ def open_backend(
         format: "tflite" or "onnx" (default: from the file's suffix or contents).
         threads: intra-op threads (None: the backend's default).
         prefer: a backend name to use first ("litert", "tflite_runtime", "tensorflow.lite", "onnxruntime").
+        accel: an ``edge_runtime.accel.Acceleration`` (delegate, providers, XNNPACK); the backend's
+            ``accel`` attribute then reports what runs and why anything asked for does not.
 
     Raises:
         ModelFormatError: the file is not a valid model.
         BackendUnavailableError: no installed backend runs this format.
+        AcceleratorError: with ``accel.require``, a delegate or provider that does not load.
     """
     if isinstance(model, (bytes, bytearray)):
         data, where, hint = bytes(model), "model bytes", f".{format}" if format else ""
@@ -84,10 +88,19 @@ def open_backend(
     if fmt == "onnx":
         from edge_runtime.backends.onnx import OnnxRuntimeBackend
 
+        if accel is not None:
+            from edge_runtime.accel import open_onnx
+
+            return open_onnx(data, where, threads, accel)
+
         return OnnxRuntimeBackend(data, where, threads)
     from edge_runtime.backends.tflite import TFLiteBackend, tflite_interpreter_class
 
     cls, name, version = tflite_interpreter_class(prefer)
+    if accel is not None:
+        from edge_runtime.accel import open_tflite
+
+        return open_tflite(data, where, threads, (cls, name, version), accel)
     return TFLiteBackend(data, where, threads, cls, name, version)
 
 
