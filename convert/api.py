@@ -413,6 +413,7 @@ def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversio
     description: str | None = None,
     keep_normalization: bool = False,
     progress: Callable[[str], None] | None = None,
+    trainable: bool = False,
 ) -> ConversionResult:
     """Convert a model into a bundle and check every artifact against the source.
 
@@ -445,6 +446,9 @@ def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversio
             default it is moved into ``input_schema.normalization`` (same predictions; int8 keeps
             features of very different ranges apart).
         progress: called with a line of text at each step.
+        trainable: also write a LiteRT artifact a device fine-tunes (``role: "trainable"``: the last
+            Dense layer's weights trained by its ``train`` signature; Keras classifiers only; see
+            docs/training.md).
 
     Returns:
         ConversionResult with the bundle path, manifest and notes.
@@ -460,6 +464,10 @@ def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversio
     say("loading the source model")
     src = load_source(source, trust_pickle=trust_pickle, task=task,
                       hoist_normalization=normalization is None and not keep_normalization)
+    if trainable:
+        from convert.trainable import check_source
+
+        check_source(src)
     hoisted = src.extra.get("normalization")
     if hoisted is not None:
         normalization = hoisted
@@ -483,6 +491,12 @@ def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversio
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
         artifacts, vectors = _convert_all(conversion, plan, work, max_accuracy_drop)
+        if trainable:
+            from convert.trainable import add_trainable
+
+            made = add_trainable(conversion, work)
+            artifacts.append(made[0])
+            vectors.append(made[1])
         say("profiling the reference data")
         profile = _profile(conversion, names, labels)
         manifest = {
@@ -519,7 +533,7 @@ def _detect_quantization(runner: ArtifactRunner) -> str:
 
 
 def _default_artifact(artifacts: list[dict]) -> str:
-    by = {(a["format"], a["quantization"]): a["file"] for a in artifacts}
+    by = {(a["format"], a["quantization"]): a["file"] for a in artifacts if a.get("role") != "trainable"}
     for key in (("tflite", "int8"), ("tflite", "none"), ("onnx", "none")):
         if key in by:
             return by[key]

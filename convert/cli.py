@@ -114,10 +114,13 @@ def _image(scale: float | None, rng: str | None, mean: str | None, std: str | No
 @click.option("--register", "register", is_flag=False, flag_value="", default=None, metavar="[NAME]",
               help="Log the bundle to MLflow (MLFLOW_TRACKING_URI) and register it as a new version of NAME-edge "
                    "(default NAME: the bundle's name).")
+@click.option("--trainable", is_flag=True,
+              help="Keras classifiers: also write model.trainable.tflite, whose last Dense layer a device "
+                   "fine-tunes (edgeops serve: POST /train; docs/training.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert_cmd(source, out_dir, name, version, formats, quantize, calibration, holdout, sign_key,
                 max_accuracy_drop, task, feature_names, labels_file, normalization_file, keep_normalization,
-                image_scale, image_range, image_mean, image_std, trust_pickle, force, register, as_json):
+                image_scale, image_range, image_mean, image_std, trust_pickle, force, register, trainable, as_json):
     """Convert SOURCE (.keras, SavedModel dir, .skops, .joblib/.pkl, .onnx, .tflite, or an MLflow model URI
     models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) into a checked bundle."""
     from convert.api import FORMATS, QUANTIZATIONS
@@ -141,7 +144,7 @@ def convert_cmd(source, out_dir, name, version, formats, quantize, calibration, 
         result = _convert(source, out_dir, name, version, fmt_list, q_list, calibration, holdout, sign_key,
                           max_accuracy_drop, trust_pickle, force, feature_names, labels_file, task,
                           _image(image_scale, image_range, image_mean, image_std), normalization_file,
-                          keep_normalization, progress)
+                          keep_normalization, progress, trainable)
     finally:
         if status is not None:
             status.stop()
@@ -157,7 +160,7 @@ def _register(bundle_dir, name: str):
 
 def _convert(source, out_dir, name, version, fmt_list, q_list, calibration, holdout, sign_key, max_accuracy_drop,
              trust_pickle, force, feature_names, labels_file, task, image, normalization_file, keep_normalization,
-             progress):
+             progress, trainable=False):
     from convert.api import to_bundle
     from convert.mlflow_io import default_name, is_mlflow_uri
 
@@ -170,7 +173,7 @@ def _convert(source, out_dir, name, version, fmt_list, q_list, calibration, hold
         labels=_lines(labels_file, "labels"), task=task,
         image=image,
         normalization=_normalization(normalization_file), keep_normalization=keep_normalization,
-        progress=progress,
+        progress=progress, trainable=trainable,
     )
 
 

@@ -278,6 +278,7 @@ def artifact_order(bundle: Bundle, formats_available: set[str] | None = None) ->
     the rest; artifacts whose format no installed backend runs are left out.
     """
     arts = [a for a in bundle.artifacts if formats_available is None or a["format"] in formats_available]
+    arts = [a for a in arts if a.get("role") != "trainable"]   # trained by edge_runtime.training, never picked
     default = bundle.manifest.get("default_artifact")
     rank = {("tflite", "int8"): 1, ("tflite", "none"): 2, ("onnx", "none"): 3}
 

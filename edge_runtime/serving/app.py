@@ -37,10 +37,11 @@ from edge_runtime.serving.bodies import (
 from edge_runtime.serving.limits import InFlightBytes, ServeLimits
 from edge_runtime.serving.metrics import ServeMetrics, model_summary
 from edge_runtime.serving.openapi import openapi_document
+from edge_runtime.serving.training import open_trainer, train_endpoint, use_trained
 
 log = logging.getLogger("edgeops.serve")
 
-ENDPOINTS = "POST /predict, GET /healthz, /metrics, /model, /openapi.json"
+ENDPOINTS = "POST /predict, POST /train, GET /healthz, /metrics, /model, /openapi.json"
 # JSON bodies up to this size are parsed and predicted on the event loop when the worker is idle:
 # a thread hop costs more than such a request, and handing the GIL back and forth lengthens the tail
 INLINE_BODY_BYTES = 16 * 1024
@@ -64,6 +65,10 @@ class Served:
         self.sample = SampleShape(model.input_spec.name, model.input_spec.shape, bool(image))
         m = model.manifest or {}
         self.openapi = openapi_document(self.sample, limits, m.get("name", model.path.stem), m.get("version") or "")
+        # POST /train fine-tunes the bundle's trainable artifact (edge_runtime/training.py); 409 without one
+        self.trainer, self.trainer_off = open_trainer(model, agent)
+        if self.trainer is not None and self.trainer.updates:
+            use_trained(self, self.trainer)      # a checkpoint from before a restart: serve its weights
 
     async def on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
         self.worker_jobs += 1
@@ -150,6 +155,7 @@ def create_app(model: EdgeModel, limits: ServeLimits | None = None, agent: Any =
 
     app = Starlette(routes=[
         Route("/predict", _predict_endpoint, methods=["POST"]),
+        Route("/train", train_endpoint, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/model", model_info, methods=["GET"]),

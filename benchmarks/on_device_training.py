@@ -1,0 +1,158 @@
+"""On-device fine-tuning on Digits: the accuracy gained and what a training step costs.
+
+    python -m benchmarks.on_device_training [--batch 32] [--every 4] [--steps 200] [--cache DIR] [--json FILE]
+
+A small Keras MLP (64 pixels -> 32 ReLU -> 10 softmax) is trained on the first half of Digits'
+rows, classes 0-6 only, and converted with ``trainable=True``. The device (``edge_runtime.training.
+Trainer``, LiteRT) then receives the second half's rows as labelled batches, all ten classes;
+every third row of the second half is a test set it never trains on. The curve gives the test
+accuracy after every ``--every`` update rounds, with the probation on (every 5th labelled sample
+held back). The step cost is the median of ``--steps`` calls of the ``train`` signature on one
+batch, next to ``infer`` on one sample and on the batch. Prints a table and the JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import print_table, write_json
+from benchmarks.conversion import _median_ms as _timed
+
+BASE_CLASSES = 7     # the source model sees classes 0..6 only
+SEED = 0
+
+
+def digits_split() -> dict:
+    """Digits as raw 0..16 pixels: the source model's rows, the device's stream and a test set."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X.astype(np.float32), y.astype(np.int64)
+    half = len(X) // 2
+    first = np.arange(half)
+    second = np.arange(half, len(X))
+    base = first[y[first] < BASE_CLASSES]
+    test = second[(second - half) % 3 == 0]
+    stream = second[(second - half) % 3 != 0]
+    np.random.default_rng(SEED).shuffle(stream)
+    return {"X": X, "y": y, "base": base, "stream": stream, "test": test}
+
+
+def make_bundle(out: Path, force: bool = False) -> Path:
+    """Train the source model (classes 0-6, first half) and convert it with a trainable artifact."""
+    if (out / "manifest.json").exists() and not force:
+        return out
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    from convert.api import to_bundle
+
+    d = digits_split()
+    X, y, base = d["X"], d["y"], d["base"]
+    keras.utils.set_random_seed(SEED)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Rescaling(1 / 16),
+                              keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(X[base], y[base], epochs=40, batch_size=32, verbose=0)
+    holdout = base[::4]
+    to_bundle(model, out, name="digits-trainable", formats=["tflite"], quantize=["none", "int8"],
+              holdout=(X[holdout], y[holdout]), calibration=X[base][:300], trainable=True, force=True,
+              labels=[str(i) for i in range(10)])
+    return out
+
+
+def _median_ms(fn, n: int) -> float:
+    return _timed(fn, n, warmup=5)["median_ms"]
+
+
+def curve(bundle: Path, batch: int, every: int, state_dir: Path) -> tuple[list[dict], object]:
+    """Test accuracy after every ``every`` rounds of ``batch`` labelled samples."""
+    from edge_runtime.training import Trainer
+
+    d = digits_split()
+    X, y, stream, test = d["X"], d["y"], d["stream"], d["test"]
+    trainer = Trainer(bundle, state_dir, batch_size=batch)
+    rows = [{"rounds": 0, "samples": 0, "updates": 0, "loss": None, "accuracy": trainer.accuracy(X[test], y[test]),
+             "acc_0_6": _acc(trainer, X, y, test, lambda v: v < BASE_CLASSES),
+             "acc_7_9": _acc(trainer, X, y, test, lambda v: v >= BASE_CLASSES), "reverted": 0}]
+    losses = []
+    for n, i in enumerate(range(0, len(stream), batch), start=1):
+        idx = stream[i:i + batch]
+        done = trainer.train(X[idx], y[idx].tolist())
+        if done.loss is not None:
+            losses.append(done.loss)
+        if n % every == 0 or i + batch >= len(stream):
+            rows.append({"rounds": n, "samples": min(i + batch, len(stream)), "updates": trainer.updates,
+                         "loss": round(float(np.mean(losses)), 4) if losses else None,
+                         "accuracy": trainer.accuracy(X[test], y[test]),
+                         "acc_0_6": _acc(trainer, X, y, test, lambda v: v < BASE_CLASSES),
+                         "acc_7_9": _acc(trainer, X, y, test, lambda v: v >= BASE_CLASSES),
+                         "reverted": trainer.reverted})
+            losses = []
+    return rows, trainer
+
+
+def _acc(trainer, X, y, idx, which) -> float:
+    sel = idx[which(y[idx])]
+    return trainer.accuracy(X[sel], y[sel])
+
+
+def step_costs(trainer, batch: int, steps: int) -> dict:
+    """Median ms of the train signature on one batch, and of infer on one sample and on the batch."""
+    d = digits_split()
+    rows = d["stream"][:batch]
+    xb = trainer._inputs(d["X"][rows])
+    yb = d["y"][rows].astype(np.int32)
+    before = trainer.net.weights()
+    cost = {"train_step_ms": _median_ms(lambda: trainer.net.train_step(xb, yb, 1e-6), steps),
+            "infer_one_ms": _median_ms(lambda: trainer.net.infer(xb[:1]), steps),
+            "infer_batch_ms": _median_ms(lambda: trainer.net.infer(xb), steps),
+            "checkpoint_ms": _median_ms(trainer.save, max(5, steps // 20))}
+    trainer.net.set_weights(before)
+    return {k: round(v, 4) for k, v in cost.items()}
+
+
+def run(batch: int, every: int, steps: int, cache: Path | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="edgeops-odt-") as tmp:
+        bundle = make_bundle((cache or Path(tmp)) / "digits-trainable")
+        rows, trainer = curve(bundle, batch, every, Path(tmp) / "state")
+        cost = step_costs(trainer, batch, steps)
+    import edge_runtime.backends.tflite as tfl
+
+    _cls, backend, version = tfl.tflite_interpreter_class()
+    return {"machine": {"arch": platform.machine(), "python": platform.python_version(),
+                        "backend": f"{backend} {version}"},
+            "batch": batch, "curve": rows, "cost": cost,
+            "accuracy_before": rows[0]["accuracy"], "accuracy_after": rows[-1]["accuracy"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=32, help="labelled samples per update round")
+    ap.add_argument("--every", type=int, default=4, help="a curve point after this many rounds")
+    ap.add_argument("--steps", type=int, default=200, help="timed calls for the step cost")
+    ap.add_argument("--cache", type=Path, help="keep the converted bundle here")
+    ap.add_argument("--json", help="also write the JSON document to this file")
+    args = ap.parse_args(argv)
+    doc = run(args.batch, args.every, args.steps, args.cache)
+    print_table(doc["curve"], [("rounds", "rounds"), ("samples", "samples"), ("updates", "steps kept"),
+                               ("loss", "mean loss"), ("accuracy", "test acc"), ("acc_0_6", "acc 0-6"),
+                               ("acc_7_9", "acc 7-9"), ("reverted", "rounds undone")],
+                title=f"Digits, on-device fine-tuning of the last layer ({doc['machine']['arch']}, "
+                      f"{doc['machine']['backend']}, batch {args.batch})")
+    print()
+    print_table([doc["cost"]], [(k, k) for k in doc["cost"]], title="cost (median ms)")
+    print(json.dumps(doc, indent=2))
+    write_json(args.json, doc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
