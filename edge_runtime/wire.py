@@ -123,11 +123,32 @@ def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD):
     except UnicodeDecodeError as exc:
         raise Rejected("malformed_json", f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        return json.loads(text)
+        return _loads(text)
     except RecursionError:
         raise Rejected("too_deep", "the payload nests deeper than the decoder allows") from None
     except ValueError as exc:     # also int strings over Python's digit limit
         raise Rejected("malformed_json", str(exc)[:100]) from None
+
+
+try:        # the monitor's speed-up (about 3x faster decoding); a device without it uses json alone
+    from orjson import JSONDecodeError as _FastError
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - orjson comes with the monitor extra
+    _fast_loads = None
+_FAST_MAX_NESTING = 512    # orjson 3.8 crashes the process on input nested 100,000 deep: it sees none past this
+
+
+def _loads(text: str):
+    """``json.loads``, through orjson first when it is installed and the text cannot nest deeply (at most
+    _FAST_MAX_NESTING brackets in all). Whatever orjson refuses (NaN, numbers past float64, lone surrogates)
+    goes to json.loads, so results and refusals are the standard library's; the one difference left is an
+    integer literal past 2**64, which orjson reads as a float (refused or accepted alike by the checks)."""
+    if _fast_loads is not None and text.count("[") + text.count("{") <= _FAST_MAX_NESTING:
+        try:
+            return _fast_loads(text)
+        except _FastError:
+            pass
+    return json.loads(text)
 
 
 def _inflate(payload: bytes, max_bytes: int) -> bytes:

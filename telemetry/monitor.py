@@ -37,11 +37,13 @@ from telemetry import alerts as alerting
 from telemetry import store
 from telemetry.evaluate import Evaluation, MonitorConfig, Verdict, evaluate
 from telemetry.fleet_view import FleetView
+from telemetry.ingest import put_bounded, store_bisecting
 from telemetry.validation import check_against_profile
 
 FLEET_EVAL_SHARE = 4.0   # a fleet's merge: at most about 1 / (1 + 4) of evaluation time
 FLEET_DEVICE_MAX_AGE = 3600.0   # a device silent this long no longer counts in its fleet's verdict
 FLEET_RELOAD_S = 30.0           # shared workers reload their fleet view from the database this often
+INBOX_MAX = 20_000              # received messages waiting to be stored, at most (then the MQTT client waits)
 
 log = logging.getLogger("edgeops.monitor")
 
@@ -123,7 +125,7 @@ class FleetMonitor:
             store.store_bundle(self.engine, m)
         self._bundles = store.load_bundles(self.engine)
         self.stats = MonitorStats()
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_MAX)
         self._dirty: set[tuple[str, str, str, str]] = set()
         self._dirty_lock = threading.Lock()
         # a fleet-level evaluation merges the recent windows of every device of the fleet: it waits
@@ -173,7 +175,7 @@ class FleetMonitor:
             self.connected.clear()
 
         def on_message(client, userdata, msg):
-            self._inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
+            put_bounded(self._inbox, (msg.topic, msg.payload, msg.mid, msg.qos), self._stop)
 
         c.on_connect, c.on_disconnect, c.on_message = on_connect, on_disconnect, on_message
         c.on_connect_fail = lambda client, userdata: nodes.advance(client)
@@ -307,20 +309,17 @@ class FleetMonitor:
             if _transient(exc):
                 raise
             # one message the database refuses (a value out of a column's range, say) must not hold up the
-            # others: store them one by one, and quarantine the one that fails
-            log.warning("the database refused a batch (%s); storing its %d messages one by one",
+            # others: store the batch in halves, down to the single messages it refuses, and quarantine those
+            log.warning("the database refused a batch (%s); storing its %d messages in halves",
                         str(exc).splitlines()[0][:200], len(parsed))
-            for item in parsed:
-                try:
-                    self._store([item], [])
-                except Exception as exc1:  # noqa: BLE001
-                    if _transient(exc1):
-                        raise
-                    rej = Rejected("database_error", f"{type(exc1).__name__}: {str(exc1).splitlines()[0]}"[:500])
-                    self._reject(item[0], rej)
-                    self._store([], [(item[0], rej.reason, rej.detail, item[1])])
+            store_bisecting(parsed, lambda part: self._store(part, []), self._quarantine_refused, _transient)
             self._store([], refused)
         self._confirm(parsed, refused)
+
+    def _quarantine_refused(self, item: tuple, exc: BaseException) -> None:
+        rej = Rejected("database_error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"[:500])
+        self._reject(item[0], rej)
+        self._store([], [(item[0], rej.reason, rej.detail, item[1])])
 
     def _store(self, parsed: list, refused: list) -> None:
         windows = [(m.fleet, m.device_id, m.doc) for _, _, m in parsed if m.kind == "telemetry"]
@@ -331,12 +330,12 @@ class FleetMonitor:
                     self._mark(m.fleet, m.device_id, m.doc.get("model") or {})
             elif m.kind == "bench":
                 store.store_bench(self.engine, m.fleet, m.device_id, m.doc)
-        if refused:
-            store.quarantine_messages(self.engine, refused, keep=self.quarantine_keep)
-            for _, reason, _, _ in refused:
-                self.stats.quarantined[reason] += 1
         if windows:
-            new, dup = store.store_windows(self.engine, windows)
+            result = store.store_windows(self.engine, windows)
+            new, dup = result
+            if dup and getattr(result, "duplicate_keys", None):
+                log.debug("%d windows were stored before (redelivered): %s", dup,
+                          ", ".join(f"{f}/{d}#{q}" for f, d, q in result.duplicate_keys[:20]))
             self.stats.stored += new
             self.stats.duplicates += dup
             for fleet, device, w in windows:
@@ -345,6 +344,10 @@ class FleetMonitor:
                 self.stats.errors[key] += w["errors"]
                 self.stats.latest[key] = w["latency_ms"]
                 self._mark(fleet, device, w["model"])
+        if refused:       # after the windows: a batch the database refuses is retried without these
+            store.quarantine_messages(self.engine, refused, keep=self.quarantine_keep)
+            for _, reason, _, _ in refused:
+                self.stats.quarantined[reason] += 1
 
     def _confirm(self, parsed: list, refused: list) -> None:
         """Tell each device which of its windows are committed (stored, duplicates or quarantined)."""
