@@ -27,7 +27,9 @@ import numpy as np
 from edge_runtime import wire
 from edge_runtime.delivery import WindowDelivery
 from edge_runtime.errors import EdgeOpsError, InvalidInputError
-from edge_runtime.inputs import BadSample, input_id
+from edge_runtime.inputs import BadSample, Labelled, input_id
+from edge_runtime.labels import LabelJoiner, predicted_class
+from edge_runtime.messages import TelemetryWindow
 from edge_runtime.model import EdgeModel
 from edge_runtime.mqtt import DEFAULT_PREFIX, BrokerAddress, MqttLink
 from edge_runtime.outputs import VARIANTS, CallbackSink, Prediction, PredictionSink, open_sink
@@ -110,6 +112,8 @@ class DeviceAgent:
         outputs: where predictions go: ``--output`` values ("stdout", "jsonl:PATH", "mqtt", "http:URL";
             see edge_runtime.outputs) or sinks; each runs off the inference thread with a bounded queue.
         on_prediction: called with every :class:`~edge_runtime.outputs.Prediction` (from its own thread).
+        encoding: how telemetry windows are published: json (the default), zlib (the same as ``compress``), cbor
+            or cbor-exact (edge_runtime.compact; the monitor reads every one of them).
         output_variants: "primary" (the prediction the device acts on: A's, or B's for the inputs the A/B
             split sends to B) or "all" (the shadow's too).
     """
@@ -122,9 +126,11 @@ class DeviceAgent:
                  rollback_policy: RollbackPolicy | None = RollbackPolicy(), second: EdgeModel | None = None,
                  mode: str = "ab", split: float = 0.5, seed: int | None = None, compress: bool = False,
                  confirm: str = "monitor", resend_after: float = 30.0, outputs: Iterable = (),
-                 on_prediction: Callable[[Prediction], object] | None = None, output_variants: str = "primary"):
+                 on_prediction: Callable[[Prediction], object] | None = None, output_variants: str = "primary",
+                 encoding: str | None = None):
         self.model = model
         self.window_seconds, self.window_size = window_seconds, window_size
+        self.learner = None     # --learn: see learn()
         self.device_id = check_id(device_id, "device id")
         self.fleet = check_id(fleet, "fleet")
         self.prefix = prefix
@@ -148,6 +154,11 @@ class DeviceAgent:
         self.cmd_topic = wire.topic(prefix, fleet, device_id, wire.CMD)
         self.result_topic = wire.topic(prefix, fleet, device_id, wire.CMD_RESULT)
         self.ack_topic = wire.topic(prefix, fleet, device_id, wire.ACK)
+        self.labels_topic = wire.topic(prefix, fleet, device_id, wire.LABELS)
+        # late ground truth joined to predictions by input id (edge_runtime/labels.py); classifiers only
+        n_classes = self.recorder.n_classes
+        self.labels: LabelJoiner | None = LabelJoiner(model.labels, n_classes) if n_classes else None
+        self.labels_refused: collections.Counter[str] = collections.Counter()
         self._results: queue.Queue[bytes] = queue.Queue()
         self._pending: queue.Queue[tuple[EdgeModel, str, dict]] = queue.Queue()
         self._recent_p95: collections.deque[float] = collections.deque(maxlen=5)
@@ -162,7 +173,7 @@ class DeviceAgent:
                              on_connect=self._on_connect, on_ack=lambda mid, ok: self.delivery.pubacks.put((mid, ok)),
                              on_message=self._on_message)
         self.delivery = WindowDelivery(self.spool, self.link, self.telemetry_topic, confirm=confirm,
-                                       compress=compress, resend_after=resend_after)
+                                       compress=compress, resend_after=resend_after, encoding=encoding)
         self._stop = threading.Event()
         self._interrupted = threading.Event()
         self._waiting_input = False
@@ -230,6 +241,8 @@ class DeviceAgent:
         # network thread: the status is small and retained; windows are resent by the publisher
         self.link.client.publish(self.status_topic, self._status(online=True), qos=1, retain=True)
         topics = [(self.ack_topic, 1)] if self.delivery.confirm == "monitor" else []
+        if self.labels is not None:
+            topics.append((self.labels_topic, 1))
         if self.commands is not None:
             topics.append((self.cmd_topic, 1))
         if topics:
@@ -244,6 +257,23 @@ class DeviceAgent:
                 log.warning("ignored a malformed ack (%s); unconfirmed windows are resent", rej)
         elif topic_name == self.cmd_topic and self.commands is not None:
             self.commands.submit(payload)
+        elif topic_name == self.labels_topic and self.labels is not None:
+            self.take_labels(payload, f"topic {topic_name}")
+
+    def take_labels(self, payload: bytes, where: str) -> tuple[int, int]:
+        """Join a labels message (``{"labels": [{"id", "label"}, ...]}``) to recent predictions; returns
+        (joined, not joined). A malformed one is refused whole, counted by reason and logged once per reason."""
+        try:
+            pairs = wire.parse_labels(payload)
+        except wire.Rejected as rej:
+            self.labels_refused[rej.reason] += 1
+            self.labels.count_invalid()
+            if self.labels_refused[rej.reason] == 1:
+                log.warning("refused a labels message on %s: %s (counted; further ones of this kind are not "
+                            "logged)", where, rej)
+            return 0, 0
+        joined = sum(self.labels.label(i, y) is not None for i, y in pairs)
+        return joined, len(pairs) - joined
 
     # -- flashing ------------------------------------------------------------------------------
 
@@ -287,6 +317,8 @@ class DeviceAgent:
             self.recorder = model.start_recording(window_seconds=self.window_seconds, window_size=self.window_size,
                                                   variant=variant)
             self._recent_p95.clear()
+            if self.labels is not None and self.recorder.n_classes:
+                self.labels.reset(model.labels, self.recorder.n_classes)   # predictions of the old model go
             self._probation = None
             if kind == "flash" and self.rollback_policy is not None and self.rollback_policy.windows > 0:
                 self._probation = {"baseline_p95": baseline, "windows": 0, "count": 0, "errors": 0, "p95s": [],
@@ -369,6 +401,9 @@ class DeviceAgent:
     def _spool_closed_windows(self, windows: list[dict], primary: bool = True) -> None:
         for w in windows:
             if primary:
+                labelled = self.labels.take_window() if self.labels is not None else None
+                if labelled is not None and len(w["predictions"].get("counts") or []) == self.labels.n_classes:
+                    w["labels"] = labelled
                 self.last_window = w
                 self._report_losses(w)
                 self._check_scale(w)
@@ -383,7 +418,7 @@ class DeviceAgent:
                                   "rate": round(a["agreed"] / a["compared"], 6) if a["compared"] else None,
                                   "max_abs_diff": round(a["max_abs_diff"], 6)}
                 self._agree = {"compared": 0, "agreed": 0, "max_abs_diff": 0.0}
-            seq = self.spool.append(wire.telemetry_message(self.fleet, self.device_id, w))
+            seq = self.spool.append(TelemetryWindow.from_window(self.fleet, self.device_id, w).to_canonical())
             log.debug("window %d spooled (%d inferences)", seq, w["count"])
 
     def _report_losses(self, w: dict) -> None:
@@ -431,6 +466,16 @@ class DeviceAgent:
         self._spool_closed_windows(self.recorder.poll())
         if self.second_recorder is not None:
             self._spool_closed_windows(self.second_recorder.poll(), primary=False)
+        if self.learner is not None and self.learner.trainer.model is self.model:   # not after a flash
+            self.learner.step()
+
+    def learn(self, learner) -> None:
+        """Fine-tune on late labels (``--learn``): ``learner`` (edge_runtime.training.Learner, whose trainer's
+        model must be the one this agent runs) remembers each input by id, gets every label joined to a
+        prediction, and trains a batch at a time on the inference thread (in :meth:`collect`)."""
+        self.learner = learner
+        if getattr(self, "labels", None) is not None:
+            self.labels.subscribe(learner.on_joined)
 
     @property
     def stopping(self) -> bool:
@@ -460,6 +505,12 @@ class DeviceAgent:
         """``model.predict(sample)``, offered to the output sinks (labelled with the model's variant)."""
         t0 = time.perf_counter()
         out = model.predict(sample)
+        if self.learner is not None and model is self.model and sample_id is not None:
+            self.learner.remember(sample_id, sample)
+        if self.labels is not None and model is self.model and sample_id is not None:
+            cls = predicted_class(out)
+            if cls is not None:
+                self.labels.predicted(sample_id, cls)
         if emit and self.sinks:
             ms = (time.perf_counter() - t0) * 1000.0
             rec = model.recorder
@@ -523,6 +574,9 @@ class DeviceAgent:
                 break
             if not self._pending.empty():
                 self._apply_pending()
+            truth = None
+            if isinstance(sample, Labelled):       # a replayed file's label column
+                truth, sample = sample.y, sample.x
             sample_id, sample = input_id(sample, self._input_index)
             self._input_index += 1
             if isinstance(sample, BadSample):
@@ -532,6 +586,8 @@ class DeviceAgent:
                 try:
                     self._predict(sample, sample_id)
                     self.inferences += 1
+                    if truth is not None and self.labels is not None:
+                        self.labels.label(sample_id, truth)
                 except EdgeOpsError as exc:
                     self._bad("input", str(exc))
             now = time.monotonic()
@@ -629,13 +685,23 @@ class DeviceAgent:
 
 
 def samples_from(source: str | None, model: EdgeModel, loop: bool = False, broker: BrokerAddress | None = None,
-                 client_id: str = "edgeops-input") -> Iterable:
+                 client_id: str = "edgeops-input", label_column: str | None = None) -> Iterable:
     """The sample stream for ``--input``: a .csv/.npy/.npz file, a folder of images, '-' for stdin,
     ``mqtt:TOPIC`` (on ``broker``), ``video:PATH``, ``camera:N`` or ``rtsp://...``.
 
-    Live sources (MQTT, video) are started here; close them (``.close()``) when the run ends.
+    Live sources (MQTT, video) are started here; close them (``.close()``) when the run ends. A file with
+    labels (``label_column`` of a .csv, the ``y`` array of a .npz) yields them with its samples.
     """
-    from edge_runtime.inputs import MqttInput, VideoInput, image_files, is_video_source, json_lines, read_rows, replay
+    from edge_runtime.inputs import (
+        MqttInput,
+        VideoInput,
+        image_files,
+        is_video_source,
+        json_lines,
+        read_labelled_rows,
+        replay,
+        replay_labelled,
+    )
 
     if source in (None, "-"):
         return json_lines()
@@ -649,8 +715,8 @@ def samples_from(source: str | None, model: EdgeModel, loop: bool = False, broke
     p = Path(source)
     if p.is_dir():
         return image_files(p, loop)
-    X = read_rows(p, model.input_spec.n_values)
+    X, y = read_labelled_rows(p, model.input_spec.n_values, label_column)
     shape = model.input_spec.shape
     if X.ndim == 2 and len(shape) > 1 and X.shape[1] == int(np.prod(shape)):
         X = X.reshape((len(X),) + tuple(shape))
-    return replay(X, loop)
+    return replay(X, loop) if y is None else replay_labelled(X, y, loop)

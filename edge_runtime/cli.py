@@ -37,6 +37,10 @@ def _common_broker_options(f):
                    "(JSON arrays or {\"id\": ..., \"x\": [...]} on the --broker), video:PATH, camera:N or rtsp://...")
 @click.option("--rate", type=float, help="Inferences per second (default: as fast as inputs come).")
 @click.option("--loop", is_flag=True, help="Replay the input file forever.")
+@click.option("--label-column", metavar="NAME",
+              help="The .csv column (by header name, or number from 0) holding each row's true label: joined to "
+                   "its prediction and reported per window (a .npz carries labels as y). Labels also come on "
+                   "<prefix>/<fleet>/<device>/labels.")
 @click.option("--window-seconds", type=float, default=10.0, show_default=True, help="Close a window after S seconds.")
 @click.option("--window-size", type=int, help="Close a window after M inferences.")
 @click.option("--state-dir", type=click.Path(),
@@ -69,6 +73,9 @@ def _common_broker_options(f):
 @click.option("--shadow", "shadow_bundle", type=click.Path(exists=True),
               help="Shadow: also run this bundle on every input (results unused) and report its agreement.")
 @click.option("--compress", is_flag=True, help="Send telemetry windows zlib-compressed (about 2.5x fewer bytes).")
+@click.option("--encoding", type=click.Choice(["json", "zlib", "cbor", "cbor-exact"]), default=None,
+              help="How telemetry windows go on the wire: json (default), zlib (= --compress), cbor (compact, floats "
+                   "in half precision, about 4x fewer bytes than JSON) or cbor-exact (compact and lossless).")
 @click.option("--confirm", type=click.Choice(["monitor", "broker"]), default="monitor", show_default=True,
               help="When a window leaves the spool: once the monitor confirms it is stored (end to end), or at "
                    "the broker's acknowledgement (for a deployment without an edgeops monitor).")
@@ -81,17 +88,21 @@ def _common_broker_options(f):
                    "mqtt[?qos=0&batch=100&seconds=1&rate=10] (on <prefix>/<fleet>/<device>/predictions), http:URL.")
 @click.option("--output-variants", type=click.Choice(["primary", "all"]), default="primary", show_default=True,
               help="primary: the prediction the device acts on, one per input; all: the --shadow bundle's too.")
+@click.option("--learn", is_flag=True,
+              help="Fine-tune the bundle's trainable artifact on the labels joined to predictions (bundles "
+                   "converted with --trainable; checkpoints in the state folder; docs/training.md).")
 @click.option("--added-latency-ms", type=float, default=0.0, hidden=True,
               help="Emulation only: add this much latency to every inference.")
 @_common_broker_options
 @accel_options
-def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds, window_size, state_dir, artifact,
-            threads, public_key, allow_unsigned, skip_test_vectors, nan_policy, max_inferences, duration, accept_flash,
-            rollback_windows,
+def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, label_column, window_seconds, window_size,
+            state_dir, artifact, threads, public_key, allow_unsigned, skip_test_vectors, nan_policy, max_inferences,
+            duration, accept_flash, rollback_windows,
             rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, rollback_rejected_rate, ab_bundle,
             ab_split, shadow_bundle, compress, confirm, http_addr, resend_after, outputs, output_variants,
             added_latency_ms,
-            username, password, ca_file, cert_file, key_file, topic_prefix, accel):
+            learn,
+            username, password, ca_file, cert_file, key_file, topic_prefix, accel, encoding):
     """Run BUNDLE on a stream of inputs and publish telemetry windows over MQTT.
 
     With a bundle (folder or .tar.gz), the device keeps an active and a previous
@@ -117,8 +128,12 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
 
     slots, bundle = _flash_slots(state, bundle, accept_flash, public_key, allow_unsigned)
     model = reload(bundle)
+    learner = _learner(model, state) if learn else None
+    if learner is not None:
+        model = learner.trainer.model       # predictions use the weights being trained
     model.added_latency_s = max(0.0, added_latency_ms) / 1000.0
-    samples = samples_from(source, model, loop, broker=address, client_id=f"edgeops-{fleet}-{device_id}-input")
+    samples = samples_from(source, model, loop, broker=address, client_id=f"edgeops-{fleet}-{device_id}-input",
+                           label_column=label_column)
     second = _second_model(reload, model, bundle, ab_bundle, shadow_bundle)
     policy = RollbackPolicy(rollback_windows, rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate,
                             rollback_rejected_rate) if rollback_windows > 0 else None
@@ -126,8 +141,10 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, window_seconds
                         window_size=window_size, prefix=topic_prefix, slots=slots, reload=reload,
                         rollback_policy=policy, second=second, mode="shadow" if shadow_bundle else "ab",
                         split=ab_split, compress=compress, confirm=confirm, resend_after=resend_after,
-                        outputs=outputs, output_variants=output_variants)
+                        outputs=outputs, output_variants=output_variants, encoding=encoding)
     log.info("device %s (fleet %s) runs %r, telemetry to %s", device_id, fleet, model, address.url)
+    if learner is not None:
+        agent.learn(learner)
 
     # a signal only asks the run loop to finish its inference: raising from the handler anywhere else
     # could interrupt a window half-way into the spool and lose it
@@ -316,3 +333,14 @@ def serve_cmd(bundle, host, port, artifact, threads, public_key, skip_test_vecto
                                                                       key_file),
                             state_dir=state_dir, window_seconds=window_seconds, prefix=topic_prefix).start()
     serve_forever(model, host, port, agent=agent, limits=limits)
+
+
+def _learner(model, state):
+    """--learn: a Learner over the bundle's trainable artifact, checkpointing under STATE/training."""
+    from edge_runtime.errors import BundleError
+    from edge_runtime.training import Learner, trainer_for
+
+    trainer = trainer_for(model, state / "training")
+    if trainer is None:
+        raise BundleError("--learn: the bundle has no trainable artifact (convert it with --trainable)")
+    return Learner(trainer)

@@ -38,6 +38,14 @@ class Sample:
     x: object
 
 
+@dataclass(frozen=True)
+class Labelled:
+    """A replayed sample with its true label (a file's label column): the agent joins it to the prediction."""
+
+    x: object
+    y: object
+
+
 def input_id(sample, index: int) -> tuple[object, object]:
     """(id, what to predict on): a :class:`Sample`'s own id, an image file's name, else the input's index."""
     if isinstance(sample, Sample):
@@ -89,6 +97,68 @@ def read_rows(path: str | Path, n_values: int | None = None) -> np.ndarray:
     if len(X) == 0:
         raise InvalidInputError(f"input {p}: no samples")
     return X
+
+
+def read_labelled_rows(path: str | Path, n_values: int | None = None,
+                       label_column: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Samples and their labels: a .csv column named (or numbered, from 0) ``label_column``, or the ``y``
+    (or ``labels``) array of a .npz; (samples, None) when the file has no labels."""
+    p = Path(path)
+    if p.suffix == ".npz" and p.is_file():
+        X = read_rows(p, n_values)
+        with np.load(p, allow_pickle=False) as z:
+            key = label_column or next((k for k in ("y", "labels") if k in z.files), None)
+            if key is None:
+                return X, None
+            if key not in z.files:
+                raise InvalidInputError(f"input {p}: no array named {key!r} for the labels")
+            y = np.asarray(z[key]).ravel()
+        if len(y) != len(X):
+            raise InvalidInputError(f"input {p}: {len(y)} labels for {len(X)} samples")
+        return X, y
+    if label_column is None:
+        return read_rows(p, n_values), None
+    if p.suffix != ".csv":
+        raise InvalidInputError(f"input {p}: --label-column takes a .csv file (a .npz carries its labels as y)")
+    return _csv_with_labels(p, label_column)
+
+
+def _csv_with_labels(p: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    import csv
+
+    try:
+        with open(p, newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidInputError(f"input {p}: not readable ({str(exc)[:120]})") from None
+    header = [h.strip() for h in rows[0]] if rows else []
+    if label_column in header:
+        col, rows = header.index(label_column), rows[1:]
+    elif label_column.isdigit() and header and int(label_column) < len(header):
+        col = int(label_column)
+        try:
+            [float(v) for v in header]
+        except ValueError:
+            rows = rows[1:]      # a header line that names other columns
+    else:
+        raise InvalidInputError(f"input {p}: no column {label_column!r} (columns: {', '.join(header)[:200]})")
+    rows = [r for r in rows if r]
+    try:
+        X = np.array([[float(v) for j, v in enumerate(r) if j != col] for r in rows], dtype=np.float32)
+    except ValueError as exc:
+        raise InvalidInputError(f"input {p}: a feature is not a number ({str(exc)[:120]})") from None
+    if len(X) == 0 or X.ndim != 2:
+        raise InvalidInputError(f"input {p}: no samples (or rows of different lengths)")
+    return X, np.array([r[col].strip() for r in rows])
+
+
+def replay_labelled(X: np.ndarray, y: np.ndarray, loop: bool = False) -> Iterator[Labelled]:
+    """The samples of a file with their labels (the agent predicts, then joins the label)."""
+    while True:
+        for x, label in zip(X, y, strict=True):
+            yield Labelled(x, label.item() if hasattr(label, "item") else label)
+        if not loop:
+            return
 
 
 def replay(X: np.ndarray, loop: bool = False) -> Iterator[np.ndarray]:

@@ -42,6 +42,8 @@ MAX_ABS = 1e100                # feature values, moments, latencies: beyond this
 MAX_M2 = 1e300
 MAX_LIST = 65_536              # features x bins of any real model fit far below
 MAX_CLOCK_SKEW = 300.0         # seconds a window may be dated ahead of the monitor's clock
+DISTINCT_REGISTERS = 64        # distinct: the distinct-rows sketch (edge_runtime/distinct.py) ...
+DISTINCT_MAX_RANK = 59         # ... each register at most this
 
 DEVICE_KINDS = ("telemetry", "status", "bench")   # device -> monitor
 ACK = "ack"                                       # monitor -> device: windows committed
@@ -49,12 +51,17 @@ CMD = "cmd"                                       # operator -> device
 CMD_RESULT = "cmd/result"                         # device -> operator
 ALERTS = "alerts"                                 # monitor -> operators, per fleet
 PREDICTIONS = "predictions"                       # device -> its consumers: what the model said
+LABELS = "labels"                                 # operator -> device: ground truth of earlier inputs, by id
+MAX_LABELS_PAYLOAD = 256 * 1024                   # a labels message (or a POST /feedback body), at most
+MAX_LABELS = 10_000                               # labels in one message
+MAX_CLASSES = 256                                 # classes a window's confusion matrix may have
 
 REASONS = (
     "oversized", "malformed_json", "too_deep", "not_an_object", "schema_version", "wrong_type", "missing_field",
     "bad_value", "bad_string", "clock_skew", "device_mismatch", "fleet_mismatch", "feature_count_mismatch",
-    "histogram_mismatch", "unknown_topic", "internal_error", "database_error",
+    "histogram_mismatch", "unknown_topic", "internal_error", "database_error", "malformed_cbor", "cbor_unsupported",
 )
+ENCODINGS = ("json", "zlib", "cbor", "cbor-exact")   # telemetry payloads (docs/telemetry.md); the monitor reads all
 
 
 class Rejected(Exception):
@@ -106,10 +113,18 @@ def parse_topic(name: str, prefix: str = DEFAULT_PREFIX, kinds: tuple[str, ...] 
 
 # -- encoding ------------------------------------------------------------------------------------
 
-def encode(doc: dict, compress: bool = False) -> bytes:
-    """Compact UTF-8 JSON (NaN refused), zlib-compressed when asked (about 2.5x fewer bytes)."""
+def encode(doc: dict, compress: bool = False, encoding: str | None = None) -> bytes:
+    """Compact UTF-8 JSON (NaN refused), zlib-compressed when asked (about 2.5x fewer bytes); ``encoding``
+    (one of :data:`ENCODINGS`) overrides ``compress``: ``cbor`` and ``cbor-exact`` give edge_runtime.compact's form."""
+    encoding = encoding or ("zlib" if compress else "json")
+    if encoding.startswith("cbor"):
+        from edge_runtime import compact
+
+        return compact.encode(doc, "exact" if encoding == "cbor-exact" else "half")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, not {encoding!r}")
     raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-    return zlib.compress(raw, 6) if compress else raw
+    return zlib.compress(raw, 6) if encoding == "zlib" else raw
 
 
 def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD):
@@ -118,6 +133,10 @@ def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD):
         raise Rejected("oversized", f"{len(payload)} bytes is over the {max_bytes}-byte limit")
     if payload[:1] == b"\x78":     # a zlib stream (agents with --compress); JSON starts with '{'
         payload = _inflate(payload, max_bytes)
+    elif payload[:1] == b"\xd9":   # compact CBOR (--encoding cbor): edge_runtime.compact
+        from edge_runtime import compact
+
+        return compact.decode(payload, max_bytes)
     try:
         text = payload.decode("utf-8")   # strict: no UTF-16 guessing, no invalid sequences
     except UnicodeDecodeError as exc:
@@ -185,6 +204,52 @@ def predictions_message(fleet: str, device_id: str, predictions: list[dict]) -> 
     """
     return {"schema_version": SCHEMA_VERSION, "type": PREDICTIONS, "device_id": device_id, "fleet": fleet,
             "ts": round(time.time(), 3), "predictions": predictions}
+
+
+def labels_message(labels: list[tuple[object, object]]) -> dict:
+    """Ground truth for a device's earlier inputs, on ``<prefix>/<fleet>/<device>/labels`` (or a
+    ``POST /feedback`` body): ``{"labels": [{"id": ..., "label": ...}, ...]}``, each ``id`` an input's id
+    and each ``label`` its class name or index (see edge_runtime/labels.py)."""
+    return {"schema_version": SCHEMA_VERSION, "type": LABELS,
+            "labels": [{"id": i, "label": y} for i, y in labels]}
+
+
+def parse_labels(payload: bytes, max_bytes: int = MAX_LABELS_PAYLOAD) -> list[tuple[object, object]]:
+    """The (id, label) pairs of a labels message; raises Rejected for the whole message otherwise.
+
+    >>> parse_labels(b'{"labels": [{"id": "bed-7", "label": "benign"}, {"id": 12, "label": 1}]}')
+    [('bed-7', 'benign'), (12, 1)]
+    >>> parse_labels(b'{"labels": [{"id": true, "label": 1}]}')
+    Traceback (most recent call last):
+    ...
+    edge_runtime.wire.Rejected: bad_value: labels[0].id must be a string or an integer, got True
+    """
+    doc = decode(payload, max_bytes)
+    if not isinstance(doc, dict):
+        raise Rejected("not_an_object", f"payload is a JSON {type(doc).__name__}, not an object")
+    if "schema_version" in doc and doc["schema_version"] != SCHEMA_VERSION:
+        raise Rejected("schema_version", f"schema_version {_short(doc['schema_version'])} is not {SCHEMA_VERSION}")
+    if "type" in doc and doc["type"] != LABELS:
+        raise Rejected("wrong_type", f"type {_short(doc['type'])} is not {LABELS!r}")
+    items = doc.get("labels")
+    if not isinstance(items, list) or len(items) > MAX_LABELS:
+        raise Rejected("missing_field" if items is None else "bad_value",
+                       f"labels must be a list of at most {MAX_LABELS} {{id, label}} objects")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "id" not in item or "label" not in item:
+            raise Rejected("bad_value", f"labels[{i}] must be an object with an id and a label")
+        out.append((_label_value(item["id"], f"labels[{i}].id"), _label_value(item["label"], f"labels[{i}].label")))
+    return out
+
+
+def _label_value(v, field: str):
+    """An input id or a label: a string of at most 128 characters (no NUL) or an integer from 0 to 2**53-1."""
+    if type(v) is int:
+        return _count(v, field)
+    if isinstance(v, str):
+        return _text(v, field, MAX_NAME, False)
+    raise Rejected("bad_value", f"{field} must be a string or an integer, got {_short(v)}")
 
 
 def ack_message(seqs: list[int], rejected: dict[int, str] | None = None) -> dict:
@@ -388,6 +453,8 @@ def check_telemetry(doc: dict, now: float | None = None, max_skew: float = MAX_C
         out["dropped_windows"] = _count(doc["dropped_windows"], "dropped_windows")
     if "rejected_by" in doc:
         out["rejected_by"] = _reason_counts(doc["rejected_by"], out["rejected"])
+    if "distinct" in doc:
+        out["distinct"] = _registers(doc["distinct"])
     out["model"] = check_model(doc["model"])
     out["latency_ms"] = _latency(doc["latency_ms"], count)
     out["features"] = _features(doc["features"])
@@ -399,6 +466,8 @@ def check_telemetry(doc: dict, now: float | None = None, max_skew: float = MAX_C
         out["outputs"] = {k: _count(o.get(k, 0), f"outputs.{k}") for k in ("dropped", "failed")}
     if "inputs_dropped" in doc:
         out["inputs_dropped"] = _count(doc["inputs_dropped"], "inputs_dropped")
+    if "labels" in doc:
+        out["labels"] = _labels_block(doc["labels"], out["predictions"])
     return out
 
 
@@ -428,6 +497,15 @@ def _latency(v, count: int) -> dict:
             if x is not None and x < 0:
                 raise Rejected("bad_value", f"latency_ms.{k} is negative")
     return out
+
+
+def _registers(v) -> list[int]:
+    """``distinct``: the registers of the window's distinct-rows sketch (edge_runtime/distinct.py)."""
+    if not isinstance(v, list) or len(v) != DISTINCT_REGISTERS \
+            or any(type(r) is not int or not 0 <= r <= DISTINCT_MAX_RANK for r in v):
+        raise Rejected("bad_value", f"distinct must be a list of {DISTINCT_REGISTERS} integers "
+                                    f"in 0..{DISTINCT_MAX_RANK}")
+    return v
 
 
 def _features(v) -> dict:
@@ -509,6 +587,32 @@ def _agreement(v) -> dict:
         out["rate"] = _number(a["rate"], "agreement.rate", limit=1.0)
     if "max_abs_diff" in a:
         out["max_abs_diff"] = _number(a["max_abs_diff"], "agreement.max_abs_diff", False)
+    return out
+
+
+def _labels_block(v, predictions: dict) -> dict:
+    """``labels``: ground truth joined since the previous window (``n``), as a confusion count matrix (rows
+    the true class, columns the predicted one; square of the window's class count), ``unmatched`` labels
+    that found no prediction and ``rejected`` ones that named no class or came malformed."""
+    lab = _object(v, "labels")
+    k = len(predictions.get("counts") or [])
+    if not 2 <= k <= MAX_CLASSES:
+        raise Rejected("bad_value", f"labels need a classifier's predictions.counts of 2 to {MAX_CLASSES} classes")
+    rows = lab.get("confusion")
+    if not isinstance(rows, list) or len(rows) != k:
+        raise Rejected("bad_value", f"labels.confusion must be a list of {k} rows (one per class)")
+    confusion = []
+    for i, row in enumerate(rows):
+        row = _counts(row, f"labels.confusion[{i}]")
+        if len(row) != k:
+            raise Rejected("bad_value", f"labels.confusion[{i}] must have {k} counts (one per class)")
+        confusion.append(row)
+    out = {"n": _count(lab.get("n"), "labels.n"), "confusion": confusion,
+           "unmatched": _count(lab.get("unmatched", 0), "labels.unmatched")}
+    if sum(map(sum, confusion)) != out["n"]:
+        raise Rejected("bad_value", "labels.confusion does not sum to labels.n")
+    if "rejected" in lab:
+        out["rejected"] = _count(lab["rejected"], "labels.rejected")
     return out
 
 

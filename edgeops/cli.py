@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("benchmarks.cli", "bench_cmd", "Benchmark models or bundles on this machine."),
     "monitor": ("telemetry.cli", "monitor_cmd", "Consume fleet telemetry: drift, latency, alerts, metrics, dashboard."),
     "report": ("telemetry.cli", "report_cmd", "Write the one-page fleet report (PNG/HTML) from a monitor database."),
+    "export": ("telemetry.cli", "export_cmd", "Export what the monitor holds about an alert, for retraining."),
     "flash": ("devices.cli", "flash_cmd", "Flash a bundle to a device or a fleet (canary, rollback)."),
     "fleet": ("devices.cli", "fleet_group", "Emulated fleets and emulated devices."),
     "devices": ("devices.cli", "devices_group", "Device inventory and board profiles."),

@@ -77,6 +77,8 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
               help="The drift tests treat the recent windows as at most this many independent inferences.")
 @click.option("--design-effect/--no-design-effect", default=True, show_default=True,
               help="Divide the sample size by the design effect the windows show (repeated or correlated inputs).")
+@click.option("--distinct-cap/--no-distinct-cap", default=True, show_default=True,
+              help="The tests believe at most as many samples as the windows saw distinct rows (looped data).")
 @click.option("--hold-alpha", type=float, default=0.05, show_default=True,
               help="An open drift alert holds while its change is significant at this level ...")
 @click.option("--close-ratio", type=float, default=0.5, show_default=True,
@@ -93,6 +95,19 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
               help="... and be significant at this level.")
 @click.option("--out-of-range-rate", type=float, default=0.25, show_default=True,
               help="Alert when a feature has this share of its values outside the calibration data's range.")
+@click.option("--accuracy-drop", type=float, default=0.05, show_default=True,
+              help="Alert when the accuracy on labelled inferences is more than this (absolute) below the bundle's "
+                   "holdout accuracy ...")
+@click.option("--accuracy-min-labelled", type=int, default=100, show_default=True,
+              help="... once this many labelled inferences were seen over the recent windows ...")
+@click.option("--accuracy-alpha", type=float, default=0.01, show_default=True,
+              help="... and a one-sided binomial test says so at this level.")
+@click.option("--on-alert-exec", metavar="CMD",
+              help="Run CMD when a drift or accuracy alert opens, the incident as JSON on its stdin "
+                   "(split like a shell command, not run by a shell; never blocks the monitor).")
+@click.option("--on-alert-webhook", metavar="URL", help="POST the incident of a drift or accuracy alert that opens.")
+@click.option("--on-alert-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds --on-alert-exec may run before it is killed.")
 @click.option("--username", help="MQTT username.")
 @click.option("--password", envvar="EDGEOPS_MQTT_PASSWORD", help="MQTT password (or EDGEOPS_MQTT_PASSWORD).")
 @click.option("--ca", "ca_file", type=click.Path(), help="CA certificate for mqtts://.")
@@ -109,6 +124,8 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, max_clock_skew, quara
     from telemetry.monitor import FleetMonitor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    trigger = _alert_trigger(judgments.pop("on_alert_exec"), judgments.pop("on_alert_webhook"),
+                             judgments.pop("on_alert_timeout"))
     config = MonitorConfig(recent_windows=recent_windows, min_samples=min_samples, alpha=alpha, correction=correction,
                            psi_threshold=psi_threshold, ks_alpha=ks_alpha or None, latency_factor=latency_factor,
                            latency_min_increase_ms=latency_min_increase_ms, latency_sustain=latency_sustain,
@@ -118,7 +135,8 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, max_clock_skew, quara
     try:
         monitor = FleetMonitor(address, db, fleet=fleet, share=share, client_id=client_id, config=config,
                                bundles=_bundles(bundle_paths, bundles_dir), webhook=webhook, prefix=topic_prefix,
-                               max_skew=max_clock_skew, quarantine_keep=quarantine_keep, confirm=not no_confirm)
+                               max_skew=max_clock_skew, quarantine_keep=quarantine_keep, confirm=not no_confirm,
+                               trigger=trigger)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
@@ -157,6 +175,42 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, max_clock_skew, quara
     s = monitor.stats
     log.info("received %d messages: %d windows stored, %d duplicates, rejected %s", s.received, s.stored,
              s.duplicates, dict(s.rejected) or "none")
+
+
+def _alert_trigger(command: str | None, webhook: str | None, timeout: float):
+    if not command and not webhook:
+        return None
+    from telemetry.retrain import AlertTrigger
+
+    try:
+        return AlertTrigger(command, webhook, timeout)
+    except ValueError as exc:        # shlex: an unbalanced quote
+        raise InvalidInputError(f"--on-alert-exec {command!r}: {exc}") from None
+
+
+class UnknownAlert(click.ClickException):
+    exit_code = 2
+
+
+@click.command("export")
+@click.option("--alert", "alert_id", type=int, required=True, help="The alert's id (the dashboard, /api/alerts, "
+                                                                     "or alert_id in the incident).")
+@click.option("--db", default="sqlite:///monitor.db", show_default=True, help="The monitor's database URL.")
+@click.option("--out", "out", type=click.Path(), help="Folder to write (default: alert-ID).")
+@click.option("--windows", type=int, default=100, show_default=True,
+              help="The most recent windows of the alert's device (or fleet) and bundle version to write.")
+def export_cmd(alert_id, db, out, windows):
+    """Write what the monitor's store holds about an alert, for a training pipeline: the alert and its
+    incident, the recent windows (JSON lines), merged statistics, labelled counts and the reference profile
+    summary. Exit 2 for an unknown alert id."""
+    from telemetry import store
+    from telemetry.retrain import export_alert
+
+    engine = store.connect(db)
+    path = export_alert(engine, alert_id, out or f"alert-{alert_id}", windows)
+    if path is None:
+        raise UnknownAlert(f"no alert {alert_id} in {db}")
+    click.echo(f"wrote {path}")
 
 
 @click.command("report")

@@ -13,11 +13,13 @@ see drift/floors.py). An open alert is held while the change is still there at a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from edge_runtime import distinct
 from edge_runtime.stats import FeatureStats, LatencyHistogram, merge_many_feature_dicts
+from telemetry.drift.accuracy import AccuracyDropDetector, holdout_accuracy
 from telemetry.drift.batch import feature_tests
 from telemetry.drift.confidence import ConfidenceDriftDetector
 from telemetry.drift.effective_size import design_effects, effective_samples
@@ -28,6 +30,8 @@ from telemetry.drift.multiple_testing import benjamini_hochberg, bonferroni
 from telemetry.drift.prediction import PredictionDriftDetector
 from telemetry.drift.rejected import RejectedInputsDetector
 
+REPEATS_BELOW = 0.75      # distinct rows below this share of the inferences: the tests see only those
+
 
 @dataclass(frozen=True)
 class MonitorConfig:
@@ -37,6 +41,7 @@ class MonitorConfig:
     min_samples: int = 200            # no drift verdict before this many inferences in it
     horizon: int = 1000               # the tests treat the recent windows as at most this many inferences ...
     design_effect: bool = True        # ... divided by the design effect the windows show (repeated samples)
+    distinct_cap: bool = True         # ... and at most the distinct rows the windows saw (window.distinct)
     alpha: float = 0.01               # per-feature chi-square, after correction ...
     correction: str = "bh"            # bh (Benjamini-Hochberg) or bonferroni
     ks_alpha: float | None = 0.01     # ... or the binned KS test, Bonferroni-corrected: significant ...
@@ -52,6 +57,9 @@ class MonitorConfig:
     confidence_alpha: float = 0.001   # top-class probabilities unlike the holdout's (chi-square) ...
     confidence_min_psi: float = 0.1   # ... and by at least this PSI
     out_of_range_rate: float = 0.25   # a feature with this share of its values outside the calibration range
+    accuracy_drop: float = 0.05       # labelled accuracy this far (absolute) below the holdout's ...
+    accuracy_min_labelled: int = 100  # ... on at least this many labelled inferences ...
+    accuracy_alpha: float = 0.01      # ... and surely so (one-sided binomial test at this level)
     hold_alpha: float = 0.05          # an open drift alert holds while the change is significant at this level ...
     close_ratio: float = 0.5          # ... and its effect at least this share of the opening threshold
     min_open_seconds: float = 60.0    # an alert stays open at least this long
@@ -225,6 +233,34 @@ def prediction_drift(profile: dict, classes: np.ndarray, n_eff: float, config: M
                     "effective_samples": round(n_eff, 1)}, clear=not holding, hold_s=config.min_open_seconds)
 
 
+def labelled_confusion(windows: list[dict]) -> np.ndarray | None:
+    """The summed ``labels.confusion`` of the windows (rows: true class, columns: predicted), None without."""
+    mats = [np.asarray(w["labels"]["confusion"], dtype=np.int64) for w in windows
+            if isinstance(w.get("labels"), dict) and w["labels"].get("confusion")]
+    mats = [m for m in mats if m.ndim == 2 and m.shape == mats[0].shape]
+    return np.sum(mats, axis=0) if mats else None
+
+
+def accuracy(windows: list[dict], manifest: dict | None, config: MonitorConfig) -> Verdict | None:
+    """The labelled accuracy of the windows against the artifact's holdout accuracy (drift/accuracy.py)."""
+    confusion = labelled_confusion(windows)
+    artifact = next(((w.get("model") or {}).get("artifact") for w in windows if (w.get("model") or {}).get("artifact")),
+                    None)
+    ref = holdout_accuracy(manifest, artifact)
+    if confusion is None or ref is None:
+        return None
+    n, correct = int(confusion.sum()), int(np.trace(confusion))
+    d = AccuracyDropDetector(config.accuracy_drop, config.accuracy_min_labelled, config.accuracy_alpha,
+                             config.close_ratio)
+    d.update(ref[0], correct, n)
+    unmatched = sum(int(w["labels"].get("unmatched") or 0) for w in windows if isinstance(w.get("labels"), dict))
+    return Verdict("accuracy", d.drift_detected, round(d.accuracy, 4), [],
+                   {"accuracy": round(d.accuracy, 4), "holdout_accuracy": round(d.holdout, 4),
+                    "drop": round(d.drop, 4), "labelled": n, "correct": correct, "p_value": d.p_value,
+                    "unmatched": unmatched, "artifact": ref[1], "confusion": confusion.tolist()},
+                   clear=d.clear, hold_s=config.min_open_seconds)
+
+
 def rejected_inputs(windows: list[dict], config: MonitorConfig) -> Verdict:
     attempts = sum(int(w.get("count") or 0) for w in windows)
     refused = sum(int(w.get("rejected") or 0) for w in windows)
@@ -254,10 +290,30 @@ def latency(windows: list[dict], p95: float, config: MonitorConfig, baseline_p95
     return Verdict("latency", bool(reasons), p95, [], {"p95_ms": p95, **reasons}, hold_s=config.min_open_seconds)
 
 
+def distinct_rows(windows: list[dict]) -> float | None:
+    """How many distinct inputs the windows hold: their merged ``distinct`` sketches (distinct.py),
+    plus every row of a window without one (an agent that does not sketch); None when none has a sketch."""
+    def sketched(w: dict) -> bool:
+        return len(w.get("distinct") or ()) == distinct.REGISTERS
+
+    sketches = [w["distinct"] for w in windows if sketched(w)]
+    if not sketches:
+        return None
+    unsketched = sum(max(w["features"].get("count") or [0]) for w in windows if not sketched(w))
+    return distinct.estimate(distinct.merge(sketches)) + float(unsketched)
+
+
 def _drift_verdicts(profile: dict, windows: list[dict], fs: FeatureStats, classes: np.ndarray | None,
                     config: MonitorConfig, dependence_from: list[dict] | None) -> tuple[list[Verdict], dict]:
     """The verdicts on what the inputs and predictions look like (feature, missing values, prediction and
-    confidence drift), and PSI per feature."""
+    confidence drift), and PSI per feature.
+
+    Repeated inputs (a device looping over recorded rows) carry no news: the tests believe at most as many
+    samples as the windows hold distinct rows (the horizon shrinks to that)."""
+    rows = distinct_rows(windows) if config.distinct_cap else None
+    # the sketch is within about 13%: fewer than 3/4 of the rows distinct is repetition, not its error
+    if rows is not None and rows < min(config.horizon, REPEATS_BELOW * sum(w.get("count") or 0 for w in windows)):
+        config = replace(config, horizon=max(1, int(round(rows))))
     deff, deff_classes = dependence(windows if dependence_from is None else dependence_from,
                                     len(profile["features"]), config)
     drift, nan, scores = feature_drift(profile, fs, deff, config)
@@ -292,6 +348,9 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
             verdicts.append(rng)
     if windows:
         verdicts.append(rejected_inputs(windows, config))
+        labelled = accuracy(windows, manifest, config)
+        if labelled is not None:
+            verdicts.append(labelled)
     if p95 is not None and count:
         verdicts.append(latency(windows, p95, config, baseline_p95, baseline_source))
     if count:

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_runtime import distinct
 from edge_runtime.stats import LatencyHistogram
 
-_ADDITIVE = ("count", "nan", "sum", "sumsq", "hist", "classes", "confidence", "inferences", "errors")
+_ADDITIVE = ("count", "nan", "sum", "sumsq", "hist", "classes", "confidence", "inferences", "errors", "confusion")
 
 
 @dataclass
@@ -51,6 +52,8 @@ class _DeviceStats:
     min: np.ndarray
     max: np.ndarray
     lengths: tuple[int, ...]  # bins per feature
+    distinct: np.ndarray | None = None   # the merged distinct-rows sketch (None: a window without one)
+    confusion: np.ndarray = field(default_factory=lambda: np.zeros(0))   # labelled counts, classes x classes flat
 
 
 def _stats(windows: list[dict]) -> _DeviceStats | None:
@@ -83,7 +86,24 @@ def _stats(windows: list[dict]) -> _DeviceStats | None:
                         confidence=counts("confidence"),
                         inferences=np.array([float(sum(w.get("count") or 0 for w in windows))]),
                         errors=np.array([float(sum(w.get("errors") or 0 for w in windows))]),
-                        min=col("min", np.inf).min(axis=0), max=col("max", -np.inf).max(axis=0), lengths=lengths)
+                        min=col("min", np.inf).min(axis=0), max=col("max", -np.inf).max(axis=0), lengths=lengths,
+                        distinct=_distinct(windows), confusion=_confusion(windows))
+
+
+def _confusion(windows: list[dict]) -> np.ndarray:
+    """The windows' summed labels.confusion, flattened (zeros of classes x classes without labels)."""
+    k = max((len(w.get("predictions", {}).get("counts") or []) for w in windows), default=0)
+    out = np.zeros(k * k)
+    for w in windows:
+        c = (w.get("labels") or {}).get("confusion")
+        if c and len(c) == k:
+            out += np.asarray(c, dtype=np.float64).ravel()
+    return out
+
+
+def _distinct(windows: list[dict]) -> np.ndarray | None:
+    regs = [w.get("distinct") for w in windows]
+    return None if any(r is None or len(r) != distinct.REGISTERS for r in regs) else distinct.merge(regs)
 
 
 @dataclass
@@ -183,15 +203,20 @@ class FleetView:
         if t["confidence"].size:
             predictions["confidence"] = np.rint(t["confidence"]).astype(int).tolist()
         seen = n > 0
+        features = {"count": np.rint(n).astype(int).tolist(), "nan": np.rint(t["nan"]).astype(int).tolist(),
+                    "mean": np.where(seen, mean, 0.0).tolist(), "m2": np.where(seen, m2, 0.0).tolist(),
+                    "min": [float(x) if np.isfinite(x) else None for x in mins],
+                    "max": [float(x) if np.isfinite(x) else None for x in maxs], "hist": hist}
+        sketches = [d.distinct for d in fs.devices.values()]
         return {
             "device_id": "*", "seq": 0,
             "count": int(round(float(t["inferences"][0]))), "errors": int(round(float(t["errors"][0]))),
             "latency_ms": LatencyHistogram().to_dict(),
-            "features": {"count": np.rint(n).astype(int).tolist(), "nan": np.rint(t["nan"]).astype(int).tolist(),
-                         "mean": np.where(seen, mean, 0.0).tolist(), "m2": np.where(seen, m2, 0.0).tolist(),
-                         "min": [float(x) if np.isfinite(x) else None for x in mins],
-                         "max": [float(x) if np.isfinite(x) else None for x in maxs], "hist": hist},
+            "features": features,
             "predictions": predictions,
+            **_labels(t["confusion"]),
+            **({"distinct": np.max(sketches, axis=0).tolist()}      # a max over devices x 64 bytes, like min and max
+               if all(r is not None for r in sketches) else {}),
         }
 
     def sample_windows(self, fleet: str, name: str, version: str) -> list[dict]:
@@ -199,6 +224,15 @@ class FleetView:
         dependence between consecutive windows is estimated from, at a cost that does not grow with the fleet."""
         fs = self._fleets.get((fleet, name, version))
         return [w for ws in fs.windows.values() for w in ws] if fs else []
+
+
+def _labels(flat: np.ndarray) -> dict:
+    """The fleet's pooled ``labels`` block (none without labelled inferences)."""
+    k = int(round(np.sqrt(flat.size)))
+    if not k or k * k != flat.size or not flat.any():
+        return {}
+    confusion = np.rint(flat).astype(int).reshape(k, k)
+    return {"labels": {"n": int(confusion.sum()), "confusion": confusion.tolist(), "unmatched": 0}}
 
 
 def _compatible(a: _DeviceStats, b: _DeviceStats) -> bool:

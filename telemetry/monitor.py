@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from edge_runtime.messages import TelemetryWindow
 from edge_runtime.mqtt import BrokerAddress
 from edge_runtime.wire import (
     ACK,
@@ -98,13 +99,15 @@ class FleetMonitor:
         confirm: acknowledge committed windows to their devices (end-to-end delivery).
         bundles: manifests whose reference profiles drift is measured against.
         webhook: URL to POST alert transitions to.
+        trigger: runs a command and/or POSTs the incident when a drift or accuracy alert opens (retrain.py).
     """
 
     def __init__(self, broker: BrokerAddress, db_url: str = "sqlite:///monitor.db", fleet: str = "+",  # noqa: PLR0913
                  share: str | None = None, client_id: str | None = None, config: MonitorConfig | None = None,
                  bundles: list[dict] | None = None, webhook: str | None = None, prefix: str = "edgeops",
                  eval_interval: float = 1.0, session_expiry: int = 3600, max_payload: int = MAX_PAYLOAD,
-                 max_skew: float = MAX_CLOCK_SKEW, quarantine_keep: int = 10_000, confirm: bool = True):
+                 max_skew: float = MAX_CLOCK_SKEW, quarantine_keep: int = 10_000, confirm: bool = True,
+                 trigger=None):
         if share and not broker.v5:
             raise ValueError(f"--share needs MQTT 5 shared subscriptions; {broker.url} speaks MQTT 3.1.1")
         self.broker = broker
@@ -114,6 +117,7 @@ class FleetMonitor:
         self.prefix = prefix
         self.config = config or MonitorConfig()
         self.webhook = webhook
+        self.trigger = trigger
         self.eval_interval = eval_interval
         self.max_payload = max_payload
         self.max_skew = max_skew
@@ -338,12 +342,13 @@ class FleetMonitor:
                           ", ".join(f"{f}/{d}#{q}" for f, d, q in result.duplicate_keys[:20]))
             self.stats.stored += new
             self.stats.duplicates += dup
-            for fleet, device, w in windows:
-                key = (fleet, device)
-                self.stats.inferences[key] += w["count"]
-                self.stats.errors[key] += w["errors"]
-                self.stats.latest[key] = w["latency_ms"]
-                self._mark(fleet, device, w["model"])
+            for _, _, doc in windows:
+                w = TelemetryWindow.from_canonical(doc)
+                key = (w.fleet, w.device_id)
+                self.stats.inferences[key] += w.count
+                self.stats.errors[key] += w.errors
+                self.stats.latest[key] = w.latency_ms
+                self._mark(w.fleet, w.device_id, w.model.to_canonical())
         if refused:       # after the windows: a batch the database refuses is retried without these
             store.quarantine_messages(self.engine, refused, keep=self.quarantine_keep)
             for _, reason, _, _ in refused:
@@ -509,7 +514,7 @@ class FleetMonitor:
             return []
         ev = evaluate([merged], manifest, self.config,
                       dependence_from=self.fleet_view.sample_windows(fleet, name, version))
-        fleet_level = ("feature_drift", "prediction_drift", "missing_values", "confidence_drift")
+        fleet_level = ("feature_drift", "prediction_drift", "missing_values", "confidence_drift", "accuracy")
         return self._apply(fleet, "*", name, version, [v for v in ev.verdicts if v.detector in fleet_level])
 
     def _load_fleet_view(self, fleet: str, name: str, version: str) -> None:
@@ -551,9 +556,25 @@ class FleetMonitor:
                 events.append((change, event))
                 if self.webhook:
                     alerting.post_webhook(self.webhook, event)
+                if change == "opened" and self.trigger is not None:
+                    self._trigger(fleet, device, name, version, v.detector)
         if events:
             self.publish_alerts(fleet)
         return events
+
+    def _trigger(self, fleet: str, device: str, name: str, version: str, detector: str) -> None:
+        """Hand a drift or accuracy alert that just opened to the retraining trigger (it never blocks)."""
+        from telemetry import retrain
+
+        if detector not in retrain.TRIGGER_DETECTORS:
+            return
+        try:
+            alert_id = retrain.alert_id_of(self.engine, fleet, device, name, version, detector)
+            alert = retrain.alert_by_id(self.engine, alert_id) if alert_id is not None else None
+            if alert is not None:
+                self.trigger.fire(retrain.incident(self.engine, alert, self.config.recent_windows))
+        except Exception:  # noqa: BLE001 - the trigger must not stop the evaluation
+            log.exception("the alert trigger failed for %s on %s/%s", detector, fleet, device)
 
     def check_silence(self, now: float | None = None) -> list[tuple[str, dict]]:
         """Open a silence alert for devices with no window for K periods or a retained offline status."""

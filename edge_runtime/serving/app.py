@@ -8,7 +8,9 @@ time keeps memory bounded by the in-flight budget plus one batch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +26,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from edge_runtime import wire
 from edge_runtime.errors import EdgeOpsError, InvalidInputError
+from edge_runtime.labels import LabelJoiner
 from edge_runtime.model import EdgeModel
 from edge_runtime.serving.bodies import (
     Rejection,
@@ -41,7 +45,7 @@ from edge_runtime.serving.training import open_trainer, train_endpoint, use_trai
 
 log = logging.getLogger("edgeops.serve")
 
-ENDPOINTS = "POST /predict, POST /train, GET /healthz, /metrics, /model, /openapi.json"
+ENDPOINTS = "POST /predict, POST /feedback, POST /train, GET /healthz, /metrics, /model, /openapi.json"
 # JSON bodies up to this size are parsed and predicted on the event loop when the worker is idle:
 # a thread hop costs more than such a request, and handing the GIL back and forth lengthens the tail
 INLINE_BODY_BYTES = 16 * 1024
@@ -65,10 +69,23 @@ class Served:
         self.sample = SampleShape(model.input_spec.name, model.input_spec.shape, bool(image))
         m = model.manifest or {}
         self.openapi = openapi_document(self.sample, limits, m.get("name", model.path.stem), m.get("version") or "")
+        # late labels (POST /feedback) join predictions by the id /predict answered with (edge_runtime/labels.py)
+        self.labels = _label_joiner(model, agent)
         # POST /train fine-tunes the bundle's trainable artifact (edge_runtime/training.py); 409 without one
         self.trainer, self.trainer_off = open_trainer(model, agent)
         if self.trainer is not None and self.trainer.updates:
             use_trained(self, self.trainer)      # a checkpoint from before a restart: serve its weights
+        self._run_id = f"{os.getpid():x}{int(time.time()) % 0xFFFF:04x}"
+        self._next_id = 0
+
+    def input_ids(self, rows: np.ndarray) -> list[str]:
+        """Ids for the rows just predicted (``<run>-<n>``), remembered with their predicted classes."""
+        ids = [f"{self._run_id}-{self._next_id + i}" for i in range(len(rows))]
+        self._next_id += len(rows)
+        idx = rows.argmax(axis=1) if rows.shape[1] > 1 else (rows[:, 0] > 0.5).astype(int)
+        for i, cls in zip(ids, idx, strict=True):
+            self.labels.predicted(i, int(cls))
+        return ids
 
     async def on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
         self.worker_jobs += 1
@@ -114,6 +131,9 @@ class Served:
             idx = batch.argmax(axis=1) if batch.shape[1] > 1 else (batch[:, 0] > 0.5).astype(int)
             labels = [model.labels[i] for i in idx]
             result["labels"] = labels if out.ndim == 2 else labels[0]
+        if self.labels is not None and batch.ndim == 2:
+            ids = self.input_ids(batch)
+            result["ids" if out.ndim == 2 else "id"] = ids if out.ndim == 2 else ids[0]
         if self.agent is not None:
             self.agent.collect()
         return result
@@ -155,6 +175,7 @@ def create_app(model: EdgeModel, limits: ServeLimits | None = None, agent: Any =
 
     app = Starlette(routes=[
         Route("/predict", _predict_endpoint, methods=["POST"]),
+        Route("/feedback", _feedback_endpoint, methods=["POST"]),
         Route("/train", train_endpoint, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -184,6 +205,54 @@ async def _predict_endpoint(request: Request) -> Response:
     except Exception:
         log.exception("POST /predict failed")
         return served.error(500, "internal", "internal error (logged on the server)")
+
+
+def _label_joiner(model: EdgeModel, agent: Any) -> LabelJoiner | None:
+    """The agent's joiner (joined labels then reach its telemetry windows), or one of our own; None for a
+    model that does not classify."""
+    if agent is not None and getattr(agent, "labels", None) is not None:
+        return agent.labels
+    width = int(model.outputs[0].shape[-1]) if model.outputs and model.outputs[0].shape else 1
+    if model.task == "classification" or (model.task is None and width > 1):
+        return LabelJoiner(model.labels, len(model.labels) if model.labels else max(2, width))
+    return None
+
+
+_LABEL_REFUSALS = {"oversized": (413, "too_large"), "malformed_json": (400, "bad_request"),
+                   "too_deep": (400, "bad_request")}
+
+
+async def _feedback_endpoint(request: Request) -> Response:
+    """POST /feedback: true labels of earlier predictions, ``{"labels": [{"id", "label"}, ...]}`` (the ids
+    /predict answered with), joined to them; answers how many joined. Bounded like /predict."""
+    served: Served = request.app.state.served
+    if served.labels is None:
+        return served.error(422, "invalid_input", "this model does not classify: it takes no labels")
+    ctype, params = media_type(request.headers.get("content-type"))
+    if ctype != "application/json" or params.get("charset", "utf-8").lower() not in ("utf-8", "utf8") \
+            or request.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+        return served.error(415, "unsupported_media_type", "send labels as uncompressed UTF-8 application/json "
+                                                           "{\"labels\": [{\"id\": ..., \"label\": ...}]}")
+    limits = dataclasses.replace(served.limits, max_body_bytes=min(served.limits.max_body_bytes,
+                                                                   wire.MAX_LABELS_PAYLOAD))
+    try:
+        _content_length(request, limits)
+        body = await _read_body(request, limits)
+        pairs = wire.parse_labels(bytes(body))
+    except Rejection as exc:
+        return served.error(exc.status, exc.kind, exc.detail, {"Connection": "close"} if exc.status != 400 else None)
+    except ClientDisconnect:
+        served.metrics.disconnect()
+        return Response(status_code=CLIENT_CLOSED)
+    except wire.Rejected as rej:
+        served.labels.count_invalid()
+        status, kind = _LABEL_REFUSALS.get(rej.reason, (422, "invalid_input"))
+        return served.error(status, kind, rej.detail)
+    joiner = served.labels
+    invalid0 = joiner.invalid_total
+    joined = sum(joiner.label(i, y) is not None for i, y in pairs)
+    invalid = joiner.invalid_total - invalid0
+    return JSONResponse({"joined": joined, "unmatched": len(pairs) - joined - invalid, "invalid": invalid})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
