@@ -1,6 +1,7 @@
 """On-device fine-tuning on Digits: the accuracy gained and what a training step costs.
 
-    python -m benchmarks.on_device_training [--batch 32] [--every 4] [--steps 200] [--cache DIR] [--json FILE]
+    python -m benchmarks.on_device_training [--batch 32] [--every 4] [--steps 200] [--holdout-every 5]
+                                            [--cache DIR] [--json FILE]
 
 A small Keras MLP (64 pixels -> 32 ReLU -> 10 softmax) is trained on the first half of Digits'
 rows, classes 0-6 only, and converted with ``trainable=True``. The device (``edge_runtime.training.
@@ -72,30 +73,34 @@ def _median_ms(fn, n: int) -> float:
     return _timed(fn, n, warmup=5)["median_ms"]
 
 
-def curve(bundle: Path, batch: int, every: int, state_dir: Path) -> tuple[list[dict], object]:
+def curve(bundle: Path, batch: int, every: int, state_dir: Path, holdout_every: int = 5) -> tuple[list[dict], object]:
     """Test accuracy after every ``every`` rounds of ``batch`` labelled samples."""
     from edge_runtime.training import Trainer
 
     d = digits_split()
     X, y, stream, test = d["X"], d["y"], d["stream"], d["test"]
-    trainer = Trainer(bundle, state_dir, batch_size=batch)
-    rows = [{"rounds": 0, "samples": 0, "updates": 0, "loss": None, "accuracy": trainer.accuracy(X[test], y[test]),
-             "acc_0_6": _acc(trainer, X, y, test, lambda v: v < BASE_CLASSES),
-             "acc_7_9": _acc(trainer, X, y, test, lambda v: v >= BASE_CLASSES), "reverted": 0}]
-    losses = []
+    trainer = Trainer(bundle, state_dir, batch_size=batch, holdout_every=holdout_every)
+
+    def point(rounds: int, samples: int, losses: list[float]) -> dict:
+        return {"rounds": rounds, "samples": samples, "updates": trainer.updates,
+                "loss": round(float(np.mean(losses)), 4) if losses else None,
+                "accuracy": trainer.accuracy(X[test], y[test]),
+                "acc_0_6": _acc(trainer, X, y, test, lambda v: v < BASE_CLASSES),
+                "acc_7_9": _acc(trainer, X, y, test, lambda v: v >= BASE_CLASSES), "reverted": trainer.reverted}
+
+    rows = [point(0, 0, [])]
+    losses: list[float] = []
+    n = 0
     for n, i in enumerate(range(0, len(stream), batch), start=1):
         idx = stream[i:i + batch]
         done = trainer.train(X[idx], y[idx].tolist())
         if done.loss is not None:
             losses.append(done.loss)
-        if n % every == 0 or i + batch >= len(stream):
-            rows.append({"rounds": n, "samples": min(i + batch, len(stream)), "updates": trainer.updates,
-                         "loss": round(float(np.mean(losses)), 4) if losses else None,
-                         "accuracy": trainer.accuracy(X[test], y[test]),
-                         "acc_0_6": _acc(trainer, X, y, test, lambda v: v < BASE_CLASSES),
-                         "acc_7_9": _acc(trainer, X, y, test, lambda v: v >= BASE_CLASSES),
-                         "reverted": trainer.reverted})
+        if n % every == 0 and i + batch < len(stream):
+            rows.append(point(n, i + batch, losses))
             losses = []
+    trainer.judge()                     # the last, unfinished round
+    rows.append(point(n, len(stream), losses))
     return rows, trainer
 
 
@@ -119,17 +124,17 @@ def step_costs(trainer, batch: int, steps: int) -> dict:
     return {k: round(v, 4) for k, v in cost.items()}
 
 
-def run(batch: int, every: int, steps: int, cache: Path | None) -> dict:
+def run(batch: int, every: int, steps: int, cache: Path | None, holdout_every: int = 5) -> dict:
     with tempfile.TemporaryDirectory(prefix="edgeops-odt-") as tmp:
         bundle = make_bundle((cache or Path(tmp)) / "digits-trainable")
-        rows, trainer = curve(bundle, batch, every, Path(tmp) / "state")
+        rows, trainer = curve(bundle, batch, every, Path(tmp) / "state", holdout_every)
         cost = step_costs(trainer, batch, steps)
     import edge_runtime.backends.tflite as tfl
 
     _cls, backend, version = tfl.tflite_interpreter_class()
     return {"machine": {"arch": platform.machine(), "python": platform.python_version(),
                         "backend": f"{backend} {version}"},
-            "batch": batch, "curve": rows, "cost": cost,
+            "batch": batch, "holdout_every": holdout_every, "curve": rows, "cost": cost,
             "accuracy_before": rows[0]["accuracy"], "accuracy_after": rows[-1]["accuracy"]}
 
 
@@ -138,15 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="labelled samples per update round")
     ap.add_argument("--every", type=int, default=4, help="a curve point after this many rounds")
     ap.add_argument("--steps", type=int, default=200, help="timed calls for the step cost")
+    ap.add_argument("--holdout-every", type=int, default=5, help="probation: hold back every n-th sample (0: off)")
     ap.add_argument("--cache", type=Path, help="keep the converted bundle here")
     ap.add_argument("--json", help="also write the JSON document to this file")
     args = ap.parse_args(argv)
-    doc = run(args.batch, args.every, args.steps, args.cache)
+    doc = run(args.batch, args.every, args.steps, args.cache, args.holdout_every)
+    probation = f"every {args.holdout_every}th sample held back" if args.holdout_every else "no probation"
     print_table(doc["curve"], [("rounds", "rounds"), ("samples", "samples"), ("updates", "steps kept"),
                                ("loss", "mean loss"), ("accuracy", "test acc"), ("acc_0_6", "acc 0-6"),
                                ("acc_7_9", "acc 7-9"), ("reverted", "rounds undone")],
                 title=f"Digits, on-device fine-tuning of the last layer ({doc['machine']['arch']}, "
-                      f"{doc['machine']['backend']}, batch {args.batch})")
+                      f"{doc['machine']['backend']}, batch {args.batch}, {probation})")
     print()
     print_table([doc["cost"]], [(k, k) for k in doc["cost"]], title="cost (median ms)")
     print(json.dumps(doc, indent=2))

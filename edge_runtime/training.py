@@ -366,3 +366,69 @@ def trainer_for(model: EdgeModel, state_dir: str | Path, **options: Any) -> Trai
     if model.bundle is None or trainable_artifact(model.manifest) is None:
         return None
     return Trainer(model.bundle, state_dir, **options)
+
+
+class Learner:
+    """Labels that arrive late, fed to a :class:`Trainer` in batches (``edgeops run --learn``).
+
+    The device remembers its recent inputs by id (:meth:`remember`, bounded: the newest
+    ``max_rows``); a joined label (:meth:`on_joined`, a ``LabelJoiner`` listener, called on whatever
+    thread delivered the label) finds its input and queues the pair. :meth:`step` trains once a batch
+    is queued; call it on the thread that predicts (the interpreter is not thread-safe). Anything else
+    that has labelled rows calls :meth:`add` with (input row, label).
+    """
+
+    def __init__(self, trainer: Trainer, batch: int = 32, max_rows: int = 4096):
+        import threading
+        from collections import OrderedDict
+
+        self.trainer = trainer
+        self.batch = int(batch)
+        self.max_rows = int(max_rows)
+        self._rows: OrderedDict = OrderedDict()
+        self._queue: deque = deque(maxlen=max(self.batch * 8, 256))
+        self._lock = threading.Lock()
+        self.rounds: list[Round] = []
+        self.unmatched = 0
+
+    def remember(self, input_id: Any, row: Any) -> None:
+        if input_id is None:
+            return
+        with self._lock:
+            self._rows[str(input_id)] = row
+            self._rows.move_to_end(str(input_id))
+            while len(self._rows) > self.max_rows:
+                self._rows.popitem(last=False)
+
+    def on_joined(self, joined: Any) -> None:
+        """A ``LabelJoiner`` listener: ``joined.id`` and ``joined.actual`` (the true class index)."""
+        with self._lock:
+            row = self._rows.pop(str(joined.id), None)
+        if row is None:
+            self.unmatched += 1
+            return
+        self.add(row, joined.actual)
+
+    def add(self, row: Any, label: Any) -> None:
+        """Queue one labelled input (the small interface: (input row, label))."""
+        with self._lock:
+            self._queue.append((row, label))
+
+    def step(self, max_batches: int = 4) -> Round | None:
+        """Train on the full batches of queued labels (at most ``max_batches``, so a backlog does not hold
+        the inference thread for long); the last round, or None when no batch was full."""
+        done = None
+        for _ in range(max_batches):
+            with self._lock:
+                if len(self._queue) < self.batch:
+                    break
+                pairs = [self._queue.popleft() for _ in range(self.batch)]
+            try:
+                done = self.trainer.train(np.asarray([np.asarray(r, dtype=np.float32) for r, _ in pairs]),
+                                          [y for _, y in pairs])
+            except InvalidInputError as exc:
+                log.warning("a labelled batch was not trained on: %s", exc)
+                continue
+            self.rounds.append(done)
+            del self.rounds[:-100]
+        return done

@@ -251,3 +251,60 @@ def test_post_train_without_a_trainable_artifact_is_409(digits_cnn_bundle, state
         status, body = call(url + "/train", {"inputs": [[0.0] * 64], "labels": [1]})
     assert status == 409 and body["error"] == "no_trainable_artifact"
     assert "--trainable" in body["detail"]
+
+
+# ---- --learn: late labels joined to predictions feed the Trainer --------------------------------
+
+def test_learner_trains_on_labels_joined_to_remembered_inputs(trainable_bundle, digits, tmp_path):
+    labels_mod = pytest.importorskip("edge_runtime.labels")
+    from edge_runtime.training import Learner
+
+    X, y, stream, test = digits["X"], digits["y"], digits["stream"], digits["test"]
+    learner = Learner(_trainer(trainable_bundle, tmp_path / "state"), batch=32)
+    joiner = labels_mod.LabelJoiner([str(i) for i in range(10)], 10)
+    joiner.subscribe(learner.on_joined)
+    acc0 = learner.trainer.accuracy(X[test], y[test])
+    rounds = 0
+    for n, i in enumerate(stream):
+        out = learner.trainer.infer(X[i])
+        joiner.predicted(f"in-{n}", int(out.argmax()))
+        learner.remember(f"in-{n}", X[i])
+        joiner.label(f"in-{n}", str(y[i]))            # the label arrives (here at once) and is joined
+        rounds += learner.step() is not None
+    joiner.label("in-unknown", "3")                   # no such prediction: the joiner counts it, nothing trains
+    assert rounds == len(stream) // 32 and learner.unmatched == 0
+    learner.trainer.judge()
+    assert learner.trainer.updates > 0
+    assert learner.trainer.accuracy(X[test], y[test]) > acc0 + 0.1
+
+
+def test_run_learn_fine_tunes_on_the_label_column(mosquitto, trainable_bundle, digits, tmp_path):
+    from edge_runtime.agent import DeviceAgent
+
+    if not hasattr(DeviceAgent, "take_labels"):
+        pytest.skip("this agent joins no labels yet (edge_runtime/labels.py)")
+    from edge_runtime.training import Trainer
+
+    X, y, stream, test = digits["X"], digits["y"], digits["stream"], digits["test"]
+    path = tmp_path / "labelled.npz"
+    np.savez(path, X=X[stream], y=y[stream])
+    state = tmp_path / "s"
+    res = subprocess.run([sys.executable, "-m", "edgeops", "run", str(trainable_bundle), "--learn", "--device-id",
+                          "dev-l", "--fleet", "lab", "--broker", mosquitto.url, "--input", str(path),
+                          "--window-size", "100", "--state-dir", str(state), "--confirm", "broker"],
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    checkpoint = state / "training" / "checkpoint.npz"
+    assert checkpoint.exists()
+    fresh = Trainer(trainable_bundle, tmp_path / "fresh")
+    learned = Trainer(trainable_bundle, state / "training")
+    assert learned.restored and learned.updates > 0
+    assert learned.accuracy(X[test], y[test]) > fresh.accuracy(X[test], y[test]) + 0.1
+
+
+def test_run_learn_refuses_a_bundle_without_a_trainable_artifact(mosquitto, digits_cnn_bundle, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "edgeops", "run", str(digits_cnn_bundle), "--learn", "--device-id",
+                          "dev-n", "--broker", mosquitto.url, "--input", "-", "--state-dir", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, input="")
+    assert res.returncode != 0
+    assert "no trainable artifact" in res.stderr
