@@ -206,7 +206,11 @@ def export_cmd(alert_id, db, out, windows):
     from telemetry import store
     from telemetry.retrain import export_alert
 
-    engine = store.connect(db)
+    try:
+        engine = store.connect(db)
+        engine.connect().close()
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
+        raise InvalidInputError(f"--db {db}: {str(exc).splitlines()[0][:200]}") from None
     path = export_alert(engine, alert_id, out or f"alert-{alert_id}", windows)
     if path is None:
         raise UnknownAlert(f"no alert {alert_id} in {db}")
