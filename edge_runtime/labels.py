@@ -61,19 +61,22 @@ def predicted_class(output) -> int | None:
     >>> predicted_class(np.array([[0.1, 0.7, 0.2]])), predicted_class(np.array([0.8])), predicted_class([0.3])
     (1, 1, 0)
     """
-    a = np.asarray(output, dtype=np.float64)
+    a = output if isinstance(output, np.ndarray) else np.asarray(output, dtype=np.float64)
     if a.ndim == 2 and a.shape[0] == 1:
         a = a[0]
     if a.ndim != 1 or a.size == 0:
         return None
-    if a.size == 1:
-        return int(a[0] > 0.5)
-    return int(np.argmax(a))
+    return int(a[0] > 0.5) if a.size == 1 else int(a.argmax())
 
 
 def id_key(value) -> str | None:
     """An input id as the joiner keys it (ints and their decimal strings are the same id), None when the
     value cannot be an id (not a string or integer, a bool, too long)."""
+    t = type(value)
+    if t is str:                      # the common cases first: this runs once per inference
+        return value if 0 < len(value) <= MAX_ID_CHARS else None
+    if t is int:
+        return str(value)
     if isinstance(value, bool) or not isinstance(value, (str, int, np.integer)):
         return None
     key = str(int(value)) if not isinstance(value, str) else value
