@@ -258,10 +258,12 @@ def open_tflite(data: bytes, where: str, threads: int | None, interpreter: tuple
         else:
             nodes = delegated_nodes(backend._it)
             backend.accel = AccelReport(accel.delegate, (), "; ".join(notes) or None, nodes)
+            log.info("%s runs with delegate %s", where, accel.delegate)
             return backend
     backend = TFLiteBackend(data, where, threads, cls, name, version, interpreter_kwargs=lambda: dict(base))
     nodes = delegated_nodes(backend._it)
     backend.accel = AccelReport("xnnpack" if nodes else None, (), "; ".join(notes) or None, nodes)
+    log.info("%s runs on the CPU (%s)", where, "XNNPACK" if nodes else "builtin kernels")
     return backend
 
 
@@ -310,4 +312,5 @@ def open_onnx(data: bytes, where: str, threads: int | None, accel: Acceleration)
     if accel.delegate:
         notes.append(f"delegate {accel.delegate} applies to TFLite models, not to {where} (ONNX)")
     backend.accel = AccelReport(None, actual, "; ".join(notes) or None, None)
+    log.info("%s runs on %s", where, ", ".join(actual))
     return backend
