@@ -86,6 +86,7 @@ print('LOADED', bad)
     assert "LOADED []" in out.stdout
 
 
+@pytest.mark.slow      # importing the converter (TensorFlow) alone takes ~18 s here
 def test_convert_refuses_trainable_for_a_non_keras_source(tmp_path):
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
