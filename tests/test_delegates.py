@@ -308,3 +308,33 @@ def test_delegate_and_provider_specs():
             parse_delegate(bad)
     with pytest.raises(InvalidInputError, match="--provider"):
         parse_provider(":a=b")
+
+
+def test_bench_csv_has_the_accelerator_columns(cnn, tmp_path):
+    import csv
+
+    out = tmp_path / "bench.csv"
+    res = edgeops("bench", cnn["tflite"], cnn["onnx"], "--runs", 5, "--delegate", ABSENT, "--csv", out, "--in-process")
+    assert res.returncode == 0, res.stderr
+    tfl, onx = csv.DictReader(out.open())
+    assert tfl["delegate"] == "xnnpack" and ABSENT in tfl["accelerator_fallback"]
+    assert onx["provider"] == "CPUExecutionProvider"
+
+
+def test_a_device_runs_on_the_cpu_when_its_delegate_is_absent_and_says_so_once(session_mosquitto, digits_cnn_bundle,
+                                                                                tmp_path):
+    stream = tmp_path / "x.npy"
+    np.save(stream, np.random.default_rng(0).random((20, 8, 8, 1)).astype(np.float32))
+
+    def run(*extra):
+        return edgeops("run", digits_cnn_bundle, "--artifact", "model.tflite", "--device-id", "coral-1",
+                       "--broker", session_mosquitto.url, "--input", stream, "--max-inferences", 20, "--no-flash",
+                       "--confirm", "broker", "--state-dir", tmp_path / "state", "--delegate", ABSENT, *extra,
+                       timeout=120)
+
+    res = run()
+    assert res.returncode == 0, res.stderr[-2000:]
+    notes = [line for line in res.stderr.splitlines() if "running on the CPU instead" in line]
+    assert len(notes) == 1 and ABSENT in notes[0]
+    strict = run("--require-delegate")
+    assert strict.returncode == 6 and "edgeops: error: delegate" in strict.stderr and ABSENT in strict.stderr
