@@ -14,11 +14,13 @@ without an edgeops monitor): a broker crash can then lose windows.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import time
 import zlib
 
+from edge_runtime import wire
 from edge_runtime.spool import WindowSpool
 
 log = logging.getLogger("edgeops.agent")
@@ -38,7 +40,9 @@ class WindowDelivery:
         link: the MQTT link (``publish(topic, payload, qos)`` returns a message id or None).
         topic: the telemetry topic.
         confirm: "monitor" (end-to-end, the default) or "broker" (PUBACK).
-        compress: zlib-compress each payload.
+        compress: zlib-compress each payload (the same as ``encoding="zlib"``).
+        encoding: how windows go on the wire: json, zlib, cbor or cbor-exact (edge_runtime.wire.ENCODINGS);
+            the spool keeps JSON whatever the encoding.
         resend_after: seconds before an unconfirmed window is published again.
         max_resend: the longest wait between two resends of one window.
         max_inflight: publishes awaiting a PUBACK at most.
@@ -46,12 +50,16 @@ class WindowDelivery:
 
     GAP_GRACE = 2.0     # seconds an older window may trail a newer confirmed one before it is resent
 
-    def __init__(self, spool: WindowSpool, link, topic: str, confirm: str = "monitor", compress: bool = False,
-                 resend_after: float = 30.0, max_resend: float = 600.0, max_inflight: int = 50):
+    def __init__(self, spool: WindowSpool, link, topic: str, confirm: str = "monitor", compress: bool = False,  # noqa: PLR0913
+                 resend_after: float = 30.0, max_resend: float = 600.0, max_inflight: int = 50,
+                 encoding: str | None = None):
         if confirm not in CONFIRM_MODES:
             raise ValueError(f"confirm must be one of {CONFIRM_MODES}, not {confirm!r}")
+        self.encoding = encoding or ("zlib" if compress else "json")
+        if self.encoding not in wire.ENCODINGS:
+            raise ValueError(f"encoding must be one of {wire.ENCODINGS}, not {encoding!r}")
         self.spool, self.link, self.topic = spool, link, topic
-        self.confirm, self.compress = confirm, compress
+        self.confirm, self.compress = confirm, self.encoding == "zlib"
         self.resend_after, self.max_resend, self.max_inflight = resend_after, max_resend, max_inflight
         self.pubacks: queue.Queue[tuple[int, bool]] = queue.Queue()
         self.confirmations: queue.Queue[list[tuple[int, int]]] = queue.Queue()
@@ -98,6 +106,8 @@ class WindowDelivery:
         for seq, payload in rows:
             if self.compress:
                 payload = zlib.compress(payload, 6)
+            elif self.encoding != "json":
+                payload = wire.encode(json.loads(payload), encoding=self.encoding)
             mid = self.link.publish(self.topic, payload, qos=1)
             if mid is None:
                 break
