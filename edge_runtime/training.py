@@ -17,6 +17,7 @@ accuracy on the held-back samples is worse than before it is undone.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ import numpy as np
 from edge_runtime.backends import TensorInfo
 from edge_runtime.backends.tflite import tflite_interpreter_class
 from edge_runtime.bundle import Bundle, open_bundle
-from edge_runtime.errors import BundleError, InvalidInputError, ModelFormatError
+from edge_runtime.errors import BundleError, InvalidInputError, ModelFormatError, VerificationError
 from edge_runtime.model import EdgeModel
 from edge_runtime.validation import as_batch
 
@@ -167,8 +168,11 @@ class Trainer:
         path = bundle.root / art["file"]
         if not path.is_file():
             raise BundleError(f"{path}: the trainable artifact is no longer on disk")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != art["sha256"]:
+            raise VerificationError(f"{path}: sha256 differs from the manifest (altered since the bundle was opened)")
         self.artifact = art
-        self.net = TrainableModel(path.read_bytes(), art["file"], threads)
+        self.net = TrainableModel(data, art["file"], threads)
         self.model = EdgeModel(self.net, path, bundle, art)   # input checks, normalization, labels
         training = art.get("training") or {}
         self.learning_rate = float(learning_rate or training.get("learning_rate") or DEFAULT_LEARNING_RATE)
