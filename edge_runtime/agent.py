@@ -260,7 +260,7 @@ class DeviceAgent:
         elif topic_name == self.labels_topic and self.labels is not None:
             self.take_labels(payload, f"topic {topic_name}")
 
-    def take_labels(self, payload: bytes, where: str) -> tuple[int, int]:
+    def take_labels(self, payload: bytes, where: str = "the API") -> tuple[int, int]:
         """Join a labels message (``{"labels": [{"id", "label"}, ...]}``) to recent predictions; returns
         (joined, not joined). A malformed one is refused whole, counted by reason and logged once per reason."""
         try:
@@ -653,7 +653,8 @@ class DeviceAgent:
             if c.dropped or c.failed:
                 log.warning("output %s: %d predictions delivered, %d dropped, %d failed", sink.name, c.delivered,
                             c.dropped, c.failed)
-        last = self.recorder.flush()
+        # labels joined since the last window go out even when no inference came since
+        last = self.recorder.flush(empty=self.labels is not None and self.labels.pending)
         if last is not None:
             self._spool_closed_windows([last])
         if self.second_recorder is not None:

@@ -180,6 +180,12 @@ class LabelJoiner:
             self.invalid_total += n
 
     @property
+    def pending(self) -> bool:
+        """Something to report in the next window (labels joined, unmatched or rejected since the last one)."""
+        with self._lock:
+            return bool(self._confusion.any() or self._unmatched or self._invalid)
+
+    @property
     def waiting(self) -> int:
         """Predictions remembered and not yet labelled."""
         with self._lock:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from edge_runtime import distinct
 from edge_runtime.stats import FeatureStats, LatencyHistogram
 
 BUFFER_ROWS = 512
@@ -106,6 +107,8 @@ class WindowRecorder:
             self._lo = np.array([lo for lo, _ in ranges], dtype=np.float64)
             self._hi = np.array([hi for _, hi in ranges], dtype=np.float64)
         self._buf = np.empty((BUFFER_ROWS, max(self._n_features, 1)), dtype=np.float64)
+        # tabular rows are sketched for the number of distinct inputs (repeats carry no news: distinct.py)
+        self._hashes_rows = monitored == "features" and self._n_features > 0
         self._reset(clock())
 
     def _reset(self, now: float) -> None:
@@ -122,6 +125,7 @@ class WindowRecorder:
         self._confidence = np.zeros(len(CONFIDENCE_EDGES) + 1, dtype=np.int64)
         self._confidence_ok = True
         self._outputs = FeatureStats([self.output_edges or []]) if self.n_classes is None else None
+        self._distinct = distinct.new_registers() if self._hashes_rows else None
 
     # -- hot path ------------------------------------------------------------------------------
 
@@ -138,6 +142,7 @@ class WindowRecorder:
                     self._fold()
                 if m > BUFFER_ROWS:
                     self.features.update(rows)
+                    self._sketch(rows)
                 else:
                     self._buf[self._rows:self._rows + m] = rows
                     self._rows += m
@@ -185,7 +190,12 @@ class WindowRecorder:
             self.features.update(rows)
             if self._lo is not None:
                 self.out_of_range += ((rows < self._lo) | (rows > self._hi)).sum(axis=0)
+            self._sketch(rows)
             self._rows = 0
+
+    def _sketch(self, rows: np.ndarray) -> None:
+        if self._distinct is not None:
+            distinct.add_rows(self._distinct, rows)
 
     # -- errors --------------------------------------------------------------------------------
 
@@ -220,6 +230,8 @@ class WindowRecorder:
             window["rejected_by"] = dict(self.rejected_by)
         if self._lo is not None:
             window["features"]["out_of_range"] = self.out_of_range.tolist()
+        if self._distinct is not None and self._distinct.any():
+            window["distinct"] = self._distinct.tolist()
         self._closed.append(window)
         self._reset(now)
 
@@ -243,10 +255,11 @@ class WindowRecorder:
             self._closed.clear()
         return out
 
-    def flush(self) -> dict | None:
-        """Close the current window now; returns it (None when it saw nothing) plus nothing else."""
+    def flush(self, empty: bool = False) -> dict | None:
+        """Close the current window now; returns it (None when it saw nothing, unless ``empty``: a window that
+        carries something else, such as labels joined since the last one) plus nothing else."""
         with self._lock:
-            if self.count == 0:
+            if self.count == 0 and not empty:
                 return None
             self._close(self.clock())
             return self._closed.pop()

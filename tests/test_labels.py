@@ -14,6 +14,8 @@ import jsonschema
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import edge_runtime
 from edge_runtime import wire
@@ -300,3 +302,64 @@ def test_the_label_joiner_is_bounded_and_forgets_old_predictions():
     assert [s.id for s in seen] == ["249"]
     block = j.take_window()
     assert block == {"n": 1, "confusion": [[1, 0, 0], [0, 0, 0], [0, 0, 0]], "unmatched": 2, "rejected": 1}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["n", "confusion", "unmatched",
+                                                                                   "rejected", "x"]), inner,
+                                                                  max_size=4),
+    max_leaves=24)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values)
+def test_any_labels_block_is_parsed_or_refused_by_name(value):
+    window = _window(None)
+    window["labels"] = value
+    payload = json.dumps(window, allow_nan=True).encode()
+    try:
+        doc = wire.parse("edgeops/lab/dev-w/telemetry", payload).doc
+    except wire.Rejected as rej:
+        assert rej.reason in wire.REASONS
+        return
+    labels = doc["labels"]
+    assert labels["n"] == sum(map(sum, labels["confusion"])) and len(labels["confusion"]) == 2
+    jsonschema.validate(doc, SCHEMA)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values)
+def test_any_labels_message_is_parsed_or_refused_by_name(value):
+    try:
+        pairs = wire.parse_labels(json.dumps({"labels": value}, allow_nan=True).encode())
+    except wire.Rejected as rej:
+        assert rej.reason in wire.REASONS
+        return
+    assert all(type(v) in (str, int) for pair in pairs for v in pair)
+
+
+def test_labels_joined_after_the_last_window_go_out_at_stop(mosquitto, bc_mlp_bundle, reference_data, tmp_path):
+    from edge_runtime.agent import DeviceAgent
+    from edge_runtime.inputs import Sample
+    from edge_runtime.mqtt import parse_broker_url
+
+    model = edge_runtime.load(bc_mlp_bundle)
+    X = reference_data["breast_cancer"].X_test[:5].astype(np.float32)
+    sub = Collector(mosquitto.port, topic="edgeops/lab/dev-s/telemetry")
+    agent = DeviceAgent(model, "dev-s", "lab", parse_broker_url(mosquitto.url), state_dir=tmp_path / "s",
+                        window_seconds=None, window_size=5, confirm="broker").start()
+    try:
+        agent.run([Sample(f"r-{i}", x) for i, x in enumerate(X)])
+        joined, missed = agent.take_labels(wire.encode(wire.labels_message([(f"r-{i}", 0) for i in range(5)])))
+        assert (joined, missed) == (5, 0)
+    finally:
+        agent.stop()
+    try:
+        assert sub.wait_for(lambda: len(sub.telemetry("dev-s")) == 2)
+        first, last = sorted(sub.telemetry("dev-s"), key=lambda w: w["seq"])
+        assert first["count"] == 5 and "labels" not in first
+        assert last["count"] == 0 and last["labels"]["n"] == 5 and sum(last["labels"]["confusion"][0]) == 5
+        wire.parse("edgeops/lab/dev-s/telemetry", wire.encode(last))
+    finally:
+        sub.close()
