@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sqlite3
@@ -118,6 +119,33 @@ def test_float_and_int_edges_of_the_codec():
     with pytest.raises(ValueError):
         cbor.dumps(math.nan)
     assert compact.unpack_ints(compact.pack_ints([0, 15, 16, 300, 2**40])) == [0, 15, 16, 300, 2**40]
+
+
+def test_typed_messages_read_and_give_back_the_canonical_dicts(setups, bc_window):
+    from edge_runtime.messages import Alert, Bench, Command, CommandResult, FleetAlerts, Status, TelemetryWindow
+
+    doc = canonical(wire.encode(bc_window, encoding="cbor"))
+    w = TelemetryWindow.from_canonical(doc)
+    assert (w.fleet, w.device_id, w.seq, w.count, w.model.sha256) == ("clinic-a", "pi-0042", 17, 100, "5e0f3c1b" * 8)
+    assert w.to_canonical() == doc
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        w.count = 3
+    window = {k: v for k, v in bc_window.items() if k not in ("schema_version", "type", "device_id", "fleet")}
+    assert TelemetryWindow.from_window("clinic-a", "pi-0042", window).to_canonical() == bc_window
+    status = wire.parse("edgeops/lab/pi-1/status", wire.encode(wire.status_message("lab", "pi-1", False))).doc
+    assert Status.from_canonical(status).to_canonical() == status and not Status.from_canonical(status).online
+    bench = wire.check_bench({"results": [{"artifact": "m.tflite", "latency_ms": {"p50": 1.0}}], "machine": {"a": 1}})
+    assert Bench.from_canonical(bench).to_canonical() == bench
+    cmd = {"type": "flash_url", "id": "t1", "url": "http://x", "size": 3, "sha256": "ab"}
+    assert Command.from_canonical(cmd).to_canonical() == cmd
+    res = {"id": "t1", "type": "flash_url", "ok": False, "stage": "fetch", "message": "404", "ts": 1.0}
+    assert CommandResult.from_canonical(res).to_canonical() == res
+    alerts = {"fleet": "lab", "ts": 2.0, "open": [{"device_id": "*", "model_name": "m", "model_version": "1",
+                                                   "detector": "feature_drift", "features": ["f1"], "statistic": 0.3,
+                                                   "opened_at": 1.0}]}
+    parsed = FleetAlerts.from_canonical(alerts)
+    assert parsed.open[0] == Alert("*", "m", "1", "feature_drift", ["f1"], 0.3, 1.0)
+    assert parsed.to_canonical() == alerts
 
 
 # -- hostile CBOR -----------------------------------------------------------------------------------
