@@ -61,8 +61,12 @@ def test_the_dockerfile_has_an_agent_and_a_monitor_target_non_root_with_health_c
     for build in ("build-agent", "build-monitor"):
         assert "python3 -m venv /opt/edgeops" in stages[build]
         assert "--no-index" in stages[build]
-    assert re.search(r"--no-cache-dir\s+\\\s+--disable-pip-version-check edgeops\s", stages["build-agent"]), \
+    assert re.search(r"--disable-pip-version-check edgeops\s", stages["build-agent"]), \
         "the agent installs the runtime alone, no extras"
+    # and trims it: no byte code, no pip, no GPU/NPU plugins or ONNX Runtime's C library and offline tools
+    for trimmed in ("--no-compile", "pip uninstall --yes --quiet pip setuptools", "libonnxruntime.so*",
+                    "libLiteRtWebGpuAccelerator.so", "vendors/*/*/*.so", "'*.pyi'"):
+        assert trimmed in stages["build-agent"], trimmed
     assert "'edgeops[monitor]'" in stages["build-monitor"]
     # the agent's health check is the heartbeat the run loop touches
     assert "edge_runtime.sdnotify" in stages["agent"] and "EDGEOPS_HEARTBEAT_FILE" in stages["agent"]
@@ -80,6 +84,26 @@ def test_build_images_is_valid_bash_tags_the_version_and_downloads_binary_wheels
     assert "--platform" in out and "--base" in out and "--tag" in out
     bad = subprocess.run([str(script), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option" in bad.stderr
+
+
+def test_make_base_and_with_qemu_binfmt_are_valid_bash_and_answer_help():
+    for name in ("make-base", "with-qemu-binfmt"):
+        script = DEPLOY / name
+        assert os.access(script, os.X_OK), name
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    text = (DEPLOY / "make-base").read_text()
+    # Debian packages alone: essential + Python, no apt, no documentation; kept when it exists
+    assert "--variant=essential" in text and "python3,python3-venv,ca-certificates,passwd,libstdc++6" in text
+    assert "docker image inspect \"$tag\"" in text and "with-qemu-binfmt" in text
+    out = subprocess.run([str(DEPLOY / "make-base"), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--arch" in out and "--force" in out
+    bad = subprocess.run([str(DEPLOY / "make-base"), "--arch", "s390x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "amd64 or arm64" in bad.stderr
+    usage = subprocess.run([str(DEPLOY / "with-qemu-binfmt")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "COMMAND" in usage.stderr
+    # it removes only what it added, the entry with the F flag (usable from containers)
+    binfmt = (DEPLOY / "with-qemu-binfmt").read_text()
+    assert ":PF'" in binfmt and "trap restore EXIT" in binfmt
 
 
 # -- compose, Prometheus, Grafana ----------------------------------------------------------------
