@@ -107,7 +107,7 @@ class WindowDelivery:
             if self.compress:
                 payload = zlib.compress(payload, 6)
             elif self.encoding != "json":
-                payload = wire.encode(json.loads(payload), encoding=self.encoding)
+                payload = self._encoded(payload)
             mid = self.link.publish(self.topic, payload, qos=1)
             if mid is None:
                 break
@@ -118,6 +118,15 @@ class WindowDelivery:
                 self._last_new = max(self._last_new, seq)
             n += 1
         return n
+
+    def _encoded(self, payload: bytes) -> bytes:
+        """A spooled (JSON) window in the delivery's encoding; the JSON itself should the encoder refuse it
+        (an integer past 64 bits, say): the monitor reads either, and a window must never stall the spool."""
+        try:
+            return wire.encode(json.loads(payload), encoding=self.encoding)
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            log.warning("window sent as JSON: the %s encoder refused it (%s)", self.encoding, exc)
+            return payload
 
     def _apply_pubacks(self, now: float) -> None:
         while True:

@@ -148,6 +148,36 @@ def test_typed_messages_read_and_give_back_the_canonical_dicts(setups, bc_window
     assert parsed.to_canonical() == alerts
 
 
+class _Link:
+    def __init__(self):
+        import threading
+
+        self.connected, self.sent = threading.Event(), []
+        self.connected.set()
+
+    def publish(self, topic, payload, qos):
+        self.sent.append(payload)
+        return len(self.sent)
+
+
+@pytest.mark.parametrize("encoding", ["json", "zlib", "cbor", "cbor-exact"])
+def test_the_delivery_publishes_spooled_json_in_its_encoding(tmp_path, bc_window, encoding):
+    from edge_runtime.delivery import WindowDelivery
+    from edge_runtime.spool import WindowSpool
+
+    spool, link = WindowSpool(tmp_path / "spool.sqlite"), _Link()
+    spool.append(dict(bc_window))
+    spool.append({**bc_window, "errors": 2**70})          # no 64-bit integer holds it: sent as JSON
+    WindowDelivery(spool, link, TOPIC, encoding=encoding).step(now=0.0)
+    assert len(link.sent) == 2
+    first = wire.decode(link.sent[0])
+    assert first["seq"] == 0 and first["count"] == 100
+    assert link.sent[0][:1] == {"json": b"{", "zlib": b"x", "cbor": b"\xd9", "cbor-exact": b"\xd9"}[encoding]
+    assert link.sent[1][:1] == (b"x" if encoding == "zlib" else b"{")
+    with pytest.raises(ValueError):
+        WindowDelivery(spool, link, TOPIC, encoding="msgpack")
+
+
 # -- hostile CBOR -----------------------------------------------------------------------------------
 
 def _m(body: bytes) -> bytes:
