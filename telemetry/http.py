@@ -105,7 +105,8 @@ class FleetCollector:
     Names: edgeops_monitor_{received,windows_stored,duplicates}_total, edgeops_monitor_rejected_total{reason},
     edgeops_monitor_quarantined_total{reason}, edgeops_monitor_evaluation_errors_total,
     edgeops_monitor_broker_dropped_messages, edgeops_device_latency_ms{quantile}, edgeops_device_inferences_total,
-    edgeops_device_errors_total, edgeops_device_drift_psi{feature}, edgeops_device_last_seen_timestamp_seconds,
+    edgeops_device_errors_total, edgeops_device_drift_psi{feature}, edgeops_device_labelled_accuracy,
+    edgeops_device_holdout_accuracy, edgeops_device_labelled_inferences, edgeops_device_last_seen_timestamp_seconds,
     edgeops_device_online, edgeops_device_open_alerts, edgeops_open_alerts{detector}; device metrics carry
     fleet and device labels.
     """
@@ -153,6 +154,7 @@ class FleetCollector:
             for feature, value in scores.items():
                 psi.add_metric([fleet, device, feature], value)
         yield psi
+        yield from _accuracy_families(dict(s.accuracy), dev)
         seen = GaugeMetricFamily("edgeops_device_last_seen_timestamp_seconds",
                                  "When the monitor last received a window or status of the device.",
                                  labels=dev)
@@ -175,6 +177,22 @@ class FleetCollector:
         for det, n in sorted(by_detector.items()):
             fam.add_metric([det], n)
         yield fam
+
+
+def _accuracy_families(accuracy: dict, dev: list[str]) -> list:
+    """Per device: the labelled accuracy of its recent windows, the holdout's it is judged against, and how many
+    labelled inferences it rests on (late ground truth, see docs/retraining.md)."""
+    acc = GaugeMetricFamily("edgeops_device_labelled_accuracy", "Accuracy on the labelled inferences of the "
+                            "recent windows at the last evaluation (late ground truth).", labels=dev)
+    ref = GaugeMetricFamily("edgeops_device_holdout_accuracy", "The bundle artifact's accuracy on its holdout, "
+                            "what the labelled accuracy is judged against.", labels=dev)
+    labelled = GaugeMetricFamily("edgeops_device_labelled_inferences", "Labelled inferences in the recent "
+                                 "windows at the last evaluation.", labels=dev)
+    for (fleet, device), (a, h, n) in sorted(accuracy.items()):
+        acc.add_metric([fleet, device], a)
+        ref.add_metric([fleet, device], h)
+        labelled.add_metric([fleet, device], n)
+    return [acc, ref, labelled]
 
 
 # -- pages ---------------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class MonitorStats:
     errors: dict = field(default_factory=lambda: defaultdict(int))
     latest: dict = field(default_factory=dict)          # (fleet, device) -> last window's latency block
     scores: dict = field(default_factory=dict)          # (fleet, device) -> {feature: psi}
+    accuracy: dict = field(default_factory=dict)        # (fleet, device) -> (labelled accuracy, holdout's, labelled)
     broker_dropped: float | None = None
 
 
@@ -155,8 +156,13 @@ class FleetMonitor:
                 subscription(self.prefix, self.fleet, "status"), "$SYS/broker/publish/messages/dropped"]
 
     def start(self) -> "FleetMonitor":
+        import gc
+
         from edge_runtime.mqtt import NodeRotation, connect_args, make_client
 
+        # everything loaded so far (numpy, scipy, SQLAlchemy, the bundles) lives as long as the process: kept
+        # out of the cyclic collector's full passes, which a stream of parsed windows triggers often
+        gc.freeze()
         # a persistent session (on an MQTT 3.1.1 broker: a non-clean one, and no shared subscription)
         c = make_client(self.broker, self.client_id, session_expiry=self.session_expiry, max_inflight=1000,
                         reconnect=(1, 30))
@@ -500,6 +506,10 @@ class FleetMonitor:
             recent = [{**w, "features": _NO_FEATURES} for w in recent]
         ev: Evaluation = evaluate(recent, manifest, cfg, baseline_p95=baseline, baseline_source=source)
         self.stats.scores[(fleet, device)] = ev.feature_scores
+        for v in ev.verdicts:
+            if v.detector == "accuracy":
+                self.stats.accuracy[(fleet, device)] = (v.detail["accuracy"], v.detail["holdout_accuracy"],
+                                                        v.detail["labelled"])
         return self._apply(fleet, device, name, version, ev.verdicts)
 
     def _evaluate_fleet(self, fleet: str, name: str, version: str, manifest: dict | None) -> list[tuple[str, dict]]:

@@ -71,6 +71,14 @@ def test_accuracy_alert_on_a_device_whose_labels_are_30_percent_wrong_not_on_a_c
         clean = store.recent_windows(monitor.engine, "ward", "bed-clean", model.manifest["name"],
                                      model.manifest["version"], 10)
         confusion = np.sum([w["labels"]["confusion"] for w in clean if "labels" in w], axis=0)
-        assert confusion.sum() >= 400 and np.trace(confusion) / confusion.sum() > 0.95
+        assert confusion.sum() >= 100 and np.trace(confusion) / confusion.sum() > 0.95
+        # /metrics: the labelled accuracy per device, beside the holdout's
+        from telemetry.http import FleetCollector
+
+        families = {f.name: f for f in FleetCollector(monitor).collect()}
+        got = {s.labels["device"]: s.value for s in families["edgeops_device_labelled_accuracy"].samples}
+        assert got["bed-wrong"] == detail["accuracy"] and got["bed-clean"] > 0.95
+        assert {s.labels["device"] for s in families["edgeops_device_holdout_accuracy"].samples} >= {"bed-wrong",
+                                                                                                     "bed-clean"}
     finally:
         monitor.stop()
