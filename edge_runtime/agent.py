@@ -262,7 +262,10 @@ class DeviceAgent:
 
     def take_labels(self, payload: bytes, where: str = "the API") -> tuple[int, int]:
         """Join a labels message (``{"labels": [{"id", "label"}, ...]}``) to recent predictions; returns
-        (joined, not joined). A malformed one is refused whole, counted by reason and logged once per reason."""
+        (joined, not joined). A malformed one is refused whole, counted by reason and logged once per reason.
+        A model that does not classify takes no labels: (0, 0)."""
+        if self.labels is None:
+            return 0, 0
         try:
             pairs = wire.parse_labels(payload)
         except wire.Rejected as rej:
