@@ -148,10 +148,14 @@ def unpack_ints(buf: bytes, max_items: int = MAX_LIST) -> list[int]:
             raise Rejected("malformed_cbor", f"a packed list of {n} nibbles in {len(buf) - pos} bytes")
         out = list(itertools.chain.from_iterable(map(_NIBBLES.__getitem__, buf[pos:pos + m])))[:n]
         pos += m
-        if 15 in out:
-            for i in [i for i, c in enumerate(out) if c == 15]:
-                v, pos = _read_varint(buf, pos)
-                out[i] = 15 + v
+        i = out.index(15) if 15 in out else -1
+        while i >= 0:
+            v, pos = _read_varint(buf, pos)
+            out[i] = 15 + v
+            try:
+                i = out.index(15, i + 1)
+            except ValueError:
+                i = -1
     if pos != len(buf):
         raise Rejected("malformed_cbor", f"{len(buf) - pos} bytes after a packed list")
     return out
@@ -552,6 +556,14 @@ def _un_features(f) -> dict:
 
 def _histograms(count: list[int], lengths: list[int], devs: list[int]) -> list[list[int]]:
     """Each histogram from its bins' zigzag deviations from ``count // bins``, the last bin from ``count``."""
+    m = lengths[0] if lengths else 0
+    if m > 1 and lengths.count(m) == len(lengths) and max(devs) < 2**62 and max(count) < 2**62:
+        z = np.array(devs, dtype=np.int64).reshape(len(count), m - 1)
+        c = np.array(count, dtype=np.int64)
+        h = np.empty((len(count), m), dtype=np.int64)
+        h[:, :-1] = (c // m)[:, None] + ((z >> 1) ^ -(z & 1))
+        h[:, -1] = c - h[:, :-1].sum(axis=1)
+        return h.tolist()
     small = max(devs, default=0) < len(_UNZIGZAG)
     unz = _UNZIGZAG.__getitem__ if small else _unzigzag
     hist, pos = [], 0
