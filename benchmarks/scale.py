@@ -1,0 +1,384 @@
+"""Scale-out: windows/s and latency for 1, 2 and 4 monitor workers, and what a fleet verdict costs as fleets grow.
+
+    python -m benchmarks.scale [--devices 10000] [--windows 3] [--rate 10000] [--workers 1,2,4]
+        [--fleet-devices 1000,10000,100000] [--plot docs/scale.svg] [--json FILE] [--quick]
+
+Three parts, each printed as a table and written to the JSON document:
+
+1. **ingest path, one process, no broker**: ``FleetMonitor.ingest`` on the load generator's prepared
+   messages, 1,000 per batch (validation against the bundle's profile, one transaction per batch, the
+   acks built), on SQLite and on PostgreSQL; windows/s over wall time and per CPU-second of the process.
+2. **over MQTT**: a private Mosquitto on loopback, the load generator (``benchmarks.loadgen``: one paho
+   client, 10,000 emulated devices, compact windows, QoS 1, at ``--rate``), and N monitor worker processes
+   (``FleetMonitor``, evaluation on) sharing ``$share/scale/...`` when N > 1, writing one fresh
+   PostgreSQL database (SQLite when PostgreSQL is unreachable, one worker only). Windows/s = windows
+   stored / seconds from the first publish until all were stored; latency per window: publish to its row
+   written (``received_at``, set in its batch's transaction) and publish to the monitor's ack reaching the
+   load generator (after the commit).
+3. **fleet verdict vs devices**: ``telemetry.fleet_view.FleetView`` holding 1,000 / 10,000 / 100,000
+   emulated devices (one recent window each): one device's update, and one fleet verdict (the merge plus
+   the drift tests), medians.
+
+Everything runs on the one machine: broker, load generator, workers and PostgreSQL share its cores, so
+the figures are for that machine (the JSON records it). ``--quick`` is a smoke run (a few seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from benchmarks.common import print_table, write_json
+from benchmarks.monitor_throughput import PG_ADMIN
+
+NOWHERE = "mqtt://127.0.0.1:1"
+FLEET_DEVICES = "1000,10000,100000"
+
+
+def _cores() -> str:
+    return f"{os.cpu_count()} cores"
+
+
+def _pg_create() -> str | None:
+    """A fresh PostgreSQL database's URL, or None when the server is not reachable."""
+    from benchmarks.monitor_throughput import _pg_database
+
+    name = _pg_database()
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name if name else None
+
+
+def _pg_drop(url: str) -> None:
+    from benchmarks.monitor_throughput import _drop_pg
+
+    _drop_pg(url.rsplit("/", 1)[1])
+
+
+def _engine(url: str):
+    from sqlalchemy import create_engine
+
+    return create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+
+
+# -- 1. the ingest path in one process ------------------------------------------------------------
+
+def ingest_path(load, db_url: str, reps: int, windows: int, batch: int = 1000) -> dict:
+    """Median windows/s of FleetMonitor.ingest over ``reps`` runs (a fresh database each)."""
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry.monitor import FleetMonitor
+
+    walls, cpus = [], []
+    for _ in range(reps):
+        with tempfile.TemporaryDirectory(prefix="edgeops-scale-") as tmp:
+            pg = _pg_create() if db_url == "postgresql" else None
+            if db_url == "postgresql" and pg is None:
+                return {"database": "postgresql", "error": "not reachable"}
+            url = pg or f"sqlite:///{tmp}/ingest.db"
+            try:
+                m = FleetMonitor(parse_broker_url(NOWHERE), url, fleet=load.fleet, bundles=[load.manifest])
+                gc.freeze()          # as FleetMonitor.start does
+                raw = [(t, p, i, 1) for i, (t, p, _, _) in enumerate(load.messages[:windows])]
+                t0, c0 = time.perf_counter(), time.process_time()
+                for k in range(0, len(raw), batch):
+                    m.ingest(raw[k:k + batch])
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                assert m.stats.stored == len(raw), (m.stats.stored, dict(m.stats.rejected))
+                m.engine.dispose()
+            finally:
+                if pg:
+                    _pg_drop(pg)
+        walls.append(len(raw) / wall)
+        cpus.append(len(raw) / cpu)
+    return {"database": "postgresql" if db_url == "postgresql" else "sqlite", "windows": len(raw),
+            "batch": batch, "runs": reps, "windows_per_s": round(statistics.median(walls)),
+            "windows_per_cpu_s": round(statistics.median(cpus)), "all_runs_per_s": [round(x) for x in walls],
+            "cores": _cores()}
+
+
+# -- 2. over MQTT, N worker processes ---------------------------------------------------------------
+
+def _run_worker(spec: dict) -> None:
+    """Child: one monitor worker until SIGTERM; prints its counters as JSON."""
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry.monitor import FleetMonitor
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    manifest = json.loads(Path(spec["manifest"]).read_text())
+    mon = FleetMonitor(parse_broker_url(spec["broker"]), spec["db"], fleet=spec["fleet"], share=spec.get("share"),
+                       client_id=spec["client_id"], bundles=[manifest])
+    mon.start()
+    if not mon.connected.wait(30):
+        raise SystemExit("the worker could not connect")
+    print(json.dumps({"ready": True}), flush=True)
+    while not stop:
+        time.sleep(0.1)
+    mon.stop()
+    s = mon.stats
+    print(json.dumps({"received": s.received, "stored": s.stored, "duplicates": s.duplicates,
+                      "rejected": sum(s.rejected.values())}), flush=True)
+
+
+def _start_workers(n: int, broker_url: str, db: str, fleet: str, manifest_path: Path) -> list[subprocess.Popen]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = []
+    for i in range(n):
+        spec = {"broker": broker_url, "db": db, "fleet": fleet, "client_id": f"scale-worker-{i}-{uuid.uuid4().hex[:4]}",
+                "share": "scale" if n > 1 else None, "manifest": str(manifest_path)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.scale", "--_worker", json.dumps(spec)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    for p in procs:
+        if not p.stdout.readline():
+            raise RuntimeError(f"a worker did not start: {p.stderr.read()[-1500:]}")
+    return procs
+
+
+def _stop_workers(procs: list[subprocess.Popen]) -> list[dict]:
+    out = []
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        lines = stdout.strip().splitlines()
+        if not lines:
+            raise RuntimeError(f"a worker exited without its counters: {stderr[-1500:]}")
+        out.append(json.loads(lines[-1]))
+    return out
+
+
+def _wait_stored(engine, total: int, timeout: float) -> tuple[int, float]:
+    """Poll the window count until ``total`` rows exist; returns (count, when)."""
+    from sqlalchemy import text
+
+    deadline = time.monotonic() + timeout
+    stored = 0
+    while time.monotonic() < deadline:
+        try:
+            with engine.connect() as conn:
+                stored = conn.execute(text("select count(*) from edgeops_windows")).scalar()
+        except Exception:  # noqa: BLE001 - the table appears when a worker starts
+            stored = 0
+        if stored >= total:
+            break
+        time.sleep(0.05)
+    return stored, time.time()
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    v = sorted(values)
+    pick = lambda q: round(v[min(len(v) - 1, int(q * len(v)))] * 1000, 1)   # noqa: E731
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
+
+
+def over_mqtt(load, workers: int, rate: float, workdir: Path) -> dict:
+    """One run: a private Mosquitto, ``workers`` monitor processes, the load generator."""
+    from sqlalchemy import text
+
+    from benchmarks.loadgen import Publisher
+    from devices.broker import MosquittoBroker
+
+    pg = _pg_create()
+    if pg is None and workers > 1:
+        return {"workers": workers, "error": "PostgreSQL not reachable (shared workers need it)"}
+    db = pg or f"sqlite:///{workdir / f'scale-{workers}.db'}"
+    manifest_path = workdir / "manifest.json"
+    manifest_path.write_text(json.dumps(load.manifest))
+    # the monitor acknowledges a batch after its commit: let the broker have up to 1,000 unacknowledged
+    # messages in flight to each worker (the project's test brokers allow 100)
+    broker = MosquittoBroker(workdir=workdir / f"broker-{workers}", extra_config="max_inflight_messages 1000").start()
+    procs: list[subprocess.Popen] = []
+    engine = _engine(db)
+    try:
+        procs = _start_workers(workers, broker.url, db, load.fleet, manifest_path)
+        pub = Publisher(broker.url, load.fleet).connect()
+        keys = load.keys
+        try:
+            sent = pub.publish(load, rate)
+            stored, t_all = _wait_stored(engine, len(keys), 60 + len(keys) / 500)
+            acked = pub.wait_acked(keys, 30)
+        finally:
+            pub.close()
+        with engine.connect() as conn:
+            rows = conn.execute(text("select device_id, seq, received_at from edgeops_windows")).all()
+        stats = _stop_workers(procs)
+        procs = []
+        sent_at = sent["sent_at"]
+        to_row = [r.received_at - sent_at[(r.device_id, r.seq)] for r in rows if (r.device_id, r.seq) in sent_at]
+        to_ack = [t - sent_at[k] for k, t in pub.ack_times.items() if k in sent_at]
+        seconds = t_all - sent["started"]
+        return {"workers": workers, "database": "postgresql" if pg else "sqlite", "broker": "mosquitto",
+                "windows": len(keys), "stored": stored, "distinct_stored": len({(r.device_id, r.seq) for r in rows}),
+                "acked": acked, "duplicates": sum(s["duplicates"] for s in stats),
+                "rejected": sum(s["rejected"] for s in stats), "per_worker_stored": [s["stored"] for s in stats],
+                "target_rate": rate, "publish_rate": sent["publish_rate"],
+                "windows_per_s": round(stored / seconds) if seconds > 0 else None,
+                "latency_stored_ms": _percentiles(to_row), "latency_acked_ms": _percentiles(to_ack),
+                "cores": _cores()}
+    finally:
+        if procs:
+            for p in procs:
+                p.kill()
+        engine.dispose()
+        broker.stop()
+        if pg:
+            _pg_drop(pg)
+
+
+# -- 3. fleet verdicts as fleets grow ---------------------------------------------------------------
+
+def fleet_cost(devices: int, manifest: dict, templates: list[dict], rounds: int = 5) -> dict:
+    """FleetView with ``devices`` devices: the time to fill it, one device's update, one fleet verdict."""
+    from telemetry.evaluate import MonitorConfig, evaluate
+    from telemetry.fleet_view import FleetView
+
+    view = FleetView()
+    name, version = manifest["name"], manifest["version"]
+    t0 = time.perf_counter()
+    for i in range(devices):
+        view.update("f", name, version, f"dev-{i:06d}", [templates[i % len(templates)]])
+    fill_s = time.perf_counter() - t0
+    update_ms, verdict_ms = [], []
+    config = MonitorConfig()
+    for r in range(rounds * 20):
+        t = time.perf_counter()
+        view.update("f", name, version, f"dev-{(r * 7919) % devices:06d}", [templates[(r + 1) % len(templates)]])
+        update_ms.append((time.perf_counter() - t) * 1000)
+    for _ in range(rounds):
+        t = time.perf_counter()
+        merged = view.merged("f", name, version)
+        evaluate([merged], manifest, config, dependence_from=view.sample_windows("f", name, version))
+        verdict_ms.append((time.perf_counter() - t) * 1000)
+    return {"devices": devices, "fill_s": round(fill_s, 2),
+            "device_update_ms": round(statistics.median(update_ms), 3),
+            "fleet_verdict_ms": round(statistics.median(verdict_ms), 2),
+            "fleet_verdict_max_ms": round(max(verdict_ms), 2), "cores": _cores()}
+
+
+# -- the plot ------------------------------------------------------------------------------------------
+
+def plot(path: Path, ingest: list[dict], mqtt: list[dict], fleets: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ok = [r for r in mqtt if r.get("windows_per_s")]
+    a.plot([r["workers"] for r in ok], [r["windows_per_s"] for r in ok], "o-", label="over Mosquitto (stored)")
+    for r in ingest:
+        if r.get("windows_per_s"):
+            a.axhline(r["windows_per_s"], ls="--", lw=1, color="gray" if r["database"] == "sqlite" else "tab:green",
+                      label=f"ingest path, 1 process, {r['database']}")
+    a.axhline(10_000, ls=":", color="tab:red", label="target 10,000/s")
+    a.set_xlabel("monitor worker processes")
+    a.set_ylabel("windows/s")
+    a.set_xticks([r["workers"] for r in ok] or [1])
+    a.set_title(f"ingest ({_cores()}, shared with broker, load, database)", fontsize=9)
+    a.legend(fontsize=7)
+    b.loglog([r["devices"] for r in fleets], [r["fleet_verdict_ms"] for r in fleets], "o-", label="fleet verdict")
+    b.loglog([r["devices"] for r in fleets], [r["device_update_ms"] for r in fleets], "s-", label="one device's update")
+    b.set_xlabel("emulated devices in the fleet")
+    b.set_ylabel("ms (median)")
+    b.set_title(f"fleet evaluation cost ({_cores()})", fontsize=9)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Date": None} if path.suffix == ".svg" else None)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _fleet_templates(manifest: dict, n: int = 16) -> list[dict]:
+    import numpy as np
+
+    from telemetry.synthetic import make_window
+
+    rng = np.random.default_rng(1)
+    features = len(manifest["reference_profile"]["features"])
+    out = []
+    for _ in range(n):
+        X = rng.normal(size=(100, features))
+        out.append(make_window(X, manifest, "x", 0, predictions=(X[:, 0] > 0).astype(int)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of optional parts
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--windows", type=int, default=3, help="windows per device")
+    ap.add_argument("--rate", type=float, default=10_000, help="target publish rate, windows/s")
+    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--ingest-reps", type=int, default=3)
+    ap.add_argument("--ingest-windows", type=int, default=10_000, help="windows per ingest-path run")
+    ap.add_argument("--fleet-devices", default=FLEET_DEVICES)
+    ap.add_argument("--skip", default="", help="parts to leave out: ingest,mqtt,fleet")
+    ap.add_argument("--plot", default="docs/scale.svg", help="'' for none")
+    ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 200 devices x 2 windows, 1 worker")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._worker:
+        _run_worker(json.loads(args._worker))
+        return {}
+    if args.quick:
+        args.devices, args.windows, args.rate, args.workers = 200, 2, 2000, "1"
+        args.ingest_reps = 1
+        args.fleet_devices = "100,1000" if args.fleet_devices == FLEET_DEVICES else args.fleet_devices
+    from benchmarks.loadgen import build
+    from benchmarks.machine import machine_info
+
+    skip = set(filter(None, args.skip.split(",")))
+    started = time.time()
+    load = build(args.devices, args.windows, fleet="scale")
+    doc = {"benchmark": "scale", "machine": machine_info(), "load_average": os.getloadavg(),
+           "devices": args.devices, "windows_per_device": args.windows,
+           "window_bytes": len(load.messages[0][1]), "ingest": [], "mqtt": [], "fleet": []}
+    if "ingest" not in skip:
+        for db in ("sqlite", "postgresql"):
+            doc["ingest"].append(ingest_path(load, db, args.ingest_reps, args.ingest_windows))
+        print_table(doc["ingest"], [("database", "database"), ("windows", "windows"), ("batch", "batch"),
+                                    ("windows_per_s", "windows/s (median)"), ("windows_per_cpu_s", "per CPU-s"),
+                                    ("all_runs_per_s", "runs"), ("cores", "machine")],
+                    title=f"ingest path, one process, no broker ({doc['window_bytes']}-byte windows)")
+    if "mqtt" not in skip:
+        with tempfile.TemporaryDirectory(prefix="edgeops-scale-") as tmp:
+            for n in [int(x) for x in args.workers.split(",")]:
+                doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp)))
+        rows = [{**r, **{f"stored_{k}": v for k, v in (r.get("latency_stored_ms") or {}).items()},
+                 **{f"acked_{k}": v for k, v in (r.get("latency_acked_ms") or {}).items()}} for r in doc["mqtt"]]
+        print_table(rows, [("workers", "workers"), ("database", "database"), ("windows", "sent"),
+                           ("distinct_stored", "stored"), ("acked", "acked"), ("duplicates", "dups"),
+                           ("publish_rate", "published/s"), ("windows_per_s", "stored/s"),
+                           ("stored_p50", "to row p50 ms"), ("stored_p95", "p95"),
+                           ("acked_p50", "to ack p50 ms"), ("acked_p95", "p95"), ("cores", "machine")],
+                    title=f"over one Mosquitto: {args.devices} devices x {args.windows} windows, target "
+                          f"{args.rate:.0f}/s, workers sharing $share/scale (2 cores: broker, load generator, "
+                          "workers and PostgreSQL on them)" if os.cpu_count() == 2 else "over one Mosquitto")
+    if "fleet" not in skip:
+        templates = _fleet_templates(load.manifest)
+        doc["fleet"] = [fleet_cost(int(n), load.manifest, templates) for n in args.fleet_devices.split(",")]
+        print_table(doc["fleet"], [("devices", "devices"), ("fill_s", "fill s"),
+                                   ("device_update_ms", "device update ms"), ("fleet_verdict_ms", "fleet verdict ms"),
+                                   ("fleet_verdict_max_ms", "max"), ("cores", "machine")],
+                    title="fleet verdict vs fleet size (FleetView, one recent window per device)")
+    doc["seconds"] = round(time.time() - started, 1)
+    if args.plot and doc["fleet"]:
+        plot(Path(args.plot), doc["ingest"], doc["mqtt"], doc["fleet"])
+    print(json.dumps({k: v for k, v in doc.items() if k != "machine"}))
+    write_json(args.json_out, doc)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

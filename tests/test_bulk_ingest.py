@@ -1,0 +1,191 @@
+"""Batch ingestion stores exactly what message-by-message ingestion stores, and acknowledges only committed windows."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+
+import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import select
+
+from benchmarks.loadgen import build
+from edge_runtime.mqtt import parse_broker_url
+from edge_runtime.wire import ACK, parse_ack
+from helpers import eventually
+from telemetry import store
+from telemetry.monitor import FleetMonitor
+
+NOWHERE = parse_broker_url("mqtt://127.0.0.1:1")
+REFUSED_SEQ = 2          # the database refuses this window of dev-000003 (a value a column cannot hold, say)
+
+
+@pytest.fixture(scope="module")
+def load():
+    return build(devices=12, windows=4, fleet="bulk")
+
+
+def _messages(load) -> list[tuple[str, bytes, int, int]]:
+    """Every window once, three of them again (a redelivery inside a batch and one across batches), and two
+    poison messages the validator refuses."""
+    msgs = [(t, p, i, 1) for i, (t, p, _, _) in enumerate(load.messages)]
+    msgs.insert(5, msgs[3])                                 # a duplicate a few messages later
+    msgs.append(msgs[0])                                    # ... and one long after the first copy
+    msgs.append(msgs[20])
+    msgs.insert(17, ("edgeops/bulk/dev-000001/telemetry", b"{not json", 999, 1))
+    bad = json.loads(load.messages[7][1])
+    bad["count"] = -1
+    msgs.insert(30, (load.messages[7][0], json.dumps(bad).encode(), 998, 1))
+    return msgs
+
+
+def _picky(real):
+    """store_windows that refuses any batch holding the refused window, as a database refuses one row."""
+    calls = []
+
+    def store_windows(engine, items):
+        items = list(items)
+        calls.append(len(items))
+        if any(d == "dev-000003" and w["seq"] == REFUSED_SEQ for _, d, w in items):
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return real(engine, items)
+
+    store_windows.calls = calls
+    return store_windows
+
+
+def _state(m: FleetMonitor) -> dict:
+    with m.engine.connect() as conn:
+        rows = conn.execute(select(store.windows.c.device_id, store.windows.c.seq, store.windows.c.payload)).all()
+    quarantined = Counter((r["topic"], r["reason"], bytes(r["payload"])) for r in store.quarantined(m.engine, 1000))
+    return {"windows": sorted((r.device_id, r.seq, json.dumps(json.loads(r.payload), sort_keys=True)) for r in rows),
+            "rows": len(rows), "quarantined": quarantined, "stored": m.stats.stored,
+            "duplicates": m.stats.duplicates, "rejected": dict(m.stats.rejected)}
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_batches_store_exactly_what_one_message_at_a_time_stored(database, tmp_path, load, monkeypatch, request):
+    urls = ([f"sqlite:///{tmp_path}/one.db", f"sqlite:///{tmp_path}/batch.db"] if database == "sqlite"
+            else [request.getfixturevalue("pg_url"), None])
+    if urls[1] is None:       # a second fresh PostgreSQL database
+        urls[1] = request.getfixturevalue("pg_url").rsplit("/", 1)[0] + "/" + _second_pg(request)
+    picky = _picky(store.store_windows)
+    monkeypatch.setattr(store, "store_windows", picky)
+    msgs = _messages(load)
+    one = FleetMonitor(NOWHERE, urls[0], fleet="bulk", bundles=[load.manifest])
+    for m in msgs:
+        one.ingest([m])
+    batched = FleetMonitor(NOWHERE, urls[1], fleet="bulk", bundles=[load.manifest])
+    picky.calls.clear()
+    for k in range(0, len(msgs), 32):
+        batched.ingest(msgs[k:k + 32])
+    a, b = _state(one), _state(batched)
+    assert a == b
+    windows = len(load.messages)
+    assert a["rows"] == a["stored"] == windows - 1                          # all but the refused one, once each
+    assert a["duplicates"] == 3
+    assert {reason for _, reason, _ in a["quarantined"]} == {"malformed_json", "bad_value", "database_error"}
+    assert sum(a["quarantined"].values()) == 3
+    # the refused row was isolated by halving its batch: a few transactions, not one per message
+    assert len(picky.calls) <= 2 + 2 * 6, picky.calls
+
+
+def _second_pg(request) -> str:
+    import uuid
+
+    from conftest import PG_ADMIN
+    from sqlalchemy import create_engine, text
+
+    name = f"edgeops_t_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN + "test", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"create database {name}"))
+
+    def drop():
+        with admin.connect() as conn:
+            conn.execute(text(f"drop database if exists {name} with (force)"))
+        admin.dispose()
+
+    request.addfinalizer(drop)
+    return name
+
+
+def test_store_windows_names_the_duplicates(tmp_path, load):
+    engine = store.connect(f"sqlite:///{tmp_path}/d.db")
+    items = [(load.fleet, d, json.loads(p)) for _, p, d, _ in load.messages[:5]]
+    first = store.store_windows(engine, items[:3])
+    again = store.store_windows(engine, items + items[3:4])
+    assert tuple(first) == (3, 0) and first.duplicate_keys == []
+    assert tuple(again) == (2, 4)
+    assert sorted(again.duplicate_keys) == sorted([(load.fleet, d["device_id"], d["seq"]) for _, _, d in items[:4]])
+
+
+def test_store_windows_on_postgresql_names_the_duplicates(pg_url, load):
+    engine = store.connect(pg_url)
+    items = [(load.fleet, d, json.loads(p)) for _, p, d, _ in load.messages[:5]]
+    store.store_windows(engine, items[:2])
+    again = store.store_windows(engine, items)
+    assert tuple(again) == (3, 2)
+    assert sorted(k[1] for k in again.duplicate_keys) == sorted(d for _, d, _ in items[:2])
+    assert len(store.device_rows(engine)) == 5
+    engine.dispose()
+
+
+class _Client:
+    """Stands in for the MQTT client: records acks to devices (publish) and to the broker (ack)."""
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def publish(self, topic, payload, qos=0, retain=False):
+        if topic.endswith("/" + ACK):
+            ranges = tuple(map(tuple, parse_ack(payload)))
+            self.log.append(("device_ack", topic.split("/")[2], ranges, time.monotonic()))
+
+    def ack(self, mid, qos):
+        self.log.append(("broker_ack", mid, None, time.monotonic()))
+
+
+def test_nothing_is_acknowledged_before_its_commit_and_a_database_outage_loses_nothing(tmp_path, load, monkeypatch):
+    log: list = []
+    real = store.store_windows
+    down = {"failures": 3}
+
+    def flaky(engine, items):
+        items = list(items)
+        if down["failures"]:
+            down["failures"] -= 1
+            log.append(("db_down", None, None, time.monotonic()))
+            raise sa_exc.OperationalError("INSERT", {}, Exception("the database is unreachable"))
+        out = real(engine, items)
+        log.append(("commit", None, tuple(sorted((d, w["seq"]) for _, d, w in items)), time.monotonic()))
+        return out
+
+    monkeypatch.setattr(store, "store_windows", flaky)
+    m = FleetMonitor(NOWHERE, f"sqlite:///{tmp_path}/m.db", fleet="bulk", bundles=[load.manifest])
+    m.client = _Client(log)
+    msgs = [(t, p, i + 1, 1) for i, (t, p, _, _) in enumerate(load.messages)]
+    by_mid = {i + 1: (d, s) for i, (_, _, d, s) in enumerate(load.messages)}
+    for item in msgs:
+        m._inbox.put(item)
+    worker = threading.Thread(target=m._ingest_loop, daemon=True)
+    worker.start()
+    try:
+        assert eventually(lambda: len([e for e in log if e[0] == "broker_ack"]) == len(msgs), 30)
+    finally:
+        m._stop.set()
+        worker.join(10)
+    kinds = [e[0] for e in log]
+    assert kinds[:3] == ["db_down"] * 3                      # retried with backoff, nothing acknowledged meanwhile
+    committed: set = set()
+    for kind, who, what, _ in log:
+        if kind == "commit":
+            committed |= set(what)
+        elif kind == "device_ack":
+            assert {(who, s) for lo, hi in what for s in range(lo, hi + 1)} <= committed
+        elif kind == "broker_ack":
+            assert by_mid[who] in committed
+    assert m.stats.stored == len(msgs)
+    assert {e[1] for e in log if e[0] == "device_ack"} == {d for _, _, d, _ in load.messages}
