@@ -98,6 +98,9 @@ def test_blocks_without_a_compact_form_travel_generically(bc_window):
     msg["features"]["hist"][0] = msg["features"]["hist"][0][:-1] + [msg["features"]["hist"][0][-1] + 1]
     doc = compact.decode(compact.encode(msg, "exact"))
     assert doc == msg
+    valid = {**msg, "features": bc_window["features"]}
+    assert canonical(compact.encode(valid, "exact")) == canonical(wire.encode(valid))    # labels validated alike
+    assert canonical(compact.encode(valid))["labels"] == {"n": 3, "confusion": [[1, 0], [1, 1]], "unmatched": 0}
     raw = cbor.loads(compact.encode(msg)[3:])
     assert "features" in raw and compact.K_FEATURES not in raw      # a histogram that breaks the form: generic
     assert raw[compact.K_LATENCY][4][0] == 1234.5
