@@ -75,8 +75,9 @@ def _module(features, kernel: np.ndarray, bias: np.ndarray, input_shape: tuple[i
         def infer(self, x):
             return {"output": tf.nn.softmax(tf.matmul(features(x), self.w) + self.b)}
 
+        # lr has shape [1], not []: a rank-0 signature input crashes LiteRT 2.3.0 on aarch64 (even lr + 1)
         @tf.function(input_signature=[x_spec, tf.TensorSpec([None], tf.int32, name="y"),
-                                      tf.TensorSpec([], tf.float32, name="lr")])
+                                      tf.TensorSpec([1], tf.float32, name="lr")])
         def train(self, x, y, lr):
             f = features(x)
             p = tf.nn.softmax(tf.matmul(f, self.w) + self.b)

@@ -79,6 +79,8 @@ class TrainableModel:
         self._runners = {s: it.get_signature_runner(s) for s in SIGNATURES}
         self._x_name = sigs["infer"]["inputs"][0]
         self._out_name = sigs["infer"]["outputs"][0]
+        # [1] (a rank-0 input crashes LiteRT on aarch64); () in artifacts made before that was known
+        self._lr_shape = tuple(int(d) for d in self._runners["train"].get_input_details()["lr"]["shape"])
         details = self._runners["infer"].get_input_details()[self._x_name]
         self.input_shape = tuple(int(d) for d in details["shape_signature"])
         self.n_classes = int(self._runners["infer"].get_output_details()[self._out_name]["shape_signature"][-1])
@@ -87,7 +89,7 @@ class TrainableModel:
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         """One SGD step on model-space inputs ``x`` and class indices ``y``; the batch's mean loss."""
-        out = self._runners["train"](x=x, y=y.astype(np.int32), lr=np.float32(lr))
+        out = self._runners["train"](x=x, y=y.astype(np.int32), lr=np.full(self._lr_shape, lr, dtype=np.float32))
         return float(next(iter(out.values())))
 
     def infer(self, x: np.ndarray) -> np.ndarray:
