@@ -1,6 +1,6 @@
 """Scale-out: windows/s and latency for 1, 2 and 4 monitor workers, and what a fleet verdict costs as fleets grow.
 
-    python -m benchmarks.scale [--devices 10000] [--windows 3] [--rate 10000] [--workers 1,2,4]
+    python -m benchmarks.scale [--devices 10000] [--windows 1] [--rate 10000] [--workers 1,2,4]
         [--fleet-devices 1000,10000,100000] [--plot docs/scale.svg] [--json FILE] [--quick]
 
 Three parts, each printed as a table and written to the JSON document:
@@ -10,8 +10,8 @@ Three parts, each printed as a table and written to the JSON document:
    acks built), on SQLite and on PostgreSQL; windows/s over wall time and per CPU-second of the process.
 2. **over MQTT**: a private Mosquitto on loopback, the load generator (``benchmarks.loadgen``: one paho
    client, 10,000 emulated devices, compact windows, QoS 1, at ``--rate``), and N monitor worker processes
-   (``FleetMonitor``, evaluation on) sharing ``$share/scale/...`` when N > 1, writing one fresh
-   PostgreSQL database (SQLite when PostgreSQL is unreachable, one worker only). Windows/s = windows
+   (``FleetMonitor``; its evaluation loop only with ``--evaluate``) sharing ``$share/scale/...`` when N > 1,
+   writing one fresh PostgreSQL database (SQLite when PostgreSQL is unreachable, one worker only). Windows/s = windows
    stored / seconds from the first publish until all were stored; latency per window: publish to its row
    written (``received_at``, set in its batch's transaction) and publish to the monitor's ack reaching the
    load generator (after the commit).
@@ -114,8 +114,10 @@ def _run_worker(spec: dict) -> None:
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     manifest = json.loads(Path(spec["manifest"]).read_text())
+    # without --evaluate the evaluation loop does not run: what is measured is ingestion alone
     mon = FleetMonitor(parse_broker_url(spec["broker"]), spec["db"], fleet=spec["fleet"], share=spec.get("share"),
-                       client_id=spec["client_id"], bundles=[manifest])
+                       client_id=spec["client_id"], bundles=[manifest],
+                       eval_interval=1.0 if spec.get("evaluate") else 1e9)
     mon.start()
     if not mon.connected.wait(30):
         raise SystemExit("the worker could not connect")
@@ -128,12 +130,13 @@ def _run_worker(spec: dict) -> None:
                       "rejected": sum(s.rejected.values())}), flush=True)
 
 
-def _start_workers(n: int, broker_url: str, db: str, fleet: str, manifest_path: Path) -> list[subprocess.Popen]:
+def _start_workers(n: int, broker_url: str, db: str, fleet: str, manifest_path: Path,  # noqa: PLR0913
+                   evaluate: bool) -> list[subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     procs = []
     for i in range(n):
         spec = {"broker": broker_url, "db": db, "fleet": fleet, "client_id": f"scale-worker-{i}-{uuid.uuid4().hex[:4]}",
-                "share": "scale" if n > 1 else None, "manifest": str(manifest_path)}
+                "share": "scale" if n > 1 else None, "manifest": str(manifest_path), "evaluate": evaluate}
         procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.scale", "--_worker", json.dumps(spec)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     for p in procs:
@@ -181,7 +184,7 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
 
 
-def over_mqtt(load, workers: int, rate: float, workdir: Path) -> dict:
+def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = False) -> dict:
     """One run: a private Mosquitto, ``workers`` monitor processes, the load generator."""
     from sqlalchemy import text
 
@@ -200,7 +203,7 @@ def over_mqtt(load, workers: int, rate: float, workdir: Path) -> dict:
     procs: list[subprocess.Popen] = []
     engine = _engine(db)
     try:
-        procs = _start_workers(workers, broker.url, db, load.fleet, manifest_path)
+        procs = _start_workers(workers, broker.url, db, load.fleet, manifest_path, evaluate)
         pub = Publisher(broker.url, load.fleet).connect()
         keys = load.keys
         try:
@@ -218,6 +221,7 @@ def over_mqtt(load, workers: int, rate: float, workdir: Path) -> dict:
         to_ack = [t - sent_at[k] for k, t in pub.ack_times.items() if k in sent_at]
         seconds = t_all - sent["started"]
         return {"workers": workers, "database": "postgresql" if pg else "sqlite", "broker": "mosquitto",
+                "evaluation": evaluate,
                 "windows": len(keys), "stored": stored, "distinct_stored": len({(r.device_id, r.seq) for r in rows}),
                 "acked": acked, "duplicates": sum(s["duplicates"] for s in stats),
                 "rejected": sum(s["rejected"] for s in stats), "per_worker_stored": [s["stored"] for s in stats],
@@ -316,9 +320,11 @@ def _fleet_templates(manifest: dict, n: int = 16) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of optional parts
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", type=int, default=10_000)
-    ap.add_argument("--windows", type=int, default=3, help="windows per device")
+    ap.add_argument("--windows", type=int, default=1, help="windows per device")
     ap.add_argument("--rate", type=float, default=10_000, help="target publish rate, windows/s")
     ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="workers also evaluate every device that sent windows (off: ingestion alone is measured)")
     ap.add_argument("--ingest-reps", type=int, default=3)
     ap.add_argument("--ingest-windows", type=int, default=10_000, help="windows per ingest-path run")
     ap.add_argument("--fleet-devices", default=FLEET_DEVICES)
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of o
     if "mqtt" not in skip:
         with tempfile.TemporaryDirectory(prefix="edgeops-scale-") as tmp:
             for n in [int(x) for x in args.workers.split(",")]:
-                doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp)))
+                doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate))
         rows = [{**r, **{f"stored_{k}": v for k, v in (r.get("latency_stored_ms") or {}).items()},
                  **{f"acked_{k}": v for k, v in (r.get("latency_acked_ms") or {}).items()}} for r in doc["mqtt"]]
         print_table(rows, [("workers", "workers"), ("database", "database"), ("windows", "sent"),
