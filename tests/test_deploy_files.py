@@ -61,13 +61,16 @@ def test_the_dockerfile_has_an_agent_and_a_monitor_target_non_root_with_health_c
     for build in ("build-agent", "build-monitor"):
         assert "python3 -m venv /opt/edgeops" in stages[build]
         assert "--no-index" in stages[build]
-    assert re.search(r"--disable-pip-version-check edgeops\s", stages["build-agent"]), \
+    # dependencies first (a layer a change to edgeops alone reuses), then the edgeops wheel
+    assert "-r /tmp/wheels/agent.txt" in stages["build-agent"] and re.search(
+        r"--disable-pip-version-check /tmp/edgeops/edgeops-\*\.whl\s", stages["build-agent"]), \
         "the agent installs the runtime alone, no extras"
+    assert "-r /tmp/wheels/monitor.txt" in stages["build-monitor"]
     # and trims it: no byte code, no pip, no GPU/NPU plugins or ONNX Runtime's C library and offline tools
     for trimmed in ("--no-compile", "pip uninstall --yes --quiet pip setuptools", "libonnxruntime.so*",
                     "libLiteRtWebGpuAccelerator.so", "vendors/*/*/*.so", "'*.pyi'"):
         assert trimmed in stages["build-agent"], trimmed
-    assert "'edgeops[monitor]'" in stages["build-monitor"]
+    assert 'edgeops-*.whl)[monitor]"' in stages["build-monitor"]
     # the agent's health check is the heartbeat the run loop touches
     assert "edge_runtime.sdnotify" in stages["agent"] and "EDGEOPS_HEARTBEAT_FILE" in stages["agent"]
     assert "EDGEOPS_HEALTH_URL=http://127.0.0.1:9100/metrics" in stages["monitor"]

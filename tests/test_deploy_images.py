@@ -2,8 +2,12 @@
 
 Needs a Docker engine (skipped cleanly without one) and a local base image with Python 3.11 and its
 venv module (EDGEOPS_TEST_BASE_IMAGE, default local/debian-py:bookworm; docs/deploy.md shows how to
-make it from Debian packages with mmdebstrap). deploy/build-images fetches wheels into its wheelhouse
+make it from Debian packages: deploy/make-base). deploy/build-images fetches wheels into its wheelhouse
 when they are missing (PyPI must then be reachable) and builds both images offline from them.
+
+The arm64 agent image (marked arm64) builds from local/debian-py:bookworm-arm64 (deploy/make-base --arch
+arm64) under QEMU user mode (deploy/with-qemu-binfmt, which needs root and qemu-user-static) and runs
+a bundle through both backends there.
 """
 
 from __future__ import annotations
@@ -23,12 +27,29 @@ import pytest
 from devices.broker import free_port
 from helpers import eventually
 
-pytestmark = [pytest.mark.slow, pytest.mark.docker]
+# building both images from a cold Docker cache takes minutes on a loaded machine, beyond the default 600 s
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 BASE = os.environ.get("EDGEOPS_TEST_BASE_IMAGE", "local/debian-py:bookworm")
 AGENT, MONITOR = f"edgeops-agent:{VERSION}", f"edgeops-monitor:{VERSION}"
+AGENT_ARM64 = f"edgeops-agent:{VERSION}-arm64"
+#: issue 13: the agent image (runtime, both inference backends, Python and its Debian base) stays below
+AGENT_MAX_BYTES = 250e6
+#: run in the agent image: every artifact of the bundle mounted at /share/b, on the rows of /share/x.npy;
+#: prints {artifact: [backend, labels]} (loading also checks the manifest's test vectors)
+PREDICT = """
+import json, sys, numpy as np, edge_runtime
+x = np.load("/share/x.npy")
+manifest = json.load(open("/share/b/manifest.json"))
+out = {}
+for a in manifest["artifacts"]:
+    m = edge_runtime.load("/share/b", artifact=a["file"])
+    out[a["file"]] = [m.backend.name, m.predict_labels(x).tolist()]
+assert not {"tensorflow", "sklearn", "keras"} & set(sys.modules)
+print(json.dumps(out))
+"""
 
 
 def _docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
@@ -68,6 +89,37 @@ def containers():
         logs = _docker("logs", "--tail", "30", cid, check=False)
         print(f"--- {cid[:12]}\n{logs.stdout[-2000:]}{logs.stderr[-3000:]}")
         _docker("rm", "-f", "-v", cid, check=False)  # -v: the anonymous state volume too
+
+
+def _predict_share(bundle: Path, x: np.ndarray, tmp_path: Path) -> Path:
+    share = tmp_path / "predict"
+    shutil.copytree(bundle, share / "b")
+    np.save(share / "x.npy", x.astype(np.float32))
+    for p in [share, *share.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return share
+
+
+def _host_labels(bundle: Path, x: np.ndarray) -> dict[str, list[int]]:
+    import edge_runtime
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return {a["file"]: edge_runtime.load(bundle, artifact=a["file"]).predict_labels(x.astype(np.float32)).tolist()
+            for a in manifest["artifacts"]}
+
+
+def test_the_agent_image_is_small_and_runs_a_bundle_through_both_backends(images, bc_mlp_bundle, reference_data,
+                                                                           tmp_path):
+    assert images[AGENT] < AGENT_MAX_BYTES, f"{AGENT} is {images[AGENT] / 1e6:.0f} MB"
+    x = reference_data["breast_cancer"].X_test[:20]
+    share = _predict_share(bc_mlp_bundle, x, tmp_path)
+    res = _docker("run", "--rm", "--network", "none", "-v", f"{share}:/share:ro", "--entrypoint", "python", AGENT,
+                  "-c", PREDICT, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    # the trimmed image keeps both backends: the bundle's TFLite artifacts on LiteRT, ONNX on ONNX Runtime
+    assert {"litert", "onnxruntime"} <= {backend for backend, _ in out.values()}, out
+    assert {f: labels for f, (_, labels) in out.items()} == _host_labels(bc_mlp_bundle, x)
 
 
 def test_the_agent_image_is_the_runtime_alone_and_runs_as_a_user(images):
@@ -132,3 +184,39 @@ def test_an_agent_container_reports_to_a_monitor_container_which_stores_its_wind
     # a clean stop: the agent goes offline (its retained status), the container exits 0
     _docker("stop", "-t", "30", agent_id, timeout=60)
     assert _docker("inspect", "-f", "{{.State.ExitCode}}", agent_id).stdout.strip() == "0"
+
+
+@pytest.mark.arm64
+@pytest.mark.timeout(3600)  # pip installs the venv under QEMU user mode
+def test_the_arm64_agent_image_runs_a_bundle_under_qemu(docker_engine, bc_mlp_bundle, reference_data, tmp_path):
+    """deploy/build-images --platform linux/arm64: the same trimmed agent, built and run under QEMU user mode."""
+    if shutil.which("qemu-aarch64-static") is None:
+        pytest.skip("no qemu-aarch64-static (apt-get install qemu-user-static)")
+    if os.geteuid() != 0:
+        pytest.skip("registering QEMU in binfmt_misc (deploy/with-qemu-binfmt) needs root")
+    if _docker("image", "inspect", f"{BASE}-arm64", check=False).returncode != 0:
+        pytest.skip(f"no base image {BASE}-arm64 (deploy/make-base --arch arm64)")
+    start = time.monotonic()
+    res = subprocess.run([str(ROOT / "deploy" / "build-images"), "--base", BASE, "--platform", "linux/arm64",
+                          "--target", "agent"], capture_output=True, text=True, timeout=3600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    inspect = json.loads(_docker("image", "inspect", AGENT_ARM64).stdout)[0]
+    print(f"{AGENT_ARM64} built in {time.monotonic() - start:.0f} s: {inspect['Size'] / 1e6:.0f} MB")
+    assert inspect["Architecture"] == "arm64" and inspect["Size"] < AGENT_MAX_BYTES
+
+    x = reference_data["breast_cancer"].X_test[:20]
+    share = _predict_share(bc_mlp_bundle, x, tmp_path)
+    res = subprocess.run([str(ROOT / "deploy" / "with-qemu-binfmt"), "docker", "run", "--rm", "--platform",
+                          "linux/arm64", "--network", "none", "-v", f"{share}:/share:ro", "--entrypoint", "sh",
+                          AGENT_ARM64, "-c", f"uname -m && python -c '{PREDICT}'"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    machine, result = res.stdout.split("\n", 1)
+    assert machine == "aarch64"
+    out = json.loads(result)
+    assert {"litert", "onnxruntime"} <= {backend for backend, _ in out.values()}, out
+    # float artifacts agree with the host's labels; int8 kernels may differ by architecture (see tests/arm64)
+    host = _host_labels(bc_mlp_bundle, x)
+    for f, (_, labels) in out.items():
+        if "int8" not in f:
+            assert labels == host[f], f
