@@ -1,6 +1,7 @@
 """How well does the monitor see drift from telemetry windows alone? Against raw-sample KS, same run.
 
     python -m benchmarks.drift [--devices N] [--windows N] [--quick] [--no-floor | --psi-floor X] [--no-design-effect]
+                               [--no-distinct]
                                [--json FILE]
 
 For Breast Cancer, Wine and Digits, emulated devices stream windows of 100 inferences built with
@@ -55,8 +56,9 @@ Columns: detection rate (shifted streams flagged), false-alarm rate on clean str
 evaluated clean device-windows that fire; target at most 5% on every clean stream), median
 detection delay in windows (target at most 2), the same for KS, and the bytes a device sends per
 window against forwarding the raw inputs (packed float32, and one JSON message per inference with
-feature names). ``--no-floor`` sets the PSI floor to 0 (significance alone decides), ``--psi-floor``
-to another value, ``--no-design-effect`` keeps the raw sample size (capped at the horizon).
+feature names). ``--no-floor`` drops the effect check (significance alone decides), ``--psi-floor``
+to another value, ``--no-design-effect`` keeps the raw sample size (capped at the horizon), ``--no-distinct``
+lets the tests ignore how many distinct rows the windows saw (``features.distinct``).
 """
 
 from __future__ import annotations
@@ -169,103 +171,122 @@ def _ks_fires(ref: np.ndarray, recent: np.ndarray, alpha: float) -> bool:
     return False
 
 
-def run_dataset(name: str, n_devices: int, n_windows: int, seed: int, pool: str = "population",
-                config=None) -> tuple[list[dict], dict]:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+class _Streams:
+    """One data set's classifier, reference profiles and device-streams (what each scenario streams)."""
 
-    from convert.reference import load_reference_data
-    from telemetry.evaluate import MonitorConfig, evaluate
-    from telemetry.synthetic import make_window, reference_manifest
+    def __init__(self, name: str, n_windows: int, seed: int, pool: str):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
 
-    data = load_reference_data(name)
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(data.X_train, data.y_train)
-    # the class priors of a bundle's profile are the model's predicted-class shares on its reference data
-    train_manifest = reference_manifest(data.X_train, clf.predict(data.X_train), name, feature_names=data.feature_names)
-    config = config or MonitorConfig()
-    std = data.X_train.std(axis=0) + 1e-9
-    d = data.X_train.shape[1]
-    rng0 = np.random.default_rng(seed)
-    varying = np.flatnonzero(data.X_train.std(axis=0) > 0)
-    subset = np.sort(rng0.choice(varying, max(1, len(varying) // 3), replace=False))
-    X_all, y_all = np.concatenate([data.X_train, data.X_test]), np.concatenate([data.y_train, data.y_test])
-    X_held_ref, _, X_held, _ = _split(data, name)
-    pool_X, pool_y = (data.X_test, data.y_test) if pool == "test" else (X_all, y_all)
+        from convert.reference import load_reference_data
 
-    def manifest_of(X_ref: np.ndarray) -> dict:
-        return reference_manifest(X_ref, clf.predict(X_ref), name, feature_names=data.feature_names)
+        self.name, self.n_windows, self.pool = name, n_windows, pool
+        self.data = data = load_reference_data(name)
+        self.clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(data.X_train, data.y_train)
+        # the class priors of a bundle's profile are the model's predicted-class shares on its reference data
+        self.train_manifest = self.manifest_of(data.X_train)
+        self.std = data.X_train.std(axis=0) + 1e-9
+        varying = np.flatnonzero(data.X_train.std(axis=0) > 0)
+        self.subset = np.sort(np.random.default_rng(seed).choice(varying, max(1, len(varying) // 3), replace=False))
+        self.X_all = np.concatenate([data.X_train, data.X_test])
+        y_all = np.concatenate([data.y_train, data.y_test])
+        X_held_ref, _, self.X_held, _ = _split(data, name)
+        self.X_held_ref = X_held_ref.astype(np.float64)
+        self.held_manifest = self.manifest_of(X_held_ref)
+        self.pool_X, self.pool_y = (data.X_test, data.y_test) if pool == "test" else (self.X_all, y_all)
 
-    held_manifest = manifest_of(X_held_ref)
+    def manifest_of(self, X_ref: np.ndarray) -> dict:
+        from telemetry.synthetic import reference_manifest
 
-    def reference(rng) -> tuple[np.ndarray, dict]:
+        return reference_manifest(X_ref, self.clf.predict(X_ref), self.name, feature_names=self.data.feature_names)
+
+    def reference(self, rng) -> tuple[np.ndarray, dict]:
         """The raw reference sample and its manifest for one device-stream."""
-        if pool != "population":
-            return data.X_train.astype(np.float64), train_manifest
-        X_ref = X_all[rng.integers(0, len(X_all), len(data.X_train))]
-        return X_ref.astype(np.float64), manifest_of(X_ref)
+        if self.pool != "population":
+            return self.data.X_train.astype(np.float64), self.train_manifest
+        X_ref = self.X_all[rng.integers(0, len(self.X_all), len(self.data.X_train))]
+        return X_ref.astype(np.float64), self.manifest_of(X_ref)
 
-    def stream(scenario: str, rng) -> tuple[np.ndarray, dict, list[np.ndarray]]:
+    def stream(self, scenario: str, rng) -> tuple[np.ndarray, dict, list[np.ndarray]]:
         """Reference sample, manifest and the windows' rows of one device-stream."""
-        total = WINDOW * n_windows
+        total = WINDOW * self.n_windows
         if scenario in ("heldout", "looped"):
-            ref, manifest = X_held_ref.astype(np.float64), held_manifest
-            rows = X_held[_clean_rows(scenario, X_held, total, rng)].astype(np.float32)
+            ref, manifest = self.X_held_ref, self.held_manifest
+            rows = self.X_held[_clean_rows(scenario, self.X_held, total, rng)].astype(np.float32)
         elif scenario in ("repeated", "ar1"):
-            ref, manifest = reference(rng)
-            rows = pool_X[_clean_rows(scenario, pool_X, total, rng)].astype(np.float32)
+            ref, manifest = self.reference(rng)
+            rows = self.pool_X[_clean_rows(scenario, self.pool_X, total, rng)].astype(np.float32)
         else:
-            ref, manifest = reference(rng)
-            target = int(rng.choice(np.unique(data.y_train)))
-            rows = np.concatenate([_shift(_draw(pool_X, pool_y, WINDOW, scenario, rng, target), scenario, std, subset,
-                                          rng) for _ in range(n_windows)])
-        return ref, manifest, [rows[w * WINDOW:(w + 1) * WINDOW] for w in range(n_windows)]
+            ref, manifest = self.reference(rng)
+            target = int(rng.choice(np.unique(self.data.y_train)))
+            rows = np.concatenate([_shift(_draw(self.pool_X, self.pool_y, WINDOW, scenario, rng, target), scenario,
+                                          self.std, self.subset, rng) for _ in range(self.n_windows)])
+        return ref, manifest, [rows[w * WINDOW:(w + 1) * WINDOW] for w in range(self.n_windows)]
 
-    rows_out = []
-    bytes_window, bytes_zlib = [], []
-    for scenario in SCENARIOS:
-        mon = {"streams": 0, "detected": 0, "delays": [], "evals": 0, "fired": 0}
-        ks = {"streams": 0, "detected": 0, "delays": [], "evals": 0, "fired": 0}
-        by_detector = dict.fromkeys(DRIFT_DETECTORS, 0)
-        for dev in range(n_devices):
-            rng = np.random.default_rng([seed, SCENARIOS.index(scenario), dev])
-            ref, manifest, batches = stream(scenario, rng)
-            windows, raws = [], []
-            first_mon = first_ks = None
-            for w, rows in enumerate(batches):
-                pred = clf.predict(np.nan_to_num(rows, nan=0.0))
-                win = make_window(rows, manifest, f"dev-{dev}", w, start=w * 10.0, predictions=pred)
-                if scenario == "clean" and dev < 3 and w < 3:
-                    raw = json.dumps(win, separators=(",", ":")).encode()
-                    bytes_window.append(len(raw))
-                    bytes_zlib.append(len(zlib.compress(raw, 6)))
-                windows.append(win)
-                raws.append(rows)
-                recent_w = windows[-config.recent_windows:]
-                if sum(x["count"] for x in recent_w) < config.min_samples:
-                    continue
-                ev = evaluate(recent_w, manifest, config)
-                firing = [v.detector for v in ev.verdicts if v.firing and v.detector in DRIFT_DETECTORS]
-                fired = bool(firing)
-                for det in firing:
-                    by_detector[det] += 1
-                ks_fired = _ks_fires(ref, np.concatenate(raws[-config.recent_windows:]), config.alpha)
-                first_mon = _count_evaluation(mon, fired, first_mon, w)
-                first_ks = _count_evaluation(ks, ks_fired, first_ks, w)
-            _count_stream(mon, first_mon)
-            _count_stream(ks, first_ks)
-        rows_out.append(_row(name, scenario, n_devices, mon, ks, by_detector))
+
+def _run_stream(ds: _Streams, scenario: str, dev: int, seed: int, config, acc: dict) -> list[dict]:
+    """Evaluate one device-stream after each window, as the monitor would, and KS at the same moments;
+    counts into ``acc`` (mon, ks, by_detector); returns the stream's windows."""
+    from telemetry.evaluate import evaluate
+    from telemetry.synthetic import make_window
+
+    rng = np.random.default_rng([seed, SCENARIOS.index(scenario), dev])
+    ref, manifest, batches = ds.stream(scenario, rng)
+    windows, raws = [], []
+    first_mon = first_ks = None
+    for w, rows in enumerate(batches):
+        pred = ds.clf.predict(np.nan_to_num(rows, nan=0.0))
+        windows.append(make_window(rows, manifest, f"dev-{dev}", w, start=w * 10.0, predictions=pred))
+        raws.append(rows)
+        recent_w = windows[-config.recent_windows:]
+        if sum(x["count"] for x in recent_w) < config.min_samples:
+            continue
+        ev = evaluate(recent_w, manifest, config)
+        firing = [v.detector for v in ev.verdicts if v.firing and v.detector in DRIFT_DETECTORS]
+        for det in firing:
+            acc["by_detector"][det] += 1
+        ks_fired = _ks_fires(ref, np.concatenate(raws[-config.recent_windows:]), config.alpha)
+        first_mon = _count_evaluation(acc["mon"], bool(firing), first_mon, w)
+        first_ks = _count_evaluation(acc["ks"], ks_fired, first_ks, w)
+    _count_stream(acc["mon"], first_mon)
+    _count_stream(acc["ks"], first_ks)
+    return windows
+
+
+def _sizes(ds: _Streams, windows: list[dict]) -> dict:
+    """Bytes a device sends per window (JSON, compressed) against forwarding every raw input."""
+    raw = [json.dumps(w, separators=(",", ":")).encode() for w in windows]
+    wb = float(np.median([len(r) for r in raw]))
+    zb = float(np.median([len(zlib.compress(r, 6)) for r in raw]))
+    d = ds.data.X_train.shape[1]
     raw_f32 = WINDOW * d * 4
-    names = data.feature_names
-    one = {n: round(float(v), 4) for n, v in zip(names, data.X_test[0], strict=True)}
+    one = {n: round(float(v), 4) for n, v in zip(ds.data.feature_names, ds.data.X_test[0], strict=True)}
     raw_json = WINDOW * (len(json.dumps({"device_id": "dev-0", "ts": 1795589985.123, "x": one},
                                         separators=(",", ":"))) + len("edgeops/f1/dev-0/raw") + 4)
-    wb, zb = float(np.median(bytes_window)), float(np.median(bytes_zlib))
-    sizes = {"dataset": name, "features": d, "window_bytes": int(wb), "window_zlib_bytes": int(zb),
-             "raw_float32_bytes": raw_f32, "raw_json_bytes": raw_json,
-             "ratio_vs_float32": round(raw_f32 / wb, 2), "ratio_vs_json": round(raw_json / wb, 2),
-             "zlib_ratio_vs_float32": round(raw_f32 / zb, 2), "zlib_ratio_vs_json": round(raw_json / zb, 2)}
-    return rows_out, sizes
+    return {"dataset": ds.name, "features": d, "window_bytes": int(wb), "window_zlib_bytes": int(zb),
+            "raw_float32_bytes": raw_f32, "raw_json_bytes": raw_json,
+            "ratio_vs_float32": round(raw_f32 / wb, 2), "ratio_vs_json": round(raw_json / wb, 2),
+            "zlib_ratio_vs_float32": round(raw_f32 / zb, 2), "zlib_ratio_vs_json": round(raw_json / zb, 2)}
+
+
+def run_dataset(name: str, n_devices: int, n_windows: int, seed: int, pool: str = "population",
+                config=None) -> tuple[list[dict], dict]:
+    from telemetry.evaluate import MonitorConfig
+
+    config = config or MonitorConfig()
+    ds = _Streams(name, n_windows, seed, pool)
+    rows_out, sampled = [], []
+    for scenario in SCENARIOS:
+        acc = {"mon": {"streams": 0, "detected": 0, "delays": [], "evals": 0, "fired": 0},
+               "ks": {"streams": 0, "detected": 0, "delays": [], "evals": 0, "fired": 0},
+               "by_detector": dict.fromkeys(DRIFT_DETECTORS, 0)}
+        for dev in range(n_devices):
+            windows = _run_stream(ds, scenario, dev, seed, config, acc)
+            if scenario == "clean" and dev < 3:
+                sampled += windows[:3]
+        rows_out.append(_row(name, scenario, n_devices, acc["mon"], acc["ks"], acc["by_detector"]))
+    return rows_out, _sizes(ds, sampled)
 
 
 def _count_evaluation(acc: dict, fired: bool, first: int | None, w: int) -> int | None:
@@ -319,20 +340,23 @@ def main(argv: list[str] | None = None) -> dict:
                     help="population: reference and rows are independent samples of the whole data set "
                          "(default); all: reference = training split, rows from train + test; "
                          "test: reference = training split, rows resampled from the test split")
-    ap.add_argument("--no-floor", action="store_true", help="PSI floor 0: significance alone decides")
+    ap.add_argument("--no-floor", action="store_true", help="no effect-size floor: significance alone decides")
     ap.add_argument("--psi-floor", type=float, help="the monitor's PSI floor (default: MonitorConfig's, 0.1)")
     ap.add_argument("--horizon", type=int, help="the tests' largest sample size (default: MonitorConfig's, 1000)")
     ap.add_argument("--no-design-effect", action="store_true",
                     help="the tests take the windows' inferences as independent (up to the horizon)")
+    ap.add_argument("--no-distinct", action="store_true",
+                    help="the tests ignore how many distinct rows the windows saw (features.distinct)")
     ap.add_argument("--json", dest="json_out", help="write the results as JSON to FILE")
     args = ap.parse_args(argv)
     if args.quick:
         args.devices, args.windows = 5, 10
     global NOISE, SCALE, OFFSET, SUBSET_OFFSET, PRIOR, MISSING
     NOISE, SCALE, OFFSET, SUBSET_OFFSET, PRIOR, MISSING = STRENGTHS[args.strength]
-    floor = 0.0 if args.no_floor else MonitorConfig.psi_threshold if args.psi_floor is None else args.psi_floor
+    # --no-floor: no effect check at all (a floor below any PSI less its noise)
+    floor = -1.0 if args.no_floor else MonitorConfig.psi_threshold if args.psi_floor is None else args.psi_floor
     config = MonitorConfig(psi_threshold=floor,
-                           design_effect=not args.no_design_effect,
+                           design_effect=not args.no_design_effect, distinct_cap=not args.no_distinct,
                            horizon=MonitorConfig.horizon if args.horizon is None else args.horizon)
     t0 = time.perf_counter()
     rows, sizes = [], []
@@ -344,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
     _print(rows, sizes, summary, args, config)
     doc = {"benchmark": "drift", "strength": args.strength, "pool": args.pool, "window_inferences": WINDOW,
            "devices": args.devices, "windows": args.windows, "psi_floor": config.psi_threshold,
-           "design_effect": config.design_effect, "horizon": config.horizon,
+           "design_effect": config.design_effect, "distinct_cap": config.distinct_cap, "horizon": config.horizon,
            "seconds": round(time.perf_counter() - t0, 1),
            "results": rows, "bytes": sizes, "summary": summary}
     write_json(args.json_out, doc)
@@ -381,7 +405,7 @@ def _summary(rows: list[dict], sizes: list[dict]) -> dict:
 
 
 def _print(rows: list[dict], sizes: list[dict], summary: dict, args, config) -> None:
-    floor = f"PSI floor {config.psi_threshold:g}" if config.psi_threshold else "no PSI floor"
+    floor = f"PSI floor {config.psi_threshold:g}" if config.psi_threshold > 0 else "no PSI floor"
     print_table(rows, [("dataset", "data set"), ("scenario", "scenario"), ("streams", "streams"),
                        ("detection_rate", "detected"), ("false_alarm_rate", "false alarms"),
                        ("clean_streams_alerted", "clean streams alerted"), ("median_delay_windows", "delay (windows)"),
@@ -390,7 +414,8 @@ def _print(rows: list[dict], sizes: list[dict], summary: dict, args, config) -> 
                        ("ks_median_delay_windows", "KS delay")],
                 title=f"drift detection from telemetry windows vs raw-sample KS ({args.strength} shifts, pool "
                       f"{args.pool}, {floor}, horizon {config.horizon}, design effect "
-                      f"{'on' if config.design_effect else 'off'}, "
+                      f"{'on' if config.design_effect else 'off'}, distinct rows "
+                      f"{'on' if config.distinct_cap else 'off'}, "
                       f"{args.devices} streams x {args.windows} windows of {WINDOW} inferences)")
     print()
     print_table(sizes, [("dataset", "data set"), ("features", "features"), ("window_bytes", "window B"),

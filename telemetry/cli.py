@@ -62,6 +62,9 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--psi-threshold", type=float, default=0.1, show_default=True,
               help="Effect floor: a feature alerts only with PSI at least this (and a significant change); "
                    "a bundle's drift_thresholds override it per bundle and per feature.")
+@click.option("--floor-z", type=float, default=1.645, show_default=True,
+              help="The PSI must clear the floor beyond its sampling noise at this many standard deviations "
+                   "(1.645: the noise's 95th percentile; 0: its mean).")
 @click.option("--ks-alpha", type=float, default=0.01, show_default=True,
               help="Level of the binned KS test across features (Bonferroni); 0 turns that path off.")
 @click.option("--latency-factor", type=float, default=1.5, show_default=True,

@@ -45,7 +45,8 @@ class MonitorConfig:
     alpha: float = 0.01               # per-feature chi-square, after correction ...
     correction: str = "bh"            # bh (Benjamini-Hochberg) or bonferroni
     ks_alpha: float | None = 0.01     # ... or the binned KS test, Bonferroni-corrected: significant ...
-    psi_threshold: float = 0.1        # ... AND psi >= this floor (per bundle/feature: drift_thresholds)
+    psi_threshold: float = 0.1        # ... AND psi >= this floor (per bundle/feature: drift_thresholds) ...
+    floor_z: float = 1.645            # ... beyond the sampling noise at its 95th percentile (0: at its mean)
     mean_shift: float = 0.75          # reported: its mean moved this many reference std ...
     std_ratio: float = 2.5            # ... or its spread changed by this factor
     degenerate_share: float = 0.97    # no mean/std report on a feature with this share of its reference in one bin
@@ -149,12 +150,14 @@ def _significant(chi2_p: np.ndarray, ks_p: np.ndarray, level: float, config: Mon
     return sig
 
 
-def _psi_noise(ref: list[dict], current: list[list[float]], n_current: np.ndarray) -> np.ndarray:
-    """The PSI two finite samples of one distribution show on average: (bins - 1) (1/n_ref + 1/n)."""
+def _psi_noise(ref: list[dict], current: list[list[float]], n_current: np.ndarray, z: float = 0.0) -> np.ndarray:
+    """The PSI two finite samples of one distribution show: (1/n_ref + 1/n) times a chi-square with
+    bins - 1 degrees of freedom; its mean, (bins - 1) (1/n_ref + 1/n), plus ``z`` of its standard deviations."""
     n_ref = np.array([max(1.0, float(sum(f["hist"]))) for f in ref])
     bins = np.array([sum(1 for a, b in zip(f["hist"], c, strict=True) if a or b)
                      for f, c in zip(ref, current, strict=True)])
-    return np.maximum(bins - 1, 0) * (1 / n_ref + 1 / np.maximum(n_current, 1.0))
+    df = np.maximum(bins - 1, 0)
+    return (df + z * np.sqrt(2.0 * df)) * (1 / n_ref + 1 / np.maximum(n_current, 1.0))
 
 
 def _missing_values(ref: list[dict], fs: FeatureStats, config: MonitorConfig) -> Verdict:
@@ -187,7 +190,7 @@ def feature_drift(
     significant = _significant(chi2_p, ks_p, config.alpha, config)
     # the floor applies to what the change adds beyond the sampling noise, so a small reference's noise
     # is not an effect
-    noise = _psi_noise(ref, current, m * scale)
+    noise = _psi_noise(ref, current, m * scale, config.floor_z)
     flagged = significant & (psi - noise >= floor_a)
     holding = _significant(chi2_p, ks_p, config.hold_alpha, config) & (psi >= config.close_ratio * floor_a)
     scores = {n: round(float(p), 4) for n, p in zip(names, psi, strict=True)}

@@ -83,11 +83,19 @@ def _figure(engine, snapshot, parity, open_alerts, config):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bundles = store.load_bundles(engine)
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
     fig.suptitle(f"edgeops fleet report - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", fontsize=14)
+    chosen = chosen_devices(snapshot)
+    _parity_panel(axes[0][0], parity)
+    _latency_panel(axes[0][1], engine, chosen)
+    _drift_panel(axes[1][0], engine, chosen, store.load_bundles(engine), config)
+    _status_panel(axes[1][1], snapshot, open_alerts)
+    fig.tight_layout()
+    return fig
 
-    ax = axes[0][0]
+
+def _parity_panel(ax, parity) -> None:
+    """Accuracy at conversion per bundle artifact, against its source model."""
     scored = [r for r in parity if r["artifact"] is not None]
     if scored:
         labels = [f"{r['bundle']}\n{r['file']}" for r in scored]
@@ -105,8 +113,9 @@ def _figure(engine, snapshot, parity, open_alerts, config):
         ax.text(0.5, 0.5, "no bundle with parity figures registered", ha="center", va="center")
     ax.set_title("accuracy at conversion per bundle artifact")
 
-    chosen = chosen_devices(snapshot)
-    ax = axes[0][1]
+
+def _latency_panel(ax, engine, chosen) -> None:
+    """p95 latency per window of the chosen devices (red: in alarm)."""
     series = []
     for d in chosen:
         p95 = [w["p95_ms"] for w in store.window_series(engine, d["fleet"], d["device_id"], limit=HISTORY_WINDOWS)
@@ -123,7 +132,9 @@ def _figure(engine, snapshot, parity, open_alerts, config):
         ax.text(0.5, 0.5, "no windows stored", ha="center", va="center")
     ax.set_title("latency per device (red: device in alarm)")
 
-    ax = axes[1][0]
+
+def _drift_panel(ax, engine, chosen, bundles, config) -> None:
+    """The largest feature PSI over time of the chosen devices."""
     drawn = 0
     for d in chosen:
         hist = psi_history(engine, d, bundles.get((d["model"]["name"], d["model"]["version"])), config)
@@ -142,7 +153,9 @@ def _figure(engine, snapshot, parity, open_alerts, config):
         ax.text(0.5, 0.5, "no drift history (no registered reference profile or windows)", ha="center", va="center")
     ax.set_title("drift over time")
 
-    ax = axes[1][1]
+
+def _status_panel(ax, snapshot, open_alerts) -> None:
+    """Devices online, silent, offline and in alarm; open alerts by detector."""
     states = ["online", "silent", "offline"]
     counts = [sum(1 for d in snapshot if d["status"] == s) for s in states]
     in_alarm = sum(1 for d in snapshot if d["open_alerts"])
@@ -156,8 +169,6 @@ def _figure(engine, snapshot, parity, open_alerts, config):
             bbox={"facecolor": "white", "edgecolor": "#ccc"})
     ax.set_ylim(0, max(counts + [in_alarm, 1]) * 1.35)
     ax.set_title(f"fleet status: {len(snapshot)} devices")
-    fig.tight_layout()
-    return fig
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:

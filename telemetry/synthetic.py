@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edge_runtime import wire
+from edge_runtime import distinct, wire
 from edge_runtime.stats import ClassCounts, FeatureStats, LatencyHistogram
 
 
@@ -51,6 +51,8 @@ def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, flee
     edges = [f["bin_edges"] for f in manifest["reference_profile"]["features"]]
     fs = FeatureStats(edges)
     fs.update(rows)
+    registers = distinct.new_registers()
+    distinct.add_rows(registers, rows)
     lat = LatencyHistogram()
     for ms in latencies_ms if latencies_ms is not None else np.full(len(rows), 2.0):
         lat.add(float(ms))
@@ -64,7 +66,8 @@ def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, flee
         "model": {"name": manifest["name"], "version": manifest["version"], "artifact": "model.tflite",
                   "sha256": None, "variant": None},
         "count": int(len(rows)), "errors": int(errors), "rejected": 0,
-        "latency_ms": lat.to_dict(), "features": fs.to_dict(), "predictions": cc.to_dict(), "dropped_windows": 0,
+        "latency_ms": lat.to_dict(), "features": fs.to_dict(), "distinct": registers.tolist(),
+        "predictions": cc.to_dict(), "dropped_windows": 0,
     }
 
 

@@ -12,7 +12,13 @@ histograms, divided by its degrees of freedom, is about 1 when the inferences ar
 and about ``deff`` when they come in correlated clusters (each bin count varies ``deff`` times
 as much). Per feature the ratios of the consecutive pairs are averaged, leaving out the largest
 quarter (at least one of two or more): a drift that starts inside the horizon makes one large
-pair, not dependence. Calibrated by its median under independence (a fixed-seed simulation), that
+pair, not dependence. The bins of a feature are not alike: a slowly wandering source stays in the
+tails of its range far longer than it stays in any middle bin (an AR(1) walk with rho 0.9 gives
+bin design effects from 2 in the middle to 9 in the outer bins), and the chi-square's tail follows
+the large ones. So the mean is multiplied by 1 + a^2, a^2 the squared coefficient of variation of
+the bins' own design effects (each from its 1-df "in this bin or not" ratios over the same pairs,
+less the 2/k their estimation from k pairs alone adds), as in Rao and Scott's second-order
+correction; at most 1 + MAX_SPREAD. Calibrated by its median under independence (a fixed-seed simulation), that
 is the feature's design effect, at least 1 and at least the median over features: a source that
 wanders along one direction (an AR(1) walk) makes the features loaded on it dependent and leaves
 the others nearly independent. The predicted classes are one more column. Windows of different
@@ -50,6 +56,8 @@ from typing import Sequence
 
 import numpy as np
 
+MAX_SPREAD = 2.0       # a^2, the bins' design effects' squared coefficient of variation, at most this
+
 
 @lru_cache(maxsize=1024)
 def _calibration(k: int, keep: int, df: int) -> float:
@@ -79,6 +87,32 @@ def _pair_ratios(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         stat = np.where(used, (a - ea) ** 2 / ea + (b - eb) ** 2 / eb, 0.0).sum(axis=-1)
     ok = (na[..., 0] >= 2) & (nb[..., 0] >= 2) & (df >= 1)
     return np.where(ok, stat / np.maximum(df, 1), np.nan), np.where(ok, df, 0)
+
+
+def _bin_ratios(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per pair, column and bin: the 1-df chi-square of "this bin or not" between the two windows (P, F, B);
+    NaN where the bin is empty in both or the pair has no test."""
+    na, nb = a.sum(axis=-1, keepdims=True), b.sum(axis=-1, keepdims=True)
+    pooled = (a + b) / np.maximum(na + nb, 1)
+    var = pooled * (1 - pooled) * (1 / np.maximum(na, 1) + 1 / np.maximum(nb, 1))
+    ok = (na >= 2) & (nb >= 2) & (var > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, (a / np.maximum(na, 1) - b / np.maximum(nb, 1)) ** 2 / np.where(ok, var, 1.0), np.nan)
+
+
+def _spread(R: np.ndarray) -> np.ndarray:
+    """Per column, a^2: the squared coefficient of variation of its bins' design effects, less what the few
+    pairs alone would give (a bin's mean of k 1-df ratios varies by 2/k of its square), capped at 2."""
+    k = np.isfinite(R).sum(axis=0)                                        # (F, B) pairs per bin
+    has = k >= 2
+    per_bin = np.where(has, np.where(np.isfinite(R), R, 0.0).sum(axis=0) / np.maximum(k, 1), 0.0)
+    bins = has.sum(axis=1)
+    mean = per_bin.sum(axis=1) / np.maximum(bins, 1)
+    var = np.where(has, (per_bin - mean[:, None]) ** 2, 0.0).sum(axis=1) / np.maximum(bins, 1)
+    pairs = np.where(has, k, 0).sum(axis=1) / np.maximum(bins, 1)
+    usable = (bins >= 3) & (mean > 0)
+    cv2 = np.where(usable, var / np.where(usable, mean, 1.0) ** 2 - 2.0 / np.maximum(pairs, 2), 0.0)
+    return np.clip(cv2, 0.0, MAX_SPREAD)
 
 
 def design_effects(windows: Sequence[Sequence[Sequence[float]]], devices: Sequence[str] | None = None,
@@ -112,6 +146,10 @@ def design_effects(windows: Sequence[Sequence[Sequence[float]]], devices: Sequen
         own[j] = sums[keep[j] - 1, j] / keep[j] / _calibration(int(k[j]), int(keep[j]), int(dfs[j]))
     if np.isnan(own).all():
         return np.ones(cols)
+    # bins differ: the tails of a slowly wandering source stay put far longer than its middle, and the
+    # chi-square's tail follows the largest bin effects, not their mean (Rao and Scott's second-order
+    # correction: the mean design effect times 1 + a^2)
+    own = own * (1.0 + _spread(_bin_ratios(hists[:-1][paired], hists[1:][paired])))
     common = np.nanmedian(own)
     return np.clip(np.fmax(own, common), 1.0, max_deff)
 
