@@ -469,25 +469,36 @@ def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversio
 
         check_source(src)
     hoisted = src.extra.get("normalization")
-    if hoisted is not None:
-        normalization = hoisted
+    normalization = hoisted if hoisted is not None else normalization
     if feature_names is None:
         feature_names = columns_of(holdout[0] if isinstance(holdout, tuple) else holdout) or columns_of(calibration)
-    X_h, y_h, X_c, X_r = _fitted_inputs(src, holdout, calibration, reference)
     to_model = normalizer(normalization, src)
-    data = _check_data(X_h, y_h, X_c, X_r)
+    data = _check_data(*_fitted_inputs(src, holdout, calibration, reference))
     source_out = src.predict(to_model(data.X_check))
     labels = _class_labels(src, source_out, labels)
     names = _feature_names(src, feature_names)
-
     notes = _first_notes(hoisted, data.y_check)
+    plan = _plan_or_fail(src, formats, quantize, notes)
+    conversion = _Conversion(src, to_model, data, source_out, notes, say)
+    head = {**_manifest_head(name, version, description, src),
+            "input_schema": input_schema(src, names, image, normalization), "labels": labels}
+    manifest = _write_bundle(conversion, plan, out, head, names, max_accuracy_drop, trainable, sign_key)
+    return ConversionResult(path=out, manifest=manifest, notes=notes)
+
+
+def _plan_or_fail(src: SourceModel, formats: Sequence[str], quantize: Sequence[str], notes: list[str]) -> list:
     plan = _plan(src, formats, quantize, notes)
     if not plan:
         raise InvalidInputError(
             "nothing to convert: no requested format applies to this model (" + "; ".join(notes) + ")"
         )
-    conversion = _Conversion(src, to_model, data, source_out, notes, say)
+    return plan
 
+
+def _write_bundle(conversion: _Conversion, plan, out: Path, head: dict, names: list[str],  # noqa: PLR0913
+                  max_accuracy_drop: float, trainable: bool, sign_key: Any) -> dict:
+    """Convert and check every planned artifact in a work folder, profile the reference data, and install
+    the bundle at ``out`` in one step (nothing is left behind when any step fails); returns the manifest."""
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
         artifacts, vectors = _convert_all(conversion, plan, work, max_accuracy_drop)
@@ -497,23 +508,20 @@ def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversio
             made = add_trainable(conversion, work)
             artifacts.append(made[0])
             vectors.append(made[1])
-        say("profiling the reference data")
-        profile = _profile(conversion, names, labels)
+        conversion.say("profiling the reference data")
         manifest = {
-            **_manifest_head(name, version, description, src),
-            "input_schema": input_schema(src, names, image, normalization),
-            "labels": labels,
+            **head,
             "artifacts": artifacts,
             "default_artifact": _default_artifact(artifacts),
-            "reference_profile": profile,
+            "reference_profile": _profile(conversion, names, head["labels"]),
             "test_vectors": vectors,
-            "conversion_notes": notes,
+            "conversion_notes": conversion.notes,
         }
-        _install(work, out, manifest, sign_key, say)
+        _install(work, out, manifest, sign_key, conversion.say)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ConversionResult(path=out, manifest=manifest, notes=notes)
+    return manifest
 
 
 def _as_class(out: np.ndarray) -> np.ndarray:
