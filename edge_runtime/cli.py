@@ -146,6 +146,13 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, label_column, 
     if learner is not None:
         agent.learn(learner)
 
+    _run_until_done(agent, samples, source, rate, max_inferences, duration, http_addr)
+    sys.exit(0)
+
+
+def _run_until_done(agent, samples, source, rate, max_inferences, duration, http_addr) -> None:  # noqa: PLR0913
+    """The agent's run loop with signals, the device's HTTP port and the systemd watchdog around it; stops
+    the agent (sending its partial window) however the loop ends."""
     # a signal only asks the run loop to finish its inference: raising from the handler anywhere else
     # could interrupt a window half-way into the spool and lose it
     def on_signal(signum, frame):
@@ -178,7 +185,6 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, label_column, 
             log.warning("input %s: %d of %d inputs dropped (the model was slower than the source)", source,
                         samples.dropped, samples.received)
     log.info("%d inferences, %d bad inputs, %d windows left in the spool", agent.inferences, agent.bad_inputs, left)
-    sys.exit(0)
 
 
 def _flash_slots(state, bundle, accept_flash: bool, public_key, allow_unsigned: bool):
