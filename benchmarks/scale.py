@@ -1,6 +1,6 @@
 """Scale-out: windows/s and latency for 1, 2 and 4 monitor workers, and what a fleet verdict costs as fleets grow.
 
-    python -m benchmarks.scale [--devices 10000] [--windows 1] [--rate 10000] [--workers 1,2,4]
+    python -m benchmarks.scale [--devices 10000] [--windows 1] [--rate 10000] [--workers 1,2,4] [--nats] [--evaluate]
         [--fleet-devices 1000,10000,100000] [--plot docs/scale.svg] [--json FILE] [--quick]
 
 Three parts, each printed as a table and written to the JSON document:
@@ -14,7 +14,8 @@ Three parts, each printed as a table and written to the JSON document:
    writing one fresh PostgreSQL database (SQLite when PostgreSQL is unreachable, one worker only). Windows/s = windows
    stored / seconds from the first publish until all were stored; latency per window: publish to its row
    written (``received_at``, set in its batch's transaction) and publish to the monitor's ack reaching the
-   load generator (after the commit).
+   load generator (after the commit). ``--nats`` adds one worker on the 3-node NATS JetStream cluster of
+   ``tests/nats_cluster.py`` over MQTT 3.1.1 (nats-server 2.9 has no shared subscriptions, so one worker).
 3. **fleet verdict vs devices**: ``telemetry.fleet_view.FleetView`` holding 1,000 / 10,000 / 100,000
    emulated devices (one recent window each): one device's update, and one fleet verdict (the merge plus
    the drift tests), medians.
@@ -184,27 +185,57 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
 
 
-def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = False) -> dict:
-    """One run: a private Mosquitto, ``workers`` monitor processes, the load generator."""
+def _nats_cluster(workdir: Path):
+    """The 3-node NATS JetStream cluster the chaos test starts (tests/nats_cluster.py), or None."""
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    if not (tests / "nats_cluster.py").exists():
+        return None
+    sys.path.insert(0, str(tests))
+    from nats_cluster import NatsCluster, find_nats
+
+    return NatsCluster(workdir / "nats").start() if find_nats() else None
+
+
+def _broker(workdir: Path, workers: int, nats: bool):
+    """(worker URL, load generator URL, stop) for a private Mosquitto, or the 3-node NATS cluster (the
+    worker on node 0 failing over to the others, the load generator on node 1)."""
+    from devices.broker import MosquittoBroker
+
+    if nats:
+        cluster = _nats_cluster(workdir)
+        if cluster is None:
+            return None
+        return cluster.url(0, 1, 2), cluster.url(1), cluster.stop
+    # the monitor acknowledges a batch after its commit: let the broker have up to 1,000 unacknowledged
+    # messages in flight to each worker (the project's test brokers allow 100)
+    broker = MosquittoBroker(workdir=workdir / f"broker-{workers}", extra_config="max_inflight_messages 1000").start()
+    return broker.url, broker.url, broker.stop
+
+
+def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = False,  # noqa: PLR0913
+              nats: bool = False) -> dict:
+    """One run: a broker (Mosquitto, or the NATS cluster with one worker: it has no shared subscriptions),
+    ``workers`` monitor processes, the load generator."""
     from sqlalchemy import text
 
     from benchmarks.loadgen import Publisher
-    from devices.broker import MosquittoBroker
 
+    broker = _broker(workdir, workers, nats)
+    if broker is None:
+        return {"workers": workers, "broker": "nats", "error": "nats-server not found"}
+    worker_url, pub_url, stop_broker = broker
     pg = _pg_create()
     if pg is None and workers > 1:
+        stop_broker()
         return {"workers": workers, "error": "PostgreSQL not reachable (shared workers need it)"}
     db = pg or f"sqlite:///{workdir / f'scale-{workers}.db'}"
     manifest_path = workdir / "manifest.json"
     manifest_path.write_text(json.dumps(load.manifest))
-    # the monitor acknowledges a batch after its commit: let the broker have up to 1,000 unacknowledged
-    # messages in flight to each worker (the project's test brokers allow 100)
-    broker = MosquittoBroker(workdir=workdir / f"broker-{workers}", extra_config="max_inflight_messages 1000").start()
     procs: list[subprocess.Popen] = []
     engine = _engine(db)
     try:
-        procs = _start_workers(workers, broker.url, db, load.fleet, manifest_path, evaluate)
-        pub = Publisher(broker.url, load.fleet).connect()
+        procs = _start_workers(workers, worker_url, db, load.fleet, manifest_path, evaluate)
+        pub = Publisher(pub_url, load.fleet).connect()
         keys = load.keys
         try:
             sent = pub.publish(load, rate)
@@ -220,8 +251,8 @@ def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = F
         to_row = [r.received_at - sent_at[(r.device_id, r.seq)] for r in rows if (r.device_id, r.seq) in sent_at]
         to_ack = [t - sent_at[k] for k, t in pub.ack_times.items() if k in sent_at]
         seconds = t_all - sent["started"]
-        return {"workers": workers, "database": "postgresql" if pg else "sqlite", "broker": "mosquitto",
-                "evaluation": evaluate,
+        return {"workers": workers, "database": "postgresql" if pg else "sqlite",
+                "broker": "nats (3 nodes, MQTT)" if nats else "mosquitto", "evaluation": evaluate,
                 "windows": len(keys), "stored": stored, "distinct_stored": len({(r.device_id, r.seq) for r in rows}),
                 "acked": acked, "duplicates": sum(s["duplicates"] for s in stats),
                 "rejected": sum(s["rejected"] for s in stats), "per_worker_stored": [s["stored"] for s in stats],
@@ -234,7 +265,7 @@ def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = F
             for p in procs:
                 p.kill()
         engine.dispose()
-        broker.stop()
+        stop_broker()
         if pg:
             _pg_drop(pg)
 
@@ -278,8 +309,11 @@ def plot(path: Path, ingest: list[dict], mqtt: list[dict], fleets: list[dict]) -
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ok = [r for r in mqtt if r.get("windows_per_s")]
+    ok = [r for r in mqtt if r.get("windows_per_s") and r.get("broker", "mosquitto") == "mosquitto"]
     a.plot([r["workers"] for r in ok], [r["windows_per_s"] for r in ok], "o-", label="over Mosquitto (stored)")
+    for r in mqtt:
+        if r.get("windows_per_s") and r.get("broker", "mosquitto") != "mosquitto":
+            a.plot([r["workers"]], [r["windows_per_s"]], "D", label=f"over {r['broker']}, 1 worker")
     for r in ingest:
         if r.get("windows_per_s"):
             a.axhline(r["windows_per_s"], ls="--", lw=1, color="gray" if r["database"] == "sqlite" else "tab:green",
@@ -323,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of o
     ap.add_argument("--windows", type=int, default=1, help="windows per device")
     ap.add_argument("--rate", type=float, default=10_000, help="target publish rate, windows/s")
     ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--nats", action="store_true",
+                    help="also one worker on the 3-node NATS JetStream cluster over MQTT (tests/nats_cluster.py)")
     ap.add_argument("--evaluate", action="store_true",
                     help="workers also evaluate every device that sent windows (off: ingestion alone is measured)")
     ap.add_argument("--ingest-reps", type=int, default=3)
@@ -361,14 +397,17 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of o
         with tempfile.TemporaryDirectory(prefix="edgeops-scale-") as tmp:
             for n in [int(x) for x in args.workers.split(",")]:
                 doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate))
+            if args.nats:
+                doc["mqtt"].append(over_mqtt(load, 1, args.rate, Path(tmp), args.evaluate, nats=True))
         rows = [{**r, **{f"stored_{k}": v for k, v in (r.get("latency_stored_ms") or {}).items()},
                  **{f"acked_{k}": v for k, v in (r.get("latency_acked_ms") or {}).items()}} for r in doc["mqtt"]]
-        print_table(rows, [("workers", "workers"), ("database", "database"), ("windows", "sent"),
+        print_table(rows, [("workers", "workers"), ("broker", "broker"), ("database", "database"), ("windows", "sent"),
                            ("distinct_stored", "stored"), ("acked", "acked"), ("duplicates", "dups"),
                            ("publish_rate", "published/s"), ("windows_per_s", "stored/s"),
                            ("stored_p50", "to row p50 ms"), ("stored_p95", "p95"),
                            ("acked_p50", "to ack p50 ms"), ("acked_p95", "p95"), ("cores", "machine")],
-                    title=f"over one Mosquitto: {args.devices} devices x {args.windows} windows, target "
+                    title=f"over one Mosquitto{' and the 3-node NATS cluster' if args.nats else ''}: "
+                          f"{args.devices} devices x {args.windows} windows, target "
                           f"{args.rate:.0f}/s, workers sharing $share/scale (2 cores: broker, load generator, "
                           "workers and PostgreSQL on them)" if os.cpu_count() == 2 else "over one Mosquitto")
     if "fleet" not in skip:
