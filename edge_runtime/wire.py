@@ -501,8 +501,8 @@ def _latency(v, count: int) -> dict:
 
 def _registers(v) -> list[int]:
     """``distinct``: the registers of the window's distinct-rows sketch (edge_runtime/distinct.py)."""
-    if not isinstance(v, list) or len(v) != DISTINCT_REGISTERS \
-            or any(type(r) is not int or not 0 <= r <= DISTINCT_MAX_RANK for r in v):
+    if type(v) is not list or len(v) != DISTINCT_REGISTERS or set(map(type, v)) != {int} \
+            or min(v) < 0 or max(v) > DISTINCT_MAX_RANK:
         raise Rejected("bad_value", f"distinct must be a list of {DISTINCT_REGISTERS} integers "
                                     f"in 0..{DISTINCT_MAX_RANK}")
     return v
