@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     import logging
 
     import edge_runtime
-    from devices.broker import MosquittoBroker
+    from devtools.brokers import MosquittoBroker
     from edge_runtime.agent import DeviceAgent
     from edge_runtime.mqtt import parse_broker_url
 

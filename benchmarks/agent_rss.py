@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bundle", help="bundle to run (default: convert the Digits CNN reference model, int8)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from devices.broker import MosquittoBroker
+    from devtools.brokers import MosquittoBroker
 
     work = Path(tempfile.mkdtemp(prefix="edgeops-rss-"))
     if args.bundle:

@@ -4,7 +4,7 @@
 
 Builds the reference bundles (cached in ``--cache``), runs each artifact on the held-out test set
 with ``edge_runtime`` natively and inside the emulated aarch64 device (QEMU user mode, see
-docs/emulated-arm.md; prepare it first with ``python -m devices.emulated_arm prepare``), and
+docs/emulated-arm.md; prepare it first with ``python -m devtools.emulated_arm prepare``), and
 prints, per artifact, the label agreement and the largest output difference between the two
 machines. Then ``edgeops bench`` on the Digits CNN inside the device and natively, for the
 machine block (the device must say aarch64). Emulated timings are QEMU's, not a Raspberry Pi's.
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bench-runs", type=int, default=50)
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
-    from devices import emulated_arm
+    from devtools import emulated_arm
 
     t0 = time.perf_counter()
     device = emulated_arm.prepare(board=args.board, quiet=True)

@@ -180,7 +180,7 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
               json_out, csv_out, publish, device_id, fleet, store_profile, in_process, board, accel):
     """Benchmark PATHS (.tflite, .onnx, bundle dirs or .tar.gz) on this machine."""
     if store_profile:
-        from devices.profiles import get_profile
+        from devices.boards import get_profile
 
         get_profile(store_profile)
     from benchmarks.machine import machine_info
@@ -234,7 +234,7 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
     if publish:
         publish_result(publish, fleet, device_id, doc)
     if store_profile:
-        from devices.profiles import store_results
+        from devices.boards import store_results
 
         where = store_results(store_profile, items, results)
         click.echo(f"stored against profile {store_profile} in {where}", err=True)
@@ -249,7 +249,7 @@ def board_acceleration(board: str | None, accel):
     accel = accel or Acceleration()
     if not board:
         return accel
-    from devices.profiles import get_profile
+    from devices.boards import get_profile
 
     profile = get_profile(board)
     if profile.delegate and not accel.delegate:

@@ -138,7 +138,7 @@ def _drop_pg(name: str) -> None:
 def run(processes: int, devices: int, windows: int, workdir: Path) -> dict:
     from sqlalchemy import create_engine, text
 
-    from devices.broker import MosquittoBroker
+    from devtools.brokers import MosquittoBroker
 
     pg = _pg_database() if processes > 1 else None
     db = (PG_ADMIN.rsplit("/", 1)[0] + "/" + pg) if pg else f"sqlite:///{workdir / f'monitor-{processes}.db'}"

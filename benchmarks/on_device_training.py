@@ -11,7 +11,7 @@ accuracy after every ``--every`` update rounds, with the probation on (every 5th
 held back). The step cost is the median of ``--steps`` calls of the ``train`` signature on one
 batch, next to ``infer`` on one sample and on the batch. Prints a table and the JSON document.
 With ``--arm64`` the same run (on the host's bundle and split, without TensorFlow or scikit-learn)
-also goes inside the emulated aarch64 device (prepare it: ``python -m devices.emulated_arm prepare``);
+also goes inside the emulated aarch64 device (prepare it: ``python -m devtools.emulated_arm prepare``);
 its timings are QEMU's, not a Raspberry Pi's.
 """
 
@@ -156,12 +156,12 @@ def run(batch: int, every: int, steps: int, cache: Path | None, holdout_every: i
 
 
 def on_arm64(args, cache: Path) -> dict:
-    """The same run inside the emulated aarch64 device (devices/emulated_arm.py), on the host's bundle."""
-    from devices.emulated_arm import EmulatedArmDevice
+    """The same run inside the emulated aarch64 device (devtools/emulated_arm.py), on the host's bundle."""
+    from devtools.emulated_arm import EmulatedArmDevice
 
     device = EmulatedArmDevice()
     if not device.prepared:
-        raise SystemExit("the emulated aarch64 device is not prepared: python -m devices.emulated_arm prepare")
+        raise SystemExit("the emulated aarch64 device is not prepared: python -m devtools.emulated_arm prepare")
     bundle = make_bundle(cache / "digits-trainable")
     data = save_split(cache / "digits-split.npz")
     out = cache / "arm64.json"

@@ -63,7 +63,7 @@ def time_calls(fn, n: int) -> list[float]:
 
 def measure(bundle: Path, rounds: int, calls: int) -> dict:
     import edge_runtime
-    from edge_runtime.validation import quantize
+    from edge_runtime.input_check import quantize
 
     model = edge_runtime.load(bundle)
     shape = model.input_spec.shape

@@ -15,7 +15,7 @@ Three parts, each printed as a table and written to the JSON document:
    stored / seconds from the first publish until all were stored; latency per window: publish to its row
    written (``received_at``, set in its batch's transaction) and publish to the monitor's ack reaching the
    load generator (after the commit). ``--nats`` adds one worker on the 3-node NATS JetStream cluster of
-   ``tests/nats_cluster.py`` over MQTT 3.1.1 (nats-server 2.9 has no shared subscriptions, so one worker).
+   ``devtools/nats_cluster.py`` over MQTT 3.1.1 (nats-server 2.9 has no shared subscriptions, so one worker).
 3. **fleet verdict vs devices**: ``telemetry.fleet_view.FleetView`` holding 1,000 / 10,000 / 100,000
    emulated devices (one recent window each): one device's update, and one fleet verdict (the merge plus
    the drift tests), medians.
@@ -186,12 +186,8 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def _nats_cluster(workdir: Path):
-    """The 3-node NATS JetStream cluster the chaos test starts (tests/nats_cluster.py), or None."""
-    tests = Path(__file__).resolve().parents[1] / "tests"
-    if not (tests / "nats_cluster.py").exists():
-        return None
-    sys.path.insert(0, str(tests))
-    from nats_cluster import NatsCluster, find_nats
+    """The 3-node NATS JetStream cluster the chaos test starts (devtools/nats_cluster.py), or None."""
+    from devtools.nats_cluster import NatsCluster, find_nats
 
     return NatsCluster(workdir / "nats").start() if find_nats() else None
 
@@ -199,7 +195,7 @@ def _nats_cluster(workdir: Path):
 def _broker(workdir: Path, workers: int, nats: bool):
     """(worker URL, load generator URL, stop) for a private Mosquitto, or the 3-node NATS cluster (the
     worker on node 0 failing over to the others, the load generator on node 1)."""
-    from devices.broker import MosquittoBroker
+    from devtools.brokers import MosquittoBroker
 
     if nats:
         cluster = _nats_cluster(workdir)
@@ -358,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of o
     ap.add_argument("--rate", type=float, default=10_000, help="target publish rate, windows/s")
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--nats", action="store_true",
-                    help="also one worker on the 3-node NATS JetStream cluster over MQTT (tests/nats_cluster.py)")
+                    help="also one worker on the 3-node NATS JetStream cluster over MQTT (devtools/nats_cluster.py)")
     ap.add_argument("--evaluate", action="store_true",
                     help="workers also evaluate every device that sent windows (off: ingestion alone is measured)")
     ap.add_argument("--ingest-reps", type=int, default=3)

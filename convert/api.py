@@ -15,7 +15,7 @@ import numpy as np
 
 from convert import onnx_export, tflite
 from convert.data import load_array, load_labeled
-from convert.inputs import columns_of, input_schema, normalizer
+from convert.input_schema import columns_of, input_schema, normalizer
 from convert.profile import confidence_profile, reference_profile
 from convert.sources import SourceModel, load_source
 from convert.verify import ArtifactRunner, parity

@@ -1,9 +1,8 @@
-"""`edgeops flash`, `edgeops devices` and `edgeops fleet`."""
+"""`edgeops flash` and `edgeops devices`."""
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -94,7 +93,7 @@ def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, can
     Exit codes: 0 done; 1 failed, stopped or rolled back; 4 the bundle was refused (hash,
     signature, or inputs that do not fit the device's bundle); 5 the device's health check failed.
     """
-    from devices import flash as fl
+    from devices import rollout as fl
 
     address = _address(broker, username, password, ca_file, cert_file, key_file)
     if resume:
@@ -146,7 +145,7 @@ def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, can
 
 
 def _check_budget(bundle, profile_id, max_latency_ms):
-    from devices.profiles import get_profile, stored_latency
+    from devices.boards import get_profile, stored_latency
 
     if not profile_id:
         raise click.UsageError("--max-latency-ms needs --profile")
@@ -197,7 +196,7 @@ def devices_group():
 @_broker_options
 def devices_list(fleet, wait, as_json, broker, username, password, ca_file, cert_file, key_file, topic_prefix):
     """Devices that announced themselves on their status topic, with last-seen and open alerts."""
-    from devices.flash import FleetLink
+    from devices.rollout import FleetLink
 
     address = _address(broker, username, password, ca_file, cert_file, key_file)
     alerts_by_fleet: dict[str, dict] = {}
@@ -259,7 +258,7 @@ def devices_list(fleet, wait, as_json, broker, username, password, ca_file, cert
 @click.option("--json", "as_json", is_flag=True)
 def devices_profiles(as_json):
     """The board catalogue (Raspberry Pi Zero 2 W, 3B+, 4B, 5, generic ARM64, x86)."""
-    from devices.profiles import PROFILES
+    from devices.boards import PROFILES
 
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in PROFILES.values()], indent=2))
@@ -326,20 +325,3 @@ def devices_revoke(fleet, device, password_file, acl_file, ca_dir, as_json):
     click.echo(f"{done['username']}: password entry {'removed' if done['password_removed'] else 'absent'}, ACL block "
                f"{'removed' if done['acl_removed'] else 'absent'}, certificates revoked: {serials} "
                "(then: kill -HUP the broker)")
-
-
-@click.group("fleet")
-def fleet_group():
-    """Emulated fleets."""
-
-
-def _register_emulate():
-    from devices.emulate import emulate_cmd
-
-    fleet_group.add_command(emulate_cmd)
-
-
-try:
-    _register_emulate()
-except ImportError as exc:  # pragma: no cover - emulate needs the same dependencies as the agent
-    logging.getLogger("edgeops").debug("fleet emulate unavailable: %s", exc)

@@ -215,7 +215,7 @@ class DeviceAgent:
             backend=f"{m.backend.name} {m.backend.version}", free_disk_bytes=free,
             accepts_flash=self._accepts_flash())
         if m.manifest:
-            from edge_runtime.flash import input_schema
+            from edge_runtime.slots import input_schema
 
             doc["input"] = input_schema(m.manifest)   # lets `edgeops flash` check a new bundle's fit first
         second = getattr(self, "second", None)

@@ -193,7 +193,7 @@ def _flash_slots(state, bundle, accept_flash: bool, public_key, allow_unsigned: 
         raise click.UsageError("--public-key and --allow-unsigned: choose one")
     if not accept_flash or str(bundle).endswith((".tflite", ".onnx")):
         return None, bundle
-    from edge_runtime.flash import NO_TRUSTED_KEY, BundleSlots
+    from edge_runtime.slots import NO_TRUSTED_KEY, BundleSlots
 
     if allow_unsigned:
         log.warning("--allow-unsigned: this device takes unsigned bundles from anyone who may publish on its "

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_runtime.errors import BundleError, EdgeOpsError, VerificationError
-from edge_runtime.flash import BundleSlots, ChunkAssembler, FlashResult
+from edge_runtime.slots import BundleSlots, ChunkAssembler, FlashResult
 
 log = logging.getLogger("edgeops.commands")
 

@@ -12,7 +12,7 @@ import numpy as np
 from edge_runtime.backends import Backend, TensorInfo, open_backend
 from edge_runtime.bundle import Bundle, open_bundle
 from edge_runtime.errors import BackendUnavailableError, BundleError, InvalidInputError
-from edge_runtime.validation import NAN_POLICIES, InputSpec, as_batch
+from edge_runtime.input_check import NAN_POLICIES, InputSpec, as_batch
 from edge_runtime.window import WindowRecorder
 
 log = logging.getLogger("edgeops.runtime")

@@ -35,8 +35,8 @@ from edge_runtime.backends import TensorInfo
 from edge_runtime.backends.tflite import tflite_interpreter_class
 from edge_runtime.bundle import Bundle, open_bundle
 from edge_runtime.errors import BundleError, InvalidInputError, ModelFormatError, VerificationError
+from edge_runtime.input_check import as_batch
 from edge_runtime.model import EdgeModel
-from edge_runtime.validation import as_batch
 
 log = logging.getLogger("edgeops.training")
 

@@ -25,7 +25,7 @@ from edgeops import __version__
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("convert.cli", "convert_cmd", "Convert a Keras/scikit-learn/ONNX/TFLite model into a bundle."),
     "keys": ("convert.cli", "keys_group", "Make and show Ed25519 signing keys."),
-    "inspect": ("edge_runtime.inspect", "inspect_cmd",
+    "inspect": ("edge_runtime.inspection", "inspect_cmd",
                 "Show a bundle's or model file's tensors, sizes, parity and signature."),
     "run": ("edge_runtime.cli", "run_cmd", "Run a bundle on a stream of inputs and report telemetry over MQTT."),
     "serve": ("edge_runtime.cli", "serve_cmd", "Serve a bundle over HTTP (POST /predict)."),
@@ -34,9 +34,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("telemetry.cli", "report_cmd", "Write the one-page fleet report (PNG/HTML) from a monitor database."),
     "export": ("telemetry.cli", "export_cmd", "Export what the monitor holds about an alert, for retraining."),
     "flash": ("devices.cli", "flash_cmd", "Flash a bundle to a device or a fleet (canary, rollback)."),
-    "fleet": ("devices.cli", "fleet_group", "Emulated fleets and emulated devices."),
+    "fleet": ("devtools.cli", "fleet_group", "Emulated fleets and emulated devices."),
     "devices": ("devices.cli", "devices_group", "Device inventory and board profiles."),
-    "demo": ("devices.demo", "demo_cmd", "Run the end-to-end demo on embedded defaults."),
+    "demo": ("edgeops.demo", "demo_cmd", "Run the end-to-end demo on embedded defaults."),
 }
 
 

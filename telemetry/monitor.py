@@ -39,7 +39,7 @@ from telemetry import store
 from telemetry.evaluate import Evaluation, MonitorConfig, Verdict, evaluate
 from telemetry.fleet_view import FleetView
 from telemetry.ingest import put_bounded, store_bisecting
-from telemetry.validation import check_against_profile
+from telemetry.profile_check import check_against_profile
 
 FLEET_EVAL_SHARE = 4.0   # a fleet's merge: at most about 1 / (1 + 4) of evaluation time
 FLEET_DEVICE_MAX_AGE = 3600.0   # a device silent this long no longer counts in its fleet's verdict

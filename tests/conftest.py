@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from devices.broker import AmqttBroker, BrokerUnavailable, MosquittoBroker
+from devtools.brokers import AmqttBroker, BrokerUnavailable, MosquittoBroker
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -78,4 +78,4 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.postgres)
 
 
-pytest_plugins = ["fixtures_bundles"]
+pytest_plugins = ["helpers.fixtures_bundles"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices import emulated_arm
+from devtools import emulated_arm
 
 HERE = Path(__file__).resolve().parent
 GUEST = HERE / "guest.py"

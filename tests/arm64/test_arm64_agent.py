@@ -8,7 +8,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from mqtt_collector import Collector
+from helpers.mqtt_collector import Collector
 
 pytestmark = pytest.mark.arm64
 

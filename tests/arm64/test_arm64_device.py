@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from devices import emulated_arm
-from devices.profiles import detect_profile
+from devices.boards import detect_profile
+from devtools import emulated_arm
 
 pytestmark = pytest.mark.arm64
 
@@ -81,7 +81,7 @@ def test_binfmt_is_restored_to_what_it_was():
     # Run in a fresh host process so that no other user in this process holds the setup.
     code = textwrap.dedent("""
         import json
-        from devices.emulated_arm import binfmt_enabled, binfmt_state
+        from devtools.emulated_arm import binfmt_enabled, binfmt_state
         before = binfmt_state()
         with binfmt_enabled():
             during = binfmt_state()
