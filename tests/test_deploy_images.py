@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices.broker import free_port
+from devtools.brokers import free_port
 from helpers import eventually
 
 # building both images from a cold Docker cache takes minutes on a loaded machine, beyond the default 600 s
@@ -207,7 +207,8 @@ def test_the_arm64_agent_image_runs_a_bundle_under_qemu(docker_engine, bc_mlp_bu
     x = reference_data["breast_cancer"].X_test[:20]
     share = _predict_share(bc_mlp_bundle, x, tmp_path)
     res = subprocess.run([str(ROOT / "deploy" / "with-qemu-binfmt"), "docker", "run", "--rm", "--platform",
-                          "linux/arm64", "--network", "none", "-v", f"{share}:/share:ro", "--entrypoint", "sh",
+                          "linux/arm64", "--network", "none", "-e", "QEMU_CPU=cortex-a72", "-v", f"{share}:/share:ro",
+                          "--entrypoint", "sh",
                           AGENT_ARM64, "-c", f"uname -m && python -c '{PREDICT}'"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
