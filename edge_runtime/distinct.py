@@ -4,11 +4,11 @@ A device that loops over a recorded data set, replays a test set, or watches a s
 the same inputs again and again. Every repeat adds to the counts of its feature histograms, yet
 tells the monitor nothing new: a drift test that believes 1,000 inferences when they hold 171
 distinct rows is five times too confident, and raises alarms on clean data. Each window therefore
-carries ``features.distinct``, the registers of a HyperLogLog sketch of its rows (Flajolet et al.,
-2007): 64 small integers, merged across windows and devices by their element-wise maximum, from
-which the monitor estimates the number of distinct rows behind any set of windows within about
-13% (1.04 / sqrt(64)), and for fewer than 160 rows within a few rows (linear counting). The
-monitor's tests then use at most that many samples.
+carries ``distinct``, the registers of a HyperLogLog sketch of its rows (Flajolet et al., 2007):
+64 small integers (sent as 64 characters, :func:`to_text`), merged across windows and devices by
+their element-wise maximum, from which the monitor estimates the number of distinct rows behind
+any set of windows within about 13% (1.04 / sqrt(64)), and for fewer than 160 rows within a few
+rows (linear counting). The monitor's tests then use at most that many samples.
 
 Rows are hashed as a whole, by value: the float64 value of each feature (NaN included, as its bit
 pattern), combined by a multilinear hash with fixed odd multipliers and a final mixer (the
@@ -50,6 +50,8 @@ _REST_BITS = 64 - _INDEX_BITS
 MAX_RANK = _REST_BITS + 1      # a register's largest value
 MAX_VALUES = 256               # values of a row that enter its hash
 _ALPHA = 0.709                 # the bias constant for m = 64
+DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"   # a register's character
+_VALUE = {c: i for i, c in enumerate(DIGITS)}
 _MULT = np.random.default_rng(0x5EED).integers(1, 2 ** 62, size=MAX_VALUES, dtype=np.uint64) * np.uint64(2) \
     + np.uint64(1)             # odd multipliers, fixed for every device and run
 
@@ -93,10 +95,33 @@ def add_rows(registers: np.ndarray, rows: np.ndarray) -> None:
     np.maximum.at(registers, index, rank)
 
 
+def to_text(registers: Sequence[int]) -> str:
+    """The registers as 64 characters, one per register (0-9, A-Z, a-z): a third of a JSON list's bytes.
+
+    >>> to_text([0, 9, 10, 35, 36, 59] + [1] * 58)[:8]
+    '09AZax11'
+    """
+    return "".join(DIGITS[int(r)] for r in registers)
+
+
+def from_text(text: str) -> list[int]:
+    """The registers back from :func:`to_text` (ValueError for a character outside its alphabet).
+
+    >>> from_text(to_text([0, 9, 10, 35, 36, 59] + [1] * 58))[:6]
+    [0, 9, 10, 35, 36, 59]
+    """
+    try:
+        return [_VALUE[c] for c in text]
+    except KeyError:
+        raise ValueError("not a distinct-rows sketch") from None
+
+
 def merge(many: Iterable[Sequence[int]]) -> np.ndarray:
-    """The registers of the union: element-wise maximum."""
+    """The registers of the union: element-wise maximum (of register lists or their text form)."""
     out = new_registers()
     for regs in many:
+        if isinstance(regs, str):
+            regs = from_text(regs)
         if len(regs) != REGISTERS:
             raise ValueError(f"a distinct-rows sketch has {REGISTERS} registers, not {len(regs)}")
         np.maximum(out, np.asarray(regs, dtype=np.uint8), out=out)

@@ -231,7 +231,7 @@ class WindowRecorder:
         if self._lo is not None:
             window["features"]["out_of_range"] = self.out_of_range.tolist()
         if self._distinct is not None and self._distinct.any():
-            window["distinct"] = self._distinct.tolist()
+            window["distinct"] = distinct.to_text(self._distinct)
         self._closed.append(window)
         self._reset(now)
 

@@ -44,6 +44,7 @@ MAX_LIST = 65_536              # features x bins of any real model fit far below
 MAX_CLOCK_SKEW = 300.0         # seconds a window may be dated ahead of the monitor's clock
 DISTINCT_REGISTERS = 64        # distinct: the distinct-rows sketch (edge_runtime/distinct.py) ...
 DISTINCT_MAX_RANK = 59         # ... each register at most this
+_REGISTER = {c: i for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")}
 
 DEVICE_KINDS = ("telemetry", "status", "bench")   # device -> monitor
 ACK = "ack"                                       # monitor -> device: windows committed
@@ -500,11 +501,14 @@ def _latency(v, count: int) -> dict:
 
 
 def _registers(v) -> list[int]:
-    """``distinct``: the registers of the window's distinct-rows sketch (edge_runtime/distinct.py)."""
+    """``distinct``: the registers of the window's distinct-rows sketch (edge_runtime/distinct.py), as 64
+    characters (0-9, A-Z, a-z: 0..61) or a list of 64 integers; canonical: the list."""
+    if type(v) is str and len(v) == DISTINCT_REGISTERS:
+        v = [_REGISTER.get(c, 99) for c in v]
     if type(v) is not list or len(v) != DISTINCT_REGISTERS or set(map(type, v)) != {int} \
             or min(v) < 0 or max(v) > DISTINCT_MAX_RANK:
-        raise Rejected("bad_value", f"distinct must be a list of {DISTINCT_REGISTERS} integers "
-                                    f"in 0..{DISTINCT_MAX_RANK}")
+        raise Rejected("bad_value", f"distinct must be {DISTINCT_REGISTERS} characters or integers, each "
+                                    f"register in 0..{DISTINCT_MAX_RANK}")
     return v
 
 

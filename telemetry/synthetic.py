@@ -66,7 +66,7 @@ def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, flee
         "model": {"name": manifest["name"], "version": manifest["version"], "artifact": "model.tflite",
                   "sha256": None, "variant": None},
         "count": int(len(rows)), "errors": int(errors), "rejected": 0,
-        "latency_ms": lat.to_dict(), "features": fs.to_dict(), "distinct": registers.tolist(),
+        "latency_ms": lat.to_dict(), "features": fs.to_dict(), "distinct": distinct.to_text(registers),
         "predictions": cc.to_dict(), "dropped_windows": 0,
     }
 

@@ -21,7 +21,9 @@ def test_drift_benchmark_detects_shifts_without_false_alarms(tmp_path, capsys):
     assert rows["missing"]["ks_detection_rate"] == 0.0      # raw-sample KS cannot see NaNs
     size = doc["bytes"][0]
     assert size["window_zlib_bytes"] < size["window_bytes"] < size["raw_float32_bytes"] < size["raw_json_bytes"]
-    assert size["zlib_ratio_vs_json"] >= 50
+    # at least 45x fewer bytes than a JSON message per inference (Wine, 13 features: 50x before the windows
+    # carried their distinct-rows sketch, about 45 compressed bytes of 64 characters)
+    assert size["zlib_ratio_vs_json"] >= 45
     assert set(doc["summary"]) >= {"max_false_alarm_rate", "worst_detection_gap_points_vs_ks", "meets_detection_target"}
     out = capsys.readouterr().out
     assert "drift detection from telemetry windows" in out and "targets missed:" in out

@@ -97,9 +97,11 @@ def test_the_agents_window_recorder_sketches_its_rows():
         rec.record(rows[i % 40][None, :], 1.0, np.array([[0.3, 0.7]]))
     (window,) = rec.poll()
     assert window["count"] == 400
-    assert 35 <= distinct.estimate(window["distinct"]) <= 45
+    assert len(window["distinct"]) == 64                  # one character per register
+    registers = distinct.from_text(window["distinct"])
+    assert 35 <= distinct.estimate(registers) <= 45
     assert wire.check_telemetry({**make_window(rows, reference_manifest(rows, None, "m"), "pi", 0),
-                                 "distinct": window["distinct"]})["distinct"] == window["distinct"]
+                                 "distinct": window["distinct"]})["distinct"] == registers
 
 
 def test_images_carry_no_row_sketch():
@@ -112,8 +114,10 @@ def test_images_carry_no_row_sketch():
 
 @pytest.mark.parametrize("value", [
     [1] * 63, [1] * 65, [-1] + [0] * 63, [60] + [0] * 63, [True] + [0] * 63, [1.5] + [0] * 63,
-    [[1]] + [0] * 63, "00" * 64, None, {"r": 1}, [2**64] + [0] * 63,
-], ids=["short", "long", "negative", "over-rank", "bool", "float", "nested", "string", "null", "object", "huge"])
+    [[1]] + [0] * 63, "00" * 64, None, {"r": 1}, [2**64] + [0] * 63, "y" + "0" * 63, "!" + "0" * 63,
+    "0" * 63, "\u0660" + "0" * 63,
+], ids=["short", "long", "negative", "over-rank", "bool", "float", "nested", "string-long", "null", "object", "huge",
+        "text-over-rank", "text-bad-char", "text-short", "text-arabic-digit"])
 def test_a_hostile_sketch_is_refused_by_name(value):
     rng = np.random.default_rng(1)
     rows = rng.normal(size=(20, 3))
