@@ -143,6 +143,7 @@ class DeviceAgent:
         primary_variant = None if second is None else "A"
         self.recorder = model.start_recording(window_seconds=window_seconds, window_size=window_size,
                                               variant=primary_variant)
+        self.recorder.on_close = self._attach_labels
         self.second_recorder = None if second is None else second.start_recording(
             window_seconds=window_seconds, window_size=window_size, variant="B" if mode == "ab" else "shadow")
         import random
@@ -319,6 +320,7 @@ class DeviceAgent:
             self.model = model
             self.recorder = model.start_recording(window_seconds=self.window_seconds, window_size=self.window_size,
                                                   variant=variant)
+            self.recorder.on_close = self._attach_labels
             self._recent_p95.clear()
             if self.labels is not None and self.recorder.n_classes:
                 self.labels.reset(model.labels, self.recorder.n_classes)   # predictions of the old model go
@@ -401,12 +403,16 @@ class DeviceAgent:
                 break
             time.sleep(0.02)
 
+    def _attach_labels(self, w: dict) -> None:
+        """The labels joined while window ``w`` was open go with it (called as it closes)."""
+        joiner = getattr(self, "labels", None)
+        labelled = joiner.take_window() if joiner is not None else None
+        if labelled is not None and len(w["predictions"].get("counts") or []) == joiner.n_classes:
+            w["labels"] = labelled
+
     def _spool_closed_windows(self, windows: list[dict], primary: bool = True) -> None:
         for w in windows:
             if primary:
-                labelled = self.labels.take_window() if self.labels is not None else None
-                if labelled is not None and len(w["predictions"].get("counts") or []) == self.labels.n_classes:
-                    w["labels"] = labelled
                 self.last_window = w
                 self._report_losses(w)
                 self._check_scale(w)
@@ -469,8 +475,12 @@ class DeviceAgent:
         self._spool_closed_windows(self.recorder.poll())
         if self.second_recorder is not None:
             self._spool_closed_windows(self.second_recorder.poll(), primary=False)
-        if self.learner is not None and self.learner.trainer.model is self.model:   # not after a flash
-            self.learner.step()
+        self._learn_step()
+
+    def _learn_step(self, max_batches: int = 4) -> None:
+        """``--learn``: train on the full batches of joined labels (not after a flash: another model runs)."""
+        if self.learner is not None and self.learner.trainer.model is self.model:
+            self.learner.step(max_batches)
 
     def learn(self, learner) -> None:
         """Fine-tune on late labels (``--learn``): ``learner`` (edge_runtime.training.Learner, whose trainer's
@@ -577,22 +587,7 @@ class DeviceAgent:
                 break
             if not self._pending.empty():
                 self._apply_pending()
-            truth = None
-            if isinstance(sample, Labelled):       # a replayed file's label column
-                truth, sample = sample.y, sample.x
-            sample_id, sample = input_id(sample, self._input_index)
-            self._input_index += 1
-            if isinstance(sample, BadSample):
-                self._bad(sample.where, sample.reason)
-                self.recorder.record_error(rejected=True, reason="unreadable")
-            else:
-                try:
-                    self._predict(sample, sample_id)
-                    self.inferences += 1
-                    if truth is not None and self.labels is not None:
-                        self.labels.label(sample_id, truth)
-                except EdgeOpsError as exc:
-                    self._bad("input", str(exc))
+            self._serve_one(sample)
             now = time.monotonic()
             if now - last_poll >= 0.1:
                 self.collect()
@@ -609,6 +604,33 @@ class DeviceAgent:
                 elif delay < -1.0:
                     next_due = time.monotonic()  # fell behind: do not burst to catch up
         self.collect()
+
+    def _serve_one(self, sample) -> None:
+        """One input of the run loop: predicted (its label, when the input carries one, joined in the same
+        window), or counted as bad."""
+        truth = None
+        if isinstance(sample, Labelled):       # a replayed file's label column
+            truth, sample = sample.y, sample.x
+        sample_id, sample = input_id(sample, self._input_index)
+        self._input_index += 1
+        if isinstance(sample, BadSample):
+            self._bad(sample.where, sample.reason)
+            self.recorder.record_error(rejected=True, reason="unreadable")
+            return
+        labelled = truth is not None and self.labels is not None
+        if labelled:                      # the label joins the window of its inference
+            self.recorder.hold = True
+        try:
+            self._predict(sample, sample_id)
+            self.inferences += 1
+            if labelled:
+                self.labels.label(sample_id, truth)
+                self._learn_step(1)         # a batch trains as soon as it is full, whatever the input's pace
+        except EdgeOpsError as exc:
+            self._bad("input", str(exc))
+        finally:
+            if labelled:
+                self.recorder.release()
 
     def _interruptible(self, samples: Iterable):
         """The samples, with a flag that says when the run loop is waiting for the next one."""

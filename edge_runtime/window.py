@@ -100,6 +100,10 @@ class WindowRecorder:
         self.window_size = window_size
         self.clock = clock
         self._lock = threading.Lock()
+        # called with each window as it closes (under the recorder's lock), to add what else belongs to it
+        # (the agent: labels joined during the window)
+        self.on_close: Callable[[dict], None] | None = None
+        self.hold = False       # a full window waits for release() (the agent joins an input's label first)
         self._closed: deque[dict] = deque()
         self._n_features = len(bin_edges)
         self._lo = self._hi = None
@@ -159,7 +163,7 @@ class WindowRecorder:
                     self._add_confidence(outputs)
             elif self._outputs is not None:
                 self._outputs.update(outputs[:, :1])
-            if self.window_size is not None and self.count >= self.window_size:
+            if self.window_size is not None and self.count >= self.window_size and not self.hold:
                 self._close(self.clock())
 
     def _add_confidence(self, outputs: np.ndarray) -> None:
@@ -208,7 +212,7 @@ class WindowRecorder:
                 self.rejected_by[reason] = self.rejected_by.get(reason, 0) + n
             else:
                 self.errors += n
-            if self.window_size is not None and self.count >= self.window_size:
+            if self.window_size is not None and self.count >= self.window_size and not self.hold:
                 self._close(self.clock())
 
     # -- closing -------------------------------------------------------------------------------
@@ -226,6 +230,8 @@ class WindowRecorder:
             "features": self.features.to_dict(),
             "predictions": self._predictions(),
         }
+        if self.on_close is not None:
+            self.on_close(window)
         if self.rejected_by:
             window["rejected_by"] = dict(self.rejected_by)
         if self._lo is not None:
@@ -244,6 +250,13 @@ class WindowRecorder:
         d = self._outputs.to_dict()
         return {"count": d["count"][0], "mean": d["mean"][0], "m2": d["m2"][0], "min": d["min"][0],
                 "max": d["max"][0], "hist": d["hist"][0]}
+
+    def release(self) -> None:
+        """End a ``hold``: close the window now if it filled meanwhile."""
+        with self._lock:
+            self.hold = False
+            if self.window_size is not None and self.count >= self.window_size:
+                self._close(self.clock())
 
     def poll(self) -> list[dict]:
         """Windows closed so far (closing the current one first when its time is up)."""

@@ -44,7 +44,8 @@ MAX_LIST = 65_536              # features x bins of any real model fit far below
 MAX_CLOCK_SKEW = 300.0         # seconds a window may be dated ahead of the monitor's clock
 DISTINCT_REGISTERS = 64        # distinct: the distinct-rows sketch (edge_runtime/distinct.py) ...
 DISTINCT_MAX_RANK = 59         # ... each register at most this
-_REGISTER = {c: i for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")}
+_DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"   # edge_runtime/distinct.py's
+_REGISTER_TEXT = re.compile(r"[0-9A-Za-x]{64}\Z")
 
 DEVICE_KINDS = ("telemetry", "status", "bench")   # device -> monitor
 ACK = "ack"                                       # monitor -> device: windows committed
@@ -500,16 +501,17 @@ def _latency(v, count: int) -> dict:
     return out
 
 
-def _registers(v) -> list[int]:
+def _registers(v) -> str:
     """``distinct``: the registers of the window's distinct-rows sketch (edge_runtime/distinct.py), as 64
-    characters (0-9, A-Z, a-z: 0..61) or a list of 64 integers; canonical: the list."""
-    if type(v) is str and len(v) == DISTINCT_REGISTERS:
-        v = [_REGISTER.get(c, 99) for c in v]
-    if type(v) is not list or len(v) != DISTINCT_REGISTERS or set(map(type, v)) != {int} \
-            or min(v) < 0 or max(v) > DISTINCT_MAX_RANK:
-        raise Rejected("bad_value", f"distinct must be {DISTINCT_REGISTERS} characters or integers, each "
-                                    f"register in 0..{DISTINCT_MAX_RANK}")
-    return v
+    characters (0-9, A-Z, a-x: 0..59) or a list of 64 integers; canonical: the characters."""
+    if type(v) is str:
+        if len(v) == DISTINCT_REGISTERS and _REGISTER_TEXT.match(v):
+            return v
+    elif type(v) is list and len(v) == DISTINCT_REGISTERS and set(map(type, v)) == {int} \
+            and min(v) >= 0 and max(v) <= DISTINCT_MAX_RANK:
+        return "".join(_DIGITS[r] for r in v)
+    raise Rejected("bad_value", f"distinct must be {DISTINCT_REGISTERS} characters or integers, each "
+                                f"register in 0..{DISTINCT_MAX_RANK}")
 
 
 def _features(v) -> dict:

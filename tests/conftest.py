@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from devtools.brokers import AmqttBroker, BrokerUnavailable, MosquittoBroker
+from helpers import PG_ADMIN
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -48,7 +49,6 @@ def amqtt(tmp_path):
 
 #: Fixtures that connect to the PostgreSQL server: a test that takes one is marked ``postgres``.
 POSTGRES_FIXTURES = frozenset({"pg_url"})
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from benchmarks import drift
 def test_the_benchmark_reports_every_realistic_clean_stream_with_and_without_the_floor(capsys):
     args = ["--devices", "2", "--windows", "4", "--datasets", "wine"]
     with_floor, without = drift.main(args), drift.main(args + ["--no-floor"])
-    assert with_floor["psi_floor"] == 0.1 and without["psi_floor"] == 0.0
+    assert with_floor["psi_floor"] == 0.1 and without["psi_floor"] < 0     # no effect check at all
     for doc in (with_floor, without):
         rows = {r["scenario"]: r for r in doc["results"]}
         assert set(rows) == set(drift.SCENARIOS) >= {"heldout", "looped", "repeated", "ar1"}

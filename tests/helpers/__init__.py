@@ -25,3 +25,7 @@ def eventually(predicate: Callable[[], T], timeout: float = 20.0, interval: floa
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+#: The local PostgreSQL server's admin URL (database name appended); tests make their own databases.
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/"

@@ -95,8 +95,9 @@ def test_batches_store_exactly_what_one_message_at_a_time_stored(database, tmp_p
 def _second_pg(request) -> str:
     import uuid
 
-    from conftest import PG_ADMIN
     from sqlalchemy import create_engine, text
+
+    from helpers import PG_ADMIN
 
     name = f"edgeops_t_{uuid.uuid4().hex[:8]}"
     admin = create_engine(PG_ADMIN + "test", isolation_level="AUTOCOMMIT")

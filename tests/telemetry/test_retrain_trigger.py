@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import numpy as np
 
@@ -22,11 +23,11 @@ from telemetry.evaluate import MonitorConfig
 from telemetry.monitor import FleetMonitor
 from telemetry.retrain import AlertTrigger
 
-HOOK = """import json, sys
+HOOK = """import json, os, sys
 doc = json.load(sys.stdin)
-open(sys.argv[1] + ".tmp", "w").write(json.dumps(doc))
-import os
-os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+out = sys.argv[1] + "." + doc["device_id"].replace("*", "fleet")     # the device's and the fleet's alerts
+open(out + ".tmp", "w").write(json.dumps(doc))
+os.replace(out + ".tmp", out)
 """
 
 
@@ -89,10 +90,11 @@ def test_the_alert_command_and_webhook_receive_the_incident(tmp_path, bc_mlp_bun
         events = monitor.evaluate_pending()
         opened = [e for change, e in events if change == "opened"]
         assert [e["detector"] for e in opened if e["device_id"] == "bed-9"].count("accuracy") == 1
-        assert eventually(got.exists, 30), "the command did not write the incident"
-        doc = json.loads(got.read_text())
-        assert eventually(lambda: _Hook.received, 10)
-        assert _Hook.received[0] == doc or _Hook.received[0]["alert_id"] == doc["alert_id"]
+        mine = Path(f"{got}.bed-9")
+        assert eventually(mine.exists, 30), "the command did not write the incident"
+        doc = json.loads(mine.read_text())
+        assert eventually(lambda: [r for r in _Hook.received if r["alert_id"] == doc["alert_id"]], 10)
+        assert next(r for r in _Hook.received if r["alert_id"] == doc["alert_id"]) == doc
         alert = next(a for a in store.open_alerts(monitor.engine) if a["detector"] == "accuracy"
                      and a["device_id"] == "bed-9")
         assert doc["type"] == "incident" and doc["alert_id"] == alert["id"] and doc["detector"] == "accuracy"
