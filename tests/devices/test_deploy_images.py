@@ -30,7 +30,7 @@ from helpers import eventually
 # building both images from a cold Docker cache takes minutes on a loaded machine, beyond the default 600 s
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(1800)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 BASE = os.environ.get("EDGEOPS_TEST_BASE_IMAGE", "local/debian-py:bookworm")
 AGENT, MONITOR = f"edgeops-agent:{VERSION}", f"edgeops-monitor:{VERSION}"

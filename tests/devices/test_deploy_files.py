@@ -1,6 +1,6 @@
 """deploy/: every file parses and says what the deployment needs (quick, structural; no Docker).
 
-The images themselves are built and run in tests/test_deploy_images.py (slow, docker).
+The images themselves are built and run in tests/devices/test_deploy_images.py (slow, docker).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import yaml
 from edge_runtime import sdnotify
 from helpers import eventually
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PYPROJECT = (ROOT / "pyproject.toml").read_text()
 VERSION = re.search(r'^version = "([^"]+)"', PYPROJECT, re.M).group(1)  # no tomllib on Python 3.10
