@@ -80,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
-    logging.disable(logging.WARNING)
+    logging.disable(logging.WARNING)       # the evaluation's warnings would flood the table; restored below
+    try:
+        return _run(args)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _run(args) -> int:
     import telemetry.monitor as monitor_module
 
     default_share = monitor_module.FLEET_EVAL_SHARE

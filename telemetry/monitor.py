@@ -221,8 +221,9 @@ class FleetMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+        deadline = time.monotonic() + 15.0     # all threads together, not 10 s each
         for t in self._threads:
-            t.join(timeout=10)
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
@@ -423,7 +424,11 @@ class FleetMonitor:
             dirty, self._dirty = self._dirty, set()
         events = []
         fleets = set()
-        for fleet, device, name, version in sorted(dirty):
+        for i, (fleet, device, name, version) in enumerate(sorted(dirty)):
+            if self._stop.is_set():         # stopping: what is left waits for the next start's windows
+                with self._dirty_lock:
+                    self._dirty |= set(sorted(dirty)[i:])
+                break
             # ingestion first: windows waiting in the inbox are not acknowledged yet, while an evaluation
             # that waits loses nothing (it reads the stored windows whenever it runs)
             while self._inbox.qsize() > 500 and not self._stop.is_set():

@@ -127,7 +127,7 @@ def test_a_canary_rollout_stops_on_a_drift_alert_and_rolls_the_canary_back(mosqu
     finally:
         fleet.stop()
         monitor.send_signal(signal.SIGINT)
-        monitor.wait(timeout=30)
+        monitor.wait(timeout=90)
         col.close()
 
 

@@ -159,7 +159,7 @@ class Rig:
     def close(self):
         self.fleet.stop()
         self.monitor.send_signal(signal.SIGINT)
-        self.monitor.wait(timeout=30)
+        self.monitor.wait(timeout=90)
         self.col.close()
 
 
