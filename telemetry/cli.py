@@ -158,6 +158,7 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, max_clock_skew, quara
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)      # also when started with SIGINT ignored (a background job)
     monitor.start()
     log.info("watching %s/%s/+ on %s, storing to %s%s", topic_prefix, fleet, address.url, db,
              f", shared group {share}" if share else "")
