@@ -10,7 +10,9 @@ resident set (VmHWM) from /proc. Target: at most 80 MB.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     from devtools.brokers import MosquittoBroker
 
     work = Path(tempfile.mkdtemp(prefix="edgeops-rss-"))
+    atexit.register(shutil.rmtree, work, True)      # bundle, inputs, broker and state, whatever way it ends
     if args.bundle:
         bundle = Path(args.bundle)
     else:
