@@ -6,11 +6,22 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
 from devtools.brokers import free_port
-from helpers import eventually
+
+
+def _wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; whether it became true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 
 def find_nats() -> str | None:
@@ -63,6 +74,10 @@ class NatsCluster:
         return ",".join(f"mqtt://127.0.0.1:{self.ports[i]['mqtt']}?protocol=3.1.1"
                         for i in (nodes or range(len(self.ports))))
 
+    def nats_url(self, *nodes: int) -> str:
+        """NATS client URLs of the given nodes (all by default): a native (JetStream) client's failover list."""
+        return ",".join(f"nats://127.0.0.1:{self.ports[i]['client']}" for i in (nodes or range(len(self.ports))))
+
     def wait_ready(self, timeout: float = 60) -> bool:
         """A QoS 1 message published on one node reaches a subscriber on another (JetStream is up)."""
         import paho.mqtt.client as mqtt
@@ -84,7 +99,7 @@ class NatsCluster:
                 if not subscribed.wait(5):
                     return False
                 pub.publish(topic, b"x", qos=1).wait_for_publish(5)
-                return bool(eventually(lambda: got, 3))
+                return _wait_for(lambda: bool(got), 3)
             except (OSError, RuntimeError, ValueError):
                 return False
             finally:
@@ -92,7 +107,7 @@ class NatsCluster:
                     c.loop_stop()
                     c.disconnect()
 
-        return bool(eventually(probe, timeout, 0.5))
+        return _wait_for(probe, timeout, 0.5)
 
     def log_tail(self) -> str:
         return " | ".join((self.workdir / f"n{i}.log").read_text(errors="replace")[-300:]
