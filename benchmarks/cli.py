@@ -59,58 +59,141 @@ def measure_in_child(path: Path, opts: dict) -> dict:
     return doc["ok"]
 
 
-def accuracy(item: dict, X, y, threads: int | None) -> float | None:
-    import numpy as np
-
+def _load_for_accuracy(item: dict, threads: int | None):
     import edge_runtime
-    from benchmarks.datasets import to_model_inputs
 
     if item["bundle"] is not None:
-        model = edge_runtime.load(item["bundle"].root, artifact=item["artifact"]["file"], threads=threads)
-    else:
-        model = edge_runtime.load(item["path"], threads=threads)
-    Xm = to_model_inputs(X, model.manifest, model.input_spec.shape)
-    out = model.predict(Xm)
+        return edge_runtime.load(item["bundle"].root, artifact=item["artifact"]["file"], threads=threads)
+    return edge_runtime.load(item["path"], threads=threads)
+
+
+def _predicted_classes(out):
+    """Class indices from model outputs: a threshold at 0.5 for one score, the argmax otherwise."""
+    import numpy as np
+
     if out.ndim == 1 or out.shape[-1] == 1:
-        pred = (out.reshape(-1) > 0.5).astype(np.int64)
-    else:
-        pred = out.argmax(axis=1)
-    labels = model.labels
+        return (out.reshape(-1) > 0.5).astype(np.int64)
+    return out.argmax(axis=1)
+
+
+def _label_indices(y, labels):
+    """The labels y as class indices: names are looked up in the model's labels (-1 when unknown)."""
+    import numpy as np
+
     y = np.asarray(y)
     if labels and y.dtype.kind not in "iu":
         lookup = {str(label): i for i, label in enumerate(labels)}
         y = np.array([lookup.get(str(v), -1) for v in y])
+    return y
+
+
+def accuracy(item: dict, X, y, threads: int | None) -> float | None:
+    import numpy as np
+
+    from benchmarks.datasets import to_model_inputs
+
+    model = _load_for_accuracy(item, threads)
+    Xm = to_model_inputs(X, model.manifest, model.input_spec.shape)
+    pred = _predicted_classes(model.predict(Xm))
+    y = _label_indices(y, model.labels)
     return round(float((pred == y.astype(np.int64)).mean()), 6)
 
 
-def compare(results: list[dict], budget: float) -> list[str]:
-    """Fill speed-up and size ratio against the first result, mark the pick, and return warnings."""
+def _fill_ratios(results: list[dict]) -> None:
+    """Speed-up and size ratio of each result against the first; no result recommended yet."""
     base = results[0]
-    warnings = []
     for r in results:
         p50 = r["latency_ms"]["p50"]
         r["speedup_vs_first"] = round(base["latency_ms"]["p50"] / p50, 3) if p50 else None
         r["size_ratio_vs_first"] = round(r["model_bytes"] / base["model_bytes"], 4)
         r["recommended"] = False
+
+
+def _within_budget(results: list[dict], budget: float) -> list[dict]:
+    """The results whose accuracy is within budget points of the best (all of them when none has an accuracy)."""
     accs = [r["accuracy"] for r in results if r.get("accuracy") is not None]
-    eligible = results
-    if accs:
-        best = max(accs)
-        eligible = [r for r in results if r.get("accuracy") is not None and (best - r["accuracy"]) * 100 <= budget]
+    if not accs:
+        return results
+    best = max(accs)
+    return [r for r in results if r.get("accuracy") is not None and (best - r["accuracy"]) * 100 <= budget]
+
+
+def _float_originals(r: dict, results: list[dict]) -> list[dict]:
+    """The unquantized results of the same bundle and format as r."""
+    return [o for o in results if o.get("bundle") == r.get("bundle") and o.get("format") == r.get("format")
+            and o.get("quantization") == "none"]
+
+
+def _slower_than_float(r: dict, results: list[dict]) -> str | None:
+    """A warning when the quantized result r is slower than its float original, else None."""
+    q = r.get("quantization")
+    if q not in QUANTIZED:
+        return None
+    floats = _float_originals(r, results)
+    # 5% slack: below that, "slower" is noise on a shared CPU
+    if not floats or r["latency_ms"]["p50"] <= 1.05 * floats[0]["latency_ms"]["p50"]:
+        return None
+    ratio = r["latency_ms"]["p50"] / floats[0]["latency_ms"]["p50"]
+    return (f"{Path(r['artifact']).name} ({q}) is {ratio:.2f}x SLOWER than its float original "
+            f"{Path(floats[0]['artifact']).name} on this CPU: quantization saves size here, "
+            "not time")
+
+
+def compare(results: list[dict], budget: float) -> list[str]:
+    """Fill speed-up and size ratio against the first result, mark the pick, and return warnings."""
+    _fill_ratios(results)
+    eligible = _within_budget(results, budget)
     if eligible:
         min(eligible, key=lambda r: r["latency_ms"]["p50"])["recommended"] = True
-    for r in results:
-        q = r.get("quantization")
-        if q in QUANTIZED:
-            floats = [o for o in results if o.get("bundle") == r.get("bundle") and o.get("format") == r.get("format")
-                      and o.get("quantization") == "none"]
-            # 5% slack: below that, "slower" is noise on a shared CPU
-            if floats and r["latency_ms"]["p50"] > 1.05 * floats[0]["latency_ms"]["p50"]:
-                ratio = r["latency_ms"]["p50"] / floats[0]["latency_ms"]["p50"]
-                warnings.append(f"{Path(r['artifact']).name} ({q}) is {ratio:.2f}x SLOWER than its float original "
-                                f"{Path(floats[0]['artifact']).name} on this CPU: quantization saves size here, "
-                                "not time")
-    return warnings
+    return [w for w in (_slower_than_float(r, results) for r in results) if w is not None]
+
+
+TABLE_COLUMNS = ["artifact", "backend", "runs on", "size KB", "init ms", "first ms", "p50 ms", "p90 ms", "p99 ms",
+                 "mean±std ms", "inf/s", "RSS MB", "accuracy", "speed-up", "size x"]
+
+
+def _table_title(results: list[dict], machine: dict) -> str:
+    bundles = sorted({r["bundle"] for r in results if r.get("bundle")})
+    return (f"edgeops bench{' ' + ', '.join(bundles) if bundles else ''} on {machine['cpu']} "
+            f"({machine['arch']}, {machine['cores']} cores"
+            + (f", {machine['board']}" if machine.get("board") else "") + ")")
+
+
+def _runs_on(r: dict) -> str:
+    return r.get("delegate") or r.get("provider") or "cpu"
+
+
+def _accuracy_cell(r: dict) -> str:
+    return "-" if r.get("accuracy") is None else f"{r['accuracy'] * 100:.2f}%"
+
+
+def _speedup_cell(r: dict) -> str:
+    return f"{r['speedup_vs_first']:.2f}x" if r.get("speedup_vs_first") else "-"
+
+
+def _table_row(r: dict) -> list[str]:
+    lat = r["latency_ms"]
+    return [
+        ("* " if r.get("recommended") else "  ") + Path(r["artifact"]).name, r["backend"], _runs_on(r),
+        f"{r['model_bytes'] / 1024:.1f}", f"{r['init_ms']:.1f}", f"{r['first_ms']:.3f}",
+        f"{lat['p50']:.4f}", f"{lat['p90']:.4f}", f"{lat['p99']:.4f}", f"{lat['mean']:.4f}±{lat['std']:.4f}",
+        f"{r['throughput_ips']:.0f}", f"{r['peak_rss_mb']}", _accuracy_cell(r), _speedup_cell(r),
+        f"{r['size_ratio_vs_first']:.2f}",
+    ]
+
+
+def _table_footer(results: list[dict]) -> str:
+    versions = ", ".join(sorted({f"{r['backend']} {r['backend_version']}" for r in results}))
+    first = results[0]
+    return (f"{first['latency_ms']['runs']} measured runs per artifact after {first['warmup']['runs']} warm-up, "
+            f"batch {first['batch']}, threads {first['threads'] or 'default'}; {versions}; "
+            "speed-up and size against the first row; * = fastest within the accuracy budget")
+
+
+def _fallback_notes(results: list[dict]) -> list[str]:
+    return [f"note: {Path(r['artifact']).name}: {r['accelerator']['fallback']}; "
+            f"ran on {r.get('delegate') or r.get('provider') or 'the builtin CPU kernels'}"
+            for r in results if (r.get("accelerator") or {}).get("fallback")]
 
 
 def render_table(results: list[dict], machine: dict, warnings: list[str]) -> None:
@@ -118,35 +201,15 @@ def render_table(results: list[dict], machine: dict, warnings: list[str]) -> Non
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    bundles = sorted({r["bundle"] for r in results if r.get("bundle")})
-    table = Table(title=f"edgeops bench{' ' + ', '.join(bundles) if bundles else ''} on {machine['cpu']} "
-                        f"({machine['arch']}, {machine['cores']} cores"
-                        + (f", {machine['board']}" if machine.get("board") else "") + ")")
-    cols = ["artifact", "backend", "runs on", "size KB", "init ms", "first ms", "p50 ms", "p90 ms", "p99 ms",
-            "mean±std ms", "inf/s", "RSS MB", "accuracy", "speed-up", "size x"]
-    for c in cols:
+    table = Table(title=_table_title(results, machine))
+    for c in TABLE_COLUMNS:
         table.add_column(c, justify="left" if c in ("artifact", "backend") else "right", no_wrap=True)
     for r in results:
-        lat = r["latency_ms"]
-        table.add_row(
-            ("* " if r.get("recommended") else "  ") + Path(r["artifact"]).name, r["backend"],
-            r.get("delegate") or r.get("provider") or "cpu",
-            f"{r['model_bytes'] / 1024:.1f}", f"{r['init_ms']:.1f}", f"{r['first_ms']:.3f}",
-            f"{lat['p50']:.4f}", f"{lat['p90']:.4f}", f"{lat['p99']:.4f}", f"{lat['mean']:.4f}±{lat['std']:.4f}",
-            f"{r['throughput_ips']:.0f}", f"{r['peak_rss_mb']}",
-            "-" if r.get("accuracy") is None else f"{r['accuracy'] * 100:.2f}%",
-            f"{r['speedup_vs_first']:.2f}x" if r.get("speedup_vs_first") else "-", f"{r['size_ratio_vs_first']:.2f}",
-        )
+        table.add_row(*_table_row(r))
     console.print(table)
-    versions = ", ".join(sorted({f"{r['backend']} {r['backend_version']}" for r in results}))
-    first = results[0]
-    console.print(f"{first['latency_ms']['runs']} measured runs per artifact after {first['warmup']['runs']} warm-up, "
-                  f"batch {first['batch']}, threads {first['threads'] or 'default'}; {versions}; "
-                  "speed-up and size against the first row; * = fastest within the accuracy budget")
-    for r in results:
-        if (r.get("accelerator") or {}).get("fallback"):
-            console.print(f"note: {Path(r['artifact']).name}: {r['accelerator']['fallback']}; "
-                          f"ran on {r.get('delegate') or r.get('provider') or 'the builtin CPU kernels'}")
+    console.print(_table_footer(results))
+    for note in _fallback_notes(results):
+        console.print(note)
     for w in warnings:
         console.print(f"warning: {w}")
 
@@ -184,45 +247,80 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
 
         get_profile(store_profile)
     from benchmarks.machine import machine_info
-    from benchmarks.runner import measure, parse_input_shapes
+    from benchmarks.runner import parse_input_shapes
 
     shapes = parse_input_shapes(input_shape)
     accel = board_acceleration(board, accel)
     items = expand(paths, artifact)
-    # a .tar.gz bundle was unpacked into a temporary folder: removed when the command ends, however it ends
-    click.get_current_context().call_on_close(lambda: [b.cleanup() for b in {id(i["bundle"]): i["bundle"]
-                                                                          for i in items if i["bundle"]}.values()])
-    labelled = None
-    if data or dataset:
-        from benchmarks.datasets import load_labelled
-
-        labelled = load_labelled(data, dataset)
-    opts = {"runs": runs, "warmup": warmup, "duration": duration, "threads": threads, "batch": batch,
-            "input_shapes": {k: list(v) for k, v in shapes.items()}, "accel": accel.to_dict()}
-    results = []
-    show_progress = sys.stderr.isatty() and json_out != "-"
-    from rich.progress import Progress
-
-    with Progress(transient=True, disable=not show_progress) as progress:
-        task = progress.add_task("benchmarking", total=len(items))
-        for item in items:
-            progress.update(task, description=f"benchmarking {item['path'].name}")
-            if in_process:
-                r = measure(item["path"], runs=runs, warmup=warmup, duration=duration, threads=threads, batch=batch,
-                            input_shapes=shapes, accel=accel)
-            else:
-                r = measure_in_child(item["path"], opts)
-            r["bundle"] = item["bundle"].name if item["bundle"] else None
-            r["bundle_version"] = item["bundle"].version if item["bundle"] else None
-            r["quantization"] = item["artifact"]["quantization"] if item["artifact"] else None
-            r["accuracy"] = accuracy(item, labelled[0], labelled[1], threads) if labelled else None
-            results.append(r)
-            progress.advance(task)
+    _cleanup_bundles_on_close(items)
+    labelled = _labelled_data(data, dataset)
+    settings = {"runs": runs, "warmup": warmup, "duration": duration, "threads": threads, "batch": batch}
+    measure_one = _measurer(in_process, settings, shapes, accel)
+    results = _measure_all(items, measure_one, labelled, threads, show_progress=sys.stderr.isatty() and json_out != "-")
     warnings = compare(results, accuracy_budget)
     machine = machine_info()
     doc = {"schema_version": 1, "machine": machine, "profile": board, "data": labelled[2] if labelled else None,
            "accuracy_budget_points": accuracy_budget, "warnings": warnings,
            "results": [{**r, "machine": machine} for r in results]}
+    _write_outputs(doc, results, machine, warnings, json_out, csv_out)
+    if publish:
+        publish_result(publish, fleet, device_id, doc)
+    if store_profile:
+        from devices.boards import store_results
+
+        where = store_results(store_profile, items, results)
+        click.echo(f"stored against profile {store_profile} in {where}", err=True)
+
+
+def _cleanup_bundles_on_close(items: list[dict]) -> None:
+    """A .tar.gz bundle was unpacked into a temporary folder: removed when the command ends, however it ends."""
+    click.get_current_context().call_on_close(lambda: [b.cleanup() for b in {id(i["bundle"]): i["bundle"]
+                                                                          for i in items if i["bundle"]}.values()])
+
+
+def _labelled_data(data, dataset):
+    """(X, y, description) for accuracy, or None when neither --data nor --dataset is given."""
+    if not (data or dataset):
+        return None
+    from benchmarks.datasets import load_labelled
+
+    return load_labelled(data, dataset)
+
+
+def _measurer(in_process: bool, settings: dict, shapes: dict, accel):
+    """The function measuring one model file: in this process, or in a fresh interpreter."""
+    if in_process:
+        from benchmarks.runner import measure
+
+        return lambda path: measure(path, **settings, input_shapes=shapes, accel=accel)
+    opts = {**settings, "input_shapes": {k: list(v) for k, v in shapes.items()}, "accel": accel.to_dict()}
+    return lambda path: measure_in_child(path, opts)
+
+
+def _describe_item(r: dict, item: dict, labelled, threads) -> dict:
+    """Add the bundle, its version, the quantization and the accuracy of item to its measurement r."""
+    r["bundle"] = item["bundle"].name if item["bundle"] else None
+    r["bundle_version"] = item["bundle"].version if item["bundle"] else None
+    r["quantization"] = item["artifact"]["quantization"] if item["artifact"] else None
+    r["accuracy"] = accuracy(item, labelled[0], labelled[1], threads) if labelled else None
+    return r
+
+
+def _measure_all(items: list[dict], measure_one, labelled, threads, show_progress: bool) -> list[dict]:
+    from rich.progress import Progress
+
+    results = []
+    with Progress(transient=True, disable=not show_progress) as progress:
+        task = progress.add_task("benchmarking", total=len(items))
+        for item in items:
+            progress.update(task, description=f"benchmarking {item['path'].name}")
+            results.append(_describe_item(measure_one(item["path"]), item, labelled, threads))
+            progress.advance(task)
+    return results
+
+
+def _write_outputs(doc: dict, results: list[dict], machine: dict, warnings: list[str], json_out, csv_out) -> None:
+    """The JSON document on stdout ('-'), or the table (and the JSON file); the CSV file."""
     if json_out == "-":
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -231,13 +329,6 @@ def bench_cmd(paths, runs, warmup, duration, threads, batch, input_shape, artifa
             Path(json_out).write_text(json.dumps(doc, indent=2) + "\n")
     if csv_out:
         write_csv(csv_out, results)
-    if publish:
-        publish_result(publish, fleet, device_id, doc)
-    if store_profile:
-        from devices.boards import store_results
-
-        where = store_results(store_profile, items, results)
-        click.echo(f"stored against profile {store_profile} in {where}", err=True)
 
 
 def board_acceleration(board: str | None, accel):
