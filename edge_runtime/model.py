@@ -20,6 +20,41 @@ log = logging.getLogger("edgeops.runtime")
 _perf = time.perf_counter
 
 
+def _check_model_args(backend: Backend, path: Path, nan_policy: str) -> None:
+    """ValueError for an unknown NaN policy, InvalidInputError for a model with more than one input."""
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}")
+    if len(backend.inputs) != 1:
+        raise InvalidInputError(
+            f"{path}: the model has {len(backend.inputs)} inputs; EdgeModel runs single-input models "
+            "(edgeops bench runs any model)"
+        )
+
+
+def _quantization(tensor: TensorInfo) -> tuple | None:
+    """The (scale, zero point) of an integer tensor, None for a float one."""
+    return tensor.quantization if tensor.dtype in ("int8", "uint8", "int16") else None
+
+
+def _input_spec(inp: TensorInfo, schema: dict) -> InputSpec:
+    """What a caller's input must look like: the manifest's input schema, else the model's input tensor."""
+    shape = tuple(schema.get("shape") or [d for d in inp.shape[1:]])
+    norm = schema.get("normalization")
+    mean = std = None
+    if norm:
+        mean = np.asarray(norm["mean"], dtype=np.float32)
+        # a constant training column has std 0: leave it unscaled rather than divide by zero
+        std = np.asarray(norm["std"], dtype=np.float32)
+        std = np.where(std > 0, std, np.float32(1.0))
+    return InputSpec(
+        name=inp.name,
+        shape=tuple(int(d) for d in shape),
+        features=tuple(schema["features"]) if schema.get("features") else None,
+        mean=mean,
+        std=std,
+    )
+
+
 class EdgeModel:
     """A loaded model. Callers pass floats and get floats; int8 quantization is hidden.
 
@@ -34,13 +69,7 @@ class EdgeModel:
 
     def __init__(self, backend: Backend, path: Path, bundle: Bundle | None = None,
                  artifact: dict | None = None, nan_policy: str = "reject"):
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}")
-        if len(backend.inputs) != 1:
-            raise InvalidInputError(
-                f"{path}: the model has {len(backend.inputs)} inputs; EdgeModel runs single-input models "
-                "(edgeops bench runs any model)"
-            )
+        _check_model_args(backend, path, nan_policy)
         self.backend = backend
         self.path = path
         self.bundle = bundle
@@ -51,34 +80,27 @@ class EdgeModel:
         self.labels = self.manifest.get("labels") if self.manifest else None
         inp = backend.inputs[0]
         schema = (self.manifest or {}).get("input_schema") or {}
-        shape = tuple(schema.get("shape") or [d for d in inp.shape[1:]])
-        norm = schema.get("normalization")
-        self.input_spec = InputSpec(
-            name=inp.name,
-            shape=tuple(int(d) for d in shape),
-            features=tuple(schema["features"]) if schema.get("features") else None,
-            mean=np.asarray(norm["mean"], dtype=np.float32) if norm else None,
-            # a constant training column has std 0: leave it unscaled rather than divide by zero
-            std=np.where(np.asarray(norm["std"], dtype=np.float32) > 0, np.asarray(norm["std"], dtype=np.float32),
-                         np.float32(1.0)) if norm else None,
-        )
-        self._in_q = inp.quantization if inp.dtype in ("int8", "uint8", "int16") else None
+        self.input_spec = _input_spec(inp, schema)
+        self._in_q = _quantization(inp)
         self._in_dtype = np.dtype(inp.dtype)
         self._affine = None
         if self._in_q is not None:
-            info = np.iinfo(self._in_dtype)
-            self._in_lo, self._in_hi = float(info.min), float(info.max)
-            if self.input_spec.mean is not None:
-                scale, zp = self._in_q
-                a = (1.0 / (self.input_spec.std.astype(np.float64) * scale))
-                b = zp - self.input_spec.mean.astype(np.float64) * a
-                self._affine = (a.astype(np.float32), b.astype(np.float32))
-        out = backend.outputs[0]
-        self._out_q = out.quantization if out.dtype in ("int8", "uint8", "int16") else None
+            self._set_input_quantization()
+        self._out_q = _quantization(backend.outputs[0])
         self._run = backend.run
         self._image = schema.get("image") if schema.get("kind") == "image" else None
         self.recorder: WindowRecorder | None = None
         self.added_latency_s = 0.0   # emulation knob: sleep inside the measured time of every predict
+
+    def _set_input_quantization(self) -> None:
+        """The integer input's range, and standardisation and quantization folded into one multiply-add."""
+        info = np.iinfo(self._in_dtype)
+        self._in_lo, self._in_hi = float(info.min), float(info.max)
+        if self.input_spec.mean is not None:
+            scale, zp = self._in_q
+            a = (1.0 / (self.input_spec.std.astype(np.float64) * scale))
+            b = zp - self.input_spec.mean.astype(np.float64) * a
+            self._affine = (a.astype(np.float32), b.astype(np.float32))
 
     def _images_to_array(self, x: Any) -> Any:
         from edge_runtime.preprocess import image_to_array, is_image_like
@@ -139,30 +161,41 @@ class EdgeModel:
         rec = self.recorder
         if not isinstance(x, np.ndarray) and self._image is not None:
             x = self._images_to_array(x)
+        batch, single = self._checked_batch(x, rec)
+        out = self._to_floats(self._infer(batch, rec), len(batch))
+        if self.added_latency_s:
+            time.sleep(self.added_latency_s)   # an emulated slow device (fleet emulation only)
+        if rec is not None:
+            rec.record(batch, (_perf() - t0) * 1000.0, out)
+        return out[0] if single else out
+
+    def _checked_batch(self, x: Any, rec: WindowRecorder | None) -> tuple[np.ndarray, bool]:
+        """The input as a float32 batch; a rejected input is counted in telemetry before the error goes up."""
         try:
-            batch, single = as_batch(x, self.input_spec, self.nan_policy)
+            return as_batch(x, self.input_spec, self.nan_policy)
         except InvalidInputError as exc:
             if rec is not None:
                 rec.record_error(rejected=True, reason=exc.reason)
             raise
+
+    def _infer(self, batch: np.ndarray, rec: WindowRecorder | None) -> np.ndarray:
+        """The model's raw first output for the batch; a failed inference is counted and reported as bad input."""
         try:
-            raw = self._run([self._to_model(batch)])[0]
+            return self._run([self._to_model(batch)])[0]
         except Exception as exc:
             if rec is not None:
                 rec.record_error(len(batch))
             raise InvalidInputError(f"input {self.input_spec.name!r}: inference failed ({str(exc)[:200]})") from None
+
+    def _to_floats(self, raw: np.ndarray, n: int) -> np.ndarray:
+        """The model's output tensor as float32 rows, one per sample: dequantized when the output is integer."""
         if self._out_q is not None:
             out = raw.astype(np.float32)
             out -= self._out_q[1]
             out *= self._out_q[0]
         else:
             out = raw if raw.dtype == np.float32 else raw.astype(np.float32)
-        out = out.reshape(len(batch), -1) if out.ndim != 2 else out
-        if self.added_latency_s:
-            time.sleep(self.added_latency_s)   # an emulated slow device (fleet emulation only)
-        if rec is not None:
-            rec.record(batch, (_perf() - t0) * 1000.0, out)
-        return out[0] if single else out
+        return out.reshape(n, -1) if out.ndim != 2 else out
 
     def predict_proba(self, x: Any) -> np.ndarray:
         """Class probabilities (a single sigmoid column becomes two columns)."""
@@ -214,18 +247,7 @@ class EdgeModel:
         saved, self.recorder = self.recorder, None
         try:
             for v in vectors:
-                inputs = np.asarray(v["inputs"], dtype=np.float32)
-                got = np.stack([self.predict(row[None]) for row in inputs]).reshape(len(inputs), -1)
-                want = np.asarray(v["expected"], dtype=np.float32).reshape(got.shape)
-                atol = float(v.get("atol", 1e-4))
-                diff = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
-                worst = max(worst, diff)
-                if not diff <= atol:
-                    what = "non-finite outputs" if diff == float("inf") else f"output differs by {diff:.3g}"
-                    raise QualityCheckError(
-                        f"{self.path.name}: test vector {what} (allowed {atol:.3g}): the artifact does not compute "
-                        "what was converted (verify_vectors=False / --skip-test-vectors loads it anyway)"
-                    )
+                worst = max(worst, self._check_vector(v))
         except (ValueError, TypeError, KeyError) as exc:
             raise QualityCheckError(f"{self.path.name}: the manifest's test vectors do not fit the model ({exc})") \
                 from None
@@ -233,23 +255,34 @@ class EdgeModel:
             self.recorder = saved
         return worst
 
+    def _check_vector(self, v: dict) -> float:
+        """Run one test vector a sample at a time; its largest difference (inf for non-finite outputs).
+
+        Raises:
+            QualityCheckError: the difference is over the vector's atol.
+        """
+        from edge_runtime.errors import QualityCheckError
+
+        inputs = np.asarray(v["inputs"], dtype=np.float32)
+        got = np.stack([self.predict(row[None]) for row in inputs]).reshape(len(inputs), -1)
+        want = np.asarray(v["expected"], dtype=np.float32).reshape(got.shape)
+        atol = float(v.get("atol", 1e-4))
+        diff = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
+        if not diff <= atol:
+            what = "non-finite outputs" if diff == float("inf") else f"output differs by {diff:.3g}"
+            raise QualityCheckError(
+                f"{self.path.name}: test vector {what} (allowed {atol:.3g}): the artifact does not compute "
+                "what was converted (verify_vectors=False / --skip-test-vectors loads it anyway)"
+            )
+        return diff
+
     def start_recording(self, window_seconds: float | None = 10.0, window_size: int | None = None,
                         variant: str | None = None) -> WindowRecorder:
         """From now on every predict feeds telemetry windows; returns the recorder."""
         m = self.manifest or {}
         profile = m.get("reference_profile") or {}
         feats = profile.get("features")
-        if feats:
-            edges, monitored = [f["bin_edges"] for f in feats], profile.get("monitored", "features")
-        elif len(self.input_spec.shape) == 3:
-            edges, monitored = [[] for _ in range(self.input_spec.shape[-1])], "channels"
-        else:
-            n = self.input_spec.n_values
-            edges, monitored = ([[] for _ in range(n)] if n <= 1024 else []), "features"
-        if self.task == "classification" or (self.task is None and self.outputs[0].shape[-1] > 1):
-            n_classes = len(self.labels) if self.labels else max(2, int(self.outputs[0].shape[-1]))
-        else:
-            n_classes = None
+        edges, monitored = self._monitored_inputs(profile)
         out_stats = profile.get("output_stats") or {}
         info = {
             "name": m.get("name", self.path.stem),
@@ -259,9 +292,26 @@ class EdgeModel:
             "variant": variant,
         }
         ranges = [(f.get("min"), f.get("max")) for f in feats] if feats else None
-        self.recorder = WindowRecorder(info, edges, monitored, n_classes, out_stats.get("bin_edges"),
+        self.recorder = WindowRecorder(info, edges, monitored, self._n_classes(), out_stats.get("bin_edges"),
                                        window_seconds=window_seconds, window_size=window_size, ranges=ranges)
         return self.recorder
+
+    def _monitored_inputs(self, profile: dict) -> tuple[list, str]:
+        """(bin edges per monitored input, what they are): the reference profile's features, else the
+        image channels, else the input values (none past 1024 of them)."""
+        feats = profile.get("features")
+        if feats:
+            return [f["bin_edges"] for f in feats], profile.get("monitored", "features")
+        if len(self.input_spec.shape) == 3:
+            return [[] for _ in range(self.input_spec.shape[-1])], "channels"
+        n = self.input_spec.n_values
+        return ([[] for _ in range(n)] if n <= 1024 else []), "features"
+
+    def _n_classes(self) -> int | None:
+        """The number of classes telemetry counts, None for a regression (or a single-output bare file)."""
+        if self.task == "classification" or (self.task is None and self.outputs[0].shape[-1] > 1):
+            return len(self.labels) if self.labels else max(2, int(self.outputs[0].shape[-1]))
+        return None
 
     def stop_recording(self) -> None:
         self.recorder = None
@@ -373,13 +423,7 @@ def load(  # noqa: PLR0913 - the loader's options, all keywords with defaults
 
 def _load_bundle(bundle: Bundle, artifact: str | None, threads: int | None, nan_policy: str,  # noqa: PLR0913
                  prefer: str | None, isolate: bool, accel=None) -> EdgeModel:
-    if artifact:
-        candidates = [bundle.artifact(artifact)]
-    else:
-        candidates = artifact_order(bundle, _formats_available())
-        if not candidates:
-            have = ", ".join(sorted({a["format"] for a in bundle.artifacts}))
-            raise BackendUnavailableError(f"{bundle.root}: no backend installed for its artifacts ({have})")
+    candidates = _candidates(bundle, artifact)
     for n, chosen in enumerate(candidates):
         art_path = bundle.root / chosen["file"]
         if isolate:
@@ -398,3 +442,14 @@ def _load_bundle(bundle: Bundle, artifact: str | None, threads: int | None, nan_
                  backend.version)
         return EdgeModel(backend, art_path, bundle, chosen, nan_policy)
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _candidates(bundle: Bundle, artifact: str | None) -> list[dict]:
+    """The artifacts to try in turn: the named one, else those an installed backend runs, best first."""
+    if artifact:
+        return [bundle.artifact(artifact)]
+    candidates = artifact_order(bundle, _formats_available())
+    if not candidates:
+        have = ", ".join(sorted({a["format"] for a in bundle.artifacts}))
+        raise BackendUnavailableError(f"{bundle.root}: no backend installed for its artifacts ({have})")
+    return candidates
