@@ -35,14 +35,21 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 
 
 @click.command("monitor")
-@click.option("--broker", required=True, help="mqtt://host:port or mqtts://user:pass@host:8883")
+@click.option("--broker", required=True,
+              help="mqtt://host:port or mqtts://user:pass@host:8883; or nats://host:4222 to consume natively from NATS "
+                   "JetStream what devices publish over nats-server's MQTT (comma-separate a cluster's nodes).")
 @click.option("--fleet", default="+", show_default=True, help="Fleet to watch ('+' for all).")
 @click.option("--db", default="sqlite:///monitor.db", show_default=True,
               help="sqlite:///file.db, or postgresql://user@host:5432/db for several monitors.")
 @click.option("--http", "http", help="Serve /metrics and the dashboard on [HOST]:PORT, e.g. :9100.")
-@click.option("--share", help="MQTT v5 shared-subscription group: several monitors split the load.")
+@click.option("--share", help="MQTT v5 shared-subscription group: several monitors split the load. With nats://, "
+                               "monitors of the same fleet and group share one durable consumer.")
 @click.option("--client-id", help="Stable MQTT client id (default edgeops-monitor-FLEET[-GROUP], 'all' for '+'); "
-                                   "give each shared monitor its own.")
+                                   "give each shared monitor its own. With nats://, it names the durable JetStream "
+                                   "consumers (CLIENT_ID-telemetry, -bench, -status): the same on every worker.")
+@click.option("--ack-wait", type=float, default=30.0, show_default=True,
+              help="nats:// only: seconds after which a message a worker took and did not acknowledge (it died) "
+                   "goes to another worker.")
 @click.option("--max-clock-skew", type=float, default=300.0, show_default=True,
               help="Seconds a window may be dated ahead of this machine's clock; later ones are quarantined.")
 @click.option("--quarantine-keep", type=int, default=10_000, show_default=True,
@@ -111,15 +118,15 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--on-alert-webhook", metavar="URL", help="POST the incident of a drift or accuracy alert that opens.")
 @click.option("--on-alert-timeout", type=float, default=60.0, show_default=True,
               help="Seconds --on-alert-exec may run before it is killed.")
-@click.option("--username", help="MQTT username.")
-@click.option("--password", envvar="EDGEOPS_MQTT_PASSWORD", help="MQTT password (or EDGEOPS_MQTT_PASSWORD).")
-@click.option("--ca", "ca_file", type=click.Path(), help="CA certificate for mqtts://.")
+@click.option("--username", help="MQTT (or NATS) username.")
+@click.option("--password", envvar="EDGEOPS_MQTT_PASSWORD", help="MQTT (or NATS) password (or EDGEOPS_MQTT_PASSWORD).")
+@click.option("--ca", "ca_file", type=click.Path(), help="CA certificate for mqtts:// (or a NATS server's TLS).")
 @click.option("--topic-prefix", default="edgeops", show_default=True)
 @click.option("--duration", type=float, help="Stop after S seconds (default: run until interrupted).")
-def monitor_cmd(broker, fleet, db, http, share, client_id, max_clock_skew, quarantine_keep, no_confirm, bundle_paths,
-                bundles_dir, webhook, retention_days, recent_windows, min_samples, alpha, correction, psi_threshold,
-                ks_alpha, latency_factor, latency_min_increase_ms, latency_sustain, latency_slo_ms, error_rate,
-                close_after, username, password, ca_file, topic_prefix, duration, **judgments):
+def monitor_cmd(broker, fleet, db, http, share, client_id, ack_wait, max_clock_skew, quarantine_keep, no_confirm,
+                bundle_paths, bundles_dir, webhook, retention_days, recent_windows, min_samples, alpha, correction,
+                psi_threshold, ks_alpha, latency_factor, latency_min_increase_ms, latency_sustain, latency_slo_ms,
+                error_rate, close_after, username, password, ca_file, topic_prefix, duration, **judgments):
     """Consume fleet telemetry: validate, store, detect drift and latency regressions, alert."""
     from edge_runtime.mqtt import parse_broker_url
     from telemetry import store
@@ -134,12 +141,21 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, max_clock_skew, quara
                            latency_min_increase_ms=latency_min_increase_ms, latency_sustain=latency_sustain,
                            latency_slo_ms=latency_slo_ms,
                            error_rate=error_rate, close_after=close_after, **judgments)
-    address = parse_broker_url(broker, username, password, ca_file)
+    from telemetry.jetstream import JetStreamMonitor, is_nats_url, nats_address
+
+    extra = {}
+    if is_nats_url(broker):
+        if ack_wait <= 0:
+            raise InvalidInputError(f"--ack-wait {ack_wait}: must be positive")
+        address, make = nats_address(broker, username, password, ca_file), JetStreamMonitor
+        extra = {"ack_wait": ack_wait}
+    else:
+        address, make = parse_broker_url(broker, username, password, ca_file), FleetMonitor
     try:
-        monitor = FleetMonitor(address, db, fleet=fleet, share=share, client_id=client_id, config=config,
-                               bundles=_bundles(bundle_paths, bundles_dir), webhook=webhook, prefix=topic_prefix,
-                               max_skew=max_clock_skew, quarantine_keep=quarantine_keep, confirm=not no_confirm,
-                               trigger=trigger)
+        monitor = make(address, db, fleet=fleet, share=share, client_id=client_id, config=config,
+                       bundles=_bundles(bundle_paths, bundles_dir), webhook=webhook, prefix=topic_prefix,
+                       max_skew=max_clock_skew, quarantine_keep=quarantine_keep, confirm=not no_confirm,
+                       trigger=trigger, **extra)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server

@@ -158,11 +158,23 @@ class FleetMonitor:
     def start(self) -> "FleetMonitor":
         import gc
 
-        from edge_runtime.mqtt import NodeRotation, connect_args, make_client
-
         # everything loaded so far (numpy, scipy, SQLAlchemy, the bundles) lives as long as the process: kept
         # out of the cyclic collector's full passes, which a stream of parsed windows triggers often
         gc.freeze()
+        self._connect()
+        for target, name in ((self._ingest_loop, "ingest"), (self._evaluate_loop, "evaluate")):
+            t = threading.Thread(target=target, name=f"edgeops-monitor-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    # The transport: what receives messages into the inbox, acknowledges them after their commit and
+    # publishes the monitor's own messages. MQTT here; telemetry.jetstream overrides these four methods.
+
+    def _connect(self) -> None:
+        """Connect and subscribe; each received message goes to the inbox as (topic, payload, token, qos)."""
+        from edge_runtime.mqtt import NodeRotation, connect_args, make_client
+
         # a persistent session (on an MQTT 3.1.1 broker: a non-clean one, and no shared subscription)
         c = make_client(self.broker, self.client_id, session_expiry=self.session_expiry, max_inflight=1000,
                         reconnect=(1, 30))
@@ -192,11 +204,22 @@ class FleetMonitor:
         self.client = c
         c.connect_async(**connect_args(self.broker, self.session_expiry))
         c.loop_start()
-        for target, name in ((self._ingest_loop, "ingest"), (self._evaluate_loop, "evaluate")):
-            t = threading.Thread(target=target, name=f"edgeops-monitor-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        return self
+
+    def _acknowledge(self, batch: list) -> None:
+        """Acknowledge a committed batch's messages to the broker (which then forgets them)."""
+        for _, _, mid, qos in batch:
+            if qos and self.client is not None:
+                self.client.ack(mid, qos)
+
+    def _disconnect(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+
+    @property
+    def _shared(self) -> bool:
+        """Whether other processes may receive part of this fleet's messages (they share the stream)."""
+        return bool(self.share)
 
     def _log_session(self, resumed: bool) -> None:
         """Say which broker session this is; a resumed one names its age and the fleet it was made for."""
@@ -224,9 +247,7 @@ class FleetMonitor:
         deadline = time.monotonic() + 15.0     # all threads together, not 10 s each
         for t in self._threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
-        if self.client is not None:
-            self.client.disconnect()
-            self.client.loop_stop()
+        self._disconnect()
 
     # -- ingestion -----------------------------------------------------------------------------
 
@@ -242,23 +263,22 @@ class FleetMonitor:
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            self._ingest_until_done(batch)
-            for _, _, mid, qos in batch:
-                if qos and self.client is not None:
-                    self.client.ack(mid, qos)
+            if self._ingest_until_done(batch):
+                self._acknowledge(batch)
 
-    def _ingest_until_done(self, batch: list) -> None:
+    def _ingest_until_done(self, batch: list) -> bool:
         """Ingest a batch; while the database is unreachable, retry with backoff (nothing is acknowledged
-        meanwhile, so nothing is lost). Any other failure is contained by :meth:`ingest` itself."""
+        meanwhile, so nothing is lost). Any other failure is contained by :meth:`ingest` itself. False when
+        stopping before the batch could be stored (it is then not acknowledged)."""
         delay = 0.2
         while True:
             try:
                 self.ingest(batch)
-                return
+                return True
             except Exception as exc:  # noqa: BLE001 - transient database failures only reach here
                 if self._stop.is_set():
                     log.warning("stopping with %d messages not stored; the broker redelivers them", len(batch))
-                    return
+                    return False
                 log.warning("the database failed for a batch of %d messages (%s); retrying in %.1f s",
                             len(batch), str(exc).splitlines()[0][:200], delay)
                 self._stop.wait(delay)
@@ -538,7 +558,7 @@ class FleetMonitor:
         every FLEET_RELOAD_S seconds."""
         key = (fleet, name, version)
         due = self._fleet_loaded.get(key)
-        if due is not None and (not self.share or time.monotonic() < due):
+        if due is not None and (not self._shared or time.monotonic() < due):
             return
         started = time.monotonic()
         manifest = self._manifest({"name": name, "version": version})
