@@ -63,33 +63,54 @@ class BadSample:
     reason: str
 
 
+def _load_npy(p: Path) -> np.ndarray:
+    return np.load(p, allow_pickle=False)
+
+
+def _load_npz(p: Path) -> np.ndarray:
+    with np.load(p, allow_pickle=False) as z:
+        if "X" not in z.files:
+            raise InvalidInputError(f"input {p}: .npz needs an array named X")
+        return z["X"]
+
+
+def _csv_has_header(p: Path) -> bool:
+    """Whether the first line of a .csv file is something else than numbers."""
+    with open(p) as fh:
+        first = fh.readline()
+    try:
+        [float(v) for v in first.strip().split(",")]
+    except ValueError:
+        return True
+    return False
+
+
+def _load_csv(p: Path) -> np.ndarray:
+    skip = 1 if _csv_has_header(p) else 0
+    return np.loadtxt(p, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float32)
+
+
+def _unknown_suffix(p: Path) -> np.ndarray:
+    raise InvalidInputError(f"input {p}: use .csv, .npy or .npz (or a folder of images, or - for stdin)")
+
+
+_ROW_LOADERS = {".npy": _load_npy, ".npz": _load_npz, ".csv": _load_csv}
+
+
+def _load_rows(p: Path) -> np.ndarray:
+    """The array a .npy, .npz or .csv file holds."""
+    try:
+        return _ROW_LOADERS.get(p.suffix, _unknown_suffix)(p)
+    except (ValueError, OSError) as exc:
+        raise InvalidInputError(f"input {p}: not readable ({str(exc)[:120]})") from None
+
+
 def read_rows(path: str | Path, n_values: int | None = None) -> np.ndarray:
     """Samples from .npy, .npz (array X) or .csv (numbers; a header line is skipped)."""
     p = Path(path)
     if not p.is_file():
         raise InvalidInputError(f"input {p}: no such file")
-    try:
-        if p.suffix == ".npy":
-            X = np.load(p, allow_pickle=False)
-        elif p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                if "X" not in z.files:
-                    raise InvalidInputError(f"input {p}: .npz needs an array named X")
-                X = z["X"]
-        elif p.suffix == ".csv":
-            with open(p) as fh:
-                first = fh.readline()
-            try:
-                [float(v) for v in first.strip().split(",")]
-                skip = 0
-            except ValueError:
-                skip = 1
-            X = np.loadtxt(p, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float32)
-        else:
-            raise InvalidInputError(f"input {p}: use .csv, .npy or .npz (or a folder of images, or - for stdin)")
-    except (ValueError, OSError) as exc:
-        raise InvalidInputError(f"input {p}: not readable ({str(exc)[:120]})") from None
-    X = np.asarray(X, dtype=np.float32)
+    X = np.asarray(_load_rows(p), dtype=np.float32)
     if X.ndim == 1:
         X = X[:, None]
     if n_values is not None and X.ndim == 2 and X.shape[1] == n_values + 1:
@@ -99,23 +120,33 @@ def read_rows(path: str | Path, n_values: int | None = None) -> np.ndarray:
     return X
 
 
+def _npz_labels(p: Path, label_column: str | None) -> np.ndarray | None:
+    """The labels array of a .npz: the one named, else y or labels; None when it has neither."""
+    with np.load(p, allow_pickle=False) as z:
+        key = label_column or next((k for k in ("y", "labels") if k in z.files), None)
+        if key is None:
+            return None
+        if key not in z.files:
+            raise InvalidInputError(f"input {p}: no array named {key!r} for the labels")
+        return np.asarray(z[key]).ravel()
+
+
+def _npz_with_labels(p: Path, n_values: int | None,
+                     label_column: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    X = read_rows(p, n_values)
+    y = _npz_labels(p, label_column)
+    if y is not None and len(y) != len(X):
+        raise InvalidInputError(f"input {p}: {len(y)} labels for {len(X)} samples")
+    return X, y
+
+
 def read_labelled_rows(path: str | Path, n_values: int | None = None,
                        label_column: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Samples and their labels: a .csv column named (or numbered, from 0) ``label_column``, or the ``y``
     (or ``labels``) array of a .npz; (samples, None) when the file has no labels."""
     p = Path(path)
     if p.suffix == ".npz" and p.is_file():
-        X = read_rows(p, n_values)
-        with np.load(p, allow_pickle=False) as z:
-            key = label_column or next((k for k in ("y", "labels") if k in z.files), None)
-            if key is None:
-                return X, None
-            if key not in z.files:
-                raise InvalidInputError(f"input {p}: no array named {key!r} for the labels")
-            y = np.asarray(z[key]).ravel()
-        if len(y) != len(X):
-            raise InvalidInputError(f"input {p}: {len(y)} labels for {len(X)} samples")
-        return X, y
+        return _npz_with_labels(p, n_values, label_column)
     if label_column is None:
         return read_rows(p, n_values), None
     if p.suffix != ".csv":
@@ -123,25 +154,37 @@ def read_labelled_rows(path: str | Path, n_values: int | None = None,
     return _csv_with_labels(p, label_column)
 
 
-def _csv_with_labels(p: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _csv_rows(p: Path) -> list[list[str]]:
     import csv
 
     try:
         with open(p, newline="") as fh:
-            rows = list(csv.reader(fh))
+            return list(csv.reader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InvalidInputError(f"input {p}: not readable ({str(exc)[:120]})") from None
+
+
+def _all_numbers(values: list[str]) -> bool:
+    try:
+        [float(v) for v in values]
+    except ValueError:
+        return False
+    return True
+
+
+def _label_column(p: Path, rows: list[list[str]], label_column: str) -> tuple[int, list[list[str]]]:
+    """(index of the label column, the data rows): a column named in the header, or numbered from 0."""
     header = [h.strip() for h in rows[0]] if rows else []
     if label_column in header:
-        col, rows = header.index(label_column), rows[1:]
-    elif label_column.isdigit() and header and int(label_column) < len(header):
-        col = int(label_column)
-        try:
-            [float(v) for v in header]
-        except ValueError:
-            rows = rows[1:]      # a header line that names other columns
-    else:
-        raise InvalidInputError(f"input {p}: no column {label_column!r} (columns: {', '.join(header)[:200]})")
+        return header.index(label_column), rows[1:]
+    if label_column.isdigit() and header and int(label_column) < len(header):
+        # a header line that names other columns is skipped
+        return int(label_column), rows if _all_numbers(header) else rows[1:]
+    raise InvalidInputError(f"input {p}: no column {label_column!r} (columns: {', '.join(header)[:200]})")
+
+
+def _csv_with_labels(p: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    col, rows = _label_column(p, _csv_rows(p), label_column)
     rows = [r for r in rows if r]
     try:
         X = np.array([[float(v) for j, v in enumerate(r) if j != col] for r in rows], dtype=np.float32)
@@ -176,17 +219,13 @@ def parse_sample(text: str | bytes, where: str) -> np.ndarray | Sample | BadSamp
     >>> parse_sample('[1, "a"]', "line 2").reason
     'values are not all numbers'
     """
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return BadSample(where, f"not JSON ({exc.msg})")
-    except (RecursionError, UnicodeDecodeError, ValueError):
-        return BadSample(where, "not JSON (nested too deep or not UTF-8)")
+    doc = _decode_json(text)
+    if isinstance(doc, _NotJson):
+        return BadSample(where, doc.reason)
     sid = None
     if isinstance(doc, dict):
         sid = doc.get("id")
-        if sid is not None and not (isinstance(sid, (str, int)) and not isinstance(sid, bool)
-                                    and len(str(sid)) <= MAX_ID):
+        if not _valid_id(sid):
             return BadSample(where, f"id must be a string or an integer of at most {MAX_ID} characters")
         doc = next((doc[k] for k in ("x", "inputs", "features") if k in doc), None)
     if not isinstance(doc, list):
@@ -196,6 +235,26 @@ def parse_sample(text: str | bytes, where: str) -> np.ndarray | Sample | BadSamp
     except (ValueError, TypeError, OverflowError):
         return BadSample(where, "values are not all numbers")
     return x if sid is None else Sample(sid, x)
+
+
+@dataclass(frozen=True)
+class _NotJson:
+    reason: str
+
+
+def _decode_json(text: str | bytes):
+    """The JSON document in text, or a _NotJson saying why there is none."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return _NotJson(f"not JSON ({exc.msg})")
+    except (RecursionError, UnicodeDecodeError, ValueError):
+        return _NotJson("not JSON (nested too deep or not UTF-8)")
+
+
+def _valid_id(sid) -> bool:
+    """No id, or a string or an integer (not a bool) of at most MAX_ID characters."""
+    return sid is None or (isinstance(sid, (str, int)) and not isinstance(sid, bool) and len(str(sid)) <= MAX_ID)
 
 
 def json_lines(stream: IO[str] | None = None) -> Iterator[np.ndarray | Sample | BadSample]:
@@ -314,6 +373,25 @@ def is_video_source(source: str) -> bool:
     return source.startswith(("video:", "camera:", "rtsp://", "rtsps://"))
 
 
+def _import_cv2(source: str):
+    try:
+        import cv2
+    except ImportError:
+        raise InvalidInputError(f"input {source}: video and cameras need OpenCV: "
+                                "pip install 'edgeops[camera]'") from None
+    return cv2
+
+
+def _capture_target(source: str) -> int | str:
+    """What OpenCV opens for a source: a camera's index, a video's path, else the URL itself."""
+    kind, _, target = source.partition(":")
+    if kind == "video" and not Path(target).is_file():
+        raise InvalidInputError(f"input {source}: no such file")
+    if kind == "camera" and not target.isdigit():
+        raise InvalidInputError(f"input {source}: camera:N takes a device index (camera:0)")
+    return int(target) if kind == "camera" else target if kind == "video" else source
+
+
 class VideoInput(LiveQueue):
     """Frames from OpenCV (``video:PATH``, ``camera:N``, ``rtsp://...``) as the model's image input.
 
@@ -330,22 +408,13 @@ class VideoInput(LiveQueue):
     """
 
     def __init__(self, source: str, image: dict | None, max_queue: int = 2, live: bool | None = None):
-        try:
-            import cv2
-        except ImportError:
-            raise InvalidInputError(f"input {source}: video and cameras need OpenCV: "
-                                    "pip install 'edgeops[camera]'") from None
+        cv2 = _import_cv2(source)
         if not image:
             raise InvalidInputError(f"input {source}: the model takes no images (its manifest has no image schema)")
         super().__init__(source, max_queue)
         self.image = image
         self.live = not source.startswith("video:") if live is None else live
-        kind, _, target = source.partition(":")
-        if kind == "video" and not Path(target).is_file():
-            raise InvalidInputError(f"input {source}: no such file")
-        if kind == "camera" and not target.isdigit():
-            raise InvalidInputError(f"input {source}: camera:N takes a device index (camera:0)")
-        self.capture = cv2.VideoCapture(int(target) if kind == "camera" else target if kind == "video" else source)
+        self.capture = cv2.VideoCapture(_capture_target(source))
         if not self.capture.isOpened():
             raise InvalidInputError(f"input {source}: OpenCV cannot open it")
         self._room = threading.Semaphore(max(1, max_queue))
