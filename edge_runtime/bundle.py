@@ -69,16 +69,19 @@ def validate_manifest(doc: Any, where: str = "manifest.json") -> None:
     try:
         import jsonschema
     except ImportError:
-        jsonschema = None
-    if jsonschema is not None:
-        validator = jsonschema.Draft202012Validator(manifest_schema())
-        error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
-        if error is not None:
-            path = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-            raise BundleError(f"{where}: at {path}: {error.message}")
-    else:
         _check_structure(doc, where)
+    else:
+        _check_schema(jsonschema, doc, where)
     _check_file_list(doc, where)
+
+
+def _check_schema(jsonschema, doc: dict, where: str) -> None:
+    """BundleError naming the most relevant place where doc does not follow the manifest's JSON Schema."""
+    validator = jsonschema.Draft202012Validator(manifest_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+    if error is not None:
+        path = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise BundleError(f"{where}: at {path}: {error.message}")
 
 
 def _check_structure(doc: dict, where: str) -> None:
@@ -88,15 +91,24 @@ def _check_structure(doc: dict, where: str) -> None:
     if not isinstance(doc["artifacts"], list) or not doc["artifacts"]:
         raise BundleError(f"{where}: 'artifacts' must be a non-empty list")
     for i, art in enumerate(doc["artifacts"]):
-        for key in ("file", "format", "sha256", "inputs", "outputs"):
-            if not isinstance(art, dict) or key not in art:
-                raise BundleError(f"{where}: artifacts/{i}: missing required field {key!r}")
-        name = art["file"]
-        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
-            raise BundleError(f"{where}: artifacts/{i}/file: {name!r} must be a plain file name")
-        size = art.get("size_bytes")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise BundleError(f"{where}: artifacts/{i}/size_bytes: {size!r} must be a positive integer")
+        _check_artifact_entry(art, f"{where}: artifacts/{i}")
+
+
+def _is_plain_name(name: Any) -> bool:
+    """A string naming a file in the bundle's own folder (no separator, not hidden)."""
+    return isinstance(name, str) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def _check_artifact_entry(art: Any, where: str) -> None:
+    """The fields loading needs of one artifact entry: a plain file name, a positive size."""
+    for key in ("file", "format", "sha256", "inputs", "outputs"):
+        if not isinstance(art, dict) or key not in art:
+            raise BundleError(f"{where}: missing required field {key!r}")
+    if not _is_plain_name(art["file"]):
+        raise BundleError(f"{where}/file: {art['file']!r} must be a plain file name")
+    size = art.get("size_bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise BundleError(f"{where}/size_bytes: {size!r} must be a positive integer")
 
 
 def _check_file_list(doc: dict, where: str) -> None:
@@ -285,30 +297,52 @@ class _ArchiveReader:
             return
         if kind != "file":
             raise BundleError(f"{self.path}: {member.name!r} is a {kind}; a bundle holds regular files only")
-        if self.raw is None and self.prefix is None and name.count("/") == 1 and \
-                name.split("/")[1] in (MANIFEST_FILE, SIGNATURE_FILE):
+        if self._is_first_manifest_in_folder(name):
             self._folder(name.split("/")[0], member)
         rel = self._relative(name, member)
         where = f"{self.path}: {rel}"
         if rel == MANIFEST_FILE:
-            if self.raw is not None:
-                raise BundleError(f"{self.path}: {MANIFEST_FILE} appears twice in the archive")
-            self.raw = _read_small(tar, member, MAX_MANIFEST_BYTES, where)
-            self.listed = {a["file"]: a for a in parse_manifest(self.raw, where)["artifacts"]}
-            # from here on the archive may hold the listed artifacts and their headers, nothing more
-            self.stream.limit = self.stream.read_bytes + _HEADER_ALLOWANCE + MAX_SIGNATURE_BYTES + sum(
-                a["size_bytes"] + tarfile.BLOCKSIZE for a in self.listed.values())
-            (self.root / MANIFEST_FILE).write_bytes(self.raw)
-            return
-        if rel == SIGNATURE_FILE:
-            if self.sig is not None or self.trusted:
-                raise BundleError(f"{self.path}: {SIGNATURE_FILE} must appear once, before the artifacts")
-            self.sig = _read_small(tar, member, MAX_SIGNATURE_BYTES, where)
-            return
+            self._manifest(tar, member, where)
+        elif rel == SIGNATURE_FILE:
+            self._signature(tar, member, where)
+        else:
+            self._artifact(tar, member, rel, where)
+
+    def _is_first_manifest_in_folder(self, name: str) -> bool:
+        """Whether name is the manifest (or signature) in a top-level folder, before any folder was seen."""
+        return self.raw is None and self.prefix is None and name.count("/") == 1 and \
+            name.split("/")[1] in (MANIFEST_FILE, SIGNATURE_FILE)
+
+    def _manifest(self, tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> None:
+        """Read and validate the manifest; from then on the stream may hold only the artifacts it lists."""
+        if self.raw is not None:
+            raise BundleError(f"{self.path}: {MANIFEST_FILE} appears twice in the archive")
+        self.raw = _read_small(tar, member, MAX_MANIFEST_BYTES, where)
+        self.listed = {a["file"]: a for a in parse_manifest(self.raw, where)["artifacts"]}
+        # from here on the archive may hold the listed artifacts and their headers, nothing more
+        self.stream.limit = self.stream.read_bytes + _HEADER_ALLOWANCE + MAX_SIGNATURE_BYTES + sum(
+            a["size_bytes"] + tarfile.BLOCKSIZE for a in self.listed.values())
+        (self.root / MANIFEST_FILE).write_bytes(self.raw)
+
+    def _signature(self, tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> None:
+        if self.sig is not None or self.trusted:
+            raise BundleError(f"{self.path}: {SIGNATURE_FILE} must appear once, before the artifacts")
+        self.sig = _read_small(tar, member, MAX_SIGNATURE_BYTES, where)
+
+    def _artifact(self, tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str, where: str) -> None:
+        """Write a listed artifact, once, after the manifest and its signature were checked."""
         if self.raw is None:
             raise BundleError(f"{self.path}: {rel!r} comes before {MANIFEST_FILE}; a bundle archive starts with "
                               f"its manifest (edge_runtime.bundle.pack writes it first)")
         self._trust()
+        art = self._listed_artifact(rel, member)
+        src = tar.extractfile(member)
+        assert src is not None  # a regular file
+        self.written.add(rel)
+        _copy_artifact(src, self.root / rel, art, where)
+
+    def _listed_artifact(self, rel: str, member: tarfile.TarInfo) -> dict:
+        """The manifest entry of an archive member not written yet, of exactly its listed size."""
         art = self.listed.get(rel)
         if art is None:
             raise BundleError(f"{self.path}: {rel!r} ({member.size} bytes) is not listed in the manifest; "
@@ -316,12 +350,9 @@ class _ArchiveReader:
         if rel in self.written:
             raise BundleError(f"{self.path}: {rel!r} appears twice in the archive")
         if member.size != art["size_bytes"]:
-            raise VerificationError(f"{where}: {member.size} bytes in the archive, the manifest lists "
+            raise VerificationError(f"{self.path}: {rel}: {member.size} bytes in the archive, the manifest lists "
                                     f"{art['size_bytes']} (tampered or truncated)")
-        src = tar.extractfile(member)
-        assert src is not None  # a regular file
-        self.written.add(rel)
-        _copy_artifact(src, self.root / rel, art, where)
+        return art
 
     def _folder(self, name: str, member: tarfile.TarInfo) -> None:
         if name in ("", "."):
@@ -426,6 +457,11 @@ def open_bundle(
         return _open_dir(p, public_key, require_signature)
     if not (p.name.endswith(".tar.gz") or p.name.endswith(".tgz")):
         raise BundleError(f"{p}: not a bundle (expected a directory or .tar.gz)")
+    return _open_archive(p, public_key, require_signature, extract_to)
+
+
+def _open_archive(p: Path, public_key: Any, require_signature: bool, extract_to: str | Path | None) -> Bundle:
+    """Unpack a .tar.gz bundle (into a new temporary folder unless extract_to is given) and open it."""
     scratch = None if extract_to else Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
     dest = Path(extract_to) if extract_to else scratch
     assert dest is not None
@@ -459,27 +495,37 @@ def _open_dir(p: Path, public_key: Any, require_signature: bool) -> Bundle:
     raw = manifest_path.read_bytes()
     doc = parse_manifest(raw, str(manifest_path))
     _check_closed(p, doc)
+    signed = check_signature(raw, _read_signature(p), public_key, require_signature, str(p))
+    for art in doc["artifacts"]:
+        _verify_artifact(p, art)
+    return Bundle(root=p, manifest=doc, signed=signed)
+
+
+def _read_signature(p: Path) -> bytes | None:
+    """The bundle directory's signature bytes, None when it has none."""
     sig_path = p / SIGNATURE_FILE
     sig = sig_path.read_bytes()[:MAX_SIGNATURE_BYTES + 1] if sig_path.is_file() else None
     if sig is not None and len(sig) > MAX_SIGNATURE_BYTES:
         raise BundleError(f"{sig_path}: too large for a signature (at most {MAX_SIGNATURE_BYTES} bytes)")
-    signed = check_signature(raw, sig, public_key, require_signature, str(p))
-    for art in doc["artifacts"]:
-        fpath = p / art["file"]
-        if not fpath.is_file():
-            raise VerificationError(f"{p}: artifact {art['file']} is listed in the manifest but missing")
-        size = fpath.stat().st_size
-        if size != art["size_bytes"]:
-            raise VerificationError(
-                f"{fpath}: size {size} bytes does not match the manifest's {art['size_bytes']} (tampered or truncated)"
-            )
-        digest = sha256_file(fpath)
-        if digest != art["sha256"]:
-            raise VerificationError(
-                f"{fpath}: sha256 {digest[:12]}... does not match the manifest's {art['sha256'][:12]}... "
-                "(tampered or corrupt)"
-            )
-    return Bundle(root=p, manifest=doc, signed=signed)
+    return sig
+
+
+def _verify_artifact(p: Path, art: dict) -> None:
+    """The artifact file exists with the manifest's size and sha256; VerificationError otherwise."""
+    fpath = p / art["file"]
+    if not fpath.is_file():
+        raise VerificationError(f"{p}: artifact {art['file']} is listed in the manifest but missing")
+    size = fpath.stat().st_size
+    if size != art["size_bytes"]:
+        raise VerificationError(
+            f"{fpath}: size {size} bytes does not match the manifest's {art['size_bytes']} (tampered or truncated)"
+        )
+    digest = sha256_file(fpath)
+    if digest != art["sha256"]:
+        raise VerificationError(
+            f"{fpath}: sha256 {digest[:12]}... does not match the manifest's {art['sha256'][:12]}... "
+            "(tampered or corrupt)"
+        )
 
 
 def _check_closed(p: Path, doc: dict) -> None:
