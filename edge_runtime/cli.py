@@ -54,6 +54,10 @@ def _common_broker_options(f):
 @click.option("--nan-policy", type=click.Choice(["reject", "count"]), default="reject", show_default=True)
 @click.option("--max-inferences", type=int, help="Stop after N inputs.")
 @click.option("--duration", type=float, help="Stop after S seconds.")
+@click.option("--stop-timeout", type=click.FloatRange(min=1.0), default=45.0, show_default=True,
+              help="Longest a stop may take (closing and sending the last window included); past it the "
+                   "process ends, writing its threads' stacks to <state-dir>/stop-stacks.txt. Unsent windows "
+                   "stay in the spool.")
 @click.option("--flash/--no-flash", "accept_flash", default=True, show_default=True,
               help="Take flash and rollback commands on the device's cmd topic.")
 @click.option("--rollback-windows", type=int, default=3, show_default=True,
@@ -97,7 +101,7 @@ def _common_broker_options(f):
 @accel_options
 def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, label_column, window_seconds, window_size,
             state_dir, artifact, threads, public_key, allow_unsigned, skip_test_vectors, nan_policy, max_inferences,
-            duration, accept_flash, rollback_windows,
+            duration, stop_timeout, accept_flash, rollback_windows,
             rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, rollback_rejected_rate, ab_bundle,
             ab_split, shadow_bundle, compress, confirm, http_addr, resend_after, outputs, output_variants,
             added_latency_ms,
@@ -146,20 +150,25 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, label_column, 
     if learner is not None:
         agent.learn(learner)
 
-    _run_until_done(agent, samples, source, rate, max_inferences, duration, http_addr)
+    _run_until_done(agent, samples, source, rate, max_inferences, duration, http_addr, stop_timeout)
     sys.exit(0)
 
 
-def _run_until_done(agent, samples, source, rate, max_inferences, duration, http_addr) -> None:  # noqa: PLR0913
+def _run_until_done(agent, samples, source, rate, max_inferences, duration, http_addr,  # noqa: PLR0913
+                    stop_timeout: float = 45.0) -> None:
     """The agent's run loop with signals, the device's HTTP port and the systemd watchdog around it; stops
     the agent (sending its partial window) however the loop ends."""
     # a signal only asks the run loop to finish its inference: raising from the handler anywhere else
     # could interrupt a window half-way into the spool and lose it
+    stop_guard = _StopGuard(agent.state_dir, stop_timeout)
+
     def on_signal(signum, frame):
+        stop_guard.signalled(signum)
         agent.interrupt()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    _stack_dumps_on_sigusr1()
     device_http = _device_http(agent, http_addr)
     agent.start()
     # systemd (Type=notify, WatchdogSec=) and container health checks: a beat while the run loop progresses
@@ -175,6 +184,7 @@ def _run_until_done(agent, samples, source, rate, max_inferences, duration, http
         log.info("stopping")
     finally:
         sdnotify.notify("STOPPING=1")
+        stop_guard.arm()
         watchdog.stop()
         left = agent.stop()
         if device_http is not None:
@@ -185,6 +195,56 @@ def _run_until_done(agent, samples, source, rate, max_inferences, duration, http
             log.warning("input %s: %d of %d inputs dropped (the model was slower than the source)", source,
                         samples.dropped, samples.received)
     log.info("%d inferences, %d bad inputs, %d windows left in the spool", agent.inferences, agent.bad_inputs, left)
+
+
+def _stack_dumps_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` writes every thread's stack to stderr (what an agent that hangs is doing)."""
+    import faulthandler
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+
+
+class _StopGuard:
+    """The agent's stop is bounded: once it starts (or a stop signal came), a watchdog thread of the
+    interpreter ends the process after ``timeout`` seconds (``--stop-timeout``; the default leaves room for
+    the 10 s drain, 5 s for the publisher and 5 s for the link), writing every thread's stack to
+    ``<state>/stop-stacks.txt`` first (a file: stderr may be a full pipe, the very thing that can hang a
+    process that logs). A second SIGTERM/SIGINT ends the process at once. Nothing is lost either way:
+    windows not yet confirmed are in the spool on disk (a committed SQLite transaction), sent by the
+    next run, as after a power cut."""
+
+    def __init__(self, state_dir, timeout: float):
+        self.path = state_dir / "stop-stacks.txt"
+        self.timeout = timeout
+        self._file = None
+        self._signals = 0
+
+    def signalled(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            import os
+
+            os._exit(128 + signum)
+        self.arm()
+
+    def arm(self) -> None:
+        import faulthandler
+
+        if self._file is None:
+            import atexit
+
+            self._file = open(self.path, "w")  # noqa: SIM115 - kept open for the watchdog thread
+            faulthandler.dump_traceback_later(self.timeout, exit=True, file=self._file)
+            atexit.register(self._disarm)   # atexit runs after the interpreter joined the other threads
+
+    def _disarm(self) -> None:
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
+        self._file.close()
+        if self.path.stat().st_size == 0:
+            self.path.unlink()
 
 
 def _flash_slots(state, bundle, accept_flash: bool, public_key, allow_unsigned: bool):

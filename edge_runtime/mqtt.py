@@ -258,8 +258,17 @@ class MqttLink:
                 pass
         self._stopping = True
         self.client.disconnect()
-        self.client.loop_stop()
+        self._stop_network_thread(timeout)
         self.connected.clear()
+
+    def _stop_network_thread(self, timeout: float) -> None:
+        """paho's ``loop_stop()`` joins its network thread without a time limit: joined here with one (a
+        thread stuck in a callback or a socket call is left behind as a daemon, and said)."""
+        stopper = threading.Thread(target=self.client.loop_stop, name="mqtt-loop-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():
+            log.warning("the MQTT network thread did not stop within %.0f s; leaving it behind", timeout)
 
     def pause(self) -> None:
         """Drop the connection as if the network went away (the broker publishes the last will).
