@@ -56,6 +56,14 @@ def _as_inputs(data: Any, where: str) -> tuple[np.ndarray | None, np.ndarray | N
 def _fit_to_model(X: np.ndarray | None, source: SourceModel, where: str) -> np.ndarray | None:
     if X is None:
         return None
+    _check_row_width(X, source, where)
+    if not np.isfinite(X).all():
+        raise InvalidInputError(f"{where} data holds NaN or infinite values; clean it before converting")
+    return X.reshape((len(X),) + tuple(source.input_shape)).astype(np.float32)
+
+
+def _check_row_width(X: np.ndarray, source: SourceModel, where: str) -> None:
+    """Reject data whose rows do not hold as many values as the model's input."""
     want = int(np.prod(source.input_shape))
     got = int(np.prod(X.shape[1:])) if X.ndim > 1 else 1
     if X.ndim < 2 or got != want:
@@ -64,9 +72,6 @@ def _fit_to_model(X: np.ndarray | None, source: SourceModel, where: str) -> np.n
             f"{where} data has shape {shape} ({got} values per row), but the model takes {want} "
             f"(input shape {list(source.input_shape)})"
         )
-    if not np.isfinite(X).all():
-        raise InvalidInputError(f"{where} data holds NaN or infinite values; clean it before converting")
-    return X.reshape((len(X),) + tuple(source.input_shape)).astype(np.float32)
 
 
 def _output_kind(source: SourceModel, outputs: np.ndarray) -> str:
@@ -118,26 +123,32 @@ def _plan(
     return plan
 
 
-def _validate_request(
-    out: Path, version: str, formats: Sequence[str], quantize: Sequence[str], *, force: bool
-) -> None:
-    """Reject a bad destination, version, format or quantization before any model is loaded."""
+def _validate_destination(out: Path, *, force: bool) -> None:
+    """Reject an ``out`` that is a file, or an existing directory without ``force``."""
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and not force:
         raise InvalidInputError(f"{out} exists; choose another --out or pass --force to replace it")
+
+
+def _validate_choices(what: str, given: Sequence[str], allowed: Sequence[str]) -> None:
+    """Reject an empty selection or one naming an unknown format/quantization."""
+    bad = [g for g in given if g not in allowed]
+    if bad or not given:
+        raise InvalidInputError(
+            f"unknown {what}(s) {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}"
+        )
+
+
+def _validate_request(
+    out: Path, version: str, formats: Sequence[str], quantize: Sequence[str], *, force: bool
+) -> None:
+    """Reject a bad destination, version, format or quantization before any model is loaded."""
+    _validate_destination(out, force=force)
     if not SEMVER.match(version):
         raise InvalidInputError(f"version {version!r} is not a semantic version X.Y.Z")
-    bad_formats = [f for f in formats if f not in FORMATS]
-    if bad_formats or not formats:
-        raise InvalidInputError(
-            f"unknown format(s) {', '.join(bad_formats) or '(none)'}; choose from {', '.join(FORMATS)}"
-        )
-    bad_q = [q for q in quantize if q not in QUANTIZATIONS]
-    if bad_q or not quantize:
-        raise InvalidInputError(
-            f"unknown quantization(s) {', '.join(bad_q) or '(none)'}; choose from {', '.join(QUANTIZATIONS)}"
-        )
+    _validate_choices("format", formats, FORMATS)
+    _validate_choices("quantization", quantize, QUANTIZATIONS)
 
 
 @dataclass(frozen=True)
@@ -312,29 +323,40 @@ def _convert_all(
     conversion: _Conversion, plan: list[tuple[str, str]], work: Path, max_accuracy_drop: float
 ) -> tuple[list[dict], list[dict]]:
     """Make, verify and write each planned artifact into `work`: manifest entries and test vectors."""
-    artifacts, vectors, failures = [], [], []
+    artifacts, vectors = [], []
     float_sizes: dict[str, int] = {}
     for fmt, q in plan:
-        conversion.say(f"converting to {fmt} {q}")
-        made = conversion.make(fmt, q)
+        made = _convert_one(conversion, fmt, q, work)
         if made is None:
             continue
-        data, file_name = made
-        artifact, vector = conversion.verify(data, fmt, q, file_name)
-        (work / file_name).write_bytes(data)
         if q in ("none", "passthrough"):
-            float_sizes[fmt] = len(data)
-        artifacts.append(artifact)
-        vectors.append(vector)
-        failure = _accuracy_failure(artifact, max_accuracy_drop)
-        if failure is not None:
-            failures.append(failure)
+            float_sizes[fmt] = made[0]["size_bytes"]
+        artifacts.append(made[0])
+        vectors.append(made[1])
+    failures = [f for f in (_accuracy_failure(a, max_accuracy_drop) for a in artifacts) if f is not None]
     if failures:
         raise QualityCheckError("accuracy check failed: " + " | ".join(failures))
+    _set_size_ratios(artifacts, float_sizes)
+    return artifacts, vectors
+
+
+def _convert_one(conversion: _Conversion, fmt: str, q: str, work: Path) -> tuple[dict, dict] | None:
+    """Make one artifact, verify it and write it into `work`; None when it does not apply."""
+    conversion.say(f"converting to {fmt} {q}")
+    made = conversion.make(fmt, q)
+    if made is None:
+        return None
+    data, file_name = made
+    artifact, vector = conversion.verify(data, fmt, q, file_name)
+    (work / file_name).write_bytes(data)
+    return artifact, vector
+
+
+def _set_size_ratios(artifacts: list[dict], float_sizes: dict[str, int]) -> None:
+    """Each artifact's size relative to the float (or passed-through) artifact of its format."""
     for art in artifacts:
         base = float_sizes.get(art["format"])
         art["size_ratio"] = round(art["size_bytes"] / base, 4) if base else None
-    return artifacts, vectors
 
 
 def _profile(conversion: _Conversion, names: list[str] | None, labels: list[str] | None) -> dict:
@@ -352,12 +374,16 @@ def _profile(conversion: _Conversion, names: list[str] | None, labels: list[str]
         regression_outputs=ref_out.ravel() if src.task == "regression" else None,
     )
     if src.task == "classification":
-        # confidence drift compares a window's top-class probabilities with those on held-out data
-        # (on training data they would be inflated)
-        confidence = confidence_profile(conversion.source_out)
-        if confidence is not None:
-            profile["confidence"] = confidence
+        _add_confidence(profile, conversion.source_out)
     return profile
+
+
+def _add_confidence(profile: dict, source_out: np.ndarray) -> None:
+    """Add the top-class confidence profile, measured on held-out data (on training data it would be
+    inflated): confidence drift compares a window's top-class probabilities with it."""
+    confidence = confidence_profile(source_out)
+    if confidence is not None:
+        profile["confidence"] = confidence
 
 
 def _manifest_head(name: str | None, version: str, description: str | None, src: SourceModel) -> dict:
@@ -462,16 +488,11 @@ def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversio
     _validate_request(out, version, formats, quantize, force=force)
 
     say("loading the source model")
-    src = load_source(source, trust_pickle=trust_pickle, task=task,
-                      hoist_normalization=normalization is None and not keep_normalization)
-    if trainable:
-        from convert.trainable import check_source
-
-        check_source(src)
+    src = _load(source, trust_pickle=trust_pickle, task=task, trainable=trainable,
+                hoist_normalization=normalization is None and not keep_normalization)
     hoisted = src.extra.get("normalization")
     normalization = hoisted if hoisted is not None else normalization
-    if feature_names is None:
-        feature_names = columns_of(holdout[0] if isinstance(holdout, tuple) else holdout) or columns_of(calibration)
+    feature_names = _given_or_data_columns(feature_names, holdout, calibration)
     to_model = normalizer(normalization, src)
     data = _check_data(*_fitted_inputs(src, holdout, calibration, reference))
     source_out = src.predict(to_model(data.X_check))
@@ -484,6 +505,24 @@ def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversio
             "input_schema": input_schema(src, names, image, normalization), "labels": labels}
     manifest = _write_bundle(conversion, plan, out, head, names, max_accuracy_drop, trainable, sign_key)
     return ConversionResult(path=out, manifest=manifest, notes=notes)
+
+
+def _load(source: Any, *, trust_pickle: bool, task: str | None, trainable: bool,
+          hoist_normalization: bool) -> SourceModel:
+    """The source model, checked to be fine-tunable on the device when ``trainable`` is asked for."""
+    src = load_source(source, trust_pickle=trust_pickle, task=task, hoist_normalization=hoist_normalization)
+    if trainable:
+        from convert.trainable import check_source
+
+        check_source(src)
+    return src
+
+
+def _given_or_data_columns(feature_names: Sequence[str] | None, holdout: Any, calibration: Any):
+    """The feature names given, else the column names of the holdout (or calibration) data frame."""
+    if feature_names is not None:
+        return feature_names
+    return columns_of(holdout[0] if isinstance(holdout, tuple) else holdout) or columns_of(calibration)
 
 
 def _plan_or_fail(src: SourceModel, formats: Sequence[str], quantize: Sequence[str], notes: list[str]) -> list:

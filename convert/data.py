@@ -14,22 +14,31 @@ def load_array(path: str | Path, where: str = "data") -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise InvalidInputError(f"{where} {p}: no such file")
+    reader = _ARRAY_READERS.get(p.suffix)
+    if reader is None:
+        raise InvalidInputError(f"{where} {p}: unsupported file type {p.suffix or '(none)'}; use .npy, .npz or .csv")
     try:
-        if p.suffix == ".npy":
-            return np.load(p, allow_pickle=False).astype(np.float32)
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                key = "X" if "X" in z.files else (z.files[0] if len(z.files) == 1 else None)
-                if key is None:
-                    raise InvalidInputError(f"{where} {p}: .npz needs an array named X (has: {', '.join(z.files)})")
-                return z[key].astype(np.float32)
-        if p.suffix == ".csv":
-            return _read_csv(p)
+        return reader(p, where)
     except InvalidInputError:
         raise
     except (ValueError, OSError) as exc:
         raise InvalidInputError(f"{where} {p}: not readable as {p.suffix} ({str(exc)[:150]})") from None
-    raise InvalidInputError(f"{where} {p}: unsupported file type {p.suffix or '(none)'}; use .npy, .npz or .csv")
+
+
+def _read_npy(p: Path, where: str) -> np.ndarray:
+    return np.load(p, allow_pickle=False).astype(np.float32)
+
+
+def _read_npz(p: Path, where: str) -> np.ndarray:
+    """The array named X, or the only array of the archive."""
+    with np.load(p, allow_pickle=False) as z:
+        key = "X" if "X" in z.files else (z.files[0] if len(z.files) == 1 else None)
+        if key is None:
+            raise InvalidInputError(f"{where} {p}: .npz needs an array named X (has: {', '.join(z.files)})")
+        return z[key].astype(np.float32)
+
+
+_ARRAY_READERS = {".npy": _read_npy, ".npz": _read_npz, ".csv": lambda p, where: _read_csv(p)}
 
 
 def load_labeled(path: str | Path, where: str = "holdout") -> tuple[np.ndarray, np.ndarray | None]:

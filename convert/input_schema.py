@@ -36,22 +36,28 @@ def normalizer(normalization: dict | None, src: SourceModel) -> Callable[[np.nda
     return lambda X: ((X - mean) / std).astype(np.float32)
 
 
+def _image_facts(shape: list[int], image: dict | None) -> dict:
+    """The schema's ``image`` entry: the defaults for an (H, W, C) input, updated with and checking ``image``."""
+    h, w, c = shape
+    img = {"height": h, "width": w, "channels": c, "layout": "NHWC", "scale": 1.0,
+           "mean": [0.0] * c, "std": [1.0] * c}
+    img.update(image or {})
+    for key in ("mean", "std"):
+        if len(img[key]) != c:
+            raise InvalidInputError(f"image {key} needs {c} values (one per channel), got {len(img[key])}")
+    for key in ("scale",):
+        if not isinstance(img[key], (int, float)) or not math.isfinite(img[key]):
+            raise InvalidInputError(f"image {key} must be a number")
+    return img
+
+
 def input_schema(src: SourceModel, names: list[str] | None, image: dict | None,
                   normalization: dict | None = None) -> dict:
     """The manifest's ``input_schema``: image facts for (H, W, C) inputs, feature names for tabular ones."""
     shape = list(src.input_shape)
     if len(shape) == 3:
-        h, w, c = shape
-        img = {"height": h, "width": w, "channels": c, "layout": "NHWC", "scale": 1.0,
-               "mean": [0.0] * c, "std": [1.0] * c}
-        img.update(image or {})
-        for key in ("mean", "std"):
-            if len(img[key]) != c:
-                raise InvalidInputError(f"image {key} needs {c} values (one per channel), got {len(img[key])}")
-        for key in ("scale",):
-            if not isinstance(img[key], (int, float)) or not math.isfinite(img[key]):
-                raise InvalidInputError(f"image {key} must be a number")
-        return {"kind": "image", "shape": shape, "dtype": "float32", "features": None, "image": img}
+        return {"kind": "image", "shape": shape, "dtype": "float32", "features": None,
+                "image": _image_facts(shape, image)}
     kind = "tabular" if len(shape) == 1 else "tensor"
     schema = {"kind": kind, "shape": shape, "dtype": "float32", "features": names, "image": None}
     if normalization is not None:

@@ -136,19 +136,25 @@ def _read_mlmodel(local: Path, uri: str) -> dict:
     return doc
 
 
-def _origin(uri: str, mlmodel: dict) -> MlflowOrigin:
+def _registered_version(uri: str) -> Any:
+    """The registry's model version a models:/ URI names (by alias, number, stage or "latest"), or None."""
     client = _mlflow().MlflowClient()
-    m = _MODELS_NAME_VERSION.match(uri)
     a = _MODELS_NAME_ALIAS.match(uri)
-    mv = None
     if a:
-        mv = client.get_model_version_by_alias(a["name"], a["alias"])
-    elif m and m["version"].isdigit():
-        mv = client.get_model_version(m["name"], m["version"])
-    elif m:  # a stage such as Production, or "latest"
-        stages = None if m["version"].lower() == "latest" else [m["version"]]
-        found = client.get_latest_versions(m["name"], stages=stages)
-        mv = max(found, key=lambda v: int(v.version)) if found else None
+        return client.get_model_version_by_alias(a["name"], a["alias"])
+    m = _MODELS_NAME_VERSION.match(uri)
+    if m is None:
+        return None
+    if m["version"].isdigit():
+        return client.get_model_version(m["name"], m["version"])
+    # a stage such as Production, or "latest"
+    stages = None if m["version"].lower() == "latest" else [m["version"]]
+    found = client.get_latest_versions(m["name"], stages=stages)
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def _origin(uri: str, mlmodel: dict) -> MlflowOrigin:
+    mv = _registered_version(uri)
     run_id = (mv.run_id if mv is not None else None) or mlmodel.get("run_id")
     if run_id is None and (r := _RUNS.match(uri)):
         run_id = r["run"]

@@ -37,13 +37,7 @@ def sklearn_to_onnx(source) -> bytes:
     from skl2onnx.common.data_types import FloatTensorType
 
     est = source.obj
-    final = est.steps[-1][1] if hasattr(est, "steps") else est
-    options: dict = {id(final): {"zipmap": False}} if source.task == "classification" else {}
-    # ONNX's Scaler multiplies by 1/std where scikit-learn subtracts and divides in float32; the
-    # one-ulp differences flip tree splits on discrete features. 'div' emits Sub and Div, which match.
-    for step in (s for _, s in getattr(est, "steps", [])):
-        if type(step).__name__ == "StandardScaler":
-            options[id(step)] = {"div": "div"}
+    options = _skl2onnx_options(est, source.task)
     try:
         model = convert_sklearn(
             est,
@@ -56,10 +50,20 @@ def sklearn_to_onnx(source) -> bytes:
             f"scikit-learn model {source.model_type} cannot be exported to ONNX by skl2onnx: {str(exc)[:200]}"
         ) from None
     names = [o.name for o in model.graph.output]
-    wanted = "probabilities" if source.task == "classification" else names[-1]
-    if wanted not in names:
-        wanted = names[-1]
+    wanted = "probabilities" if source.task == "classification" and "probabilities" in names else names[-1]
     return _keep_single_output(model, wanted).SerializeToString()
+
+
+def _skl2onnx_options(est, task: str) -> dict:
+    """skl2onnx options: plain probabilities (no ZipMap) for a classifier, exact scaling for StandardScaler."""
+    final = est.steps[-1][1] if hasattr(est, "steps") else est
+    options: dict = {id(final): {"zipmap": False}} if task == "classification" else {}
+    # ONNX's Scaler multiplies by 1/std where scikit-learn subtracts and divides in float32; the
+    # one-ulp differences flip tree splits on discrete features. 'div' emits Sub and Div, which match.
+    for step in (s for _, s in getattr(est, "steps", [])):
+        if type(step).__name__ == "StandardScaler":
+            options[id(step)] = {"div": "div"}
+    return options
 
 
 def keras_to_onnx(source) -> bytes:

@@ -59,45 +59,20 @@ def describe_sklearn(est: Any) -> str:
 def from_sklearn(est: Any, file: Path | None = None, task: str | None = None) -> SourceModel:
     """Wrap a fitted scikit-learn estimator or Pipeline (classifier or regressor)."""
     import sklearn
-    from sklearn.base import is_classifier, is_regressor
 
-    if not hasattr(est, "predict"):
-        raise InvalidInputError(
-            f"{file or 'source'}: {describe_sklearn(est)} has no predict(); only classifiers and regressors convert"
-        )
-    if is_classifier(est):
-        detected = "classification"
-    elif is_regressor(est):
-        detected = "regression"
-    else:
-        raise InvalidInputError(
-            f"{file or 'source'}: {describe_sklearn(est)} is neither a classifier nor a regressor; "
-            "edgeops converts classifiers and regressors"
-        )
-    try:
-        from sklearn.utils.validation import check_is_fitted
-
-        check_is_fitted(est)
-    except Exception as exc:  # noqa: BLE001 - NotFittedError and friends
-        raise InvalidInputError(f"{file or 'source'}: {describe_sklearn(est)} is not fitted ({exc})") from None
+    where = file or "source"
+    detected = _sklearn_task(est, where)
+    _check_fitted(est, where)
     n_features = getattr(est, "n_features_in_", None)
     if n_features is None:
-        raise InvalidInputError(f"{file or 'source'}: cannot tell the number of input features (no n_features_in_)")
-    task = task or detected
+        raise InvalidInputError(f"{where}: cannot tell the number of input features (no n_features_in_)")
     names = getattr(est, "feature_names_in_", None)
     classes = [str(c) for c in est.classes_] if detected == "classification" else None
-
-    def predict(X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
-        if detected == "classification":
-            return np.asarray(est.predict_proba(X), dtype=np.float64)
-        return np.asarray(est.predict(X), dtype=np.float64).reshape(len(X), -1)
-
     return SourceModel(
         framework="sklearn",
         obj=est,
-        predict=predict,
-        task=task,
+        predict=_sklearn_predict(est, detected),
+        task=task or detected,
         input_shape=(int(n_features),),
         framework_version=sklearn.__version__,
         model_type=describe_sklearn(est),
@@ -105,6 +80,44 @@ def from_sklearn(est: Any, file: Path | None = None, task: str | None = None) ->
         classes=classes,
         feature_names=[str(n) for n in names] if names is not None else None,
     )
+
+
+def _sklearn_task(est: Any, where: Any) -> str:
+    """"classification" or "regression"; anything else (no predict(), a transformer...) is rejected."""
+    from sklearn.base import is_classifier, is_regressor
+
+    if not hasattr(est, "predict"):
+        raise InvalidInputError(
+            f"{where}: {describe_sklearn(est)} has no predict(); only classifiers and regressors convert"
+        )
+    if is_classifier(est):
+        return "classification"
+    if is_regressor(est):
+        return "regression"
+    raise InvalidInputError(
+        f"{where}: {describe_sklearn(est)} is neither a classifier nor a regressor; "
+        "edgeops converts classifiers and regressors"
+    )
+
+
+def _check_fitted(est: Any, where: Any) -> None:
+    try:
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(est)
+    except Exception as exc:  # noqa: BLE001 - NotFittedError and friends
+        raise InvalidInputError(f"{where}: {describe_sklearn(est)} is not fitted ({exc})") from None
+
+
+def _sklearn_predict(est: Any, task: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows in, float64 outputs out: class probabilities for a classifier, a column for a regressor."""
+    def predict(X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+        if task == "classification":
+            return np.asarray(est.predict_proba(X), dtype=np.float64)
+        return np.asarray(est.predict(X), dtype=np.float64).reshape(len(X), -1)
+
+    return predict
 
 
 def _keras_task(model: Any) -> str:
@@ -161,24 +174,11 @@ def from_keras(model: Any, file: Path | None = None, task: str | None = None,
     if split is not None:
         model, extra["normalization"] = split
 
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise InvalidInputError(
-            f"{file or 'source'}: the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
-            "edgeops converts single-input, single-output Keras models"
-        )
-    shape = tuple(int(d) if d is not None else -1 for d in model.inputs[0].shape[1:])
-    if any(d < 0 for d in shape):
-        raise InvalidInputError(f"{file or 'source'}: input shape {shape} has a dynamic dimension besides the batch")
-
-    def predict(X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float32).reshape((len(X),) + shape)
-        out = np.asarray(model.predict(X, verbose=0, batch_size=256), dtype=np.float64)
-        return out.reshape(len(X), -1)
-
+    shape = _keras_input_shape(model, file or "source")
     return SourceModel(
         framework="keras",
         obj=model,
-        predict=predict,
+        predict=_keras_predict(model, shape),
         task=task or _keras_task(model),
         input_shape=shape,
         framework_version=keras.__version__,
@@ -188,31 +188,37 @@ def from_keras(model: Any, file: Path | None = None, task: str | None = None,
     )
 
 
+def _keras_input_shape(model: Any, where: Any) -> tuple[int, ...]:
+    """The model's input shape without the batch; rejects several inputs/outputs and dynamic dimensions."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise InvalidInputError(
+            f"{where}: the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+            "edgeops converts single-input, single-output Keras models"
+        )
+    shape = tuple(int(d) if d is not None else -1 for d in model.inputs[0].shape[1:])
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"{where}: input shape {shape} has a dynamic dimension besides the batch")
+    return shape
+
+
+def _keras_predict(model: Any, shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
+    def predict(X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32).reshape((len(X),) + shape)
+        out = np.asarray(model.predict(X, verbose=0, batch_size=256), dtype=np.float64)
+        return out.reshape(len(X), -1)
+
+    return predict
+
+
 def from_saved_model(path: Path, task: str | None = None) -> SourceModel:
     """Wrap a TensorFlow SavedModel directory through its serving signature."""
     import tensorflow as tf
 
-    try:
-        loaded = tf.saved_model.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - TF raises many types for a bad directory
-        raise ModelFormatError(f"{path}: not a loadable SavedModel ({type(exc).__name__})") from None
-    sig = loaded.signatures.get("serving_default")
-    if sig is None:
-        raise ModelFormatError(f"{path}: SavedModel has no 'serving_default' signature")
+    loaded, sig = _serving_signature(path)
     inputs = sig.structured_input_signature[1]
-    if len(inputs) != 1 or len(sig.structured_outputs) != 1:
-        raise InvalidInputError(f"{path}: edgeops converts single-input, single-output SavedModels")
     in_name, spec = next(iter(inputs.items()))
-    out_name = next(iter(sig.structured_outputs))
     shape = tuple(int(d) if d is not None else -1 for d in spec.shape[1:])
-
-    def predict(X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float32).reshape((len(X),) + shape)
-        outs = []
-        for i in range(0, len(X), 256):
-            outs.append(sig(**{in_name: tf.constant(X[i:i + 256])})[out_name].numpy())
-        return np.concatenate(outs).astype(np.float64).reshape(len(X), -1)
-
+    predict = _signature_predict(sig, in_name, next(iter(sig.structured_outputs)), shape)
     probe = predict(np.zeros((1,) + shape, dtype=np.float32))
     detected = "classification" if probe.shape[-1] > 1 else "regression"
     return SourceModel(
@@ -226,6 +232,37 @@ def from_saved_model(path: Path, task: str | None = None) -> SourceModel:
         file=path,
         extra={"saved_model_dir": path},
     )
+
+
+def _serving_signature(path: Path) -> tuple[Any, Any]:
+    """The loaded SavedModel and its single-input, single-output ``serving_default`` signature."""
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - TF raises many types for a bad directory
+        raise ModelFormatError(f"{path}: not a loadable SavedModel ({type(exc).__name__})") from None
+    sig = loaded.signatures.get("serving_default")
+    if sig is None:
+        raise ModelFormatError(f"{path}: SavedModel has no 'serving_default' signature")
+    if len(sig.structured_input_signature[1]) != 1 or len(sig.structured_outputs) != 1:
+        raise InvalidInputError(f"{path}: edgeops converts single-input, single-output SavedModels")
+    return loaded, sig
+
+
+def _signature_predict(sig: Any, in_name: str, out_name: str,
+                       shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
+    """Run the signature on rows, 256 at a time."""
+    import tensorflow as tf
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32).reshape((len(X),) + shape)
+        outs = []
+        for i in range(0, len(X), 256):
+            outs.append(sig(**{in_name: tf.constant(X[i:i + 256])})[out_name].numpy())
+        return np.concatenate(outs).astype(np.float64).reshape(len(X), -1)
+
+    return predict
 
 
 def from_model_file(path: Path, fmt: str, task: str | None = None) -> SourceModel:
@@ -310,15 +347,22 @@ def _from_path(path: Path, trust_pickle: bool, task: str | None, hoist_normaliza
         if (path / "saved_model.pb").exists():
             return from_saved_model(path, task)
         raise InvalidInputError(f"{path}: a directory, but not a TensorFlow SavedModel (no saved_model.pb)")
+    return _from_file(path, trust_pickle, task, hoist_normalization)
+
+
+def _from_file(path: Path, trust_pickle: bool, task: str | None, hoist_normalization: bool) -> SourceModel:
+    """Load a model file with the loader its suffix names."""
     suffix = path.suffix.lower()
-    if suffix in (".keras", ".h5"):
-        return _from_keras_file(path, task, hoist_normalization)
-    if suffix in PICKLE_SUFFIXES:
-        return _from_pickle(path, task, trust_pickle)
-    if suffix == ".skops":
-        return _from_skops(path, task, trust_pickle)
-    if suffix in (".onnx", ".tflite"):
-        return from_model_file(path, suffix[1:], task)
+    loaders: dict[str, Callable[[], SourceModel]] = {
+        ".keras": lambda: _from_keras_file(path, task, hoist_normalization),
+        ".h5": lambda: _from_keras_file(path, task, hoist_normalization),
+        ".skops": lambda: _from_skops(path, task, trust_pickle),
+        ".onnx": lambda: from_model_file(path, "onnx", task),
+        ".tflite": lambda: from_model_file(path, "tflite", task),
+        **{s: (lambda: _from_pickle(path, task, trust_pickle)) for s in PICKLE_SUFFIXES},
+    }
+    if suffix in loaders:
+        return loaders[suffix]()
     raise InvalidInputError(
         f"{path}: unsupported model file type {suffix or '(none)'}; expected .keras, .h5, a SavedModel directory, "
         ".joblib/.pkl (with --trust-pickle), .skops, .onnx or .tflite"

@@ -73,27 +73,39 @@ def to_tflite(source, quantization: str, calibration: np.ndarray | None, max_cal
     elif quantization == "dynamic":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
     elif quantization in ("int8", "int16x8"):
-        if calibration is None or len(calibration) == 0:
-            raise InvalidInputError(
-                f"{quantization} quantization needs calibration data (--calibration FILE, or holdout/training data)"
-            )
-        sample = np.asarray(calibration, dtype=np.float32)[:max_calibration]
-        shape = (1,) + tuple(source.input_shape)
+        _set_full_integer(conv, quantization, source, calibration, max_calibration)
+    return _run_converter(conv, quantization)
 
-        def representative():
-            for row in sample:
-                yield [row.reshape(shape)]
 
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = representative
-        if quantization == "int8":
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            conv.inference_input_type = tf.int8
-            conv.inference_output_type = tf.int8
-        else:
-            conv.target_spec.supported_ops = [
-                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
-            ]
+def _set_full_integer(conv, quantization: str, source, calibration: np.ndarray | None, max_calibration: int) -> None:
+    """Set up int8 or int16x8 quantization, calibrated on up to ``max_calibration`` rows."""
+    import tensorflow as tf
+
+    if calibration is None or len(calibration) == 0:
+        raise InvalidInputError(
+            f"{quantization} quantization needs calibration data (--calibration FILE, or holdout/training data)"
+        )
+    sample = np.asarray(calibration, dtype=np.float32)[:max_calibration]
+    shape = (1,) + tuple(source.input_shape)
+
+    def representative():
+        for row in sample:
+            yield [row.reshape(shape)]
+
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
+    if quantization == "int8":
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+    else:
+        conv.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        ]
+
+
+def _run_converter(conv, quantization: str) -> bytes:
+    """The converted flatbuffer; a conversion error names the converter's own error line."""
     with quiet_native_stderr() as log, warnings.catch_warnings():
         # int8 conversion warns that input statistics were not given: calibration provides them.
         warnings.simplefilter("ignore", UserWarning)
