@@ -5,11 +5,17 @@ the monitor confirms it is committed to its database (see
 edge_runtime.delivery), so a broker crash, a broker outage, a network cut or
 an agent restart loses nothing: windows are delivered at least once, and the
 monitor deduplicates by (device, seq).
+
+:class:`DeviceAgent` composes the parts: a :class:`~edge_runtime.publisher.Publisher` (spool to MQTT, the
+publisher thread), a :class:`~edge_runtime.router.VariantRouter` (A/B split and shadow mode), a
+:class:`~edge_runtime.probation.ProbationJudge` (a flashed bundle's first windows) and, with bundle slots, a
+:class:`~edge_runtime.commands.CommandHandler` (flash and rollback commands).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -18,7 +24,7 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -32,12 +38,23 @@ from edge_runtime.labels import LabelJoiner, predicted_class
 from edge_runtime.messages import TelemetryWindow
 from edge_runtime.model import EdgeModel
 from edge_runtime.mqtt import DEFAULT_PREFIX, BrokerAddress, MqttLink
-from edge_runtime.outputs import VARIANTS, CallbackSink, Prediction, PredictionSink, open_sink
+from edge_runtime.outputs import CallbackSink, Prediction, PredictionSink, open_sink
+from edge_runtime.probation import ProbationJudge, RollbackPolicy, Verdict
+from edge_runtime.publisher import Publisher, Topics
+from edge_runtime.router import MODEL_KEYS, VariantRouter, Variants
 from edge_runtime.spool import WindowSpool
 from edge_runtime.state import check_id, prepare_state_dir
-from edge_runtime.stats import LatencyHistogram
+
+__all__ = ["AgentConfig", "DeviceAgent", "RollbackPolicy", "Variants", "platform_info", "samples_from"]
 
 log = logging.getLogger("edgeops.agent")
+
+STOP_CLOSE_S = 5.0      # at a stop: the command thread and the output sinks (closed together) get this long
+STOP_PUBLISHER_S = 5.0  # then, after the drain: the publisher thread's last round
+STOP_OFFLINE_S = 5.0    # and the final (offline) status and the link's disconnect
+STOP_SLACK_S = 1.0      # what a thread that ignores its own timeout is waited for beyond it
+# stop() returns within drain_timeout + STOP_BOUND_S, whatever the link, the broker or the sinks do
+STOP_BOUND_S = STOP_CLOSE_S + STOP_PUBLISHER_S + STOP_OFFLINE_S + 2 * STOP_SLACK_S
 
 
 def board_model() -> str | None:
@@ -68,22 +85,156 @@ def platform_info() -> dict:
 
 
 @dataclass(frozen=True)
-class RollbackPolicy:
-    """When a freshly flashed bundle rolls itself back: judged on its first ``windows`` windows.
+class AgentConfig:
+    """The agent's settings (each one has a default).
 
-    It rolls back when their error rate is above ``max_error_rate``, when the share of their inputs
-    it refused (wrong shape, NaN, ...) is above ``max_rejected_rate`` (a bundle that does not fit
-    what the device is fed refuses everything), or their p95 latency (the median of their windows'
-    p95, so one window slowed by something else on the device does not decide) is above
-    ``latency_factor`` x the same figure of the bundle before, and higher by at least
-    ``min_increase_ms``.
+    Args:
+        state_dir: spool and identity (see edge_runtime.state).
+        window_seconds, window_size: when windows close.
+        prefix: topic prefix; topics are ``<prefix>/<fleet>/<device_id>/...``.
+        spool_max: at most this many unsent windows are kept.
+        confirm: "monitor" (a window leaves the spool when the monitor confirms it is stored, the
+            default) or "broker" (at the broker's PUBACK; for a deployment without an edgeops monitor).
+        resend_after: seconds before a window the monitor has not confirmed is published again.
+        compress: zlib-compress published windows (the same as ``encoding="zlib"``).
+        encoding: how telemetry windows are published: json (the default), zlib, cbor or cbor-exact
+            (edge_runtime.compact; the monitor reads every one of them).
+        outputs: where predictions go: ``--output`` values ("stdout", "jsonl:PATH", "mqtt", "http:URL";
+            see edge_runtime.outputs) or sinks; each runs off the inference thread with a bounded queue.
+        on_prediction: called with every :class:`~edge_runtime.outputs.Prediction` (from its own thread).
+        rollback_policy: judges a newly flashed bundle on its first windows (None: never by itself).
     """
 
-    windows: int = 3
-    latency_factor: float = 2.0
-    min_increase_ms: float = 1.0
-    max_error_rate: float = 0.05
-    max_rejected_rate: float = 0.2
+    state_dir: str | Path | None = None
+    window_seconds: float | None = 10.0
+    window_size: int | None = None
+    prefix: str = DEFAULT_PREFIX
+    spool_max: int = 10_000
+    confirm: str = "monitor"
+    resend_after: float = 30.0
+    compress: bool = False
+    encoding: str | None = None
+    outputs: Iterable = ()
+    on_prediction: Callable[[Prediction], object] | None = None
+    rollback_policy: RollbackPolicy | None = RollbackPolicy()
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in fields(AgentConfig))
+_VARIANT_FIELDS = frozenset(f.name for f in fields(Variants))
+
+
+def agent_settings(config: AgentConfig | None, variants: Variants | None,
+                   settings: dict) -> tuple[AgentConfig, Variants]:
+    """``config`` and ``variants`` (their defaults when None) with the keyword ``settings`` applied: each
+    one a field of :class:`AgentConfig` or :class:`~edge_runtime.router.Variants`."""
+    unknown = sorted(set(settings) - _CONFIG_FIELDS - _VARIANT_FIELDS)
+    if unknown:
+        raise TypeError(f"DeviceAgent() got unexpected keyword arguments: {', '.join(unknown)}")
+    config = replace(config or AgentConfig(), **{k: v for k, v in settings.items() if k in _CONFIG_FIELDS})
+    variants = replace(variants or Variants(), **{k: v for k, v in settings.items() if k in _VARIANT_FIELDS})
+    return config, variants
+
+
+def _free_disk(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _previous_model(slots) -> dict | None:
+    """The bundle a rollback would go back to (name and version), if the slots hold one."""
+    prev = slots.previous if slots is not None else None
+    if prev is None:
+        return None
+    try:
+        pm = json.loads((prev / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {"name": pm.get("name"), "version": pm.get("version")}
+
+
+def _in_background(fn: Callable[[], object], name: str) -> threading.Thread:
+    thread = threading.Thread(target=fn, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _join_all(threads: list[threading.Thread], timeout: float) -> None:
+    """Wait for the threads, ``timeout`` seconds in all."""
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.warning("%s did not end within %.0f s at stop; left behind", thread.name, timeout)
+
+
+# -- inputs on another scale than the calibration data ---------------------------------------------
+
+
+def _scale_checkable(f: dict, feats: list) -> bool:
+    """The window has enough values, per feature of the reference profile, to judge their scale."""
+    oor, counts = f.get("out_of_range"), f.get("count") or []
+    return bool(oor) and sum(counts) >= 20 and len(feats) == len(oor)
+
+
+def _far_out(f: dict, i: int, ref: dict) -> bool:
+    """Feature ``i`` of the window reaches more than two calibration spans beyond its calibration range."""
+    span = max(ref["max"] - ref["min"], 1e-12)
+    return f["max"][i] > ref["max"] + 2 * span or f["min"][i] < ref["min"] - 2 * span
+
+
+def _rescaled_features(f: dict, feats: list) -> tuple[list[int], int]:
+    """(features that look rescaled, features with values)."""
+    flagged, seen = [], 0
+    for i, (o, c, ref) in enumerate(zip(f["out_of_range"], f["count"], feats, strict=True)):
+        if not c:
+            continue
+        seen += 1
+        far = _far_out(f, i, ref)
+        if o / c > 0.2 and far:
+            flagged.append(i)
+    return flagged, seen
+
+
+def _warn_scale(key: tuple, f: dict, feats: list, flagged: list[int], seen: int) -> None:
+    i = flagged[0]
+    ref = feats[i]
+    log.warning("inputs look like another scale than the data %s %s was calibrated on (%d of %d features "
+                "mostly outside its range; e.g. %r reads %.4g..%.4g, calibration %.4g..%.4g): unnormalised "
+                "inputs quietly cost accuracy", *key, len(flagged), seen, ref.get("name", i), f["min"][i],
+                f["max"][i], ref["min"], ref["max"])
+
+
+class _Pacer:
+    """The run loop's clock: windows collected every 0.1 s, the ``duration`` limit and the input ``rate``."""
+
+    POLL_S = 0.1
+
+    def __init__(self, rate: float | None, duration: float | None, interrupted: threading.Event):
+        self.rate, self.duration, self.interrupted = rate, duration, interrupted
+        self.t_start = self.next_due = self.last_poll = time.monotonic()
+
+    def poll_due(self, now: float) -> bool:
+        if now - self.last_poll >= self.POLL_S:
+            self.last_poll = now
+            return True
+        return False
+
+    def expired(self, now: float) -> bool:
+        return self.duration is not None and now - self.t_start >= self.duration
+
+    def wait(self) -> bool:
+        """Wait for the next input's turn at ``rate``; True when interrupted meanwhile."""
+        if not self.rate:
+            return False
+        self.next_due += 1.0 / self.rate
+        delay = self.next_due - time.monotonic()
+        if delay > 0:
+            return self.interrupted.wait(delay)
+        if delay < -1.0:
+            self.next_due = time.monotonic()  # fell behind: do not burst to catch up
+        return False
 
 
 class DeviceAgent:
@@ -98,167 +249,189 @@ class DeviceAgent:
         model: the loaded model.
         device_id, fleet: identity; topics are ``<prefix>/<fleet>/<device_id>/...``.
         broker: where to publish.
-        state_dir: spool and identity (see edge_runtime.state).
-        window_seconds, window_size: when windows close.
-        prefix: topic prefix.
-        spool_max: at most this many unsent windows are kept.
+        config: the settings (:class:`AgentConfig`).
+        variants: a second bundle, A/B or shadow (:class:`~edge_runtime.router.Variants`).
         slots: the device's bundle slots; with them the agent takes flash and rollback commands
             on ``.../cmd`` and answers on ``.../cmd/result`` (see edge_runtime.commands).
         reload: loads a bundle folder into a model (the same options as the first one).
-        rollback_policy: judges a newly flashed bundle on its first windows (None: never by itself).
-        confirm: "monitor" (a window leaves the spool when the monitor confirms it is stored, the
-            default) or "broker" (at the broker's PUBACK; for a deployment without an edgeops monitor).
-        resend_after: seconds before a window the monitor has not confirmed is published again.
-        outputs: where predictions go: ``--output`` values ("stdout", "jsonl:PATH", "mqtt", "http:URL";
-            see edge_runtime.outputs) or sinks; each runs off the inference thread with a bounded queue.
-        on_prediction: called with every :class:`~edge_runtime.outputs.Prediction` (from its own thread).
-        encoding: how telemetry windows are published: json (the default), zlib (the same as ``compress``), cbor
-            or cbor-exact (edge_runtime.compact; the monitor reads every one of them).
-        output_variants: "primary" (the prediction the device acts on: A's, or B's for the inputs the A/B
-            split sends to B) or "all" (the shadow's too).
+        **settings: any field of :class:`AgentConfig` or :class:`~edge_runtime.router.Variants` by keyword
+            (``state_dir=``, ``window_size=``, ``second=``, ``mode=``, ...); it overrides ``config``/``variants``.
     """
 
-    def __init__(  # noqa: PLR0913 - configuration constructor: the keyword arguments are the agent's settings
-                 self, model: EdgeModel, device_id: str, fleet: str, broker: BrokerAddress,
-                 state_dir: str | Path | None = None, window_seconds: float | None = 10.0,
-                 window_size: int | None = None, prefix: str = DEFAULT_PREFIX, spool_max: int = 10_000,
-                 slots=None, reload: Callable[[Path], EdgeModel] | None = None,
-                 rollback_policy: RollbackPolicy | None = RollbackPolicy(), second: EdgeModel | None = None,
-                 mode: str = "ab", split: float = 0.5, seed: int | None = None, compress: bool = False,
-                 confirm: str = "monitor", resend_after: float = 30.0, outputs: Iterable = (),
-                 on_prediction: Callable[[Prediction], object] | None = None, output_variants: str = "primary",
-                 encoding: str | None = None):
+    def __init__(self, model: EdgeModel, device_id: str, fleet: str, broker: BrokerAddress,
+                 config: AgentConfig | None = None, variants: Variants | None = None, slots=None,
+                 reload: Callable[[Path], EdgeModel] | None = None, **settings):
+        config, variants = agent_settings(config, variants, settings)
+        self.config = config
         self.model = model
-        self.window_seconds, self.window_size = window_seconds, window_size
+        self.window_seconds, self.window_size = config.window_seconds, config.window_size
         self.learner = None     # --learn: see learn()
         self.device_id = check_id(device_id, "device id")
         self.fleet = check_id(fleet, "fleet")
-        self.prefix = prefix
-        self.state_dir = prepare_state_dir(state_dir, device_id, fleet)
-        self.spool = WindowSpool(self.state_dir / "spool.sqlite", max_windows=spool_max)
-        if second is not None and mode not in ("ab", "shadow"):
-            raise ValueError(f"mode {mode!r}: ab or shadow")
-        self.second, self.mode, self.split = second, mode, split
-        self.compress = compress
-        primary_variant = None if second is None else "A"
-        self.recorder = model.start_recording(window_seconds=window_seconds, window_size=window_size,
-                                              variant=primary_variant)
-        self.recorder.on_close = self._attach_labels
-        self.second_recorder = None if second is None else second.start_recording(
-            window_seconds=window_seconds, window_size=window_size, variant="B" if mode == "ab" else "shadow")
-        import random
-
-        self._rng = random.Random(seed)
-        self._agree = {"compared": 0, "agreed": 0, "max_abs_diff": 0.0}
-        self.telemetry_topic = wire.topic(prefix, fleet, device_id, "telemetry")
-        self.status_topic = wire.topic(prefix, fleet, device_id, "status")
-        self.cmd_topic = wire.topic(prefix, fleet, device_id, wire.CMD)
-        self.result_topic = wire.topic(prefix, fleet, device_id, wire.CMD_RESULT)
-        self.ack_topic = wire.topic(prefix, fleet, device_id, wire.ACK)
-        self.labels_topic = wire.topic(prefix, fleet, device_id, wire.LABELS)
-        # late ground truth joined to predictions by input id (edge_runtime/labels.py); classifiers only
-        n_classes = self.recorder.n_classes
-        self.labels: LabelJoiner | None = LabelJoiner(model.labels, n_classes) if n_classes else None
-        self.labels_refused: collections.Counter[str] = collections.Counter()
-        self._results: queue.Queue[bytes] = queue.Queue()
+        self.prefix = config.prefix
+        self.topics = Topics.of(self.prefix, self.fleet, self.device_id)
+        self.state_dir = prepare_state_dir(config.state_dir, device_id, fleet)
+        self.spool = WindowSpool(self.state_dir / "spool.sqlite", max_windows=config.spool_max)
+        self.router = VariantRouter(variants)
+        self.compress = config.compress
+        self._start_recording(model, self.router.primary_variant)
+        self.router.start_recording(self.window_seconds, self.window_size)
+        self._init_labels()
+        self.judge = ProbationJudge(config.rollback_policy)
         self._pending: queue.Queue[tuple[EdgeModel, str, dict]] = queue.Queue()
-        self._recent_p95: collections.deque[float] = collections.deque(maxlen=5)
-        self._probation: dict | None = None
-        self.rollback_policy = rollback_policy
-        self.slots = slots
-        self._reload = reload
-        self.commands = None
-        self._reconnected = threading.Event()
-        self.link = MqttLink(broker, client_id=f"edgeops-{fleet}-{device_id}",
-                             will=(self.status_topic, self._status(online=False)),
-                             on_connect=self._on_connect, on_ack=lambda mid, ok: self.delivery.pubacks.put((mid, ok)),
-                             on_message=self._on_message)
-        self.delivery = WindowDelivery(self.spool, self.link, self.telemetry_topic, confirm=confirm,
-                                       compress=compress, resend_after=resend_after, encoding=encoding)
+        self.slots, self._reload, self.commands = slots, reload, None
+        self._init_link(broker, config)
+        self._init_run_state()
+        self.sinks: list[PredictionSink] = self._open_sinks(config)
+
+    def _init_labels(self) -> None:
+        """Late ground truth joined to predictions by input id (edge_runtime/labels.py); classifiers only."""
+        n_classes = self.recorder.n_classes
+        self.labels: LabelJoiner | None = LabelJoiner(self.model.labels, n_classes) if n_classes else None
+        self.labels_refused: collections.Counter[str] = collections.Counter()
+
+    def _init_link(self, broker: BrokerAddress, config: AgentConfig) -> None:
+        self.link = MqttLink(broker, client_id=f"edgeops-{self.fleet}-{self.device_id}",
+                             will=(self.topics.status, self._status(online=False)),
+                             on_connect=self._on_connect, on_ack=self._on_ack, on_message=self._on_message)
+        self.delivery = WindowDelivery(self.spool, self.link, self.topics.telemetry, confirm=config.confirm,
+                                       compress=config.compress, resend_after=config.resend_after,
+                                       encoding=config.encoding)
+        self.publisher = Publisher(self.delivery, self.topics)
+
+    def _init_run_state(self) -> None:
         self._stop = threading.Event()
         self._interrupted = threading.Event()
         self._waiting_input = False
-        self._publisher = threading.Thread(target=self._publish_loop, name="edgeops-publisher", daemon=True)
         self.inferences = 0
         self.bad_inputs = 0
         self._logged_bad: set[str] = set()
         self._scale_warned: set[tuple] = set()
         self.last_window: dict | None = None
-        if output_variants not in VARIANTS:
-            raise ValueError(f"output_variants {output_variants!r}: one of {VARIANTS}")
-        self.output_variants = output_variants
-        predictions_topic = wire.topic(prefix, fleet, device_id, wire.PREDICTIONS)
-        self.sinks: list[PredictionSink] = [o if isinstance(o, PredictionSink) else open_sink(
-            o, publish=lambda t, payload, qos: self.link.publish(t, payload, qos=qos), topic=predictions_topic,
-            envelope=lambda records: wire.encode(wire.predictions_message(self.fleet, self.device_id, records)))
-            for o in outputs]
-        if on_prediction is not None:
-            self.sinks.append(CallbackSink(on_prediction, max_queue=10_000))
         self._input_index = 0
         self._out_meta: dict[int, tuple] = {}
         self._source = None
         self._losses_reported = (0, 0, 0)   # output drops, output failures, live-input drops in earlier windows
+
+    def _open_sinks(self, config: AgentConfig) -> list[PredictionSink]:
+        sinks = [o if isinstance(o, PredictionSink) else open_sink(
+            o, publish=lambda t, payload, qos: self.link.publish(t, payload, qos=qos), topic=self.topics.predictions,
+            envelope=lambda records: wire.encode(wire.predictions_message(self.fleet, self.device_id, records)))
+            for o in config.outputs]
+        if config.on_prediction is not None:
+            sinks.append(CallbackSink(config.on_prediction, max_queue=10_000))
+        return sinks
+
+    def _start_recording(self, model: EdgeModel, variant: str | None) -> None:
+        """Record ``model``'s windows (as :attr:`recorder`), each closing with the labels joined meanwhile."""
+        self.recorder = model.start_recording(window_seconds=self.window_seconds, window_size=self.window_size,
+                                              variant=variant)
+        self.recorder.on_close = self._attach_labels
+
+    # -- the parts' settings, as attributes ----------------------------------------------------
+
+    @property
+    def second(self) -> EdgeModel | None:
+        return self.router.second
+
+    @property
+    def second_recorder(self):
+        return self.router.second_recorder
+
+    @property
+    def mode(self) -> str:
+        return self.router.mode
+
+    @property
+    def split(self) -> float:
+        return self.router.split
+
+    @property
+    def output_variants(self) -> str:
+        return self.router.output_variants
+
+    @property
+    def rollback_policy(self) -> RollbackPolicy | None:
+        return self.judge.policy
+
+    @property
+    def telemetry_topic(self) -> str:
+        return self.topics.telemetry
+
+    @property
+    def status_topic(self) -> str:
+        return self.topics.status
+
+    @property
+    def cmd_topic(self) -> str:
+        return self.topics.cmd
+
+    @property
+    def result_topic(self) -> str:
+        return self.topics.result
+
+    @property
+    def ack_topic(self) -> str:
+        return self.topics.ack
+
+    @property
+    def labels_topic(self) -> str:
+        return self.topics.labels
 
     # -- status --------------------------------------------------------------------------------
 
     def _status(self, online: bool) -> bytes:
         m = self.model
         info = self.recorder.model_info
-        try:
-            free = shutil.disk_usage(self.state_dir).free
-        except OSError:
-            free = None
         from edge_runtime import __version__
 
         doc = wire.status_message(
             self.fleet, self.device_id, online, runtime_version=__version__, platform=platform_info(),
-            model={k: info.get(k) for k in ("name", "version", "artifact", "sha256")},
-            backend=f"{m.backend.name} {m.backend.version}", free_disk_bytes=free,
+            model={k: info.get(k) for k in MODEL_KEYS},
+            backend=f"{m.backend.name} {m.backend.version}", free_disk_bytes=_free_disk(self.state_dir),
             accepts_flash=self._accepts_flash())
         if m.manifest:
             from edge_runtime.slots import input_schema
 
             doc["input"] = input_schema(m.manifest)   # lets `edgeops flash` check a new bundle's fit first
-        second = getattr(self, "second", None)
+        second = self.router.status()
         if second is not None:
-            info2 = self.second_recorder.model_info
-            doc["second_model"] = {**{k: info2.get(k) for k in ("name", "version", "artifact", "sha256")},
-                                   "mode": self.mode, "split": self.split if self.mode == "ab" else None}
-        prev = self.slots.previous if getattr(self, "slots", None) is not None else None
-        if prev is not None:
-            try:
-                pm = json.loads((prev / "manifest.json").read_text())
-                doc["previous_model"] = {"name": pm.get("name"), "version": pm.get("version")}
-            except (OSError, ValueError):
-                pass
+            doc["second_model"] = second
+        previous = _previous_model(self.slots)
+        if previous is not None:
+            doc["previous_model"] = previous
         return wire.encode(doc)
 
     def _accepts_flash(self) -> bool:
         """The device takes flashes: it has bundle slots and a trusted key (or was told to take unsigned)."""
-        slots = getattr(self, "slots", None)
-        return slots is not None and slots.flash_refusal() is None
+        return self.slots is not None and self.slots.flash_refusal() is None
+
+    def _publish_status(self) -> None:
+        """The retained online status, now (from the run loop: after a switch of bundle)."""
+        if self.link.connected.is_set():
+            self.link.client.publish(self.topics.status, self._status(online=True), qos=1, retain=True)
 
     def _on_connect(self) -> None:
         # network thread: the status is small and retained; windows are resent by the publisher
-        self.link.client.publish(self.status_topic, self._status(online=True), qos=1, retain=True)
-        topics = [(self.ack_topic, 1)] if self.delivery.confirm == "monitor" else []
+        self.link.client.publish(self.topics.status, self._status(online=True), qos=1, retain=True)
+        topics = self.publisher.subscriptions()
         if self.labels is not None:
-            topics.append((self.labels_topic, 1))
+            topics.append((self.topics.labels, 1))
         if self.commands is not None:
-            topics.append((self.cmd_topic, 1))
+            topics.append((self.topics.cmd, 1))
         if topics:
             self.link.client.subscribe(topics)
-        self._reconnected.set()
+        self.publisher.connected()
+
+    def _on_ack(self, mid: int, ok: bool) -> None:
+        self.publisher.on_ack(mid, ok)
 
     def _on_message(self, topic_name: str, payload: bytes) -> None:
-        if topic_name == self.ack_topic:
-            try:
-                self.delivery.confirmations.put(wire.parse_ack(payload))
-            except wire.Rejected as rej:
-                log.warning("ignored a malformed ack (%s); unconfirmed windows are resent", rej)
-        elif topic_name == self.cmd_topic and self.commands is not None:
+        if topic_name == self.topics.ack:
+            self.publisher.take_ack(payload)
+        elif topic_name == self.topics.cmd and self.commands is not None:
             self.commands.submit(payload)
-        elif topic_name == self.labels_topic and self.labels is not None:
+        elif topic_name == self.topics.labels and self.labels is not None:
             self.take_labels(payload, f"topic {topic_name}")
 
     def take_labels(self, payload: bytes, where: str = "the API") -> tuple[int, int]:
@@ -283,10 +456,9 @@ class DeviceAgent:
 
     def _publish_result(self, doc: dict) -> None:
         if doc.get("stage") == "switched" and doc.get("type") == "flash":
-            pol = self.rollback_policy
-            doc = {**doc, "probation_windows": pol.windows if pol is not None else 0}
+            doc = {**doc, "probation_windows": self.judge.windows}
         log.info("command %s %s: %s", doc.get("type"), doc.get("stage"), doc.get("message"))
-        self._results.put(json.dumps(doc, separators=(",", ":")).encode())
+        self.publisher.send_result(doc)
 
     def _switched(self, kind: str, res) -> None:
         """Command thread: the slots switched; load the new active bundle and hand it to the run loop."""
@@ -308,100 +480,60 @@ class DeviceAgent:
                 model, kind, detail = self._pending.get_nowait()
             except queue.Empty:
                 return
-            before = sorted(self._recent_p95)
-            baseline = before[len(before) // 2] if before else None
-            self._spool_closed_windows(self.recorder.poll())
-            last = self.recorder.flush()
-            if last is not None:
-                self._spool_closed_windows([last])
-            variant = self.recorder.model_info.get("variant")
-            self.model.stop_recording()
-            model.added_latency_s = self.model.added_latency_s
-            self.model = model
-            self.recorder = model.start_recording(window_seconds=self.window_seconds, window_size=self.window_size,
-                                                  variant=variant)
-            self.recorder.on_close = self._attach_labels
-            self._recent_p95.clear()
-            if self.labels is not None and self.recorder.n_classes:
-                self.labels.reset(model.labels, self.recorder.n_classes)   # predictions of the old model go
-            self._probation = None
-            if kind == "flash" and self.rollback_policy is not None and self.rollback_policy.windows > 0:
-                self._probation = {"baseline_p95": baseline, "windows": 0, "count": 0, "errors": 0, "p95s": [],
-                                   "version": self.recorder.model_info.get("version")}
-            log.info("now running %s %s (%s)", self.recorder.model_info.get("name"),
-                     self.recorder.model_info.get("version"), kind)
-            if self.link.connected.is_set():
-                self.link.client.publish(self.status_topic, self._status(online=True), qos=1, retain=True)
-            if detail:
-                self._publish_result(detail)
+            self._swap(model, kind, detail)
 
-    def _judge(self, w: dict) -> None:
-        """Probation of a freshly flashed bundle: roll back by itself on errors or a latency regression."""
-        p = self._probation
-        pol = self.rollback_policy
-        p["windows"] += 1
-        p["count"] += w["count"]          # every attempt: served, failed or refused
-        p["errors"] += w["errors"]
-        p["rejected"] = p.get("rejected", 0) + int(w.get("rejected") or 0)
-        q = LatencyHistogram.from_dict(w["latency_ms"]).quantile(0.95) if w["count"] else None
-        if q is not None:
-            p["p95s"].append(q)
-        if p["windows"] < pol.windows:
-            return
-        self._probation = None
-        p95s = sorted(p["p95s"])
-        p95 = p95s[len(p95s) // 2] if p95s else None
-        err = p["errors"] / p["count"] if p["count"] else 0.0
-        refused = p["rejected"] / p["count"] if p["count"] else 0.0
-        base = p["baseline_p95"]
-        reason = None
-        if refused > pol.max_rejected_rate:
-            reason = (f"rejected inputs: {p['rejected']} of {p['count']} ({refused:.1%}) refused in its first "
-                      f"{pol.windows} windows, over {pol.max_rejected_rate:.1%}")
-        elif err > pol.max_error_rate:
-            reason = f"error rate {err:.1%} over {pol.max_error_rate:.1%} in its first {pol.windows} windows"
-        elif base and p95 is not None and p95 > pol.latency_factor * base and p95 - base >= pol.min_increase_ms:
-            reason = (f"latency regression: p95 {p95:.3f} ms in its first {pol.windows} windows vs {base:.3f} ms "
-                      f"before the flash (limit x{pol.latency_factor:g})")
-        doc = {"id": None, "ts": round(time.time(), 3), "device_id": self.device_id,
-               "p95_ms": p95, "baseline_p95_ms": base, "error_rate": err, "rejected_rate": refused}
-        if reason is None:
+    def _swap(self, model: EdgeModel, kind: str, detail: dict) -> None:
+        """Run ``model`` from now on: the old one's windows close, a flashed one goes on probation."""
+        baseline = self.judge.baseline()
+        self._spool_closed_windows(self.recorder.poll())
+        last = self.recorder.flush()
+        if last is not None:
+            self._spool_closed_windows([last])
+        variant = self.recorder.model_info.get("variant")
+        self.model.stop_recording()
+        model.added_latency_s = self.model.added_latency_s
+        self.model = model
+        self._start_recording(model, variant)
+        if self.labels is not None and self.recorder.n_classes:
+            self.labels.reset(model.labels, self.recorder.n_classes)   # predictions of the old model go
+        self.judge.begin(kind, self.recorder.model_info.get("version"), baseline)
+        log.info("now running %s %s (%s)", self.recorder.model_info.get("name"),
+                 self.recorder.model_info.get("version"), kind)
+        self._publish_status()
+        if detail:
+            self._publish_result(detail)
+
+    def _judged(self, verdict: Verdict) -> None:
+        """A probation ended: confirm the bundle, or roll back by itself (errors or a latency regression)."""
+        doc = verdict.figures(self.device_id)
+        if verdict.passed:
             self._publish_result({**doc, "type": "probation", "ok": True, "stage": "confirmed",
-                                  "message": f"{p['version']} passed its first {pol.windows} windows",
-                                  "bundle": self.recorder.model_info.get("name"), "version": p["version"]})
+                                  "message": f"{verdict.version} passed its first {verdict.windows} windows",
+                                  "bundle": self.recorder.model_info.get("name"), "version": verdict.version})
             return
-        log.warning("rolling back %s: %s", p["version"], reason)
+        log.warning("rolling back %s: %s", verdict.version, verdict.reason)
+        self._roll_back(verdict, doc)
+
+    def _roll_back(self, verdict: Verdict, doc: dict) -> None:
+        """Switch the slots back and hand the previous bundle to the run loop (or report why not)."""
+        failed = {**doc, "type": "auto_rollback", "ok": False, "stage": "failed"}
         res = self.slots.rollback()
         if not res.ok:
-            self._publish_result({**doc, "type": "auto_rollback", "ok": False, "stage": "failed",
-                                  "message": f"{reason}; {res.message}", "bundle": None, "version": p["version"]})
+            self._publish_result({**failed, "message": f"{verdict.reason}; {res.message}", "bundle": None,
+                                  "version": verdict.version})
             return
         try:
             model = self._reload(self.slots.active)
         except EdgeOpsError as exc:
-            self._publish_result({**doc, "type": "auto_rollback", "ok": False, "stage": "failed",
-                                  "message": f"{reason}; the previous bundle did not load: {exc}",
+            self._publish_result({**failed, "message": f"{verdict.reason}; the previous bundle did not load: {exc}",
                                   "bundle": res.bundle, "version": res.version})
             return
         self._pending.put((model, "auto_rollback", {
             **doc, "type": "auto_rollback", "ok": True, "stage": "rolled_back",
-            "message": f"{reason}; {res.message}", "bundle": res.bundle, "version": res.version,
-            "from_version": p["version"]}))
+            "message": f"{verdict.reason}; {res.message}", "bundle": res.bundle, "version": res.version,
+            "from_version": verdict.version}))
 
-    # -- publishing ----------------------------------------------------------------------------
-
-    def _publish_loop(self) -> None:
-        while not self._stop.is_set() or (self.delivery.inflight and self.link.connected.is_set()):
-            if self._reconnected.is_set():
-                self._reconnected.clear()
-                self.delivery.reconnected()
-            while self.link.connected.is_set() and not self._results.empty():
-                if self.link.publish(self.result_topic, self._results.get_nowait(), qos=1) is None:
-                    break
-            self.delivery.step()
-            if self._stop.is_set() and not len(self.spool):
-                break
-            time.sleep(0.02)
+    # -- windows -------------------------------------------------------------------------------
 
     def _attach_labels(self, w: dict) -> None:
         """The labels joined while window ``w`` was open go with it (called as it closes)."""
@@ -413,22 +545,20 @@ class DeviceAgent:
     def _spool_closed_windows(self, windows: list[dict], primary: bool = True) -> None:
         for w in windows:
             if primary:
-                self.last_window = w
-                self._report_losses(w)
-                self._check_scale(w)
-                p95 = LatencyHistogram.from_dict(w["latency_ms"]).quantile(0.95) if w["count"] else None
-                if p95 is not None:
-                    self._recent_p95.append(p95)
-                if self._probation is not None:
-                    self._judge(w)
-            elif self.mode == "shadow":
-                a = self._agree
-                w["agreement"] = {"compared": a["compared"], "agreed": a["agreed"],
-                                  "rate": round(a["agreed"] / a["compared"], 6) if a["compared"] else None,
-                                  "max_abs_diff": round(a["max_abs_diff"], 6)}
-                self._agree = {"compared": 0, "agreed": 0, "max_abs_diff": 0.0}
+                self._primary_window(w)
+            else:
+                self.router.annotate(w)
             seq = self.spool.append(TelemetryWindow.from_window(self.fleet, self.device_id, w).to_canonical())
             log.debug("window %d spooled (%d inferences)", seq, w["count"])
+
+    def _primary_window(self, w: dict) -> None:
+        """What the primary model's closed windows feed: the metrics, the scale check, the probation."""
+        self.last_window = w
+        self._report_losses(w)
+        self._check_scale(w)
+        verdict = self.judge.observe(w)
+        if verdict is not None:
+            self._judged(verdict)
 
     def _report_losses(self, w: dict) -> None:
         """Predictions the outputs dropped or failed and inputs a live source dropped, since the last window."""
@@ -446,29 +576,15 @@ class DeviceAgent:
         rescaled when over 20% of its values fall outside the calibration range and the window reaches
         more than two calibration spans beyond it; the warning needs most features to look so."""
         f = w.get("features") or {}
-        oor, counts = f.get("out_of_range"), f.get("count") or []
         key = (self.recorder.model_info.get("name"), self.recorder.model_info.get("version"))
         feats = ((self.model.manifest or {}).get("reference_profile") or {}).get("features") or []
-        if not oor or key in self._scale_warned or sum(counts) < 20 or len(feats) != len(oor):
+        if key in self._scale_warned or not _scale_checkable(f, feats):
             return
-        flagged, seen = [], 0
-        for i, (o, c, ref) in enumerate(zip(oor, counts, feats, strict=True)):
-            if not c:
-                continue
-            seen += 1
-            span = max(ref["max"] - ref["min"], 1e-12)
-            far = f["max"][i] > ref["max"] + 2 * span or f["min"][i] < ref["min"] - 2 * span
-            if o / c > 0.2 and far:
-                flagged.append(i)
+        flagged, seen = _rescaled_features(f, feats)
         if not seen or len(flagged) * 2 <= seen:
             return
         self._scale_warned.add(key)
-        i = flagged[0]
-        ref = feats[i]
-        log.warning("inputs look like another scale than the data %s %s was calibrated on (%d of %d features "
-                    "mostly outside its range; e.g. %r reads %.4g..%.4g, calibration %.4g..%.4g): unnormalised "
-                    "inputs quietly cost accuracy", *key, len(flagged), seen, ref.get("name", i), f["min"][i],
-                    f["max"][i], ref["min"], ref["max"])
+        _warn_scale(key, f, feats, flagged, seen)
 
     def collect(self) -> None:
         """Spool the windows closed so far (for callers that predict outside :meth:`run`, like serve)."""
@@ -514,50 +630,44 @@ class DeviceAgent:
         """Per output sink: predictions delivered, dropped (queue full) and failed (delivery lost)."""
         return {s.name: s.counts.as_dict() for s in self.sinks}
 
+    # -- predictions ---------------------------------------------------------------------------
+
     def _answer(self, model: EdgeModel, sample, sample_id, emit: bool = True):
         """``model.predict(sample)``, offered to the output sinks (labelled with the model's variant)."""
         t0 = time.perf_counter()
         out = model.predict(sample)
-        if self.learner is not None and model is self.model and sample_id is not None:
+        if model is self.model and sample_id is not None:
+            self._note_prediction(sample_id, sample, out)
+        if emit and self.sinks:
+            self._offer(model, sample_id, out, (time.perf_counter() - t0) * 1000.0)
+        return out
+
+    def _note_prediction(self, sample_id, sample, out) -> None:
+        """The primary model's prediction of an input with an id: remembered for --learn and late labels."""
+        if self.learner is not None:
             self.learner.remember(sample_id, sample)
-        if self.labels is not None and model is self.model and sample_id is not None:
+        if self.labels is not None:
             cls = predicted_class(out)
             if cls is not None:
                 self.labels.predicted(sample_id, cls)
-        if emit and self.sinks:
-            ms = (time.perf_counter() - t0) * 1000.0
-            rec = model.recorder
-            meta = self._out_meta.get(id(rec))
-            if meta is None or meta[0] is not rec:   # once per model (and recorder): not per inference
-                info = rec.model_info if rec is not None else {}
-                meta = self._out_meta[id(rec)] = (rec, {k: info.get(k) for k in ("name", "version", "variant")},
-                                                  tuple(model.labels) if model.labels else None, model.task)
-            p = Prediction(sample_id, time.time(), out, ms, *meta[1:])
-            for sink in self.sinks:
-                sink.offer(p)
-        return out
+
+    def _offer(self, model: EdgeModel, sample_id, out, ms: float) -> None:
+        p = Prediction(sample_id, time.time(), out, ms, *self._output_meta(model))
+        for sink in self.sinks:
+            sink.offer(p)
+
+    def _output_meta(self, model: EdgeModel) -> tuple:
+        """(model info, labels, task) of the model's predictions: once per model and recorder, not per inference."""
+        rec = model.recorder
+        meta = self._out_meta.get(id(rec))
+        if meta is None or meta[0] is not rec:
+            info = rec.model_info if rec is not None else {}
+            meta = self._out_meta[id(rec)] = (rec, {k: info.get(k) for k in ("name", "version", "variant")},
+                                              tuple(model.labels) if model.labels else None, model.task)
+        return meta[1:]
 
     def _predict(self, sample, sample_id=None) -> None:
-        if self.second is None:
-            self._answer(self.model, sample, sample_id)
-        elif self.mode == "ab":
-            self._answer(self.second if self._rng.random() < self.split else self.model, sample, sample_id)
-        else:
-            a = self._answer(self.model, sample, sample_id)
-            try:
-                b = self._answer(self.second, sample, sample_id, emit=self.output_variants == "all")
-            except EdgeOpsError:
-                return   # counted as an error in the shadow's window
-            a, b = np.asarray(a, np.float32).ravel(), np.asarray(b, np.float32).ravel()
-            diff = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf")
-            if a.size > 1 and a.shape == b.shape:
-                same = int(np.argmax(a)) == int(np.argmax(b))
-            else:
-                same = diff <= 0.01 * max(1.0, float(np.max(np.abs(a))) if a.size else 1.0)
-            ag = self._agree
-            ag["compared"] += 1
-            ag["agreed"] += int(same)
-            ag["max_abs_diff"] = max(ag["max_abs_diff"], diff if np.isfinite(diff) else 0.0)
+        self.router.serve(self.model, functools.partial(self._answer, sample=sample, sample_id=sample_id))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -570,7 +680,7 @@ class DeviceAgent:
 
             self.commands = CommandHandler(self.slots, self._publish_result, self._switched, self.device_id)
         self.link.start()
-        self._publisher.start()
+        self.publisher.start()
         for sink in self.sinks:
             sink.start()
         return self
@@ -579,31 +689,25 @@ class DeviceAgent:
             duration: float | None = None) -> None:
         """Predict on every sample (at ``rate`` per second when given) until the stream ends."""
         self._source = samples    # a live source counts the inputs it dropped; windows report them
-        t_start = time.monotonic()
-        next_due = t_start
-        last_poll = t_start
+        pacer = _Pacer(rate, duration, self._interrupted)
         for sample in self._interruptible(samples):
-            if self._stop.is_set() or self._interrupted.is_set():
+            if self.stopping:
                 break
             if not self._pending.empty():
                 self._apply_pending()
             self._serve_one(sample)
-            now = time.monotonic()
-            if now - last_poll >= 0.1:
-                self.collect()
-                last_poll = now
-            if max_inferences is not None and self.inferences + self.bad_inputs >= max_inferences:
+            if self._run_ends(pacer, max_inferences):
                 break
-            if duration is not None and now - t_start >= duration:
-                break
-            if rate:
-                next_due += 1.0 / rate
-                delay = next_due - time.monotonic()
-                if delay > 0 and self._interrupted.wait(delay):
-                    break
-                elif delay < -1.0:
-                    next_due = time.monotonic()  # fell behind: do not burst to catch up
         self.collect()
+
+    def _run_ends(self, pacer: _Pacer, max_inferences: int | None) -> bool:
+        """After an input: collect the closed windows now and then; True when the run loop ends."""
+        now = time.monotonic()
+        if pacer.poll_due(now):
+            self.collect()
+        if max_inferences is not None and self.inferences + self.bad_inputs >= max_inferences:
+            return True
+        return pacer.expired(now) or pacer.wait()
 
     def _serve_one(self, sample) -> None:
         """One input of the run loop: predicted (its label, when the input carries one, joined in the same
@@ -667,17 +771,42 @@ class DeviceAgent:
     def stop(self, drain_timeout: float = 10.0) -> int:
         """Close the current window, wait up to ``drain_timeout`` for the spool to empty, go offline.
 
+        Every wait is bounded: it returns within ``drain_timeout`` + :data:`STOP_BOUND_S` seconds whatever
+        the broker, the link, the command thread or the output sinks do.
+
         Returns:
             Windows still in the spool (they are sent by the next run).
         """
-        if self.commands is not None:
-            self.commands.stop()
-        for sink in self.sinks:   # before the link goes: the mqtt sink publishes its last batch on it
-            sink.close()
-            c = sink.counts
-            if c.dropped or c.failed:
-                log.warning("output %s: %d predictions delivered, %d dropped, %d failed", sink.name, c.delivered,
-                            c.dropped, c.failed)
+        self._close_commands_and_outputs()
+        self._flush_windows()
+        self.publisher.drain(drain_timeout)
+        self._stop.set()
+        self.publisher.stop(timeout=STOP_PUBLISHER_S)
+        self._go_offline()
+        left = len(self.spool)
+        self.spool.close()
+        if left:
+            log.warning("%d windows could not be delivered yet; they stay in %s", left, self.state_dir)
+        return left
+
+    def _close_commands_and_outputs(self) -> None:
+        """Stop the command thread and close the output sinks (before the link goes: the mqtt sink publishes
+        its last batch on it), all at once, within STOP_CLOSE_S."""
+        threads = [_in_background(self.commands.stop, "edgeops-commands-stop")] if self.commands is not None else []
+        threads += [_in_background(functools.partial(self._close_sink, sink), f"edgeops-output-{sink.name}-close")
+                    for sink in self.sinks]
+        _join_all(threads, STOP_CLOSE_S + STOP_SLACK_S)
+
+    @staticmethod
+    def _close_sink(sink: PredictionSink) -> None:
+        sink.close(timeout=STOP_CLOSE_S)
+        c = sink.counts
+        if c.dropped or c.failed:
+            log.warning("output %s: %d predictions delivered, %d dropped, %d failed", sink.name, c.delivered,
+                        c.dropped, c.failed)
+
+    def _flush_windows(self) -> None:
+        """Close and spool the windows being recorded."""
         # labels joined since the last window go out even when no inference came since
         last = self.recorder.flush(empty=self.labels is not None and self.labels.pending)
         if last is not None:
@@ -686,28 +815,43 @@ class DeviceAgent:
             last = self.second_recorder.flush()
             if last is not None:
                 self._spool_closed_windows([last], primary=False)
-        # wait for the confirmations (or the broker's acknowledgements, without a monitor in sight); a broker
-        # that is not there gets a few seconds to come back (a short run may stop before it connected)
-        deadline = time.monotonic() + drain_timeout
-        offline_deadline = time.monotonic() + min(drain_timeout, 5.0)
-        while (not self.delivery.settled() or not self._results.empty()) and time.monotonic() < deadline:
-            if not self.link.connected.is_set() and time.monotonic() > offline_deadline:
-                break
-            time.sleep(0.05)
-        self._stop.set()
-        self._publisher.join(timeout=5)
-        self.link.stop(final=(self.status_topic, self._status(online=False)))
-        left = len(self.spool)
-        self.spool.close()
-        if left:
-            log.warning("%d windows could not be delivered yet; they stay in %s", left, self.state_dir)
-        return left
+
+    def _go_offline(self) -> None:
+        """Publish the offline status (retained) and disconnect, within STOP_OFFLINE_S (+ slack)."""
+        final = (self.topics.status, self._status(online=False))
+        link_stop = functools.partial(self.link.stop, final=final, timeout=STOP_OFFLINE_S)
+        _join_all([_in_background(link_stop, "edgeops-link-stop")], STOP_OFFLINE_S + STOP_SLACK_S)
 
     def __enter__(self) -> "DeviceAgent":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _live_source(source: str, model: EdgeModel, broker: BrokerAddress | None, client_id: str):
+    """An MQTT topic or a video source, started; None for a file or folder."""
+    from edge_runtime.inputs import MqttInput, VideoInput, is_video_source
+
+    if source.startswith("mqtt:"):
+        if broker is None or not source[5:]:
+            raise InvalidInputError(f"input {source!r}: mqtt:TOPIC reads from the agent's --broker")
+        return MqttInput(broker, source[5:], client_id).start()
+    if is_video_source(source):
+        image = ((model.manifest or {}).get("input_schema") or {}).get("image")
+        return VideoInput(source, image).start()
+    return None
+
+
+def _file_samples(p: Path, model: EdgeModel, loop: bool, label_column: str | None) -> Iterable:
+    """The rows of a .csv/.npy/.npz file (with their labels when it has them)."""
+    from edge_runtime.inputs import read_labelled_rows, replay, replay_labelled
+
+    X, y = read_labelled_rows(p, model.input_spec.n_values, label_column)
+    shape = model.input_spec.shape
+    if X.ndim == 2 and len(shape) > 1 and X.shape[1] == int(np.prod(shape)):
+        X = X.reshape((len(X),) + tuple(shape))
+    return replay(X, loop) if y is None else replay_labelled(X, y, loop)
 
 
 def samples_from(source: str | None, model: EdgeModel, loop: bool = False, broker: BrokerAddress | None = None,
@@ -718,31 +862,14 @@ def samples_from(source: str | None, model: EdgeModel, loop: bool = False, broke
     Live sources (MQTT, video) are started here; close them (``.close()``) when the run ends. A file with
     labels (``label_column`` of a .csv, the ``y`` array of a .npz) yields them with its samples.
     """
-    from edge_runtime.inputs import (
-        MqttInput,
-        VideoInput,
-        image_files,
-        is_video_source,
-        json_lines,
-        read_labelled_rows,
-        replay,
-        replay_labelled,
-    )
+    from edge_runtime.inputs import image_files, json_lines
 
     if source in (None, "-"):
         return json_lines()
-    if source.startswith("mqtt:"):
-        if broker is None or not source[5:]:
-            raise InvalidInputError(f"input {source!r}: mqtt:TOPIC reads from the agent's --broker")
-        return MqttInput(broker, source[5:], client_id).start()
-    if is_video_source(source):
-        image = ((model.manifest or {}).get("input_schema") or {}).get("image")
-        return VideoInput(source, image).start()
+    live = _live_source(source, model, broker, client_id)
+    if live is not None:
+        return live
     p = Path(source)
     if p.is_dir():
         return image_files(p, loop)
-    X, y = read_labelled_rows(p, model.input_spec.n_values, label_column)
-    shape = model.input_spec.shape
-    if X.ndim == 2 and len(shape) > 1 and X.shape[1] == int(np.prod(shape)):
-        X = X.reshape((len(X),) + tuple(shape))
-    return replay(X, loop) if y is None else replay_labelled(X, y, loop)
+    return _file_samples(p, model, loop, label_column)
