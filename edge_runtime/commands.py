@@ -41,42 +41,54 @@ def fetch(url: str, staging: Path, transfer_id: str, size: int, sha256: str, tim
           max_size: int = 512 << 20) -> Path:
     """Download a bundle archive into ``staging``; refuse a wrong scheme, size or digest."""
     import urllib.error
-    import urllib.request
 
-    if not transfer_id.isalnum() or len(transfer_id) > 64:
-        raise BundleError(f"transfer id {transfer_id!r} must be 1-64 letters or digits")
-    if not url.startswith(("http://", "https://")):
-        raise BundleError(f"{url}: only http:// and https:// URLs are fetched")
-    if size > max_size:
-        raise BundleError(f"bundle of {size} bytes is over the {max_size}-byte limit")
+    _check_fetch(url, transfer_id, size, max_size)
     part = staging / f"{transfer_id}.tar.gz.part"
-    digest = hashlib.sha256()
-    got = 0
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as fh:
-            while True:
-                chunk = resp.read(1 << 16)
-                if not chunk:
-                    break
-                got += len(chunk)
-                if got > size:
-                    raise VerificationError(f"{url}: more than the announced {size} bytes")
-                digest.update(chunk)
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
+        got, digest = _download(url, part, size, timeout)
     except (urllib.error.URLError, OSError) as exc:
         part.unlink(missing_ok=True)
         raise BundleError(f"{url}: download failed ({getattr(exc, 'reason', exc)})") from None
     except EdgeOpsError:
         part.unlink(missing_ok=True)
         raise
-    if got != size or digest.hexdigest() != sha256:
+    if got != size or digest != sha256:
         part.unlink(missing_ok=True)
         raise VerificationError(f"{url}: the downloaded bundle's sha256 or size does not match the command's")
     final = part.with_suffix("")
     os.replace(part, final)
     return final
+
+
+def _check_fetch(url: str, transfer_id: str, size: int, max_size: int) -> None:
+    """BundleError for a transfer id that is no plain name, a URL that is not http(s), or an oversized bundle."""
+    if not transfer_id.isalnum() or len(transfer_id) > 64:
+        raise BundleError(f"transfer id {transfer_id!r} must be 1-64 letters or digits")
+    if not url.startswith(("http://", "https://")):
+        raise BundleError(f"{url}: only http:// and https:// URLs are fetched")
+    if size > max_size:
+        raise BundleError(f"bundle of {size} bytes is over the {max_size}-byte limit")
+
+
+def _download(url: str, part: Path, size: int, timeout: float) -> tuple[int, str]:
+    """Write what url serves to part (synced to disk); (bytes, hex sha256). Stops past size bytes."""
+    import urllib.request
+
+    digest = hashlib.sha256()
+    got = 0
+    with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as fh:
+        while True:
+            chunk = resp.read(1 << 16)
+            if not chunk:
+                break
+            got += len(chunk)
+            if got > size:
+                raise VerificationError(f"{url}: more than the announced {size} bytes")
+            digest.update(chunk)
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return got, digest.hexdigest()
 
 
 class _RecentIds:
@@ -149,53 +161,71 @@ class CommandHandler:
         except (ValueError, KeyError, TypeError):
             self._result(None, "error", FlashResult(False, "failed", "malformed command: expected JSON with a 'type'"))
             return
-        if kind in ("flash_begin", "flash_url") and self.slots.flash_refusal():
-            self._refused.add(cmd_id)
-            self._result(cmd_id, "flash", FlashResult(False, "failed", f"refused: {self.slots.flash_refusal()}"))
+        if kind in ("flash_begin", "flash_url") and self._refuse_flash(cmd_id, cmd):
             return
-        if kind in ("flash_begin", "flash_url") and not isinstance(cmd.get("force_schema", False), bool):
-            self._refused.add(cmd_id)
-            self._result(cmd_id, "flash", FlashResult(False, "failed", "refused: force_schema must be true or false"))
-            return
-        if kind == "flash_begin":
-            try:
-                self._transfers[cmd_id] = ChunkAssembler(self.slots.staging, cmd_id, int(cmd["total"]),
-                                                         str(cmd["sha256"]), int(cmd["size"]))
-                self._meta[cmd_id] = cmd
-            except (EdgeOpsError, KeyError, ValueError) as exc:
-                self._result(cmd_id, kind, FlashResult(False, "failed", f"refused: {exc}"))
-        elif kind == "flash_chunk":
-            asm = self._transfers.get(cmd_id)
-            if asm is None and cmd_id in self._refused:
-                return   # the transfer was refused at flash_begin; its sender has that answer
-            if asm is None:
-                self._result(cmd_id, kind, FlashResult(False, "failed", "chunk for an unknown transfer"))
-                return
-            try:
-                done = asm.add(int(cmd["index"]), cmd["data"], cmd["sha256"])
-            except (EdgeOpsError, KeyError, ValueError) as exc:
-                self._transfers.pop(cmd_id, None)
-                asm.discard()
-                self._refused.add(cmd_id)
-                self._result(cmd_id, "flash", FlashResult(False, "failed", f"transfer aborted: {exc}"))
-                return
-            if done:
-                self._transfers.pop(cmd_id, None)
-                self._flash(cmd_id, asm)
-        elif kind == "flash_url":
-            try:
-                archive = fetch(str(cmd["url"]), self.slots.staging, cmd_id, int(cmd["size"]), str(cmd["sha256"]))
-            except (EdgeOpsError, KeyError, ValueError) as exc:
-                self._result(cmd_id, "flash", FlashResult(False, "failed", f"refused: {exc}"))
-                return
-            self._install(cmd_id, archive, f"{cmd['size']} bytes fetched and verified", cmd.get("force_schema", False))
-        elif kind == "rollback":
-            res = self.slots.rollback()
-            if res.ok:
-                self.on_switch("rollback", res)
-            self._result(cmd_id, kind, res)
-        else:
+        handler = self._HANDLERS.get(kind) if isinstance(kind, str) else None
+        if handler is None:
             self._result(cmd_id, kind, FlashResult(False, "failed", f"unknown command type {kind!r}"))
+            return
+        handler(self, cmd_id, cmd)
+
+    def _refuse_flash(self, cmd_id: str, cmd: dict) -> bool:
+        """Answer a flash this device refuses at once (no trusted key, a bad force_schema); whether it did."""
+        refusal = self.slots.flash_refusal()
+        if refusal:
+            message = f"refused: {refusal}"
+        elif not isinstance(cmd.get("force_schema", False), bool):
+            message = "refused: force_schema must be true or false"
+        else:
+            return False
+        self._refused.add(cmd_id)
+        self._result(cmd_id, "flash", FlashResult(False, "failed", message))
+        return True
+
+    def _flash_begin(self, cmd_id: str, cmd: dict) -> None:
+        try:
+            self._transfers[cmd_id] = ChunkAssembler(self.slots.staging, cmd_id, int(cmd["total"]),
+                                                     str(cmd["sha256"]), int(cmd["size"]))
+            self._meta[cmd_id] = cmd
+        except (EdgeOpsError, KeyError, ValueError) as exc:
+            self._result(cmd_id, "flash_begin", FlashResult(False, "failed", f"refused: {exc}"))
+
+    def _flash_chunk(self, cmd_id: str, cmd: dict) -> None:
+        asm = self._transfers.get(cmd_id)
+        if asm is None and cmd_id in self._refused:
+            return   # the transfer was refused at flash_begin; its sender has that answer
+        if asm is None:
+            self._result(cmd_id, "flash_chunk", FlashResult(False, "failed", "chunk for an unknown transfer"))
+            return
+        try:
+            done = asm.add(int(cmd["index"]), cmd["data"], cmd["sha256"])
+        except (EdgeOpsError, KeyError, ValueError) as exc:
+            self._transfers.pop(cmd_id, None)
+            asm.discard()
+            self._refused.add(cmd_id)
+            self._result(cmd_id, "flash", FlashResult(False, "failed", f"transfer aborted: {exc}"))
+            return
+        if done:
+            self._transfers.pop(cmd_id, None)
+            self._flash(cmd_id, asm)
+
+    def _flash_url(self, cmd_id: str, cmd: dict) -> None:
+        try:
+            archive = fetch(str(cmd["url"]), self.slots.staging, cmd_id, int(cmd["size"]), str(cmd["sha256"]))
+        except (EdgeOpsError, KeyError, ValueError) as exc:
+            self._result(cmd_id, "flash", FlashResult(False, "failed", f"refused: {exc}"))
+            return
+        self._install(cmd_id, archive, f"{cmd['size']} bytes fetched and verified", cmd.get("force_schema", False))
+
+    def _rollback(self, cmd_id: str, cmd: dict) -> None:
+        res = self.slots.rollback()
+        if res.ok:
+            self.on_switch("rollback", res)
+        self._result(cmd_id, "rollback", res)
+
+    _HANDLERS: dict[str, Callable[["CommandHandler", str, dict], None]] = {
+        "flash_begin": _flash_begin, "flash_chunk": _flash_chunk, "flash_url": _flash_url, "rollback": _rollback,
+    }
 
     def _flash(self, cmd_id: str, asm: ChunkAssembler) -> None:
         try:

@@ -93,22 +93,27 @@ class WindowDelivery:
             room -= self._publish(self.spool.peek(limit=room, after=self._last_new), now, new=True)
         if room > 0 and self.confirm == "monitor" and now >= self._next_resend_check:
             self._next_resend_check = now + 1.0
-            due = sorted(s for s, (t, n) in self._sent.items()
-                         if now - t >= min(self.max_resend, self.resend_after * 2 ** min(n - 1, 10)))[:room]
-            if due:
-                rows = self.spool.get(due)
-                for gone in set(due) - {s for s, _ in rows}:
-                    self._sent.pop(gone, None)
-                self.resent += self._publish(rows, now, new=False)
+            self._resend_overdue(now, room)
+
+    def _overdue(self, now: float) -> list[int]:
+        """Sequence numbers sent and unconfirmed for longer than their backoff (doubling per attempt), oldest first."""
+        return sorted(s for s, (t, n) in self._sent.items()
+                      if now - t >= min(self.max_resend, self.resend_after * 2 ** min(n - 1, 10)))
+
+    def _resend_overdue(self, now: float, room: int) -> None:
+        """Publish again up to room overdue windows; forget those no longer spooled."""
+        due = self._overdue(now)[:room]
+        if not due:
+            return
+        rows = self.spool.get(due)
+        for gone in set(due) - {s for s, _ in rows}:
+            self._sent.pop(gone, None)
+        self.resent += self._publish(rows, now, new=False)
 
     def _publish(self, rows: list[tuple[int, bytes]], now: float, new: bool) -> int:
         n = 0
         for seq, payload in rows:
-            if self.compress:
-                payload = zlib.compress(payload, 6)
-            elif self.encoding != "json":
-                payload = self._encoded(payload)
-            mid = self.link.publish(self.topic, payload, qos=1)
+            mid = self.link.publish(self.topic, self._wire_payload(payload), qos=1)
             if mid is None:
                 break
             self._inflight[mid] = seq
@@ -118,6 +123,14 @@ class WindowDelivery:
                 self._last_new = max(self._last_new, seq)
             n += 1
         return n
+
+    def _wire_payload(self, payload: bytes) -> bytes:
+        """A spooled window as it is published: compressed, or in the delivery's encoding."""
+        if self.compress:
+            return zlib.compress(payload, 6)
+        if self.encoding != "json":
+            return self._encoded(payload)
+        return payload
 
     def _encoded(self, payload: bytes) -> bytes:
         """A spooled (JSON) window in the delivery's encoding; the JSON itself should the encoder refuse it
@@ -150,14 +163,19 @@ class WindowDelivery:
             self.confirmed += self.spool.delete_ranges(ranges)
             for seq in [s for s in self._sent if any(lo <= s <= hi for lo, hi in ranges)]:
                 self._sent.pop(seq, None)
-            # a broker delivers one client's messages on a topic in order: an older window still
-            # unconfirmed when a newer one is confirmed was lost on the way (a broker restart, or no
-            # monitor subscribed yet); resend it at the next check instead of after the timeout
-            newest = max((hi for _, hi in ranges), default=-1)
-            now = time.monotonic()
-            for seq, (sent_at, attempts) in list(self._sent.items()):
-                if seq < newest and now - sent_at >= self.GAP_GRACE:
-                    self._sent[seq] = (float("-inf"), attempts)
+            self._mark_gaps(max((hi for _, hi in ranges), default=-1))
+
+    def _mark_gaps(self, newest: int) -> None:
+        """Make windows older than the newest confirmed one due at once.
+
+        A broker delivers one client's messages on a topic in order: an older window still
+        unconfirmed when a newer one is confirmed was lost on the way (a broker restart, or no
+        monitor subscribed yet); resend it at the next check instead of after the timeout.
+        """
+        now = time.monotonic()
+        for seq, (sent_at, attempts) in list(self._sent.items()):
+            if seq < newest and now - sent_at >= self.GAP_GRACE:
+                self._sent[seq] = (float("-inf"), attempts)
 
     @property
     def inflight(self) -> int:

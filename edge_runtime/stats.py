@@ -233,10 +233,10 @@ class FeatureStats:
         return {
             "count": self.count.tolist(),
             "nan": self.nan.tolist(),
-            "mean": [round6(float(v)) if h else None for v, h in zip(self.mean, has, strict=True)],
-            "m2": [round6(float(v)) if h else None for v, h in zip(self.m2, has, strict=True)],
-            "min": [round6(float(v)) if h else None for v, h in zip(self.min, has, strict=True)],
-            "max": [round6(float(v)) if h else None for v, h in zip(self.max, has, strict=True)],
+            "mean": _rounded_where(self.mean, has),
+            "m2": _rounded_where(self.m2, has),
+            "min": _rounded_where(self.min, has),
+            "max": _rounded_where(self.max, has),
             "hist": self.histograms(),
         }
 
@@ -245,16 +245,30 @@ class FeatureStats:
         fs = cls(bin_edges)
         fs.count = np.asarray(d["count"], dtype=np.int64)
         fs.nan = np.asarray(d["nan"], dtype=np.int64)
-        fs.mean = np.array([v if v is not None else 0.0 for v in d["mean"]], dtype=np.float64)
-        fs.m2 = np.array([v if v is not None else 0.0 for v in d["m2"]], dtype=np.float64)
-        fs.min = np.array([v if v is not None else np.inf for v in d["min"]], dtype=np.float64)
-        fs.max = np.array([v if v is not None else -np.inf for v in d["max"]], dtype=np.float64)
-        h = fs.hist.reshape(fs.n_features, fs._width)
-        for i, counts in enumerate(d["hist"]):
-            if len(counts) != fs._lengths[i] + 1:
-                raise ValueError(f"feature {i}: {len(counts)} histogram counts for {fs._lengths[i]} bin edges")
-            h[i, : len(counts)] = counts
+        fs.mean = _filled(d["mean"], 0.0)
+        fs.m2 = _filled(d["m2"], 0.0)
+        fs.min = _filled(d["min"], np.inf)
+        fs.max = _filled(d["max"], -np.inf)
+        fs._set_histograms(d["hist"])
         return fs
+
+    def _set_histograms(self, hists: Sequence[Sequence[int]]) -> None:
+        """Take per-feature histogram counts (one more than the feature's bin edges)."""
+        h = self.hist.reshape(self.n_features, self._width)
+        for i, counts in enumerate(hists):
+            if len(counts) != self._lengths[i] + 1:
+                raise ValueError(f"feature {i}: {len(counts)} histogram counts for {self._lengths[i]} bin edges")
+            h[i, : len(counts)] = counts
+
+
+def _rounded_where(values: np.ndarray, has: np.ndarray) -> list:
+    """Values rounded to 6 significant digits where has is true, None elsewhere."""
+    return [round6(float(v)) if h else None for v, h in zip(values, has, strict=True)]
+
+
+def _filled(values: Sequence, fill: float) -> np.ndarray:
+    """A float64 array of values with None replaced by fill."""
+    return np.array([v if v is not None else fill for v in values], dtype=np.float64)
 
 
 def merge_many_feature_dicts(blocks: Sequence[dict], bin_edges: Sequence[Sequence[float]]) -> FeatureStats:
@@ -285,6 +299,12 @@ def merge_many_feature_dicts(blocks: Sequence[dict], bin_edges: Sequence[Sequenc
     fs.max = col("max", -np.inf).max(axis=0)
     lengths = fs._lengths + 1
     flat_idx = np.concatenate([i * fs._width + np.arange(k) for i, k in enumerate(lengths)]) if f else np.zeros(0, int)
+    np.add.at(fs.hist, flat_idx, _summed_histograms(blocks, lengths))
+    return fs
+
+
+def _summed_histograms(blocks: Sequence[dict], lengths: np.ndarray) -> np.ndarray:
+    """The windows' histograms, each flattened feature after feature, summed; ValueError on a length mismatch."""
     total = int(lengths.sum())
     rows = []
     for d in blocks:
@@ -292,8 +312,7 @@ def merge_many_feature_dicts(blocks: Sequence[dict], bin_edges: Sequence[Sequenc
         if len(flat) != total or any(len(h) != k for h, k in zip(d["hist"], lengths, strict=True)):
             raise ValueError("a window's histogram lengths do not match the bin edges")
         rows.append(flat)
-    np.add.at(fs.hist, flat_idx, np.asarray(rows, dtype=np.int64).sum(axis=0))
-    return fs
+    return np.asarray(rows, dtype=np.int64).sum(axis=0)
 
 
 def merge_feature_dicts(a: dict, b: dict, bin_edges: Sequence[Sequence[float]]) -> dict:

@@ -61,6 +61,15 @@ def confidence_histogram(outputs: np.ndarray) -> list[int] | None:
 MAX_PIXELS_PER_SAMPLE = 64
 
 
+def _range_arrays(ranges: list[tuple[float | None, float | None]] | None,
+                  n_features: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(minima, maxima) of the calibration data, or (None, None) unless every monitored feature has both."""
+    if ranges and len(ranges) == n_features and all(lo is not None and hi is not None for lo, hi in ranges):
+        return (np.array([lo for lo, _ in ranges], dtype=np.float64),
+                np.array([hi for _, hi in ranges], dtype=np.float64))
+    return None, None
+
+
 class WindowRecorder:
     """Accumulates one window at a time and queues the closed ones.
 
@@ -106,10 +115,7 @@ class WindowRecorder:
         self.hold = False       # a full window waits for release() (the agent joins an input's label first)
         self._closed: deque[dict] = deque()
         self._n_features = len(bin_edges)
-        self._lo = self._hi = None
-        if ranges and len(ranges) == self._n_features and all(lo is not None and hi is not None for lo, hi in ranges):
-            self._lo = np.array([lo for lo, _ in ranges], dtype=np.float64)
-            self._hi = np.array([hi for _, hi in ranges], dtype=np.float64)
+        self._lo, self._hi = _range_arrays(ranges, self._n_features)
         self._buf = np.empty((BUFFER_ROWS, max(self._n_features, 1)), dtype=np.float64)
         # tabular rows are sketched for the number of distinct inputs (repeats carry no news: distinct.py)
         self._hashes_rows = monitored == "features" and self._n_features > 0
@@ -141,30 +147,42 @@ class WindowRecorder:
             self.count += n
             self.latency.add(latency_ms)
             if rows is not None:
-                m = rows.shape[0]
-                if self._rows + m > BUFFER_ROWS:
-                    self._fold()
-                if m > BUFFER_ROWS:
-                    self.features.update(rows)
-                    self._sketch(rows)
-                else:
-                    self._buf[self._rows:self._rows + m] = rows
-                    self._rows += m
+                self._add_rows(rows)
             if self.n_classes:
-                if outputs.shape[1] == 1:
-                    idx = (outputs[:, 0] > 0.5).astype(np.int64)
-                else:
-                    idx = outputs.argmax(axis=1)
-                if n == 1:
-                    self._classes[idx[0]] += 1
-                else:
-                    self._classes += np.bincount(idx, minlength=self.n_classes)[: self.n_classes]
-                if self._confidence_ok:
-                    self._add_confidence(outputs)
+                self._add_classes(outputs, n)
             elif self._outputs is not None:
                 self._outputs.update(outputs[:, :1])
-            if self.window_size is not None and self.count >= self.window_size and not self.hold:
-                self._close(self.clock())
+            self._close_if_full()
+
+    def _close_if_full(self) -> None:
+        """Close the window once it holds window_size inferences (unless it is held)."""
+        if self.window_size is not None and self.count >= self.window_size and not self.hold:
+            self._close(self.clock())
+
+    def _add_rows(self, rows: np.ndarray) -> None:
+        """Buffer monitored rows (folded into the statistics when the buffer fills; a huge batch directly)."""
+        m = rows.shape[0]
+        if self._rows + m > BUFFER_ROWS:
+            self._fold()
+        if m > BUFFER_ROWS:
+            self.features.update(rows)
+            self._sketch(rows)
+        else:
+            self._buf[self._rows:self._rows + m] = rows
+            self._rows += m
+
+    def _add_classes(self, outputs: np.ndarray, n: int) -> None:
+        """Count the predicted classes (one sigmoid column: above 0.5 is class 1) and their confidence."""
+        if outputs.shape[1] == 1:
+            idx = (outputs[:, 0] > 0.5).astype(np.int64)
+        else:
+            idx = outputs.argmax(axis=1)
+        if n == 1:
+            self._classes[idx[0]] += 1
+        else:
+            self._classes += np.bincount(idx, minlength=self.n_classes)[: self.n_classes]
+        if self._confidence_ok:
+            self._add_confidence(outputs)
 
     def _add_confidence(self, outputs: np.ndarray) -> None:
         top = top_probability(outputs)
@@ -212,8 +230,7 @@ class WindowRecorder:
                 self.rejected_by[reason] = self.rejected_by.get(reason, 0) + n
             else:
                 self.errors += n
-            if self.window_size is not None and self.count >= self.window_size and not self.hold:
-                self._close(self.clock())
+            self._close_if_full()
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -232,14 +249,18 @@ class WindowRecorder:
         }
         if self.on_close is not None:
             self.on_close(window)
+        self._add_optional_counts(window)
+        self._closed.append(window)
+        self._reset(now)
+
+    def _add_optional_counts(self, window: dict) -> None:
+        """Rejections by reason, out-of-range counts and the distinct-inputs sketch, when the window has them."""
         if self.rejected_by:
             window["rejected_by"] = dict(self.rejected_by)
         if self._lo is not None:
             window["features"]["out_of_range"] = self.out_of_range.tolist()
         if self._distinct is not None and self._distinct.any():
             window["distinct"] = distinct.to_text(self._distinct)
-        self._closed.append(window)
-        self._reset(now)
 
     def _predictions(self) -> dict:
         if self.n_classes:
