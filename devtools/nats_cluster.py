@@ -31,7 +31,8 @@ def find_nats() -> str | None:
 
 class NatsCluster:
     """``n`` nats-server processes clustered together; each speaks MQTT 3.1.1 on its own port, and the
-    MQTT sessions, retained and QoS 1 messages live in JetStream streams replicated on every node."""
+    MQTT sessions, retained and QoS 1 messages live in JetStream streams replicated on every node.
+    ``n=1`` is a single standalone server."""
 
     def __init__(self, workdir: Path, n: int = 3):
         self.binary = find_nats()
@@ -46,8 +47,10 @@ class NatsCluster:
         conf.write_text(
             f"server_name: n{i}\nlisten: 127.0.0.1:{p['client']}\nhttp: 127.0.0.1:{p['http']}\n"
             f"jetstream {{ store_dir: {self.workdir / f's{i}'} }}\n"
-            f"cluster {{ name: edgeops, listen: 127.0.0.1:{p['cluster']}, routes: [{routes}] }}\n"
-            f"mqtt {{ listen: 127.0.0.1:{p['mqtt']}, stream_replicas: {len(self.ports)}, "
+            # one node: a standalone server (a cluster of one would wait for routes forever)
+            + (f"cluster {{ name: edgeops, listen: 127.0.0.1:{p['cluster']}, routes: [{routes}] }}\n"
+               if len(self.ports) > 1 else "")
+            + f"mqtt {{ listen: 127.0.0.1:{p['mqtt']}, stream_replicas: {len(self.ports)}, "
             f"consumer_replicas: {len(self.ports)} }}\n")
         return conf
 

@@ -1,10 +1,11 @@
 """The monitor on NATS JetStream: devices speak MQTT to any node of a NATS cluster, workers consume natively.
 
 nats-server's MQTT support keeps every QoS 1 message an MQTT client publishes in the JetStream stream
-``$MQTT_msgs``, on the subject ``$MQTT.msgs.<topic>`` (the topic's ``/`` become ``.``, its ``.`` become
-``//``). The stream keeps a message while a consumer is interested in it (interest retention). Here the
-monitor reads the fleet's telemetry, bench and status messages from that stream through durable pull
-consumers (one per kind, named after the monitor's default client id, e.g.
+``$MQTT_msgs``, on the subject ``$MQTT.msgs.<topic>`` (the topic's ``/`` become ``.``; nats-server 2.9
+refuses a topic with a ``.`` in it, so a fleet or device id with a dot cannot use it; 2.10 and later map a
+``.`` to ``//``, as here). The stream keeps a message while a consumer is interested in it (interest
+retention). Here the monitor reads the fleet's telemetry, bench and status messages from that stream
+through durable pull consumers (one per kind, named after the monitor's default client id, e.g.
 ``edgeops-monitor-<fleet>-telemetry``), with explicit acknowledgement:
 
 - a message is acknowledged only after the database transaction of the batch that holds it has
@@ -290,8 +291,9 @@ class JetStreamMonitor(FleetMonitor):
         import nats
 
         async def on_error(exc):
-            self._warn("error", "NATS %s: %s (retrying every %.0f s)", self.broker.url,
-                       str(exc) or type(exc).__name__, RETRY_S)
+            what = "cannot reach" if not self.connected.is_set() else "error from"
+            self._warn("error", "%s NATS %s: %s; retrying (said again at most every 30 s)", what, self.broker.url,
+                       str(exc) or type(exc).__name__)
 
         async def on_disconnected():
             if not self._stop.is_set():
