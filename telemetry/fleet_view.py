@@ -63,31 +63,44 @@ def _stats(windows: list[dict]) -> _DeviceStats | None:
     lengths = tuple(len(h) for h in blocks[0]["hist"])
     if any(tuple(len(h) for h in b["hist"]) != lengths for b in blocks):
         return None
-
-    def col(key, fill):
-        return np.array([[fill if v is None else v for v in b[key]] for b in blocks], dtype=np.float64)
-
-    n = col("count", 0.0)
-    means, m2s = col("mean", 0.0), col("m2", 0.0)
+    n = _column(blocks, "count", 0.0)
+    means, m2s = _column(blocks, "mean", 0.0), _column(blocks, "m2", 0.0)
     sums = n * means
     sumsq = m2s + n * means ** 2
-    hist = np.array([np.concatenate([np.asarray(h, dtype=np.float64) for h in b["hist"]]) if lengths else []
-                     for b in blocks]).sum(axis=0) if lengths else np.zeros(0)
+    return _DeviceStats(count=n.sum(axis=0), nan=_column(blocks, "nan", 0.0).sum(axis=0), sum=sums.sum(axis=0),
+                        sumsq=sumsq.sum(axis=0), hist=_summed_hist(blocks, lengths),
+                        classes=_summed_predictions(windows, "counts"),
+                        confidence=_summed_predictions(windows, "confidence"),
+                        inferences=np.array([_total(windows, "count")]),
+                        errors=np.array([_total(windows, "errors")]),
+                        min=_column(blocks, "min", np.inf).min(axis=0), max=_column(blocks, "max", -np.inf).max(axis=0),
+                        lengths=lengths, distinct=_distinct(windows), confusion=_confusion(windows))
 
-    def counts(key):
-        rows = [w.get("predictions", {}).get(key) for w in windows]
-        rows = [r for r in rows if r is not None]
-        if not rows or any(len(r) != len(rows[0]) for r in rows):
-            return np.zeros(0)
-        return np.asarray(rows, dtype=np.float64).sum(axis=0)
 
-    return _DeviceStats(count=n.sum(axis=0), nan=col("nan", 0.0).sum(axis=0), sum=sums.sum(axis=0),
-                        sumsq=sumsq.sum(axis=0), hist=hist, classes=counts("counts"),
-                        confidence=counts("confidence"),
-                        inferences=np.array([float(sum(w.get("count") or 0 for w in windows))]),
-                        errors=np.array([float(sum(w.get("errors") or 0 for w in windows))]),
-                        min=col("min", np.inf).min(axis=0), max=col("max", -np.inf).max(axis=0), lengths=lengths,
-                        distinct=_distinct(windows), confusion=_confusion(windows))
+def _column(blocks: list[dict], key: str, fill: float) -> np.ndarray:
+    """The per-feature values under ``key`` of each window's features block (windows x features), None as fill."""
+    return np.array([[fill if v is None else v for v in b[key]] for b in blocks], dtype=np.float64)
+
+
+def _summed_hist(blocks: list[dict], lengths: tuple[int, ...]) -> np.ndarray:
+    """Every feature's histogram, concatenated, summed over the windows."""
+    if not lengths:
+        return np.zeros(0)
+    return np.array([np.concatenate([np.asarray(h, dtype=np.float64) for h in b["hist"]])
+                     for b in blocks]).sum(axis=0)
+
+
+def _summed_predictions(windows: list[dict], key: str) -> np.ndarray:
+    """The windows' summed predictions[key] counts (empty when none have them or their lengths differ)."""
+    rows = [w.get("predictions", {}).get(key) for w in windows]
+    rows = [r for r in rows if r is not None]
+    if not rows or any(len(r) != len(rows[0]) for r in rows):
+        return np.zeros(0)
+    return np.asarray(rows, dtype=np.float64).sum(axis=0)
+
+
+def _total(windows: list[dict], key: str) -> float:
+    return float(sum(w.get(key) or 0 for w in windows))
 
 
 def _confusion(windows: list[dict]) -> np.ndarray:
@@ -137,26 +150,23 @@ class FleetView:
         if new is not None and fs.devices and not _compatible(new, next(iter(fs.devices.values()))):
             new = None                      # another model's feature layout under this version: left out
         if new is not None:
-            fs.devices[device] = new
-            fs.windows.pop(device, None)
-            fs.windows[device] = recent
-            while len(fs.windows) > self.sample_devices:
-                fs.windows.pop(next(iter(fs.windows)))
-        if new is not None:
-            fs.seen[device] = time.monotonic()
+            self._keep(fs, device, new, recent)
         else:
             fs.seen.pop(device, None)
             fs.windows.pop(device, None)
         fs.updates += 1
-        if fs.updates % self.rebuild_every == 0 or not fs.total or (old is not None and not fs.devices):
+        if fs.updates % self.rebuild_every == 0 or not fs.total or (old is not None and not fs.devices) \
+                or not _add_difference(fs.total, new, old):
             self._rebuild(fs)
-            return
-        for k in _ADDITIVE:
-            delta = (getattr(new, k) if new is not None else 0.0) - (getattr(old, k) if old is not None else 0.0)
-            if np.ndim(delta) and fs.total[k].shape != np.shape(delta):
-                self._rebuild(fs)
-                return
-            fs.total[k] = fs.total[k] + delta
+
+    def _keep(self, fs: _FleetStats, device: str, new: _DeviceStats, recent: list[dict]) -> None:
+        """Store a device's new statistics and windows (the windows of the latest ``sample_devices`` only)."""
+        fs.devices[device] = new
+        fs.windows.pop(device, None)
+        fs.windows[device] = recent
+        while len(fs.windows) > self.sample_devices:
+            fs.windows.pop(next(iter(fs.windows)))
+        fs.seen[device] = time.monotonic()
 
     def _rebuild(self, fs: _FleetStats) -> None:
         devs = list(fs.devices.values())
@@ -188,32 +198,13 @@ class FleetView:
         if not fs or not fs.devices:
             return None
         t = fs.total
-        any_dev = next(iter(fs.devices.values()))
-        n = t["count"]
-        safe = np.maximum(n, 1.0)
-        mean = t["sum"] / safe
-        m2 = np.maximum(t["sumsq"] - n * mean ** 2, 0.0)
-        mins = np.min([d.min for d in fs.devices.values()], axis=0)
-        maxs = np.max([d.max for d in fs.devices.values()], axis=0)
-        bounds = np.cumsum((0,) + any_dev.lengths)
-        hist = [np.rint(t["hist"][a:b]).astype(int).tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        predictions = {}
-        if t["classes"].size:
-            predictions["counts"] = np.rint(t["classes"]).astype(int).tolist()
-        if t["confidence"].size:
-            predictions["confidence"] = np.rint(t["confidence"]).astype(int).tolist()
-        seen = n > 0
-        features = {"count": np.rint(n).astype(int).tolist(), "nan": np.rint(t["nan"]).astype(int).tolist(),
-                    "mean": np.where(seen, mean, 0.0).tolist(), "m2": np.where(seen, m2, 0.0).tolist(),
-                    "min": [float(x) if np.isfinite(x) else None for x in mins],
-                    "max": [float(x) if np.isfinite(x) else None for x in maxs], "hist": hist}
         sketches = [d.distinct for d in fs.devices.values()]
         return {
             "device_id": "*", "seq": 0,
             "count": int(round(float(t["inferences"][0]))), "errors": int(round(float(t["errors"][0]))),
             "latency_ms": LatencyHistogram().to_dict(),
-            "features": features,
-            "predictions": predictions,
+            "features": _pooled_features(t, list(fs.devices.values())),
+            "predictions": _pooled_predictions(t),
             **_labels(t["confusion"]),
             **({"distinct": np.max(sketches, axis=0).tolist()}      # a max over devices x 64 bytes, like min and max
                if all(r is not None for r in sketches) else {}),
@@ -224,6 +215,43 @@ class FleetView:
         dependence between consecutive windows is estimated from, at a cost that does not grow with the fleet."""
         fs = self._fleets.get((fleet, name, version))
         return [w for ws in fs.windows.values() for w in ws] if fs else []
+
+
+def _add_difference(total: dict[str, np.ndarray], new: _DeviceStats | None, old: _DeviceStats | None) -> bool:
+    """Add a device's new statistics minus its old ones to the fleet's running sums; False (sums partly
+    updated: rebuild them) when a difference does not have the shape of its sum."""
+    for k in _ADDITIVE:
+        delta = (getattr(new, k) if new is not None else 0.0) - (getattr(old, k) if old is not None else 0.0)
+        if np.ndim(delta) and total[k].shape != np.shape(delta):
+            return False
+        total[k] = total[k] + delta
+    return True
+
+
+def _pooled_features(t: dict[str, np.ndarray], devices: list[_DeviceStats]) -> dict:
+    """The fleet's ``features`` block: pooled counts, mean, m2 and histograms; min and max over devices."""
+    n = t["count"]
+    mean = t["sum"] / np.maximum(n, 1.0)
+    m2 = np.maximum(t["sumsq"] - n * mean ** 2, 0.0)
+    mins = np.min([d.min for d in devices], axis=0)
+    maxs = np.max([d.max for d in devices], axis=0)
+    bounds = np.cumsum((0,) + devices[0].lengths)
+    hist = [np.rint(t["hist"][a:b]).astype(int).tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    seen = n > 0
+    return {"count": np.rint(n).astype(int).tolist(), "nan": np.rint(t["nan"]).astype(int).tolist(),
+            "mean": np.where(seen, mean, 0.0).tolist(), "m2": np.where(seen, m2, 0.0).tolist(),
+            "min": [float(x) if np.isfinite(x) else None for x in mins],
+            "max": [float(x) if np.isfinite(x) else None for x in maxs], "hist": hist}
+
+
+def _pooled_predictions(t: dict[str, np.ndarray]) -> dict:
+    """The fleet's ``predictions`` block: pooled class counts and confidence histogram, when devices send them."""
+    predictions = {}
+    if t["classes"].size:
+        predictions["counts"] = np.rint(t["classes"]).astype(int).tolist()
+    if t["confidence"].size:
+        predictions["confidence"] = np.rint(t["confidence"]).astype(int).tolist()
+    return predictions
 
 
 def _labels(flat: np.ndarray) -> dict:
