@@ -71,21 +71,29 @@ class Prediction(NamedTuple):
         vals = np.asarray(self.output, np.float32).ravel().tolist()
         if self.task == "classification" and len(vals) == 1:   # one sigmoid column: P(second class)
             vals = [1.0 - vals[0], vals[0]]
-        if all(map(math.isfinite, vals)):
-            out = [round(v, 6) for v in vals]
-            idx = out.index(max(out)) if out else 0
-        else:
-            out = [round(v, 6) if math.isfinite(v) else None for v in vals]
-            idx = max(range(len(out)), key=lambda i: -1.0 if out[i] is None else out[i])
+        out, idx = _rounded_with_argmax(vals)
         doc: dict = {"id": self.id, "ts": round(self.ts, 3)}
         if self.task == "classification" and out:
-            doc["label"] = self.labels[idx] if self.labels and idx < len(self.labels) else str(idx)
+            doc["label"] = self._label(idx)
             doc["probabilities"] = out
         else:
             doc["values"] = out
         doc["latency_ms"] = round(self.latency_ms, 4)
         doc["model"] = self.model
         return doc
+
+    def _label(self, idx: int) -> str:
+        """The class label of index idx (the index itself when there is no label for it)."""
+        return self.labels[idx] if self.labels and idx < len(self.labels) else str(idx)
+
+
+def _rounded_with_argmax(vals: list[float]) -> tuple[list, int]:
+    """(values rounded to 6 decimals, non-finite ones as None; the index of the largest)."""
+    if all(map(math.isfinite, vals)):
+        out = [round(v, 6) for v in vals]
+        return out, (out.index(max(out)) if out else 0)
+    out = [round(v, 6) if math.isfinite(v) else None for v in vals]
+    return out, max(range(len(out)), key=lambda i: -1.0 if out[i] is None else out[i])
 
 
 @dataclass
@@ -159,12 +167,7 @@ class PredictionSink:
         while not self._abandoned:
             batch = self._next_batch()
             if batch:
-                self._in_flight = len(batch)
-                try:
-                    lost = self.deliver(batch) or 0
-                except Exception as exc:  # noqa: BLE001 - a sink failure must never stop the agent
-                    lost = len(batch)
-                    self._warn_once(type(exc).__name__, f"delivery failed ({str(exc)[:200]})")
+                lost = self._deliver_counted(batch)
                 if self._abandoned:
                     return            # close() counted this batch as dropped
                 self._in_flight = 0
@@ -172,6 +175,15 @@ class PredictionSink:
                 self.counts.failed += lost
             elif self._closing.is_set() and not self._queue:
                 return
+
+    def _deliver_counted(self, batch: list[Prediction]) -> int:
+        """Deliver a batch; how many of it were lost (all of it when the delivery raised)."""
+        self._in_flight = len(batch)
+        try:
+            return self.deliver(batch) or 0
+        except Exception as exc:  # noqa: BLE001 - a sink failure must never stop the agent
+            self._warn_once(type(exc).__name__, f"delivery failed ({str(exc)[:200]})")
+            return len(batch)
 
     def _next_batch(self) -> list[Prediction]:
         q, batch = self._queue, []
@@ -352,25 +364,38 @@ def parse_output(spec: str) -> OutputSpec:
     kind, _, rest = s.partition(":")
     if kind == "http":
         return OutputSpec("http", rest)
-    if "?" in kind:
-        kind, _, query = kind.partition("?")
-        rest = "?" + query
-    target, _, query = rest.partition("?")
-    opts = dict(parse_qsl(query, keep_blank_values=True))
-    allowed = {"stdout": set(), "jsonl": {"max_mb", "backups"}, "mqtt": {"qos", "batch", "seconds", "rate"}}
-    if kind not in allowed:
-        raise InvalidInputError(f"--output {spec!r}: use stdout, jsonl:PATH, mqtt or http:URL")
-    unknown = sorted(set(opts) - allowed[kind])
-    if unknown:
-        raise InvalidInputError(f"--output {spec!r}: unknown option {unknown[0]!r} "
-                                f"(known: {', '.join(sorted(allowed[kind])) or 'none'})")
-    if kind == "jsonl" and not target:
-        raise InvalidInputError(f"--output {spec!r}: jsonl needs a path (jsonl:PATH)")
+    kind, target, opts = _split_options(kind, rest)
+    _check_output_options(spec, kind, target, opts)
     try:
         typed = {k: (float(v) if k in ("max_mb", "seconds", "rate") else int(v)) for k, v in opts.items()}
     except ValueError:
         raise InvalidInputError(f"--output {spec!r}: option values must be numbers") from None
     return OutputSpec(kind, target or None, typed)
+
+
+_OUTPUT_OPTIONS = {"stdout": set(), "jsonl": {"max_mb", "backups"}, "mqtt": {"qos", "batch", "seconds", "rate"}}
+
+
+def _split_options(kind: str, rest: str) -> tuple[str, str, dict]:
+    """(kind, target, options) of ``KIND[:TARGET][?OPTIONS]`` split at its first colon into kind and rest."""
+    if "?" in kind:
+        kind, _, query = kind.partition("?")
+        rest = "?" + query
+    target, _, query = rest.partition("?")
+    return kind, target, dict(parse_qsl(query, keep_blank_values=True))
+
+
+def _check_output_options(spec: str, kind: str, target: str, opts: dict) -> None:
+    """InvalidInputError for an unknown kind or option, or a jsonl output without a path."""
+    if kind not in _OUTPUT_OPTIONS:
+        raise InvalidInputError(f"--output {spec!r}: use stdout, jsonl:PATH, mqtt or http:URL")
+    allowed = _OUTPUT_OPTIONS[kind]
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise InvalidInputError(f"--output {spec!r}: unknown option {unknown[0]!r} "
+                                f"(known: {', '.join(sorted(allowed)) or 'none'})")
+    if kind == "jsonl" and not target:
+        raise InvalidInputError(f"--output {spec!r}: jsonl needs a path (jsonl:PATH)")
 
 
 def open_sink(spec: str | OutputSpec, publish: Callable[[str, bytes, int], int | None] | None = None,
