@@ -75,22 +75,25 @@ def fleet_snapshot(engine, stats=None) -> list[dict]:
         key = (row["fleet"], row["device_id"])
         open_ = alerts_by_device.get(key, [])
         detectors = {a["detector"] for a in open_}
-        worst = None
-        if scores.get(key):
-            name, value = max(scores[key].items(), key=lambda kv: kv[1])
-            worst = {"feature": name, "psi": value}
-        else:
-            drift = [a for a in open_ if a["detector"] == "feature_drift"]
-            if drift:
-                worst = {"feature": (drift[0]["features"] or [None])[0], "psi": drift[0]["statistic"]}
         out.append({
             "fleet": row["fleet"], "device_id": row["device_id"], "status": device_status(row, detectors),
             "online": row["online"], "last_seen": row["last_seen"],
             "model": {"name": row["model_name"], "version": row["model_version"]},
-            "open_alerts": sorted(detectors), "worst_drift": worst, "p95_ms": p95.get(key),
-            "inferences": inferences.get(key),
+            "open_alerts": sorted(detectors), "worst_drift": _worst_drift(scores.get(key), open_),
+            "p95_ms": p95.get(key), "inferences": inferences.get(key),
         })
     return out
+
+
+def _worst_drift(scores: dict | None, open_alerts: list[dict]) -> dict | None:
+    """The feature with the highest PSI at the last evaluation, else the one an open drift alert names."""
+    if scores:
+        name, value = max(scores.items(), key=lambda kv: kv[1])
+        return {"feature": name, "psi": value}
+    drift = [a for a in open_alerts if a["detector"] == "feature_drift"]
+    if drift:
+        return {"feature": (drift[0]["features"] or [None])[0], "psi": drift[0]["statistic"]}
+    return None
 
 
 def _jsonable(alert: dict) -> dict:
@@ -116,67 +119,82 @@ class FleetCollector:
 
     def collect(self):
         s = self.monitor.stats
-        yield CounterMetricFamily("edgeops_monitor_received", "Messages received (all topics).", value=s.received)
-        yield CounterMetricFamily("edgeops_monitor_windows_stored", "New telemetry windows stored.", value=s.stored)
-        yield CounterMetricFamily("edgeops_monitor_duplicates", "Redelivered windows dropped by (device, seq).",
-                                  value=s.duplicates)
-        rej = CounterMetricFamily("edgeops_monitor_rejected", "Messages rejected, by reason.", labels=["reason"])
-        for reason, n in sorted(dict(s.rejected).items()):
-            rej.add_metric([reason], n)
-        yield rej
-        quar = CounterMetricFamily("edgeops_monitor_quarantined", "Messages kept in quarantine (raw bytes, topic, "
-                                   "reason) by this process, by reason.", labels=["reason"])
-        for reason, n in sorted(dict(s.quarantined).items()):
-            quar.add_metric([reason], n)
-        yield quar
-        yield CounterMetricFamily("edgeops_monitor_evaluation_errors", "Evaluations that failed (contained to "
-                                  "their device or fleet).", value=s.evaluation_errors)
-        if s.broker_dropped is not None:
-            yield GaugeMetricFamily("edgeops_monitor_broker_dropped_messages",
-                                    "The broker's $SYS/broker/publish/messages/dropped.", value=s.broker_dropped)
+        yield from _monitor_families(s)
         dev = ["fleet", "device"]
-        lat = GaugeMetricFamily("edgeops_device_latency_ms", "Latency quantiles of the last window (ms).",
-                                labels=dev + ["quantile"])
-        for (fleet, device), block in sorted(dict(s.latest).items()):
-            for q, k in QUANTILES:
-                if block.get(k) is not None:
-                    lat.add_metric([fleet, device, q], block[k])
-        yield lat
-        for name, doc, data in (("edgeops_device_inferences", "Inferences reported.", s.inferences),
-                                ("edgeops_device_errors", "Inference errors reported.", s.errors)):
-            fam = CounterMetricFamily(name, doc, labels=dev)
-            for (fleet, device), n in sorted(dict(data).items()):
-                fam.add_metric([fleet, device], n)
-            yield fam
-        psi = GaugeMetricFamily("edgeops_device_drift_psi", "PSI per feature at the last evaluation.",
-                                labels=dev + ["feature"])
-        for (fleet, device), scores in sorted(dict(s.scores).items()):
-            for feature, value in scores.items():
-                psi.add_metric([fleet, device, feature], value)
-        yield psi
+        yield from _device_families(s, dev)
         yield from _accuracy_families(dict(s.accuracy), dev)
-        seen = GaugeMetricFamily("edgeops_device_last_seen_timestamp_seconds",
-                                 "When the monitor last received a window or status of the device.",
-                                 labels=dev)
-        online = GaugeMetricFamily("edgeops_device_online", "1 online, 0 offline or silent.", labels=dev)
-        n_open = GaugeMetricFamily("edgeops_device_open_alerts", "Open alerts of the device.", labels=dev)
-        by_detector: dict[str, int] = {}
-        for d in fleet_snapshot(self.monitor.engine):
-            labels = [d["fleet"], d["device_id"]]
-            if d["last_seen"] is not None:
-                seen.add_metric(labels, d["last_seen"])
-            online.add_metric(labels, 1.0 if d["status"] == "online" else 0.0)
-            n_open.add_metric(labels, len(d["open_alerts"]))
-        for a in store.open_alerts(self.monitor.engine):
-            by_detector[a["detector"]] = by_detector.get(a["detector"], 0) + 1
-        yield seen
-        yield online
-        yield n_open
-        fam = GaugeMetricFamily("edgeops_open_alerts", "Open alerts by detector (fleet-level ones included).",
-                                labels=["detector"])
-        for det, n in sorted(by_detector.items()):
-            fam.add_metric([det], n)
+        yield from _status_families(self.monitor.engine, dev)
+
+
+def _monitor_families(s):
+    """The monitor's own counters: messages received, stored, duplicated, rejected, quarantined; errors."""
+    yield CounterMetricFamily("edgeops_monitor_received", "Messages received (all topics).", value=s.received)
+    yield CounterMetricFamily("edgeops_monitor_windows_stored", "New telemetry windows stored.", value=s.stored)
+    yield CounterMetricFamily("edgeops_monitor_duplicates", "Redelivered windows dropped by (device, seq).",
+                              value=s.duplicates)
+    rej = CounterMetricFamily("edgeops_monitor_rejected", "Messages rejected, by reason.", labels=["reason"])
+    for reason, n in sorted(dict(s.rejected).items()):
+        rej.add_metric([reason], n)
+    yield rej
+    quar = CounterMetricFamily("edgeops_monitor_quarantined", "Messages kept in quarantine (raw bytes, topic, "
+                               "reason) by this process, by reason.", labels=["reason"])
+    for reason, n in sorted(dict(s.quarantined).items()):
+        quar.add_metric([reason], n)
+    yield quar
+    yield CounterMetricFamily("edgeops_monitor_evaluation_errors", "Evaluations that failed (contained to "
+                              "their device or fleet).", value=s.evaluation_errors)
+    if s.broker_dropped is not None:
+        yield GaugeMetricFamily("edgeops_monitor_broker_dropped_messages",
+                                "The broker's $SYS/broker/publish/messages/dropped.", value=s.broker_dropped)
+
+
+def _device_families(s, dev: list[str]):
+    """Per device, from this process's statistics: latency quantiles, inferences, errors and PSI per feature."""
+    lat = GaugeMetricFamily("edgeops_device_latency_ms", "Latency quantiles of the last window (ms).",
+                            labels=dev + ["quantile"])
+    for (fleet, device), block in sorted(dict(s.latest).items()):
+        for q, k in QUANTILES:
+            if block.get(k) is not None:
+                lat.add_metric([fleet, device, q], block[k])
+    yield lat
+    for name, doc, data in (("edgeops_device_inferences", "Inferences reported.", s.inferences),
+                            ("edgeops_device_errors", "Inference errors reported.", s.errors)):
+        fam = CounterMetricFamily(name, doc, labels=dev)
+        for (fleet, device), n in sorted(dict(data).items()):
+            fam.add_metric([fleet, device], n)
         yield fam
+    psi = GaugeMetricFamily("edgeops_device_drift_psi", "PSI per feature at the last evaluation.",
+                            labels=dev + ["feature"])
+    for (fleet, device), scores in sorted(dict(s.scores).items()):
+        for feature, value in scores.items():
+            psi.add_metric([fleet, device, feature], value)
+    yield psi
+
+
+def _status_families(engine, dev: list[str]):
+    """From the database: each device's last-seen time, online state and open alerts; open alerts by detector."""
+    seen = GaugeMetricFamily("edgeops_device_last_seen_timestamp_seconds",
+                             "When the monitor last received a window or status of the device.",
+                             labels=dev)
+    online = GaugeMetricFamily("edgeops_device_online", "1 online, 0 offline or silent.", labels=dev)
+    n_open = GaugeMetricFamily("edgeops_device_open_alerts", "Open alerts of the device.", labels=dev)
+    for d in fleet_snapshot(engine):
+        labels = [d["fleet"], d["device_id"]]
+        if d["last_seen"] is not None:
+            seen.add_metric(labels, d["last_seen"])
+        online.add_metric(labels, 1.0 if d["status"] == "online" else 0.0)
+        n_open.add_metric(labels, len(d["open_alerts"]))
+    by_detector: dict[str, int] = {}
+    for a in store.open_alerts(engine):
+        by_detector[a["detector"]] = by_detector.get(a["detector"], 0) + 1
+    yield seen
+    yield online
+    yield n_open
+    fam = GaugeMetricFamily("edgeops_open_alerts", "Open alerts by detector (fleet-level ones included).",
+                            labels=["detector"])
+    for det, n in sorted(by_detector.items()):
+        fam.add_metric([det], n)
+    yield fam
 
 
 def _accuracy_families(accuracy: dict, dev: list[str]) -> list:
@@ -322,24 +340,38 @@ def device_html(monitor, fleet: str, device: str) -> str | None:
                 if d["fleet"] == fleet and d["device_id"] == device), None)
     if row is None:
         return None
-    e = html.escape
     series = store.window_series(monitor.engine, fleet, device, limit=200)
     scores = device_scores(monitor, fleet, device, (row["model"]["name"], row["model"]["version"]))
     history = [a for a in store.all_alerts(monitor.engine) if a["fleet"] == fleet and a["device_id"] == device]
-    alert_rows = "".join(
-        f"<tr class='{'alarm' if a['open'] else 'ok'}'><td>{e(a['detector'])}</td>"
-        f"<td>{'ALERT (open)' if a['open'] else 'closed'}</td><td>{e(', '.join(a['features']))}</td>"
-        f"<td>{(a['statistic'] or 0):.4g}</td><td>{_ago(a['opened_at'])}</td></tr>" for a in history)
     body = (
-        f"<p><a href='/'>fleet</a> / {e(fleet)} / {e(device)}: <span class='status {row['status']}'>{row['status']}"
-        f"</span>, model {e(str(row['model']['name']))} {e(str(row['model']['version']))}, last seen "
-        f"{_ago(row['last_seen'])}{', <b class=alarmtext>ALERT</b>' if row['open_alerts'] else ''}</p>"
+        _device_heading(row)
         + line_svg([w["p95_ms"] for w in series], f"p95 latency per window (last {len(series)} windows)", " ms")
         + line_svg([float(w["count"]) for w in series], "inferences per window")
         + bars_svg(scores, monitor.config.psi_threshold)
-        + "<h2>Alerts</h2>" + (f"<table><tr><th>detector</th><th>state</th><th>features</th><th>statistic</th>"
-                               f"<th>opened</th></tr>{alert_rows}</table>" if history else "<p>none</p>"))
+        + "<h2>Alerts</h2>" + _alert_history_table(history))
     return _page(f"{fleet}/{device}", body)
+
+
+def _device_heading(row: dict) -> str:
+    """The device page's first line: fleet, device, status, model, last seen and whether an alert is open."""
+    e = html.escape
+    return (f"<p><a href='/'>fleet</a> / {e(row['fleet'])} / {e(row['device_id'])}: "
+            f"<span class='status {row['status']}'>{row['status']}"
+            f"</span>, model {e(str(row['model']['name']))} {e(str(row['model']['version']))}, last seen "
+            f"{_ago(row['last_seen'])}{', <b class=alarmtext>ALERT</b>' if row['open_alerts'] else ''}</p>")
+
+
+def _alert_history_table(history: list[dict]) -> str:
+    """The device's alerts, open and closed, as a table ("none" without any)."""
+    if not history:
+        return "<p>none</p>"
+    e = html.escape
+    rows = "".join(
+        f"<tr class='{'alarm' if a['open'] else 'ok'}'><td>{e(a['detector'])}</td>"
+        f"<td>{'ALERT (open)' if a['open'] else 'closed'}</td><td>{e(', '.join(a['features']))}</td>"
+        f"<td>{(a['statistic'] or 0):.4g}</td><td>{_ago(a['opened_at'])}</td></tr>" for a in history)
+    return (f"<table><tr><th>detector</th><th>state</th><th>features</th><th>statistic</th>"
+            f"<th>opened</th></tr>{rows}</table>")
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -375,30 +407,46 @@ class MonitorHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         url = urlsplit(self.path)
         path, query = url.path, parse_qs(url.query)
-        m = self.server.monitor
         try:
-            if path == "/metrics":
-                self._send(200, generate_latest(self.server.registry), "text/plain; version=0.0.4; charset=utf-8")
-            elif path in ("/", "/index.html"):
-                self._send(200, dashboard_html(m).encode(), "text/html; charset=utf-8")
-            elif path == "/api/devices":
-                self._json(200, {"devices": fleet_snapshot(m.engine, m.stats)})
-            elif path == "/api/alerts":
-                rows = store.all_alerts(m.engine) if query.get("all") == ["1"] else store.open_alerts(m.engine)
-                self._json(200, {"alerts": [_jsonable(a) for a in rows]})
+            page = self._PAGES.get(path)
+            if page is not None:
+                page(self, query)
             elif path.startswith("/device/") and len(path.split("/")) == 4:
-                _, _, fleet, device = (unquote(p) for p in path.split("/"))
-                page = device_html(m, fleet, device)
-                if page is None:
-                    self._json(404, {"error": "not_found", "detail": f"no device {device!r} in fleet {fleet!r}"})
-                else:
-                    self._send(200, page.encode(), "text/html; charset=utf-8")
+                self._device_page(path)
             else:
                 self._json(404, {"error": "not_found", "detail": f"no page {path}; try /, /metrics, "
                                  "/device/<fleet>/<device>, /api/devices, /api/alerts"})
         except Exception:  # noqa: BLE001 - never a traceback to the client
             log.exception("GET %s failed", path)
             self._json(500, {"error": "internal", "detail": "internal error (logged on the server)"})
+
+    def _metrics(self, query: dict) -> None:
+        self._send(200, generate_latest(self.server.registry), "text/plain; version=0.0.4; charset=utf-8")
+
+    def _dashboard(self, query: dict) -> None:
+        self._send(200, dashboard_html(self.server.monitor).encode(), "text/html; charset=utf-8")
+
+    def _devices(self, query: dict) -> None:
+        m = self.server.monitor
+        self._json(200, {"devices": fleet_snapshot(m.engine, m.stats)})
+
+    def _alerts(self, query: dict) -> None:
+        """Open alerts; with ?all=1, closed ones too."""
+        engine = self.server.monitor.engine
+        rows = store.all_alerts(engine) if query.get("all") == ["1"] else store.open_alerts(engine)
+        self._json(200, {"alerts": [_jsonable(a) for a in rows]})
+
+    _PAGES = {"/metrics": _metrics, "/": _dashboard, "/index.html": _dashboard, "/api/devices": _devices,
+              "/api/alerts": _alerts}
+
+    def _device_page(self, path: str) -> None:
+        """/device/<fleet>/<device>: the device's page, 404 for a device the monitor does not know."""
+        _, _, fleet, device = (unquote(p) for p in path.split("/"))
+        page = device_html(self.server.monitor, fleet, device)
+        if page is None:
+            self._json(404, {"error": "not_found", "detail": f"no device {device!r} in fleet {fleet!r}"})
+        else:
+            self._send(200, page.encode(), "text/html; charset=utf-8")
 
     def do_POST(self) -> None:  # noqa: N802
         self._json(405, {"error": "method_not_allowed", "detail": "the monitor's HTTP side is read-only (GET)"})
