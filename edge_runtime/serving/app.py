@@ -35,6 +35,7 @@ from edge_runtime.serving.bodies import (
     SampleShape,
     body_kind,
     decode_image,
+    is_plain_json,
     media_type,
     parse_json,
 )
@@ -110,13 +111,7 @@ class Served:
 
     def predict(self, kind: str, payload: Any) -> dict:
         """Parse (JSON or image bytes, or decoded multipart parts) and predict, holding the model lock."""
-        if kind == "json":
-            x = parse_json(payload, self.sample, self.limits)
-        elif kind == "image":
-            x = decode_image(payload, self.limits, "the body")
-        else:
-            x = [decode_image(data, self.limits, f"part 'image'[{i}]") for i, data in enumerate(payload)]
-            x = x[0] if len(x) == 1 else x
+        x = self._parse(kind, payload)
         model = self.model
         t0 = time.perf_counter()
         with np.errstate(over="ignore"):       # float32-range inputs saturate in int8 quantization
@@ -127,20 +122,39 @@ class Served:
         m = model.manifest or {}
         result: dict = {"outputs": np.round(out.astype(np.float64), 6).tolist(), "latency_ms": round(ms, 3),
                         "model": {"name": m.get("name"), "version": m.get("version"), "artifact": model.path.name}}
-        if model.task == "classification" and model.labels:
-            idx = batch.argmax(axis=1) if batch.shape[1] > 1 else (batch[:, 0] > 0.5).astype(int)
-            labels = [model.labels[i] for i in idx]
-            result["labels"] = labels if out.ndim == 2 else labels[0]
-        if self.labels is not None and batch.ndim == 2:
-            ids = self.input_ids(batch)
-            result["ids" if out.ndim == 2 else "id"] = ids if out.ndim == 2 else ids[0]
+        self._add_labels_and_ids(result, model, out, batch)
         if self.agent is not None:
             self.agent.collect()
         return result
 
+    def _parse(self, kind: str, payload: Any) -> Any:
+        """The model's input from a body: numbers (JSON), an image, or the images of multipart parts."""
+        if kind == "json":
+            return parse_json(payload, self.sample, self.limits)
+        if kind == "image":
+            return decode_image(payload, self.limits, "the body")
+        x = [decode_image(data, self.limits, f"part 'image'[{i}]") for i, data in enumerate(payload)]
+        return x[0] if len(x) == 1 else x
+
+    def _add_labels_and_ids(self, result: dict, model: EdgeModel, out: np.ndarray, batch: np.ndarray) -> None:
+        """The predicted class labels, and the ids a label sent to /feedback names the inputs by."""
+        single = out.ndim != 2
+        if model.task == "classification" and model.labels:
+            labels = _predicted_labels(model.labels, batch)
+            result["labels"] = labels[0] if single else labels
+        if self.labels is not None and batch.ndim == 2:
+            ids = self.input_ids(batch)
+            result["id" if single else "ids"] = ids[0] if single else ids
+
     def error(self, status: int, kind: str, detail: Any, headers: dict | None = None) -> JSONResponse:
         self.metrics.error(kind)
         return JSONResponse({"error": kind, "detail": detail}, status_code=status, headers=headers)
+
+
+def _predicted_labels(labels: list, batch: np.ndarray) -> list:
+    """The class label of each output row (one sigmoid column: above 0.5 is the second class)."""
+    idx = batch.argmax(axis=1) if batch.shape[1] > 1 else (batch[:, 0] > 0.5).astype(int)
+    return [labels[i] for i in idx]
 
 
 def create_app(model: EdgeModel, limits: ServeLimits | None = None, agent: Any = None) -> Any:
@@ -228,9 +242,7 @@ async def _feedback_endpoint(request: Request) -> Response:
     served: Served = request.app.state.served
     if served.labels is None:
         return served.error(422, "invalid_input", "this model does not classify: it takes no labels")
-    ctype, params = media_type(request.headers.get("content-type"))
-    if ctype != "application/json" or params.get("charset", "utf-8").lower() not in ("utf-8", "utf8") \
-            or request.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+    if not is_plain_json(request.headers):
         return served.error(415, "unsupported_media_type", "send labels as uncompressed UTF-8 application/json "
                                                            "{\"labels\": [{\"id\": ..., \"label\": ...}]}")
     limits = dataclasses.replace(served.limits, max_body_bytes=min(served.limits.max_body_bytes,
@@ -248,11 +260,15 @@ async def _feedback_endpoint(request: Request) -> Response:
         served.labels.count_invalid()
         status, kind = _LABEL_REFUSALS.get(rej.reason, (422, "invalid_input"))
         return served.error(status, kind, rej.detail)
-    joiner = served.labels
+    return JSONResponse(_join_labels(served.labels, pairs))
+
+
+def _join_labels(joiner: LabelJoiner, pairs: list) -> dict:
+    """Join (id, label) pairs; how many joined, matched no prediction, or were invalid."""
     invalid0 = joiner.invalid_total
     joined = sum(joiner.label(i, y) is not None for i, y in pairs)
     invalid = joiner.invalid_total - invalid0
-    return JSONResponse({"joined": joined, "unmatched": len(pairs) - joined - invalid, "invalid": invalid})
+    return {"joined": joined, "unmatched": len(pairs) - joined - invalid, "invalid": invalid}
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -66,30 +66,42 @@ def media_type(header: str | None) -> tuple[str, dict[str, str]]:
     return main.strip().lower(), out
 
 
+def is_plain_json(headers: Any) -> bool:
+    """Request headers that say the body is uncompressed UTF-8 application/json."""
+    ctype, params = media_type(headers.get("content-type"))
+    return ctype == "application/json" and params.get("charset", "utf-8").lower() in ("utf-8", "utf8") \
+        and headers.get("content-encoding", "identity").strip().lower() in ("", "identity")
+
+
 def body_kind(ctype: str, params: dict[str, str], sample: SampleShape) -> str:
     """``"json"``, ``"image"`` or ``"multipart"`` for a Content-Type, or a 415 for any other."""
-    images_hint = (", or an image as image/*, multipart/form-data (field 'image') or base64 JSON {\"image\": ...}"
-                   if sample.takes_images else "")
     if ctype == "application/json":
         charset = params.get("charset", "utf-8").lower()
         if charset not in ("utf-8", "utf8"):
             raise Rejection(415, "unsupported_media_type", f"JSON bodies must be UTF-8, not charset={charset}")
         return "json"
-    if ctype.startswith("image/") or ctype == "application/octet-stream" or ctype == "multipart/form-data":
-        if not sample.takes_images:
-            raise Rejection(415, "unsupported_media_type",
-                            f"this model does not take images ({ctype}); send JSON {{\"inputs\": [...]}}")
-        if ctype == "multipart/form-data":
-            if not params.get("boundary"):
-                raise Rejection(400, "bad_request", "multipart/form-data without a boundary parameter")
-            return "multipart"
-        return "image"
+    if ctype.startswith("image/") or ctype in ("application/octet-stream", "multipart/form-data"):
+        return _image_body_kind(ctype, params, sample)
+    images_hint = (", or an image as image/*, multipart/form-data (field 'image') or base64 JSON {\"image\": ...}"
+                   if sample.takes_images else "")
     raise Rejection(415, "unsupported_media_type",
                     f"Content-Type {ctype or '(none)'} is not taken: send application/json (UTF-8){images_hint}")
 
 
-def parse_json(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits) -> Any:
-    """A JSON body as a float32 array (numbers) or PIL images (base64), bounded before it is parsed."""
+def _image_body_kind(ctype: str, params: dict[str, str], sample: SampleShape) -> str:
+    """``"multipart"`` or ``"image"`` for an image Content-Type, when the model takes images."""
+    if not sample.takes_images:
+        raise Rejection(415, "unsupported_media_type",
+                        f"this model does not take images ({ctype}); send JSON {{\"inputs\": [...]}}")
+    if ctype == "multipart/form-data":
+        if not params.get("boundary"):
+            raise Rejection(400, "bad_request", "multipart/form-data without a boundary parameter")
+        return "multipart"
+    return "image"
+
+
+def _check_json_size(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits) -> None:
+    """413 for a body with more values or strings than the largest batch; 422 for escapes in strings."""
     # counted on the raw bytes, before any copy: commas in strings only make the count larger,
     # and the strings taken here (base64) have none
     values = body.count(b",") + 1
@@ -106,18 +118,19 @@ def parse_json(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits
     if strings > limits.max_batch + 16:
         raise Rejection(413, "too_large", f"the body holds {strings} strings; at most {limits.max_batch} images "
                                           "and a few field names are taken (--max-batch)")
-    text = _utf8(body)
-    skeleton = _STRING.sub('""', text)
-    depth = _nesting_depth(skeleton)
-    if depth > limits.max_depth:
-        raise Rejection(400, "bad_request",
-                        f"JSON nested {depth} levels deep; the limit is {limits.max_depth} (--max-depth)")
+
+
+def _load_json(text: str) -> Any:
     try:
-        doc = json.loads(text, parse_constant=_not_finite)
+        return json.loads(text, parse_constant=_not_finite)
     except json.JSONDecodeError as exc:
         raise Rejection(400, "bad_request", f"malformed JSON: {exc}") from None
     except ValueError as exc:       # e.g. an integer past Python's 4300-digit conversion limit
         raise Rejection(422, "invalid_input", f"a value JSON cannot be read as a number: {str(exc)[:120]}") from None
+
+
+def _json_field(doc: Any) -> tuple[str, dict]:
+    """(the one field given, the fields): a bare list is 'inputs'; 422 for anything else than one known field."""
     fields = {"inputs": doc} if isinstance(doc, list) else doc
     if not isinstance(fields, dict):
         raise Rejection(422, "invalid_input",
@@ -128,16 +141,15 @@ def parse_json(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits
         what = f"unknown field(s) {', '.join(map(repr, unknown))}" if unknown else f"fields {given}"
         raise Rejection(422, "invalid_input", f"{what}: send exactly one of 'inputs' (numbers), 'image' (base64) "
                                               "or 'images' (a list of base64)")
-    literal = _LITERAL.search(skeleton)
-    if literal:
-        raise Rejection(422, "invalid_input", f"{given[0]!r}: {literal.group(1)} is not a number "
-                                              "(booleans and null are refused: send numbers)")
-    if given[0] == "inputs":
-        return numbers(fields["inputs"], sample, limits)
+    return given[0], fields
+
+
+def _json_images(field: str, fields: dict, sample: SampleShape, limits: ServeLimits) -> Any:
+    """The base64 'image' or 'images' of a JSON body as PIL images, when the model takes images."""
     if not sample.takes_images:
         raise Rejection(422, "invalid_input", f"this model does not take images; send 'inputs' (numbers), "
-                                              f"not {given[0]!r}")
-    if given[0] == "image":
+                                              f"not {field!r}")
+    if field == "image":
         return decode_image(_base64(fields["image"], "'image'"), limits, "'image'")
     items = fields["images"]
     if not isinstance(items, list) or not items:
@@ -146,8 +158,27 @@ def parse_json(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits
     return [decode_image(_base64(s, f"'images'[{i}]"), limits, f"'images'[{i}]") for i, s in enumerate(items)]
 
 
-def numbers(x: Any, sample: SampleShape, limits: ServeLimits) -> np.ndarray:
-    """JSON numbers (one sample or a batch) as a finite float32 array; strings, booleans, null refused."""
+def parse_json(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits) -> Any:
+    """A JSON body as a float32 array (numbers) or PIL images (base64), bounded before it is parsed."""
+    _check_json_size(body, sample, limits)
+    text = _utf8(body)
+    skeleton = _STRING.sub('""', text)
+    depth = _nesting_depth(skeleton)
+    if depth > limits.max_depth:
+        raise Rejection(400, "bad_request",
+                        f"JSON nested {depth} levels deep; the limit is {limits.max_depth} (--max-depth)")
+    field, fields = _json_field(_load_json(text))
+    literal = _LITERAL.search(skeleton)
+    if literal:
+        raise Rejection(422, "invalid_input", f"{field!r}: {literal.group(1)} is not a number "
+                                              "(booleans and null are refused: send numbers)")
+    if field == "inputs":
+        return numbers(fields["inputs"], sample, limits)
+    return _json_images(field, fields, sample, limits)
+
+
+def _number_array(x: Any, sample: SampleShape) -> np.ndarray:
+    """A JSON list as an array of numbers (integers past int64 as float64); 422 for anything else."""
     name = sample.name
     if not isinstance(x, list):
         raise Rejection(422, "invalid_input", f"input {name!r}: 'inputs' must be a list (one sample) or a list "
@@ -165,8 +196,11 @@ def numbers(x: Any, sample: SampleShape, limits: ServeLimits) -> np.ndarray:
                         "server: upload an image as image/*, multipart/form-data or base64 'image')")
     if arr.dtype.kind not in "iuf":
         raise Rejection(422, "invalid_input", f"input {name!r}: expected numbers, got {arr.dtype.name}")
-    if arr.size == 0:
-        raise Rejection(422, "invalid_input", f"input {name!r}: no values")
+    return arr
+
+
+def _finite_float32(arr: np.ndarray, name: str) -> np.ndarray:
+    """arr as float32; 422 naming the first value that is not a finite float32 number."""
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(np.float32)
     # a value just past float32's range rounds to its maximum: refused like the OpenAPI schema says
@@ -175,6 +209,15 @@ def numbers(x: Any, sample: SampleShape, limits: ServeLimits) -> np.ndarray:
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise Rejection(422, "invalid_input", f"input {name!r}: the value at {list(where)} is not a finite "
                                               "float32 number")
+    return out
+
+
+def numbers(x: Any, sample: SampleShape, limits: ServeLimits) -> np.ndarray:
+    """JSON numbers (one sample or a batch) as a finite float32 array; strings, booleans, null refused."""
+    arr = _number_array(x, sample)
+    if arr.size == 0:
+        raise Rejection(422, "invalid_input", f"input {sample.name!r}: no values")
+    out = _finite_float32(arr, sample.name)
     if out.ndim == len(sample.shape) + 1:
         _check_batch(out.shape[0], limits)
     return out

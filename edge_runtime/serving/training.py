@@ -19,7 +19,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from edge_runtime.errors import EdgeOpsError, InvalidInputError
-from edge_runtime.serving.bodies import Rejection, SampleShape, _check_batch, _nesting_depth, _utf8, media_type, numbers
+from edge_runtime.serving.bodies import (
+    Rejection,
+    SampleShape,
+    _check_batch,
+    _nesting_depth,
+    _utf8,
+    is_plain_json,
+    numbers,
+)
 from edge_runtime.serving.limits import ServeLimits
 from edge_runtime.state import default_state_dir
 
@@ -46,8 +54,8 @@ def open_trainer(model: Any, agent: Any = None) -> tuple[Any, str | None]:
         return None, f"the trainable artifact cannot be used here: {exc}"
 
 
-def parse_train_body(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits) -> tuple[np.ndarray, list]:
-    """(float32 batch, labels) of a ``/train`` body, bounded before it is parsed."""
+def _check_train_size(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits) -> None:
+    """413 for a body with more values or strings than the largest labelled batch; 400 for escapes."""
     values = body.count(b",") + 1
     if values > 2 * limits.max_batch * (sample.values + 1) + 64:
         raise Rejection(413, "too_large", f"the body holds about {values} values; a batch of at most "
@@ -58,6 +66,10 @@ def parse_train_body(body: bytes | bytearray, sample: SampleShape, limits: Serve
     if strings > limits.max_batch + 16:
         raise Rejection(413, "too_large", f"the body holds {strings} strings; at most {limits.max_batch} labels "
                                           "are taken (--max-batch)")
+
+
+def _load_train_json(body: bytes | bytearray, limits: ServeLimits) -> dict:
+    """The body's JSON object with exactly the fields 'inputs' and 'labels'; 400 otherwise."""
     text = _utf8(body)
     depth = _nesting_depth(text)
     if depth > limits.max_depth:
@@ -70,23 +82,39 @@ def parse_train_body(body: bytes | bytearray, sample: SampleShape, limits: Serve
         got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
         raise Rejection(400, "bad_request", f"send a JSON object with exactly 'inputs' (a batch of samples) and "
                                             f"'labels' (one per sample); got {got}")
+    return doc
+
+
+def _check_labels(labels: Any, n: int) -> None:
+    """400 unless labels is a list of n class names or indices."""
+    if not isinstance(labels, list) or len(labels) != n:
+        got = len(labels) if isinstance(labels, list) else type(labels).__name__
+        raise Rejection(400, "bad_request", f"'labels' must be a list with one label per sample: {n} "
+                                            f"samples, labels {got}")
+    for i, y in enumerate(labels):
+        if isinstance(y, bool) or not isinstance(y, (int, str)):
+            raise Rejection(400, "bad_request", f"labels[{i}]: {json.dumps(y)[:40]} is not a class name or index")
+
+
+def _train_inputs(inputs: Any, sample: SampleShape, limits: ServeLimits) -> np.ndarray:
+    """The 'inputs' batch as float32; what /predict would answer 422 is a 400 here."""
+    try:
+        return numbers(inputs, sample, limits)
+    except Rejection as exc:
+        raise Rejection(400 if exc.status == 422 else exc.status, "bad_request" if exc.status == 422 else exc.kind,
+                        f"'inputs': {exc.detail}") from None
+
+
+def parse_train_body(body: bytes | bytearray, sample: SampleShape, limits: ServeLimits) -> tuple[np.ndarray, list]:
+    """(float32 batch, labels) of a ``/train`` body, bounded before it is parsed."""
+    _check_train_size(body, sample, limits)
+    doc = _load_train_json(body, limits)
     inputs, labels = doc["inputs"], doc["labels"]
     if not isinstance(inputs, list) or not inputs or not all(isinstance(row, list) for row in inputs):
         raise Rejection(400, "bad_request", "'inputs' must be a non-empty batch: a list of samples")
     _check_batch(len(inputs), limits)
-    if not isinstance(labels, list) or len(labels) != len(inputs):
-        n = len(labels) if isinstance(labels, list) else type(labels).__name__
-        raise Rejection(400, "bad_request", f"'labels' must be a list with one label per sample: {len(inputs)} "
-                                            f"samples, labels {n}")
-    for i, y in enumerate(labels):
-        if isinstance(y, bool) or not isinstance(y, (int, str)):
-            raise Rejection(400, "bad_request", f"labels[{i}]: {json.dumps(y)[:40]} is not a class name or index")
-    try:
-        x = numbers(inputs, sample, limits)
-    except Rejection as exc:
-        raise Rejection(400 if exc.status == 422 else exc.status, "bad_request" if exc.status == 422 else exc.kind,
-                        f"'inputs': {exc.detail}") from None
-    return x, labels
+    _check_labels(labels, len(inputs))
+    return _train_inputs(inputs, sample, limits), labels
 
 
 def _not_finite(name: str) -> Any:
@@ -102,24 +130,11 @@ async def train_endpoint(request: Request) -> Response:
     if trainer is None:
         return served.error(409, "no_trainable_artifact", getattr(served, "trainer_off", None)
                             or "this bundle has no trainable artifact (convert it with --trainable)")
-    ctype, params = media_type(request.headers.get("content-type"))
-    if ctype != "application/json" or params.get("charset", "utf-8").lower() not in ("utf-8", "utf8") \
-            or request.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+    if not is_plain_json(request.headers):
         return served.error(415, "unsupported_media_type", "send uncompressed UTF-8 application/json "
                                                            "{\"inputs\": [[...]], \"labels\": [...]}")
-    limits = served.limits
     try:
-        length = served_app._content_length(request, limits)
-        reserve = length if length is not None else limits.max_body_bytes
-        if not await served.in_flight.acquire(reserve, limits.admission_timeout_s):
-            return served.error(503, "busy", "too many request bytes in flight; retry later", {"Retry-After": "1"})
-        try:
-            body = await served_app._read_body(request, limits)
-            if not body:
-                raise Rejection(400, "bad_request", "empty body: send {\"inputs\": [[...]], \"labels\": [...]}")
-            result = await served.on_worker(_train, served, trainer, body)
-        finally:
-            await served.in_flight.release(reserve)
+        result = await _admitted_train(request, served, trainer)
     except Rejection as exc:
         close = {"Connection": "close"} if exc.status in (408, 413, 415) else None
         return served.error(exc.status, exc.kind, exc.detail, close)
@@ -128,7 +143,27 @@ async def train_endpoint(request: Request) -> Response:
         return Response(status_code=served_app.CLIENT_CLOSED)
     except InvalidInputError as exc:
         return served.error(400, "bad_request", str(exc))
+    if isinstance(result, Response):
+        return result
     return JSONResponse(result)
+
+
+async def _admitted_train(request: Request, served: Any, trainer: Any) -> dict | Response:
+    """Read the body within the in-flight byte budget and train on it; a 503 response when the budget is spent."""
+    from edge_runtime.serving import app as served_app
+
+    limits = served.limits
+    length = served_app._content_length(request, limits)
+    reserve = length if length is not None else limits.max_body_bytes
+    if not await served.in_flight.acquire(reserve, limits.admission_timeout_s):
+        return served.error(503, "busy", "too many request bytes in flight; retry later", {"Retry-After": "1"})
+    try:
+        body = await served_app._read_body(request, limits)
+        if not body:
+            raise Rejection(400, "bad_request", "empty body: send {\"inputs\": [[...]], \"labels\": [...]}")
+        return await served.on_worker(_train, served, trainer, body)
+    finally:
+        await served.in_flight.release(reserve)
 
 
 def _train(served: Any, trainer: Any, body: bytearray) -> dict:
