@@ -98,30 +98,30 @@ def _parity_panel(ax, parity) -> None:
     """Accuracy at conversion per bundle artifact, against its source model."""
     scored = [r for r in parity if r["artifact"] is not None]
     if scored:
-        labels = [f"{r['bundle']}\n{r['file']}" for r in scored]
-        ys = range(len(scored))
-        ax.barh(list(ys), [r["artifact"] for r in scored], color="#60a5fa", label="artifact")
-        ax.scatter([r["source"] for r in scored], list(ys), color="#111", marker="|", s=200, label="source model",
-                   zorder=3)
-        ax.set_yticks(list(ys), labels, fontsize=7)
-        ax.invert_yaxis()
-        lo = min(min(r["artifact"] for r in scored), min((r["source"] or 1) for r in scored))
-        ax.set_xlim(max(0.0, lo - 0.05), 1.0 if scored[0]["metric"] in ("accuracy", None) else None)
-        ax.legend(loc="lower left", fontsize=8)
-        ax.set_xlabel(f"{scored[0]['metric'] or 'metric'} at conversion (holdout)")
+        _parity_bars(ax, scored)
     else:
         ax.text(0.5, 0.5, "no bundle with parity figures registered", ha="center", va="center")
     ax.set_title("accuracy at conversion per bundle artifact")
 
 
+def _parity_bars(ax, scored: list[dict]) -> None:
+    """One bar per artifact (its metric) with its source model's metric marked."""
+    labels = [f"{r['bundle']}\n{r['file']}" for r in scored]
+    ys = range(len(scored))
+    ax.barh(list(ys), [r["artifact"] for r in scored], color="#60a5fa", label="artifact")
+    ax.scatter([r["source"] for r in scored], list(ys), color="#111", marker="|", s=200, label="source model",
+               zorder=3)
+    ax.set_yticks(list(ys), labels, fontsize=7)
+    ax.invert_yaxis()
+    lo = min(min(r["artifact"] for r in scored), min((r["source"] or 1) for r in scored))
+    ax.set_xlim(max(0.0, lo - 0.05), 1.0 if scored[0]["metric"] in ("accuracy", None) else None)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_xlabel(f"{scored[0]['metric'] or 'metric'} at conversion (holdout)")
+
+
 def _latency_panel(ax, engine, chosen) -> None:
     """p95 latency per window of the chosen devices (red: in alarm)."""
-    series = []
-    for d in chosen:
-        p95 = [w["p95_ms"] for w in store.window_series(engine, d["fleet"], d["device_id"], limit=HISTORY_WINDOWS)
-               if w["p95_ms"] is not None]
-        if p95:
-            series.append((d["device_id"], p95, bool(d["open_alerts"])))
+    series = _latency_series(engine, chosen)
     if series:
         box = ax.boxplot([s[1] for s in series], vert=False, patch_artist=True)
         for patch, s in zip(box["boxes"], series, strict=False):
@@ -131,6 +131,17 @@ def _latency_panel(ax, engine, chosen) -> None:
     else:
         ax.text(0.5, 0.5, "no windows stored", ha="center", va="center")
     ax.set_title("latency per device (red: device in alarm)")
+
+
+def _latency_series(engine, chosen) -> list[tuple[str, list[float], bool]]:
+    """(device, p95 per window, in alarm) of the chosen devices that stored windows with latencies."""
+    series = []
+    for d in chosen:
+        p95 = [w["p95_ms"] for w in store.window_series(engine, d["fleet"], d["device_id"], limit=HISTORY_WINDOWS)
+               if w["p95_ms"] is not None]
+        if p95:
+            series.append((d["device_id"], p95, bool(d["open_alerts"])))
+    return series
 
 
 def _drift_panel(ax, engine, chosen, bundles, config) -> None:
@@ -161,14 +172,18 @@ def _status_panel(ax, snapshot, open_alerts) -> None:
     in_alarm = sum(1 for d in snapshot if d["open_alerts"])
     bars = ax.bar(states + ["in alarm"], counts + [in_alarm], color=["#16a34a", "#d97706", "#6b7280", "#dc2626"])
     ax.bar_label(bars)
+    ax.text(0.98, 0.97, _alerts_by_detector(open_alerts), transform=ax.transAxes, ha="right", va="top", fontsize=9,
+            family="monospace", bbox={"facecolor": "white", "edgecolor": "#ccc"})
+    ax.set_ylim(0, max(counts + [in_alarm, 1]) * 1.35)
+    ax.set_title(f"fleet status: {len(snapshot)} devices")
+
+
+def _alerts_by_detector(open_alerts) -> str:
+    """The status panel's text: how many alerts of each detector are open."""
     by_det: dict[str, int] = {}
     for a in open_alerts:
         by_det[a["detector"]] = by_det.get(a["detector"], 0) + 1
-    text = "open alerts by detector:\n" + ("\n".join(f"  {k}: {v}" for k, v in sorted(by_det.items())) or "  none")
-    ax.text(0.98, 0.97, text, transform=ax.transAxes, ha="right", va="top", fontsize=9, family="monospace",
-            bbox={"facecolor": "white", "edgecolor": "#ccc"})
-    ax.set_ylim(0, max(counts + [in_alarm, 1]) * 1.35)
-    ax.set_title(f"fleet status: {len(snapshot)} devices")
+    return "open alerts by detector:\n" + ("\n".join(f"  {k}: {v}" for k, v in sorted(by_det.items())) or "  none")
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -194,35 +209,61 @@ def write_report(db_url: str, out: str | Path, config: MonitorConfig | None = No
         snapshot = fleet_snapshot(engine)
         parity = parity_rows(store.load_bundles(engine))
         open_ = store.open_alerts(engine)
-        quarantine = [{**q, "received_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(q["received_at"])),
-                       "detail": q["detail"][:200], "payload": f"{len(q['payload'])} B: {bytes(q['payload'][:60])!r}"}
-                      for q in store.quarantined(engine, 50)]
-        fig = _figure(engine, snapshot, parity, open_, config)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        quarantine = [_quarantine_row(q) for q in store.quarantined(engine, 50)]
+        png = _png(_figure(engine, snapshot, parity, open_, config))
     finally:
         engine.dispose()
     if out.suffix.lower() == ".png":
-        out.write_bytes(buf.getvalue())
+        out.write_bytes(png)
         return out
-    devices = [{**d, "model": f"{d['model']['name']} {d['model']['version']}",
-                "open_alerts": ", ".join(d["open_alerts"]),
-                "last_seen": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d["last_seen"]))
-                if d["last_seen"] else None,
-                "p95_ms": None if d["p95_ms"] is None else round(d["p95_ms"], 3),
-                "ALERT": "ALERT" if d["open_alerts"] else ""} for d in snapshot]
-    alerts = [{**a, "features": ", ".join(a["features"]), "statistic": round(a["statistic"] or 0.0, 4),
-               "opened_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["opened_at"])) if a["opened_at"] else None}
-              for a in open_]
-    page = (
+    out.write_text(_html_report(png, [_device_row(d) for d in snapshot], [_alert_row(a) for a in open_],
+                                parity, quarantine))
+    return out
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _utc(ts: float | None) -> str | None:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else None
+
+
+def _quarantine_row(q: dict) -> dict:
+    """A quarantined message for the table: when, its detail cut short and the start of its bytes."""
+    return {**q, "received_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(q["received_at"])),
+            "detail": q["detail"][:200], "payload": f"{len(q['payload'])} B: {bytes(q['payload'][:60])!r}"}
+
+
+def _device_row(d: dict) -> dict:
+    """A device of the fleet snapshot for the table."""
+    return {**d, "model": f"{d['model']['name']} {d['model']['version']}",
+            "open_alerts": ", ".join(d["open_alerts"]), "last_seen": _utc(d["last_seen"]),
+            "p95_ms": None if d["p95_ms"] is None else round(d["p95_ms"], 3),
+            "ALERT": "ALERT" if d["open_alerts"] else ""}
+
+
+def _alert_row(a: dict) -> dict:
+    """An open alert for the table."""
+    return {**a, "features": ", ".join(a["features"]), "statistic": round(a["statistic"] or 0.0, 4),
+            "opened_at": _utc(a["opened_at"])}
+
+
+def _html_report(png: bytes, devices: list[dict], alerts: list[dict], parity: list[dict],
+                 quarantine: list[dict]) -> str:
+    """The self-contained page: the figure embedded, then the tables."""
+    return (
         "<!doctype html><html><head><meta charset='utf-8'><title>edgeops fleet report</title><style>"
         "body{font-family:system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1.5em}"
         "th,td{border-bottom:1px solid #ddd;padding:2px 8px;font-size:.85em;text-align:left}th{background:#f0f0f0}"
         "img{max-width:100%}</style></head><body><h1>edgeops fleet report</h1>"
-        f"<img alt='fleet report' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+        f"<img alt='fleet report' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         "<h2>Open alerts</h2>" + _table(alerts, ["fleet", "device_id", "model_name", "model_version", "detector",
                                                  "features", "statistic", "opened_at"])
         + "<h2>Devices</h2>" + _table(devices, ["fleet", "device_id", "status", "ALERT", "open_alerts", "model",
@@ -232,5 +273,3 @@ def write_report(db_url: str, out: str | Path, config: MonitorConfig | None = No
         + "<h2>Quarantined messages (newest)</h2>" + _table(quarantine, ["received_at", "topic", "reason", "detail",
                                                                          "payload"])
         + "</body></html>")
-    out.write_text(page)
-    return out
