@@ -30,7 +30,8 @@ import numpy as np
 from benchmarks.common import print_table, write_json
 
 DATASETS = ("breast_cancer", "wine", "digits")
-ENCODINGS = ("json", "zlib", "cbor", "cbor-exact")
+ENCODINGS = ("json", "zlib", "cbor", "cbor-exact", "cbor-ref")
+SHA256 = "5e0f3c1b" * 8
 TARGET_RATIO = 25.0
 
 
@@ -38,13 +39,16 @@ def setup(dataset: str) -> dict:
     """The data, the bundle-like reference profile and a probability model for one data set."""
     from convert.profile import feature_profile
     from convert.reference import load_reference_data
+    from edge_runtime import compact
 
     d = load_reference_data(dataset)
     feats = [feature_profile(name, d.X_train[:, j].astype(np.float64)) for j, name in enumerate(d.feature_names)]
     mu, sd = d.X_train.mean(axis=0), d.X_train.std(axis=0) + 1e-9
     centroids = np.stack([((d.X_train[d.y_train == c] - mu) / sd).mean(axis=0) for c in range(len(d.labels))])
     manifest = {"name": f"{dataset.replace('_', '-')}-mlp", "version": "1.0.0", "labels": d.labels,
+                "artifacts": [{"file": "model.int8.tflite", "sha256": SHA256}],
                 "reference_profile": {"monitored": "features", "features": feats}}
+    compact.register_bundle(manifest)     # cbor-ref: the device and the monitor both have the bundle
     return {"data": d, "features": feats, "mu": mu, "sd": sd, "centroids": centroids, "manifest": manifest}
 
 
@@ -63,7 +67,7 @@ def window(s: dict, n: int, seq: int = 17, seed: int = 0, device: str = "pi-0042
 
     feats, d = s["features"], s["data"]
     info = {"name": s["manifest"]["name"], "version": "1.0.0", "artifact": "model.int8.tflite",
-            "sha256": "5e0f3c1b" * 8, "variant": None}
+            "sha256": SHA256, "variant": None}
     clock = iter([start] + [start + 10.0] * 2)
     rec = WindowRecorder(info, [f["bin_edges"] for f in feats], "features", len(d.labels), window_seconds=None,
                          window_size=n, ranges=[(f.get("min"), f.get("max")) for f in feats],

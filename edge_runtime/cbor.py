@@ -72,42 +72,61 @@ def encode_float(x: float) -> bytes:
     return b"\xfb" + _DOUBLE.pack(x)
 
 
-def _encode(obj, out: list) -> None:  # noqa: C901 - one branch per CBOR type
-    t = type(obj)
-    if t is bool:
-        out.append(b"\xf5" if obj else b"\xf4")
-    elif obj is None:
-        out.append(b"\xf6")
-    elif t is int or isinstance(obj, int):
-        obj = int(obj)
-        if not -MAX_UINT - 1 <= obj <= MAX_UINT:
-            raise ValueError(f"integer {obj} does not fit 64 bits")
-        out.append(_head(0, obj) if obj >= 0 else _head(1, -1 - obj))
-    elif t is float or isinstance(obj, float):
-        out.append(encode_float(float(obj)))
-    elif t is str:
-        raw = obj.encode("utf-8")
-        out.append(_head(3, len(raw)))
-        out.append(raw)
-    elif t in (bytes, bytearray, memoryview):
-        out.append(_head(2, len(obj)))
-        out.append(bytes(obj))
-    elif t in (list, tuple):
-        out.append(_head(4, len(obj)))
-        for item in obj:
-            _encode(item, out)
-    elif t is dict:
-        out.append(_head(5, len(obj)))
-        for k, v in obj.items():
-            if type(k) not in (int, str):
-                raise ValueError(f"map keys are integers or text, not {type(k).__name__}")
-            _encode(k, out)
-            _encode(v, out)
-    elif t is Tag:
-        out.append(_head(6, obj.number))
-        _encode(obj.value, out)
-    else:
-        raise ValueError(f"cannot encode a {t.__name__} as CBOR")
+def _enc_int(obj, out: list) -> None:
+    obj = int(obj)
+    if not -MAX_UINT - 1 <= obj <= MAX_UINT:
+        raise ValueError(f"integer {obj} does not fit 64 bits")
+    out.append(_head(0, obj) if obj >= 0 else _head(1, -1 - obj))
+
+
+def _enc_text(obj: str, out: list) -> None:
+    raw = obj.encode("utf-8")
+    out.append(_head(3, len(raw)))
+    out.append(raw)
+
+
+def _enc_bytes(obj, out: list) -> None:
+    out.append(_head(2, len(obj)))
+    out.append(bytes(obj))
+
+
+def _enc_array(obj, out: list) -> None:
+    out.append(_head(4, len(obj)))
+    for item in obj:
+        _encode(item, out)
+
+
+def _enc_map(obj: dict, out: list) -> None:
+    out.append(_head(5, len(obj)))
+    for k, v in obj.items():
+        if type(k) not in (int, str):
+            raise ValueError(f"map keys are integers or text, not {type(k).__name__}")
+        _encode(k, out)
+        _encode(v, out)
+
+
+def _enc_tag(obj: Tag, out: list) -> None:
+    out.append(_head(6, obj.number))
+    _encode(obj.value, out)
+
+
+_ENCODERS = {bool: lambda obj, out: out.append(b"\xf5" if obj else b"\xf4"),
+             type(None): lambda obj, out: out.append(b"\xf6"),
+             int: _enc_int, float: lambda obj, out: out.append(encode_float(obj)), str: _enc_text,
+             bytes: _enc_bytes, bytearray: _enc_bytes, memoryview: _enc_bytes, list: _enc_array, tuple: _enc_array,
+             dict: _enc_map, Tag: _enc_tag}
+
+
+def _encode(obj, out: list) -> None:
+    enc = _ENCODERS.get(type(obj))
+    if enc is None:       # subclasses (numpy integers and floats among them)
+        if isinstance(obj, int):
+            enc = _enc_int
+        elif isinstance(obj, float):
+            obj, enc = float(obj), _ENCODERS[float]
+        else:
+            raise ValueError(f"cannot encode a {type(obj).__name__} as CBOR")
+    enc(obj, out)
 
 
 def dumps(obj) -> bytes:
@@ -147,20 +166,25 @@ class _Decoder:
         self.pos = end
         return chunk
 
-    def _head(self) -> tuple[int, int, int]:
-        start = self.pos
-        if start >= len(self.buf):
-            raise Rejected("malformed_cbor", f"truncated: a data item expected at byte {start}")
-        ib = self.buf[start]
-        self.pos = start + 1
-        major, info = ib >> 5, ib & 31
-        if info < 24:
-            return major, info, info
+    def _long_arg(self, info: int, start: int) -> int:
         if info <= 27:
-            return major, info, int.from_bytes(self._take(1 << (info - 24)), "big")
+            return int.from_bytes(self._take(1 << (info - 24)), "big")
         if info == 31:
             raise Rejected("cbor_unsupported", f"indefinite-length item at byte {start}")
         raise Rejected("malformed_cbor", f"reserved additional information {info} at byte {start}")
+
+    def item(self, depth: int):
+        """The data item at ``pos`` (a small unsigned int inline, anything else by its major type)."""
+        pos = self.pos
+        if pos >= len(self.buf):
+            raise Rejected("malformed_cbor", f"truncated: a data item expected at byte {pos}")
+        ib = self.buf[pos]
+        self.pos = pos + 1
+        if ib < 24:
+            return ib
+        info = ib & 31
+        arg = info if info < 24 else self._long_arg(info, pos)
+        return _READERS[ib >> 5](self, arg, info, pos, depth)
 
     def _length(self, n: int, per_item: int, what: str) -> None:
         if n > self.max_items:
@@ -168,56 +192,69 @@ class _Decoder:
         if n * per_item > len(self.buf) - self.pos:
             raise Rejected("malformed_cbor", f"truncated: {what} of {n} items in {len(self.buf) - self.pos} bytes")
 
-    def item(self, depth: int):  # noqa: C901 - one branch per major type
-        start = self.pos
-        major, info, arg = self._head()
-        if major == 0:
-            return arg
-        if major == 1:
-            return -1 - arg
-        if major == 2:
-            return self._take(arg)
-        if major == 3:
-            raw = self._take(arg)
-            try:
-                return raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise Rejected("bad_string", f"text at byte {start} is not UTF-8 ({exc.reason})") from None
-        if major == 7:
-            return self._simple(info, arg, start)
+    def _nested(self, depth: int) -> None:
         if depth >= self.max_depth:
             raise Rejected("too_deep", f"the payload nests deeper than {self.max_depth} levels")
-        if major == 4:
-            self._length(arg, 1, "an array")
-            return [self.item(depth + 1) for _ in range(arg)]
-        if major == 5:
-            self._length(arg, 2, "a map")
-            out = {}
-            for _ in range(arg):
-                at = self.pos
-                key = self.item(depth + 1)
-                if type(key) not in (int, str):
-                    raise Rejected("malformed_cbor", f"map key at byte {at} is a {type(key).__name__}, not an "
-                                                     f"integer or text")
-                if key in out:
-                    raise Rejected("malformed_cbor", f"duplicate map key {str(key)[:40]!r} at byte {at}")
-                out[key] = self.item(depth + 1)
-            return out
-        if arg not in self.tags:      # major 6
+
+    def uint(self, arg: int, info: int, start: int, depth: int) -> int:
+        return arg
+
+    def nint(self, arg: int, info: int, start: int, depth: int) -> int:
+        return -1 - arg
+
+    def bytestring(self, arg: int, info: int, start: int, depth: int) -> bytes:
+        return self._take(arg)
+
+    def text(self, arg: int, info: int, start: int, depth: int) -> str:
+        raw = self._take(arg)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Rejected("bad_string", f"text at byte {start} is not UTF-8 ({exc.reason})") from None
+
+    def array(self, arg: int, info: int, start: int, depth: int) -> list:
+        self._nested(depth)
+        self._length(arg, 1, "an array")
+        item, depth = self.item, depth + 1
+        return [item(depth) for _ in range(arg)]
+
+    def map(self, arg: int, info: int, start: int, depth: int) -> dict:
+        self._nested(depth)
+        self._length(arg, 2, "a map")
+        item, depth, out, buf = self.item, depth + 1, {}, self.buf
+        for _ in range(arg):
+            at = self.pos
+            if at < len(buf) and buf[at] < 24:      # the usual key: a small unsigned int
+                key = buf[at]
+                self.pos = at + 1
+            else:
+                key = item(depth)
+            if type(key) not in (int, str):
+                raise Rejected("malformed_cbor", f"map key at byte {at} is a {type(key).__name__}, not an "
+                                                 f"integer or text")
+            if key in out:
+                raise Rejected("malformed_cbor", f"duplicate map key {str(key)[:40]!r} at byte {at}")
+            out[key] = item(depth)
+        return out
+
+    def tag(self, arg: int, info: int, start: int, depth: int) -> Tag:
+        self._nested(depth)
+        if arg not in self.tags:
             raise Rejected("cbor_unsupported", f"unexpected tag {arg} at byte {start}")
         return Tag(arg, self.item(depth + 1))
 
-    def _simple(self, info: int, arg: int, start: int):
-        if info == 20:
-            return False
-        if info == 21:
-            return True
-        if info == 22:
-            return None
-        if info in (25, 26, 27):
-            raw = arg.to_bytes(1 << (info - 24), "big")
-            x = (_HALF if info == 25 else _SINGLE if info == 26 else _DOUBLE).unpack(raw)[0]
-            if not math.isfinite(x):
-                raise Rejected("bad_value", f"NaN or infinite float at byte {start}")
-            return x
-        raise Rejected("cbor_unsupported", f"simple value {arg} at byte {start} (only false, true, null)")
+    def simple(self, arg: int, info: int, start: int, depth: int):
+        if info in _SIMPLE:
+            return _SIMPLE[info]
+        if info not in _FLOATS:
+            raise Rejected("cbor_unsupported", f"simple value {arg} at byte {start} (only false, true, null)")
+        x = _FLOATS[info].unpack(arg.to_bytes(1 << (info - 24), "big"))[0]
+        if not math.isfinite(x):
+            raise Rejected("bad_value", f"NaN or infinite float at byte {start}")
+        return x
+
+
+_SIMPLE = {20: False, 21: True, 22: None}
+_FLOATS = {25: _HALF, 26: _SINGLE, 27: _DOUBLE}
+_READERS = (_Decoder.uint, _Decoder.nint, _Decoder.bytestring, _Decoder.text, _Decoder.array, _Decoder.map,
+            _Decoder.tag, _Decoder.simple)

@@ -1,16 +1,17 @@
-"""The compact binary form of a telemetry window: CBOR with integer keys, packed counts and small floats.
+"""The compact binary form of a telemetry window: CBOR with integer keys, packed counts and coded moments.
 
-``edgeops run --encoding cbor`` publishes each window as::
+``edgeops run --encoding cbor`` (``cbor-exact``, ``cbor-ref``) publishes each window as::
 
     d9 d9 f7 | one CBOR map                     (tag 55799, "self-described CBOR", as a 3-byte marker)
 
 The monitor tells the encodings apart by the first byte: ``{`` JSON, ``x`` (0x78) zlib, 0xd9 CBOR.
 :func:`decode` turns the map back into the same JSON document the window was built as (so
-:func:`edge_runtime.wire.parse` validates it with the same code), except for the float rounding
-below. The layout (see docs/telemetry.md, "Compact windows"):
+:func:`edge_runtime.wire.parse` validates it with the same code), except for the moment coding
+below. The layout (docs/telemetry.md, "Compact windows"):
 
 - Top-level fields the codec knows get small integer keys (:data:`NAMES`); ``type`` is a small int;
-  ``start`` is integer milliseconds and ``end`` milliseconds after it, when they are whole milliseconds.
+  ``start`` is integer milliseconds and ``end`` milliseconds after it, when they are whole milliseconds;
+  the ``distinct`` sketch's 64 registers are bit-packed (key 19).
 - ``model``: integer keys; a 64-character hex ``sha256`` travels as its 32 bytes.
 - ``latency_ms``: ``gamma`` only when not 1.05; ``counts`` packed; ``min``/``max``/``sum`` as a
   six-digit float vector; ``p50``/``p95``/``p99`` left out when the monitor can recompute them
@@ -18,22 +19,30 @@ below. The layout (see docs/telemetry.md, "Compact windows"):
 - ``features``: per-feature counts as one int when all equal, NaN counts left out when all zero,
   histograms as the deviation of each bin from ``count // bins`` (zigzag, packed in nibbles), the
   last bin of each histogram left out (it is ``count`` minus the others, which validation demands
-  anyway), and the moments as float vectors: ``half`` (the default) sends ``min`` in IEEE half
-  precision, ``max`` and ``mean`` as half-precision offsets from that ``min`` and the square root
-  of ``m2`` in half precision; ``exact`` sends all four in single precision, re-rounded to six
-  significant digits on decoding (which gives back exactly the JSON value). A value a half (a
-  single) cannot carry travels in an escape list in single precision (exactly).
+  anyway), and the moments in one of three codings:
+
+  ``half`` (``cbor``): ``min`` in IEEE half precision, ``max`` and ``mean`` as half-precision offsets
+  from that ``min``, the square root of ``m2`` in half precision. ``exact`` (``cbor-exact``): single
+  precision re-rounded to six significant digits on decoding (exactly the JSON value). ``ref``
+  (``cbor-ref``): integers relative to the bundle's reference profile (``mean`` and ``std`` of each
+  feature, :func:`register_bundle`): the mean in 1/128 reference standard deviations from the
+  reference mean, the variance as log2 of its ratio to the reference variance in 1/32 steps,
+  ``min`` and ``max`` as their distance below and above the decoded mean in 1/32 reference standard
+  deviations, bit-packed by column (edge_runtime.packing). The window then names its bundle by a
+  6-byte digest (key 20) and its model block (key 21) by the index of its artifact in the bundle;
+  a monitor that has not registered the bundle refuses it as ``unknown_bundle``. A device that has
+  no registered bundle for the window's model sends the ``half`` form instead.
 - ``predictions``: integer keys (:data:`PREDICTION_KEYS`).
-- A *packed* int list is a byte string: a scheme byte (0: LEB128 varints, 1: nibbles with 15 as
-  escape, the escaped values as varints after the nibbles, 2: sparse, a varint pair per non-zero
-  entry: the zeros before it and the value minus one), the count as a varint, the data.
-  Anywhere else in the document, a CBOR byte string means such a list of non-negative ints.
+- Anywhere else in the document, a CBOR byte string means a packed list of non-negative ints.
 - Any field or block the codec has no compact form for (a block another version adds, a block that
   breaks an assumption above) goes as a generic CBOR map under its text key: nothing is lost.
 
-Half precision keeps 11 significant bits: ``min`` within 2**-11 (0.05%) of its value, ``mean`` and
-``max`` within 2**-11 of their distance from ``min``, ``m2`` within 2**-10 of its value. Counts,
-histograms, ids, the model block, timestamps and latency figures are exact.
+Precision: ``half`` keeps 11 significant bits (``min`` within 2**-11 of its value, ``mean`` and
+``max`` within 2**-11 of their distance from ``min``, ``m2`` within 2**-10). ``ref``: ``mean`` within
+1/256 of the reference std, ``min`` and ``max`` within 1/64 of it, ``m2`` within 1.1% (the std within
+0.55%); a feature whose codes would not be small integers (a zero or missing reference std with a
+non-constant input, values far out) travels exactly. Counts, histograms, ids, the model block,
+timestamps and latency figures are exact in every form.
 
 >>> win = {"schema_version": 1, "type": "telemetry", "device_id": "d", "fleet": "f", "seq": 3,
 ...        "start": 10.0, "end": 20.5, "model": {"name": "m", "version": "1"}, "count": 4, "errors": 0,
@@ -42,22 +51,44 @@ histograms, ids, the model block, timestamps and latency figures are exact.
 ...                     "hist": [[2, 2]]}, "predictions": {"counts": [1, 3]}}
 >>> decode(encode(win)) == win
 True
+>>> digest = register_bundle({"name": "m", "version": "1", "reference_profile": {"features": [{"mean": 0.5,
+...                           "std": 0.5}]}})
+>>> got = decode(encode(win, "ref"))["features"]
+>>> got["mean"], got["m2"], got["min"], got["max"]
+([0.5], [1.0], [0.0], [1.0])
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import json
 import math
 import struct
+from typing import NamedTuple
 
 import numpy as np
 
 from edge_runtime import cbor
-from edge_runtime.wire import MAX_LIST, MAX_PAYLOAD, Rejected
+from edge_runtime.packing import (
+    UNZIGZAG,
+    pack_columns,
+    pack_ints,
+    unpack_array,
+    unpack_columns,
+    unpack_ints,
+    unzigzag,
+    zigzag,
+)
+from edge_runtime.packing import NoCompact as _NoCompact
+from edge_runtime.wire import _DIGITS, MAX_LIST, MAX_PAYLOAD, Rejected
+
+__all__ = ["MAGIC", "FLOATS", "encode", "decode", "register_bundle", "bundle_reference", "pack_ints", "unpack_ints",
+           "round6"]
 
 MAGIC = b"\xd9\xd9\xf7"         # tag 55799: the payload is CBOR
-FLOATS = ("half", "exact")
+FLOATS = ("half", "exact", "ref")
 DEFAULT_GAMMA = 1.05
 TYPES = ("telemetry", "status", "bench")
 
@@ -67,129 +98,86 @@ NAMES = {0: "schema_version", 1: "type", 2: "device_id", 3: "fleet", 4: "seq", 8
          17: "outputs", 18: "agreement"}
 KEYS = {name: k for k, name in NAMES.items()}
 K_START, K_END, K_MODEL, K_LATENCY, K_FEATURES, K_PREDICTIONS = 5, 6, 7, 11, 12, 13
+K_DISTINCT, K_BUNDLE, K_MODEL_REF, K_FEATURES_REF = 19, 20, 21, 22
 PREDICTION_KEYS = ("counts", "confidence", "hist", "count", "mean", "m2", "min", "max")
 MODEL_KEYS = ("name", "version", "artifact", "sha256", "variant", "mode", "split")
+M_ARTIFACT_INDEX = 8            # in the reference form's model block: the artifact's index in the bundle
 _HEX = frozenset("0123456789abcdef")
+_REGISTER_VALUE = {c: i for i, c in enumerate(_DIGITS)}
+
+MEAN_STEPS = 128                # reference form: codes per reference std for the mean ...
+RANGE_STEPS = 32                # ... for min and max (their distance from the decoded mean) ...
+VAR_STEPS = 32                  # ... and per doubling of the variance
+MAX_CODE = 2**26                # a larger code travels exactly (an escaped feature)
+DIGEST_BYTES = 6
+_MOMENTS = ("min", "max", "mean", "m2")
 
 
-class _NoCompact(Exception):
-    """A block breaks an assumption of its compact form: it goes generic."""
+# -- the bundles the reference form is coded against ---------------------------------------------
+
+class Reference(NamedTuple):
+    """What the reference form needs of a bundle: its identity, artifacts and per-feature mean and scale."""
+
+    digest: bytes
+    name: str
+    version: str
+    artifacts: tuple            # (file, sha256) per artifact of the manifest
+    mean: np.ndarray
+    scale: np.ndarray           # the reference std, 1.0 where it is zero
+    steps: tuple                # for decoding, as lists: mean, scale / MEAN_STEPS, scale / RANGE_STEPS, scale ** 2
 
 
-# -- packed non-negative int lists ---------------------------------------------------------------
-
-def _varint(v: int, out: bytearray) -> None:
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
+_BUNDLES: dict[bytes, Reference] = {}
+_BY_MODEL: dict[tuple, bytes] = {}
 
 
-def pack_ints(values) -> bytes:
-    """A list of non-negative ints as bytes: varints or nibbles, whichever is shorter.
-
-    >>> pack_ints([3, 0, 1, 2, 40]).hex(), unpack_ints(pack_ints([3, 0, 1, 2, 40]))
-    ('01053012f019', [3, 0, 1, 2, 40])
-    """
-    vals = [int(v) for v in values]
-    var = bytearray((0,))
-    _varint(len(vals), var)
-    for v in vals:
-        if v < 0:
-            raise _NoCompact("a negative count")
-        _varint(v, var)
-    nib = bytearray((1,))
-    _varint(len(vals), nib)
-    codes = [min(v, 15) for v in vals] + [0] * (len(vals) & 1)
-    nib += bytes(codes[i] << 4 | codes[i + 1] for i in range(0, len(codes), 2))
-    for v in vals:
-        if v >= 15:
-            _varint(v - 15, nib)
-    sparse = bytearray((2,))
-    _varint(len(vals), sparse)
-    last = -1
-    for i, v in enumerate(vals):
-        if v:
-            _varint(i - last - 1, sparse)
-            _varint(v - 1, sparse)
-            last = i
-    return bytes(min((var, nib, sparse), key=len))
+def _profile_moments(manifest: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    feats = ((manifest.get("reference_profile") or {}).get("features")) or []
+    try:
+        mean = np.array([float(f["mean"]) for f in feats], dtype=np.float64)
+        std = np.array([float(f["std"]) for f in feats], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not len(feats) or not (np.isfinite(mean).all() and np.isfinite(std).all()) or (std < 0).any():
+        return None
+    return mean, np.where(std > 0, std, 1.0)
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    v = shift = 0
-    for i in range(pos, min(pos + 10, len(buf))):
-        b = buf[i]
-        v |= (b & 0x7F) << shift
-        if b < 0x80:
-            return v, i + 1
-        shift += 7
-    raise Rejected("malformed_cbor", "a packed list ends inside a varint (or one is over 10 bytes)")
+def bundle_reference(manifest: dict) -> Reference | None:
+    """The reference-form view of a bundle manifest (None without a usable tabular reference profile)."""
+    name, version = manifest.get("name"), manifest.get("version")
+    moments = _profile_moments(manifest) if isinstance(name, str) and isinstance(version, str) else None
+    if moments is None:
+        return None
+    arts = tuple((str(a.get("file")), str(a.get("sha256"))) for a in manifest.get("artifacts") or []
+                 if isinstance(a, dict))
+    key = json.dumps([name, version, arts, moments[0].tolist(), moments[1].tolist()]).encode()
+    mean, scale = moments
+    steps = tuple(a.tolist() for a in (mean, scale / MEAN_STEPS, scale / RANGE_STEPS, scale * scale))
+    return Reference(hashlib.sha256(key).digest()[:DIGEST_BYTES], name, version, arts, mean, scale, steps)
 
 
-def unpack_ints(buf: bytes, max_items: int = MAX_LIST) -> list[int]:
-    """The list :func:`pack_ints` packed; raises Rejected for a truncated, oversized or unknown packing."""
-    if len(buf) < 2 or buf[0] > 2:
-        raise Rejected("malformed_cbor", "a packed list needs a scheme byte (0, 1 or 2) and a length")
-    n, pos = _read_varint(buf, 1)
-    if buf[0] == 2:
-        return _unpack_sparse(buf, pos, n, max_items)
-    if n > max_items or n > 2 * (len(buf) - pos):
-        raise Rejected("oversized" if n > max_items else "malformed_cbor",
-                       f"a packed list of {n} items in {len(buf) - pos} bytes")
-    if buf[0] == 0:
-        out = []
-        for _ in range(n):
-            v, pos = _read_varint(buf, pos)
-            out.append(v)
-    else:
-        m = (n + 1) // 2
-        if pos + m > len(buf):
-            raise Rejected("malformed_cbor", f"a packed list of {n} nibbles in {len(buf) - pos} bytes")
-        out = list(itertools.chain.from_iterable(map(_NIBBLES.__getitem__, buf[pos:pos + m])))[:n]
-        pos += m
-        i = out.index(15) if 15 in out else -1
-        while i >= 0:
-            v, pos = _read_varint(buf, pos)
-            out[i] = 15 + v
-            try:
-                i = out.index(15, i + 1)
-            except ValueError:
-                i = -1
-    if pos != len(buf):
-        raise Rejected("malformed_cbor", f"{len(buf) - pos} bytes after a packed list")
-    return out
+def register_bundle(manifest: dict) -> bytes | None:
+    """Make a bundle's reference profile known to this process's encoder and decoder (the device and the
+    monitor both register the bundle for ``cbor-ref``); returns its digest, None when it has no usable
+    profile (its windows then go in the ``half`` form)."""
+    ref = bundle_reference(manifest)
+    if ref is None:
+        return None
+    _BUNDLES[ref.digest] = ref
+    _BY_MODEL[(ref.name, ref.version)] = ref.digest
+    return ref.digest
 
 
-def _unpack_sparse(buf: bytes, pos: int, n: int, max_items: int) -> list[int]:
-    """Scheme 2: pairs (zeros skipped, value - 1) for the non-zero entries of a list of ``n``."""
-    if n > max_items:
-        raise Rejected("oversized", f"a packed list of {n} items")
-    out = [0] * n
-    i = -1
-    while pos < len(buf):
-        gap, pos = _read_varint(buf, pos)
-        v, pos = _read_varint(buf, pos)
-        i += gap + 1
-        if i >= n:
-            raise Rejected("malformed_cbor", f"a sparse packed list puts an entry past its {n} items")
-        out[i] = v + 1
-    return out
+def _reference_for(doc: dict) -> Reference | None:
+    model = doc.get("model")
+    if not isinstance(model, dict) or not _BY_MODEL:
+        return None
+    digest = _BY_MODEL.get((model.get("name"), model.get("version")))
+    return None if digest is None else _BUNDLES.get(digest)
 
 
-_NIBBLES = [(b >> 4, b & 15) for b in range(256)]
-
-
-def _zigzag(d: int) -> int:
-    return 2 * d if d >= 0 else -2 * d - 1
-
-
-def _unzigzag(z: int) -> int:
-    return z >> 1 if not z & 1 else -((z + 1) >> 1)
-
-
-_UNZIGZAG = [_unzigzag(z) for z in range(512)]
-
+# -- small helpers ------------------------------------------------------------------------------
 
 def _ints(v) -> list[int]:
     if not isinstance(v, list) or any(type(x) is not int or x < 0 for x in v):
@@ -217,6 +205,12 @@ def _bytes(v, what: str) -> bytes:
     return v
 
 
+def _map(v, what: str, need: tuple = ()) -> dict:
+    if not isinstance(v, dict) or any(k not in v for k in need):
+        raise Rejected("malformed_cbor", f"the compact {what} block must be a map with keys {list(need)}")
+    return v
+
+
 # -- float vectors ------------------------------------------------------------------------------
 
 def round6(x: float) -> float:
@@ -237,25 +231,23 @@ def _pack_half(values: list[float], escapes: list) -> bytes:
     half[~ok] = np.inf
     for v, good in zip(values, ok.tolist(), strict=True):
         if not good:
-            single = float(np.float32(v)) if 1.2e-38 < abs(v) < 3.0e38 else float(v)
-            escapes.append(single)
+            escapes.append(float(np.float32(v)) if 1.2e-38 < abs(v) < 3.0e38 else float(v))
     return half.astype("<f2").tobytes()
 
 
-def _pack_single6(values: list[float], escapes: list) -> bytes:
+def _single6(v: float | None, escapes: list) -> float:
+    if v is None:
+        return math.nan
+    s = np.float32(v) if abs(v) < 3.0e38 else np.float32(np.inf)
+    if math.isfinite(s) and round6(float(s)) == v:
+        return s
+    escapes.append(float(v))
+    return math.inf
+
+
+def _pack_single6(values: list, escapes: list) -> bytes:
     """Single precision, where re-rounding to six significant digits gives the value back exactly."""
-    out = np.empty(len(values), dtype="<f4")
-    for i, v in enumerate(values):
-        if v is None:
-            out[i] = np.nan
-            continue
-        s = np.float32(v) if abs(v) < 3.0e38 else np.float32(np.inf)
-        if math.isfinite(s) and round6(float(s)) == v:
-            out[i] = s
-        else:
-            out[i] = np.inf
-            escapes.append(float(v))
-    return out.tobytes()
+    return np.array([_single6(v, escapes) for v in values], dtype="<f4").tobytes()
 
 
 def _unpack_floats(raw: bytes, dtype: str, n: int, escapes: list, used: list[int]) -> tuple[np.ndarray, list]:
@@ -266,9 +258,9 @@ def _unpack_floats(raw: bytes, dtype: str, n: int, escapes: list, used: list[int
     if used[0] >= len(escapes):     # nothing left to substitute: an infinity stays one (validation refuses it)
         return arr, []
     escaped = np.flatnonzero(np.isinf(arr)).tolist()
+    if used[0] + len(escaped) > len(escapes):
+        raise Rejected("malformed_cbor", "more escaped floats than the escape list holds")
     for i in escaped:
-        if used[0] >= len(escapes):
-            raise Rejected("malformed_cbor", "more escaped floats than the escape list holds")
         x = escapes[used[0]]
         if type(x) not in (int, float):
             raise Rejected("malformed_cbor", "an escaped float is not a number")
@@ -295,62 +287,78 @@ def _unfloats6(v, what: str) -> list:
     if not (isinstance(v, list) and len(v) == 2 and isinstance(v[1], list)):
         raise Rejected("malformed_cbor", f"{what} must be [bytes, escapes]")
     raw = _bytes(v[0], what)
-    used = [0]
     if not v[1] and len(raw) % 4 == 0:     # the usual case, a few values and no escapes: no numpy round trip
         return [None if x != x else round6(x) for x in struct.unpack(f"<{len(raw) // 4}f", raw)]
+    used = [0]
     out = _six(*_unpack_floats(raw, "<f4", len(raw) // 4, v[1], used))
     if used[0] != len(v[1]):
         raise Rejected("malformed_cbor", f"{what}: unused escaped floats")
     return out
 
 
-# -- encoding -----------------------------------------------------------------------------------
+# -- encoding: generic values, model, latency ---------------------------------------------------
 
 def _generic(v):
     """A JSON value as CBOR-ready data: lists of 4+ non-negative ints packed into byte strings."""
     if isinstance(v, dict):
         return {str(k): _generic(x) for k, x in v.items()}
-    if isinstance(v, list):
-        if len(v) >= 4 and all(type(x) is int and x >= 0 for x in v):
-            return pack_ints(v)
-        return [_generic(x) for x in v]
-    return v
+    if not isinstance(v, list):
+        return v
+    if len(v) >= 4 and all(type(x) is int and x >= 0 for x in v):
+        return pack_ints(v)
+    return [_generic(x) for x in v]
 
 
-def _model(m) -> dict:
+def _model_field(k: str, v):
+    if k == "sha256" and isinstance(v, str) and len(v) == 64 and _HEX.issuperset(v):
+        return bytes.fromhex(v)
+    return _generic(v)
+
+
+def _model(m, ref: Reference | None = None) -> dict:
     if not isinstance(m, dict):
         raise _NoCompact("model is not an object")
     out: dict = {}
     for k, v in m.items():
         if k in MODEL_KEYS:
-            i = MODEL_KEYS.index(k)
-            if k == "sha256" and isinstance(v, str) and len(v) == 64 and _HEX.issuperset(v):
-                v = bytes.fromhex(v)
-            out[i] = _generic(v)
+            out[MODEL_KEYS.index(k)] = _model_field(k, v)
         else:
             out[str(k)] = _generic(v)
+    return out if ref is None else _model_ref(m, out, ref)
+
+
+def _model_ref(m: dict, out: dict, ref: Reference) -> dict:
+    """The model block against a registered bundle: name and version from it, the artifact by its index."""
+    if (m.get("name"), m.get("version")) != (ref.name, ref.version):
+        raise _NoCompact("the model block names another bundle")
+    del out[0], out[1]
+    art = (m.get("artifact"), m.get("sha256"))
+    if art in ref.artifacts:
+        del out[2], out[3]
+        out[M_ARTIFACT_INDEX] = ref.artifacts.index(art)
     return out
+
+
+_LATENCY_KNOWN = frozenset(("gamma", "offset", "counts", "min", "max", "sum", "p50", "p95", "p99"))
+_QUANTILES = ("p50", "p95", "p99")
 
 
 def _latency(lat) -> dict:
     if not isinstance(lat, dict) or type(lat.get("offset")) is not int or not isinstance(lat.get("gamma"), float):
         raise _NoCompact("latency_ms without a float gamma and an int offset")
-    out: dict = {1: lat["offset"], 2: pack_ints(_ints(lat.get("counts")))}
+    if any(k not in lat or (lat[k] is not None and type(lat[k]) is not float) for k in ("min", "max", "sum")):
+        raise _NoCompact("latency_ms.min/max/sum missing or not floats")
+    out: dict = {1: lat["offset"], 2: pack_ints(_ints(lat.get("counts"))),
+                 3: _floats6([lat["min"], lat["max"], lat["sum"]])}
     if lat["gamma"] != DEFAULT_GAMMA:
         out[0] = lat["gamma"]
-    scalars = [k for k in ("min", "max", "sum") if k in lat]
-    if scalars != ["min", "max", "sum"] or any(lat[k] is not None and type(lat[k]) is not float for k in scalars):
-        raise _NoCompact("latency_ms.min/max/sum missing or not floats")
-    out[3] = _floats6([lat["min"], lat["max"], lat["sum"]])
-    qs = {k: lat[k] for k in ("p50", "p95", "p99") if k in lat}
+    qs = {k: lat[k] for k in _QUANTILES if k in lat}
     if len(qs) == 3 and _quantiles(lat) == qs:
         out[9] = True
     elif qs:
-        out[4] = [qs.get(k) for k in ("p50", "p95", "p99")]
-        out[5] = [k in qs for k in ("p50", "p95", "p99")]
-    extra = set(lat) - {"gamma", "offset", "counts", "min", "max", "sum", "p50", "p95", "p99"}
-    for k in extra:
-        out[str(k)] = _generic(lat[k])
+        out[4] = [qs.get(k) for k in _QUANTILES]
+        out[5] = [k in qs for k in _QUANTILES]
+    out.update({str(k): _generic(v) for k, v in lat.items() if k not in _LATENCY_KNOWN})
     return out
 
 
@@ -368,23 +376,36 @@ def _quantiles(lat: dict) -> dict:
     out = {}
     for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
         i = bisect.bisect_left(cum, q * total)
-        value = hi if i >= len(cum) else min(max(gamma ** (offset + i - 0.5), lo), hi)
-        out[name] = round6(value)
+        out[name] = round6(hi if i >= len(cum) else min(max(gamma ** (offset + i - 0.5), lo), hi))
     return out
 
 
-def _features(f, floats: str) -> dict:  # noqa: C901 - each assumption of the compact form checked
+# -- encoding: features -------------------------------------------------------------------------
+
+_FEATURE_KNOWN = frozenset(("count", "nan", "mean", "m2", "min", "max", "hist", "out_of_range"))
+
+
+def _feature_base(f) -> tuple[dict, list, list[int]]:
+    """The compact block's counts, histograms and extras; the moment columns (min, max, mean, m2) and counts."""
     if not isinstance(f, dict):
         raise _NoCompact("features is not an object")
     count, nan = _ints(f.get("count")), _ints(f.get("nan"))
     n = len(count)
-    cols = [f.get(k) for k in ("min", "max", "mean", "m2")]
-    hist = f.get("hist")
-    if any(not isinstance(c, list) or len(c) != n for c in cols + [nan, hist]):
+    cols = [f.get(k) for k in _MOMENTS]
+    if any(not isinstance(c, list) or len(c) != n for c in cols + [nan, f.get("hist")]):
         raise _NoCompact("features lists of different lengths")
     out: dict = {0: n, 1: _uniform(count)}
     if any(nan):
         out[2] = _uniform(nan)
+    out[3], out[4] = _hist_devs(f["hist"], count)
+    if "out_of_range" in f:
+        out[8] = _uniform(_ints(f["out_of_range"]))
+    out.update({str(k): _generic(v) for k, v in f.items() if k not in _FEATURE_KNOWN})
+    return out, cols, count
+
+
+def _hist_devs(hist: list, count: list[int]) -> tuple:
+    """Histogram lengths and the packed zigzag deviations of each bin but the last from ``count // bins``."""
     lengths, devs = [], []
     for h, c in zip(hist, count, strict=True):
         h = _ints(h)
@@ -392,17 +413,27 @@ def _features(f, floats: str) -> dict:  # noqa: C901 - each assumption of the co
             raise _NoCompact("a histogram that does not sum to its count")
         lengths.append(len(h))
         e = c // len(h)
-        devs.extend(_zigzag(x - e) for x in h[:-1])
-    out[3], out[4] = _uniform(lengths), pack_ints(devs)
-    nulls = [j for j in range(n) if cols[0][j] is None]
-    for j in range(n):
-        present = [c[j] is not None for c in cols]
-        if any(present) != all(present) or (present[0] and any(type(c[j]) not in (int, float) for c in cols)):
+        devs.extend(zigzag(x - e) for x in h[:-1])
+    return _uniform(lengths), pack_ints(devs)
+
+
+def _moment_rows(cols: list, out: dict) -> tuple[list[int], list[list[float]]]:
+    """The features with moments (their index, their four columns as floats); the others' indices in out[9]."""
+    keep = []
+    for j, row in enumerate(zip(*cols, strict=True)):
+        present = [x is not None for x in row]
+        if any(present) != all(present) or (present[0] and any(type(x) not in (int, float) for x in row)):
             raise _NoCompact("moments partly null or not numbers")
-    if nulls:
-        out[9] = pack_ints(nulls)
-    keep = [j for j in range(n) if cols[0][j] is not None]
-    lo, hi, mean, m2 = ([float(c[j]) for j in keep] for c in cols)
+        if present[0]:
+            keep.append(j)
+    if len(keep) < len(cols[0]):
+        out[9] = pack_ints(sorted(set(range(len(cols[0]))) - set(keep)))
+    return keep, [[float(c[j]) for j in keep] for c in cols]
+
+
+def _features(f, floats: str) -> dict:
+    out, cols, _ = _feature_base(f)
+    _, (lo, hi, mean, m2) = _moment_rows(cols, out)
     escapes: list = []
     if floats == "half":
         lo_q = [float(np.float16(v)) if _half_fits(v) else v for v in lo]
@@ -415,12 +446,43 @@ def _features(f, floats: str) -> dict:  # noqa: C901 - each assumption of the co
     out[5] = b"".join(vectors)
     if escapes:
         out[7] = escapes
-    if "out_of_range" in f:
-        out[8] = _uniform(_ints(f["out_of_range"]))
-    for k in set(f) - {"count", "nan", "mean", "m2", "min", "max", "hist", "out_of_range"}:
-        out[str(k)] = _generic(f[k])
     return out
 
+
+def _features_ref(f, ref: Reference) -> dict:
+    """The features block with the moments coded against the bundle's reference profile (keys 10-12)."""
+    out, cols, count = _feature_base(f)
+    if len(count) != len(ref.mean):
+        raise _NoCompact("the window's features are not the bundle's")
+    keep, rows = _moment_rows(cols, out)
+    codes, escaped = _ref_codes(ref, keep, [max(count[j], 1) for j in keep], rows)
+    out[10] = pack_columns(codes)
+    if escaped:
+        out[11] = pack_ints([keep[i] for i in escaped])
+        out[12] = [x for i in escaped for x in (rows[0][i], rows[1][i], rows[2][i], rows[3][i])]
+    return out
+
+
+def _ref_codes(ref: Reference, keep: list[int], count: list[int], rows: list) -> tuple[list[list[int]], list[int]]:
+    """The four code columns (zigzag mean, variance code, below-mean and above-mean distance) of the features
+    that code, and the positions (in ``keep``) of those that travel exactly."""
+    lo, hi, mean, m2 = (np.array(r, dtype=np.float64) for r in rows)
+    mu, sd = ref.mean[keep], ref.scale[keep]
+    with np.errstate(all="ignore"):
+        qm = np.rint((mean - mu) / sd * MEAN_STEPS)
+        dec = mu + qm * sd / MEAN_STEPS                     # the mean the monitor will read
+        qv = np.rint(np.log2(m2 / (np.array(count, dtype=np.float64) * sd * sd)) * VAR_STEPS)
+        codes = np.stack([np.where(qm >= 0, 2 * qm, -2 * qm - 1),
+                          np.where(m2 == 0, 0, np.where(qv >= 0, 2 * qv, -2 * qv - 1) + 1),
+                          np.maximum(np.rint((dec - lo) / sd * RANGE_STEPS), 0),
+                          np.maximum(np.rint((hi - dec) / sd * RANGE_STEPS), 0)])
+        bad = ~(np.isfinite(codes).all(axis=0) & (codes < MAX_CODE).all(axis=0)) | (m2 < 0) | (lo > mean) \
+            | (mean > hi)
+    good = ~bad
+    return codes[:, good].astype(np.int64).tolist(), np.flatnonzero(bad).tolist()
+
+
+# -- encoding: the window -----------------------------------------------------------------------
 
 def _compact_block(out: dict, key: int, name: str, build, value, *args) -> None:
     try:
@@ -429,32 +491,87 @@ def _compact_block(out: dict, key: int, name: str, build, value, *args) -> None:
         out[name] = _generic(value)
 
 
+def _enc_type(out: dict, k: str, v, ctx: dict) -> None:
+    out[1] = TYPES.index(v) if v in TYPES else _generic(v)
+
+
+def _enc_start(out: dict, k: str, v, ctx: dict) -> None:
+    if ctx["ms"][0] is None:
+        out[k] = _generic(v)
+    else:
+        out[K_START] = ctx["ms"][0]
+
+
+def _enc_end(out: dict, k: str, v, ctx: dict) -> None:
+    start, end = ctx["ms"]
+    if start is None or end is None or end < start:
+        out[k] = _generic(v)
+    else:
+        out[K_END] = end - start
+
+
+def _enc_model(out: dict, k: str, v, ctx: dict) -> None:
+    ref = ctx["ref"]
+    if ref is not None:
+        try:
+            out[K_MODEL_REF] = _model(v, ref)
+            return
+        except (_NoCompact, KeyError):
+            pass
+    _compact_block(out, K_MODEL, k, _model, v)
+
+
+def _enc_latency(out: dict, k: str, v, ctx: dict) -> None:
+    _compact_block(out, K_LATENCY, k, _latency, v)
+
+
+def _enc_features(out: dict, k: str, v, ctx: dict) -> None:
+    if ctx["ref"] is not None:
+        try:
+            out[K_FEATURES_REF] = _features_ref(v, ctx["ref"])
+            return
+        except (_NoCompact, TypeError, ValueError, OverflowError):
+            pass
+    _compact_block(out, K_FEATURES, k, _features, v, ctx["floats"])
+
+
+def _enc_predictions(out: dict, k: str, v, ctx: dict) -> None:
+    if not isinstance(v, dict):
+        out[K_PREDICTIONS] = _generic(v)
+        return
+    out[K_PREDICTIONS] = {PREDICTION_KEYS.index(pk) if pk in PREDICTION_KEYS else str(pk): _generic(pv)
+                          for pk, pv in v.items()}
+
+
+def _enc_distinct(out: dict, k: str, v, ctx: dict) -> None:
+    if type(v) is str and len(v) == 64 and all(c in _REGISTER_VALUE for c in v):
+        out[K_DISTINCT] = pack_columns([[_REGISTER_VALUE[c] for c in v]])
+    else:
+        out[k] = _generic(v)
+
+
+def _enc_plain(out: dict, k, v, ctx: dict) -> None:
+    out[KEYS.get(k, str(k))] = _generic(v)
+
+
+_ENCODERS = {"type": _enc_type, "start": _enc_start, "end": _enc_end, "model": _enc_model,
+             "latency_ms": _enc_latency, "features": _enc_features, "predictions": _enc_predictions,
+             "distinct": _enc_distinct}
+
+
 def encode(doc: dict, floats: str = "half") -> bytes:
-    """A telemetry window (or any JSON object) in the compact form; ``floats``: half or exact."""
+    """A telemetry window (or any JSON object) in the compact form; ``floats``: half, exact or ref (the
+    reference form when the window's bundle is registered, else half)."""
     if floats not in FLOATS:
         raise ValueError(f"floats must be one of {FLOATS}, not {floats!r}")
+    ref = _reference_for(doc) if floats == "ref" else None
+    ctx = {"ref": ref, "floats": "exact" if floats == "exact" else "half",
+           "ms": (_millis(doc.get("start")), _millis(doc.get("end")))}
     out: dict = {}
-    ms = _millis(doc.get("start")), _millis(doc.get("end"))
     for k, v in doc.items():
-        if k == "type" and v in TYPES:
-            out[1] = TYPES.index(v)
-        elif k == "start" and ms[0] is not None:
-            out[K_START] = ms[0]
-        elif k == "end" and None not in ms and ms[1] >= ms[0]:
-            out[K_END] = ms[1] - ms[0]
-        elif k == "model":
-            _compact_block(out, K_MODEL, k, _model, v)
-        elif k == "latency_ms":
-            _compact_block(out, K_LATENCY, k, _latency, v)
-        elif k == "features":
-            _compact_block(out, K_FEATURES, k, _features, v, floats)
-        elif k == "predictions" and isinstance(v, dict):
-            out[K_PREDICTIONS] = {PREDICTION_KEYS.index(pk) if pk in PREDICTION_KEYS else str(pk): _generic(pv)
-                                  for pk, pv in v.items()}
-        elif k in KEYS:
-            out[KEYS[k]] = _generic(v)
-        else:
-            out[str(k)] = _generic(v)
+        _ENCODERS.get(k, _enc_plain)(out, k, v, ctx)
+    if K_MODEL_REF in out or K_FEATURES_REF in out:
+        out[K_BUNDLE] = ref.digest
     return MAGIC + cbor.dumps(out)
 
 
@@ -466,17 +583,18 @@ def _millis(t) -> int | None:
     return ms if ms / 1000 == t else None
 
 
-# -- decoding -----------------------------------------------------------------------------------
+# -- decoding: generic values, model, latency ---------------------------------------------------
 
 def _json(v):
     """A decoded generic value as JSON would give it (byte strings: packed int lists)."""
-    if type(v) is bytes:
+    t = type(v)
+    if t is bytes:
         return unpack_ints(v)
-    if isinstance(v, dict):
+    if t is dict:
         if any(type(k) is not str for k in v):
             raise Rejected("malformed_cbor", "a generic map with a non-text key")
         return {k: _json(x) for k, x in v.items()}
-    if isinstance(v, list):
+    if t is list:
         return [_json(x) for x in v]
     return v
 
@@ -487,52 +605,69 @@ def _text_key(k) -> str:
     return k
 
 
+def _un_model_item(k, v):
+    if type(k) is str:
+        return k, _json(v)
+    if type(k) is not int or not 0 <= k < len(MODEL_KEYS):
+        raise Rejected("malformed_cbor", f"unknown model key {str(k)[:20]}")
+    return MODEL_KEYS[k], v.hex() if k == 3 and type(v) is bytes else _json(v)
+
+
 def _un_model(m) -> dict:
-    if not isinstance(m, dict):
-        raise Rejected("malformed_cbor", "the compact model block must be a map")
-    out = {}
-    for k, v in m.items():
-        if type(k) is int:
-            if not 0 <= k < len(MODEL_KEYS):
-                raise Rejected("malformed_cbor", f"unknown model key {k}")
-            out[MODEL_KEYS[k]] = v.hex() if k == 3 and type(v) is bytes else _json(v)
-        else:
-            out[k] = _json(v)
+    return dict(_un_model_item(k, v) for k, v in _map(m, "model").items())
+
+
+def _un_model_ref(m, ref: Reference) -> dict:
+    m = dict(_map(m, "model"))
+    out = {"name": ref.name, "version": ref.version}
+    if M_ARTIFACT_INDEX in m:
+        i = m.pop(M_ARTIFACT_INDEX)
+        if type(i) is not int or not 0 <= i < len(ref.artifacts):
+            raise Rejected("malformed_cbor", f"artifact index {str(i)[:20]} is not one of the bundle's")
+        out["artifact"], out["sha256"] = ref.artifacts[i]
+    if 0 in m or 1 in m:
+        raise Rejected("malformed_cbor", "a reference-form model block names its bundle only by digest")
+    out.update(_un_model_item(k, v) for k, v in m.items())
     return out
 
 
 def _un_latency(lat) -> dict:
-    if not isinstance(lat, dict) or 1 not in lat or 2 not in lat or 3 not in lat:
-        raise Rejected("malformed_cbor", "the compact latency block needs offset, counts and min/max/sum")
+    lat = _map(lat, "latency", (1, 2, 3))
     out = {"gamma": lat.get(0, DEFAULT_GAMMA), "offset": lat[1], "counts": unpack_ints(_bytes(lat[2], "counts"))}
     scalars = _unfloats6(lat[3], "latency_ms min/max/sum")
     if len(scalars) != 3:
         raise Rejected("malformed_cbor", "latency_ms min/max/sum must be 3 values")
     out["min"], out["max"], out["sum"] = scalars
     if lat.get(9) is True:
-        g, off = out["gamma"], out["offset"]
-        if type(g) is not float or not 1 < g <= 10 or type(off) is not int or abs(off) > 100_000:
-            raise Rejected("bad_value", "latency_ms.gamma must be > 1 and <= 10, offset an int within +-100000")
-        if len(out["counts"]) > 4096 or any(x is not None and not 0 <= x <= 1e100 for x in scalars):
-            raise Rejected("bad_value", "latency_ms quantiles recomputed only from bounded histograms")
-        try:
-            out.update(_quantiles(out))
-        except (ArithmeticError, ValueError) as exc:
-            raise Rejected("bad_value", f"latency_ms quantiles cannot be recomputed ({exc})") from None
+        out.update(_recomputed_quantiles(out))
     elif 4 in lat:
-        qs, present = lat[4], lat.get(5)
-        if not (isinstance(qs, list) and isinstance(present, list) and len(qs) == len(present) == 3):
-            raise Rejected("malformed_cbor", "latency_ms quantiles must be 3 values with 3 presence flags")
-        out.update({k: _json(q) for k, q, p in zip(("p50", "p95", "p99"), qs, present, strict=True) if p is True})
-    for k, v in lat.items():
-        if type(k) is str:
-            out[k] = _json(v)
+        out.update(_sent_quantiles(lat[4], lat.get(5)))
+    out.update((k, _json(v)) for k, v in lat.items() if type(k) is str)
     return out
 
 
-def _un_features(f) -> dict:
-    if not isinstance(f, dict) or any(k not in f for k in (0, 1, 3, 4, 5)):
-        raise Rejected("malformed_cbor", "the compact features block needs n, count, lengths, hist and floats")
+def _recomputed_quantiles(lat: dict) -> dict:
+    g, off = lat["gamma"], lat["offset"]
+    if type(g) is not float or not 1 < g <= 10 or type(off) is not int or abs(off) > 100_000:
+        raise Rejected("bad_value", "latency_ms.gamma must be > 1 and <= 10, offset an int within +-100000")
+    if len(lat["counts"]) > 4096 or any(lat[k] is not None and not 0 <= lat[k] <= 1e100 for k in ("min", "max")):
+        raise Rejected("bad_value", "latency_ms quantiles recomputed only from bounded histograms")
+    try:
+        return _quantiles(lat)
+    except (ArithmeticError, ValueError) as exc:
+        raise Rejected("bad_value", f"latency_ms quantiles cannot be recomputed ({exc})") from None
+
+
+def _sent_quantiles(qs, present) -> dict:
+    if not (isinstance(qs, list) and isinstance(present, list) and len(qs) == len(present) == 3):
+        raise Rejected("malformed_cbor", "latency_ms quantiles must be 3 values with 3 presence flags")
+    return {k: _json(q) for k, q, p in zip(_QUANTILES, qs, present, strict=True) if p is True}
+
+
+# -- decoding: features -------------------------------------------------------------------------
+
+def _un_feature_base(f, moments_key: int) -> tuple[dict, int, list[int]]:
+    f = _map(f, "features", (0, 1, 3, 4, moments_key))
     n = f[0]
     if type(n) is not int or not 0 <= n <= MAX_LIST:
         raise Rejected("oversized", f"features: {str(n)[:20]} features")
@@ -541,85 +676,204 @@ def _un_features(f) -> dict:
     lengths = _expand_uniform(f[3], n, "features.hist lengths")
     if sum(lengths) > MAX_LIST or any(x < 1 for x in lengths):
         raise Rejected("oversized", "more than 65536 histogram bins, or a histogram without bins")
-    devs = unpack_ints(_bytes(f[4], "features.hist"))
+    devs = unpack_array(_bytes(f[4], "features.hist"))
     if len(devs) != sum(lengths) - n:
         raise Rejected("histogram_mismatch", f"{len(devs)} packed bins for {sum(lengths) - n}")
-    out.update(_moments(f, n))
     if 8 in f:
         out["out_of_range"] = _expand_uniform(f[8], n, "features.out_of_range")
     out["hist"] = _histograms(count, lengths, devs)
-    for k, v in f.items():
-        if type(k) is str:
-            out[k] = _json(v)
-    return out
+    out.update((k, _json(v)) for k, v in f.items() if type(k) is str)
+    return out, n, count
 
 
-def _histograms(count: list[int], lengths: list[int], devs: list[int]) -> list[list[int]]:
+def _histograms(count: list[int], lengths: list[int], devs: np.ndarray) -> list[list[int]]:
     """Each histogram from its bins' zigzag deviations from ``count // bins``, the last bin from ``count``."""
     m = lengths[0] if lengths else 0
-    if m > 1 and lengths.count(m) == len(lengths) and max(devs) < 2**62 and max(count) < 2**62:
-        z = np.array(devs, dtype=np.int64).reshape(len(count), m - 1)
+    if m > 1 and lengths.count(m) == len(lengths) and max(count) < 2**62:
+        z = devs.reshape(len(count), m - 1)
         c = np.array(count, dtype=np.int64)
         h = np.empty((len(count), m), dtype=np.int64)
         h[:, :-1] = (c // m)[:, None] + ((z >> 1) ^ -(z & 1))
         h[:, -1] = c - h[:, :-1].sum(axis=1)
         return h.tolist()
-    small = max(devs, default=0) < len(_UNZIGZAG)
-    unz = _UNZIGZAG.__getitem__ if small else _unzigzag
+    devs = devs.tolist()
+    unz = UNZIGZAG.__getitem__ if max(devs, default=0) < len(UNZIGZAG) else unzigzag
     hist, pos = [], 0
     for c, m in zip(count, lengths, strict=True):
-        e = c // m
-        h = [e + d for d in map(unz, devs[pos:pos + m - 1])]
+        h = [c // m + d for d in map(unz, devs[pos:pos + m - 1])]
         pos += m - 1
         h.append(c - sum(h))
         hist.append(h)
     return hist
 
 
-def _moments(f: dict, n: int) -> dict:
-    nulls = set(unpack_ints(_bytes(f[9], "features nulls"))) if 9 in f else set()
-    keep = [j for j in range(n) if j not in nulls]
-    m = len(keep)
-    raw, escapes, used = _bytes(f[5], "features floats"), f.get(7, []), [0]
-    if not isinstance(escapes, list):
-        raise Rejected("malformed_cbor", "features escapes must be an array")
-    exact = f.get(6) == 1
-    size = 4 if exact else 2
-    if len(raw) != 4 * m * size:
-        raise Rejected("feature_count_mismatch", f"{len(raw)} bytes of moments for {m} features")
-    arr, escaped = _unpack_floats(raw, "<f4" if exact else "<f2", 4 * m, escapes, used)
-    if used[0] != len(escapes):
-        raise Rejected("malformed_cbor", "unused escaped floats")
-    if exact:
-        six = _six(arr, escaped)
-        cols = [six[i * m:(i + 1) * m] for i in range(4)]
-    else:
-        lo, hi, mean, m2 = arr.reshape(4, m)
-        with np.errstate(all="ignore"):
-            cols = [lo.tolist(), (lo + hi).tolist(), (lo + mean).tolist(), (np.abs(m2) * m2).tolist()]
-    if m == n:
-        return dict(zip(("min", "max", "mean", "m2"), cols, strict=True))
-    out = {k: [None] * n for k in ("min", "max", "mean", "m2")}
-    for k, col in zip(("min", "max", "mean", "m2"), cols, strict=True):
+def _nulls(f: dict, n: int) -> list[int]:
+    nulls = sorted(set(unpack_ints(_bytes(f[9], "features nulls")))) if 9 in f else []
+    if nulls and nulls[-1] >= n:
+        raise Rejected("malformed_cbor", "a null feature index past the features")
+    return nulls
+
+
+def _spread(n: int, keep: list[int], cols: list[list]) -> dict:
+    """The four moment lists of ``n`` features from the columns of the ``keep`` ones (the others null)."""
+    if len(keep) == n:
+        return dict(zip(_MOMENTS, cols, strict=True))
+    out = {k: [None] * n for k in _MOMENTS}
+    for k, col in zip(_MOMENTS, cols, strict=True):
         dest = out[k]
         for j, x in zip(keep, col, strict=True):
             dest[j] = x
     return out
 
 
+def _moments(f: dict, n: int) -> dict:
+    """The half or exact form's moments (key 5, escapes in 7, 6 = 1 for exact)."""
+    nulls = _nulls(f, n)
+    skip = set(nulls)
+    keep = [j for j in range(n) if j not in skip]
+    m = len(keep)
+    raw, escapes, used = _bytes(f[5], "features floats"), f.get(7, []), [0]
+    if not isinstance(escapes, list):
+        raise Rejected("malformed_cbor", "features escapes must be an array")
+    exact = f.get(6) == 1
+    if len(raw) != 4 * m * (4 if exact else 2):
+        raise Rejected("feature_count_mismatch", f"{len(raw)} bytes of moments for {m} features")
+    arr, escaped = _unpack_floats(raw, "<f4" if exact else "<f2", 4 * m, escapes, used)
+    if used[0] != len(escapes):
+        raise Rejected("malformed_cbor", "unused escaped floats")
+    if exact:
+        six = _six(arr, escaped)
+        return _spread(n, keep, [six[i * m:(i + 1) * m] for i in range(4)])
+    lo, hi, mean, m2 = arr.reshape(4, m)
+    with np.errstate(all="ignore"):
+        return _spread(n, keep, [lo.tolist(), (lo + hi).tolist(), (lo + mean).tolist(), (np.abs(m2) * m2).tolist()])
+
+
+def _un_features(f) -> dict:
+    out, n, _ = _un_feature_base(f, 5)
+    out.update(_moments(f, n))
+    return out
+
+
+def _un_features_ref(f, ref: Reference) -> dict:
+    out, n, count = _un_feature_base(f, 10)
+    if n != len(ref.mean):
+        raise Rejected("feature_count_mismatch", f"{n} features for a bundle of {len(ref.mean)}")
+    nulls = _nulls(f, n)
+    escaped = sorted(set(unpack_ints(_bytes(f[11], "features escaped")))) if 11 in f else []
+    exact = f.get(12, [])
+    if not isinstance(exact, list) or len(exact) != 4 * len(escaped) or (escaped and escaped[-1] >= n):
+        raise Rejected("malformed_cbor", "escaped features need 4 exact moments each")
+    if set(nulls) & set(escaped):
+        raise Rejected("malformed_cbor", "a feature both null and escaped")
+    skip = set(nulls) | set(escaped)
+    coded = [j for j in range(n) if j not in skip] if skip else list(range(n))
+    codes = unpack_columns(_bytes(f[10], "features moments"), len(coded), 4)
+    cols = _ref_values(ref, coded, count, codes)
+    if escaped:
+        coded, cols = _with_escaped(coded, cols, escaped, exact)
+    out.update(_spread(n, coded, cols))
+    return out
+
+
+def _ref_values(ref: Reference, coded: list[int], count: list[int], codes: list[list[int]]) -> list[list[float]]:
+    """min, max, mean and m2 of the coded features from their codes (the inverse of _ref_codes)."""
+    mu, mstep, rstep, var = ref.steps
+    if len(coded) != len(mu):
+        mu, mstep, rstep, var, count = ([a[j] for j in coded] for a in (mu, mstep, rstep, var, count))
+    zm, zv, qlo, qhi = codes
+    mean = [m + (z >> 1 ^ -(z & 1)) * st for m, z, st in zip(mu, zm, mstep, strict=True)]
+    m2 = [max(c, 1) * v * 2.0 ** ((z - 1 >> 1 ^ -(z - 1 & 1)) / VAR_STEPS) if z else 0.0
+          for z, c, v in zip(zv, count, var, strict=True)]
+    return [[m - q * r for m, q, r in zip(mean, qlo, rstep, strict=True)],
+            [m + q * r for m, q, r in zip(mean, qhi, rstep, strict=True)], mean, m2]
+
+
+def _with_escaped(coded: list[int], cols: list[list], escaped: list[int], exact: list) -> tuple[list, list]:
+    if any(type(x) not in (int, float) for x in exact):
+        raise Rejected("malformed_cbor", "an escaped moment is not a number")
+    rows = dict(zip(coded, zip(*cols, strict=True), strict=True)) if coded else {}
+    rows.update((j, tuple(exact[4 * i:4 * i + 4])) for i, j in enumerate(escaped))
+    order = sorted(rows)
+    return order, [[rows[j][i] for j in order] for i in range(4)]
+
+
+# -- decoding: the window -----------------------------------------------------------------------
+
+def _un_distinct(v) -> str:
+    registers = unpack_columns(_bytes(v, "distinct"), 64, 1)[0]
+    if max(registers) >= len(_DIGITS):
+        raise Rejected("bad_value", "a distinct register over 61")
+    return "".join(map(_DIGITS.__getitem__, registers))
+
+
+def _un_predictions(v):
+    if not isinstance(v, dict):
+        return _json(v)
+    return {PREDICTION_KEYS[pk] if type(pk) is int and 0 <= pk < len(PREDICTION_KEYS) else _text_key(pk): _json(pv)
+            for pk, pv in v.items()}
+
+
+def _un_type(v):
+    return TYPES[v] if type(v) is int and 0 <= v < len(TYPES) else _json(v)
+
+
+def _bundle(doc: dict) -> Reference | None:
+    if K_BUNDLE not in doc:
+        if K_MODEL_REF in doc or K_FEATURES_REF in doc:
+            raise Rejected("malformed_cbor", "a reference-form block without the bundle digest")
+        return None
+    digest = _bytes(doc[K_BUNDLE], "the bundle digest")
+    ref = _BUNDLES.get(digest)
+    if ref is None:
+        raise Rejected("unknown_bundle", f"the window's moments are coded against bundle {digest.hex()[:16]}, "
+                                         f"which this monitor has not registered (give it the bundle, or have the "
+                                         f"device send --encoding cbor)")
+    return ref
+
+
+_DECODERS = {1: ("type", _un_type), K_PREDICTIONS: ("predictions", _un_predictions),
+             K_MODEL: ("model", _un_model), K_LATENCY: ("latency_ms", _un_latency),
+             K_FEATURES: ("features", _un_features), K_DISTINCT: ("distinct", _un_distinct)}
+_DECODERS.update({k: (name, _json) for k, name in NAMES.items() if k not in _DECODERS})
+_REF_DECODERS = {K_MODEL_REF: ("model", _un_model_ref), K_FEATURES_REF: ("features", _un_features_ref)}
+_SKIP = frozenset((K_START, K_END, K_BUNDLE))
+
+
+def _expand(doc: dict) -> dict:
+    ref = _bundle(doc)
+    out: dict = {}
+    for k, v in doc.items():
+        if type(k) is str:
+            out[k] = _json(v)
+        elif k in _DECODERS:
+            name, fn = _DECODERS[k]
+            out[name] = fn(v)
+        elif k in _REF_DECODERS:
+            name, fn = _REF_DECODERS[k]
+            out[name] = fn(v, ref)
+        elif k not in _SKIP:
+            raise Rejected("malformed_cbor", f"unknown key {str(k)[:20]} in a compact window")
+    _expand_time(out, doc)
+    return out
+
+
+def _millis_field(doc: dict, key: int, what: str) -> int:
+    v = doc[key]
+    if type(v) is not int or not 0 <= v < 10**16:
+        raise Rejected("bad_value", f"{what} must be whole milliseconds")
+    return v
+
+
 def _expand_time(out: dict, doc: dict) -> None:
-    if K_START in doc:
-        start = doc[K_START]
-        if type(start) is not int or not 0 <= start < 10**16:
-            raise Rejected("bad_value", "start must be whole milliseconds since the epoch")
-        out["start"] = start / 1000
+    if K_START not in doc:
         if K_END in doc:
-            end = doc[K_END]
-            if type(end) is not int or not 0 <= end < 10**16:
-                raise Rejected("bad_value", "end must be whole milliseconds after start")
-            out["end"] = (start + end) / 1000
-    elif K_END in doc:
-        raise Rejected("malformed_cbor", "end in milliseconds without start")
+            raise Rejected("malformed_cbor", "end in milliseconds without start")
+        return
+    start = _millis_field(doc, K_START, "start")
+    out["start"] = start / 1000
+    if K_END in doc:
+        out["end"] = (start + _millis_field(doc, K_END, "end")) / 1000
 
 
 def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> dict:
@@ -635,27 +889,3 @@ def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD) -> dict:
         raise
     except (TypeError, ValueError, KeyError, IndexError, ArithmeticError, RecursionError) as exc:
         raise Rejected("malformed_cbor", f"inconsistent compact window ({type(exc).__name__}: {exc})"[:300]) from None
-
-
-def _expand(doc: dict) -> dict:
-    out: dict = {}
-    for k, v in doc.items():
-        if type(k) is str:
-            out[k] = _json(v)
-        elif k == 1:
-            out["type"] = TYPES[v] if type(v) is int and 0 <= v < len(TYPES) else _json(v)
-        elif k == K_PREDICTIONS and isinstance(v, dict):
-            out["predictions"] = {PREDICTION_KEYS[pk] if type(pk) is int and 0 <= pk < len(PREDICTION_KEYS)
-                                  else _text_key(pk): _json(pv) for pk, pv in v.items()}
-        elif k in NAMES:
-            out[NAMES[k]] = _json(v)
-        elif k == K_MODEL:
-            out["model"] = _un_model(v)
-        elif k == K_LATENCY:
-            out["latency_ms"] = _un_latency(v)
-        elif k == K_FEATURES:
-            out["features"] = _un_features(v)
-        elif k not in (K_START, K_END):
-            raise Rejected("malformed_cbor", f"unknown key {k} in a compact window")
-    _expand_time(out, doc)
-    return out

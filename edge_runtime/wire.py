@@ -62,8 +62,10 @@ REASONS = (
     "oversized", "malformed_json", "too_deep", "not_an_object", "schema_version", "wrong_type", "missing_field",
     "bad_value", "bad_string", "clock_skew", "device_mismatch", "fleet_mismatch", "feature_count_mismatch",
     "histogram_mismatch", "unknown_topic", "internal_error", "database_error", "malformed_cbor", "cbor_unsupported",
+    "unknown_bundle",
 )
-ENCODINGS = ("json", "zlib", "cbor", "cbor-exact")   # telemetry payloads (docs/telemetry.md); the monitor reads all
+ENCODINGS = ("json", "zlib", "cbor", "cbor-exact", "cbor-ref")   # telemetry payloads (docs/telemetry.md)
+_CBOR_FLOATS = {"cbor": "half", "cbor-exact": "exact", "cbor-ref": "ref"}
 
 
 class Rejected(Exception):
@@ -117,12 +119,14 @@ def parse_topic(name: str, prefix: str = DEFAULT_PREFIX, kinds: tuple[str, ...] 
 
 def encode(doc: dict, compress: bool = False, encoding: str | None = None) -> bytes:
     """Compact UTF-8 JSON (NaN refused), zlib-compressed when asked (about 2.5x fewer bytes); ``encoding``
-    (one of :data:`ENCODINGS`) overrides ``compress``: ``cbor`` and ``cbor-exact`` give edge_runtime.compact's form."""
+    (one of :data:`ENCODINGS`) overrides ``compress``: ``cbor``, ``cbor-exact`` and ``cbor-ref`` give
+    edge_runtime.compact's form (``cbor-ref`` codes the moments against the window's bundle when it is
+    registered with ``edge_runtime.compact.register_bundle``, on the device and on the monitor)."""
     encoding = encoding or ("zlib" if compress else "json")
-    if encoding.startswith("cbor"):
+    if encoding in _CBOR_FLOATS:
         from edge_runtime import compact
 
-        return compact.encode(doc, "exact" if encoding == "cbor-exact" else "half")
+        return compact.encode(doc, _CBOR_FLOATS[encoding])
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, not {encoding!r}")
     raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
