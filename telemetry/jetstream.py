@@ -16,11 +16,12 @@ through durable pull consumers (one per kind, named after the monitor's default 
 
 The parsing, validation, batching, storage and evaluation are the :class:`~telemetry.monitor.FleetMonitor`'s;
 only the transport differs. The acks the devices wait for (``<prefix>/<fleet>/<device>/ack``) and the
-fleet's alerts are published into the same stream (``$MQTT.msgs.<prefix>.<fleet>.<device>.ack``), which
-nats-server delivers to MQTT subscribers at QoS 1, also to a persistent session that is offline at that
-moment; a plain NATS publish (``<prefix>.<fleet>.<device>.ack``) would reach only connected ones, at QoS 0,
-and is the fallback when the stream does not take the message. The alerts are not retained (a retained MQTT
-message needs an MQTT publisher).
+fleet's alerts are published the way nats-server handles an MQTT client's QoS 1 publish: into the same
+stream (``$MQTT.msgs.<prefix>.<fleet>.<device>.ack``, marked as from MQTT), from which nats-server
+delivers them to MQTT subscribers at QoS 1, also to a persistent session that is offline at that moment,
+and as a plain NATS message (``<prefix>.<fleet>.<device>.ack``) for NATS and QoS 0 subscribers. (A plain
+NATS message alone reaches only connected MQTT subscribers, at QoS 0.) The alerts are not retained (a
+retained MQTT message needs an MQTT publisher).
 
 nats-py's asyncio client runs in a thread of its own with its own event loop; the rest of the monitor
 talks to it with thread-safe calls.
@@ -56,6 +57,7 @@ FETCH_WAIT = 1.0                       # seconds a fetch waits for a first messa
 RETRY_S = 2.0                          # between attempts to reach the server or find the stream
 MAX_ACK_PENDING = 20_000               # delivered and not yet acknowledged, per consumer (all workers together)
 PUBLISH_TIMEOUT = 2.0
+MQTT_QOS1 = {"Nmqtt-Pub": "1"}        # nats-server's mark on what an MQTT client published at QoS 1
 
 
 def is_nats_url(url: str) -> bool:
@@ -436,18 +438,24 @@ class JetStreamMonitor(FleetMonitor):
             await self._settle(m.ack)
 
     async def _publish(self, topic: str, payload: bytes) -> None:
-        """Into the MQTT stream (QoS 1 for MQTT subscribers, offline persistent sessions included), else a plain
-        NATS publish (connected MQTT subscribers, QoS 0)."""
+        """What nats-server does with an MQTT client's QoS 1 publish: the message goes into the MQTT stream,
+        marked as an MQTT QoS 1 publish (MQTT subscribers at QoS 1 get it from there, offline persistent
+        sessions included), and out as a plain NATS message with the same mark (NATS subscribers and MQTT
+        subscribers at QoS 0 get that one; QoS 1 subscribers skip it). Without the mark, nats-server 2.9
+        delivers a message published into the stream only to the MQTT subscribers of some nodes of a cluster.
+        When the stream does not take it, the plain message goes without the mark, to every connected
+        subscriber."""
         if self._nc is None or self._js is None:
             return          # not connected yet: a device ack is sent again with its next window's commit
         subject = mqtt_to_subject(topic)
+        stored = False
         try:
-            await self._js.publish(SUBJECTS + subject, payload, timeout=PUBLISH_TIMEOUT)
-            return
+            await self._js.publish(SUBJECTS + subject, payload, timeout=PUBLISH_TIMEOUT, headers=dict(MQTT_QOS1))
+            stored = True
         except Exception as exc:  # noqa: BLE001
             self._warn("publish", "publishing %s into %s failed (%s); sent as a plain NATS message", topic, STREAM,
                        str(exc) or type(exc).__name__, every=30)
         try:
-            await self._nc.publish(subject, payload)
+            await self._nc.publish(subject, payload, headers=dict(MQTT_QOS1) if stored else None)
         except Exception as exc:  # noqa: BLE001 - a device ack that is lost: the device resends, and is acked then
             log.debug("publishing %s failed: %s", topic, exc)

@@ -74,7 +74,7 @@ def test_a_malformed_message_is_quarantined_acknowledged_and_not_delivered_again
     device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev-1", protocol=mqtt.MQTTv311,
                          clean_session=False)
     acks, subscribed = [], threading.Event()
-    device.on_message = lambda c, u, m: acks.append((m.topic, json.loads(m.payload)))
+    device.on_message = lambda c, u, m: acks.append((m.topic, m.qos, json.loads(m.payload)))
     device.on_subscribe = lambda *a: subscribed.set()
     try:
         assert monitor.connected.wait(30), cluster.log_tail()
@@ -93,8 +93,9 @@ def test_a_malformed_message_is_quarantined_acknowledged_and_not_delivered_again
         assert {bytes(r["payload"]) for r in rows} == {b"{not json", json.dumps(bad_window).encode()}
         # the one with a usable sequence number is confirmed to its device, with the reason
         assert eventually(lambda: acks, 15), "no ack reached the device over MQTT"
-        ack_topic, ack = acks[0]
+        ack_topic, qos, ack = acks[0]
         assert ack_topic == f"edgeops/{FLEET}/dev-1/ack" and ack["ranges"] == [[7, 7]] and "7" in ack["rejected"]
+        assert qos == 1 and len(acks) == 1          # as an MQTT QoS 1 publish: once, from the stream
         # acknowledged: after three AckWait periods nothing came back, and the consumer holds nothing
         time.sleep(3.5)
         assert monitor.stats.received == 2
