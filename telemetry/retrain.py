@@ -135,8 +135,7 @@ def export_alert(engine: Engine, alert_id: int, out: str | Path, windows: int = 
     feature statistics, predicted classes and latency), ``labels.json`` (labelled counts and the confusion
     matrix, accuracy against the holdout's) and ``reference.json`` (the bundle's reference profile summary).
     """
-    from telemetry.drift.accuracy import holdout_accuracy
-    from telemetry.evaluate import labelled_confusion, merge_windows
+    from telemetry.evaluate import merge_windows
 
     alert = alert_by_id(engine, alert_id)
     if alert is None:
@@ -153,19 +152,35 @@ def export_alert(engine: Engine, alert_id: int, out: str | Path, windows: int = 
         for w in rows:
             fh.write(json.dumps(w, separators=(",", ":")) + "\n")
     _write(d / "merged.json", _merged(rows, profile, merge_windows))
+    _write(d / "labels.json", _labels_summary(rows, manifest))
+    _write(d / "reference.json", _reference_summary(manifest, profile))
+    return d
+
+
+def _labels_summary(rows: list[dict], manifest: dict | None) -> dict:
+    """Labelled counts, accuracy and confusion matrix of the windows, with the holdout accuracy they are
+    judged against."""
+    from telemetry.drift.accuracy import holdout_accuracy
+    from telemetry.evaluate import labelled_confusion
+
     confusion = labelled_confusion(rows)
     artifact = next(((w.get("model") or {}).get("artifact") for w in rows), None)
     ref = holdout_accuracy(manifest, artifact)
-    n = int(confusion.sum()) if confusion is not None else 0
-    _write(d / "labels.json", {
-        "labelled": n, "correct": int(np.trace(confusion)) if n else 0,
-        "accuracy": round(float(np.trace(confusion)) / n, 6) if n else None,
+    return {
+        **_accuracy(confusion),
         "holdout_accuracy": ref[0] if ref else None, "artifact": ref[1] if ref else artifact,
         "confusion": confusion.tolist() if confusion is not None else None,
         "unmatched": sum(int((w.get("labels") or {}).get("unmatched") or 0) for w in rows),
-        "class_labels": (manifest or {}).get("labels")})
-    _write(d / "reference.json", _reference_summary(manifest, profile))
-    return d
+        "class_labels": (manifest or {}).get("labels")}
+
+
+def _accuracy(confusion: np.ndarray | None) -> dict:
+    """Labelled inferences, correct ones and their share (None without labels)."""
+    n = int(confusion.sum()) if confusion is not None else 0
+    if not n:
+        return {"labelled": n, "correct": 0, "accuracy": None}
+    correct = np.trace(confusion)
+    return {"labelled": n, "correct": int(correct), "accuracy": round(float(correct) / n, 6)}
 
 
 def _merged(rows: list[dict], profile: dict, merge_windows) -> dict:
