@@ -227,6 +227,16 @@ def _delegate_factory(cls, accel: Acceleration) -> tuple[Callable[[], list] | No
     return make, None
 
 
+def _tflite_delegate(cls, accel: Acceleration, notes: list[str]):
+    """The factory of the requested delegate, or None (no delegate asked, or it failed: noted)."""
+    if not accel.delegate:
+        return None
+    make, problem = _delegate_factory(cls, accel)
+    if problem:
+        notes.append(_fail(accel, problem))
+    return make
+
+
 def open_tflite(data: bytes, where: str, threads: int | None, interpreter: tuple, accel: Acceleration):
     """A TFLiteBackend with ``accel`` applied where it loads, CPU otherwise; its ``accel`` says which.
 
@@ -244,11 +254,7 @@ def open_tflite(data: bytes, where: str, threads: int | None, interpreter: tuple
     base, problem = _resolver_kwargs(cls, accel)
     if problem:
         notes.append(_fail(accel, problem))
-    make = None
-    if accel.delegate:
-        make, problem = _delegate_factory(cls, accel)
-        if problem:
-            notes.append(_fail(accel, problem))
+    make = _tflite_delegate(cls, accel, notes)
     if make is not None:
         try:
             backend = TFLiteBackend(data, where, threads, cls, name, version,
@@ -270,6 +276,11 @@ def open_tflite(data: bytes, where: str, threads: int | None, interpreter: tuple
 # -- ONNX Runtime -------------------------------------------------------------------------------------
 
 
+def _provider_choice(pname: str, opts) -> str | tuple[str, dict]:
+    """A provider as ONNX Runtime is asked for it: its name, with its options when it has some."""
+    return (pname, dict(opts)) if opts else pname
+
+
 def _chosen_providers(ort, accel: Acceleration) -> tuple[list, list[str]]:
     """The providers to ask ONNX Runtime for (CPU last) and the notes about those this build lacks."""
     known, available = ort.get_all_providers(), ort.get_available_providers()
@@ -282,10 +293,29 @@ def _chosen_providers(ort, accel: Acceleration) -> tuple[list, list[str]]:
             notes.append(_fail(accel, f"provider {pname} is not in this ONNX Runtime build "
                                       f"(available: {', '.join(available)})"))
         elif pname != CPU_PROVIDER:
-            chosen.append((pname, dict(opts)) if opts else pname)
+            chosen.append(_provider_choice(pname, opts))
     cpu_opts = next((dict(o) for n, o in accel.providers if n == CPU_PROVIDER and o), None)
     chosen.append((CPU_PROVIDER, cpu_opts) if cpu_opts else CPU_PROVIDER)
     return chosen, notes
+
+
+def _provider_name(choice) -> str:
+    """The name of a provider as ONNX Runtime is asked for it: a name, or (name, options)."""
+    return choice if isinstance(choice, str) else choice[0]
+
+
+def _onnx_session(data: bytes, where: str, threads: int | None, chosen: list, accel: Acceleration,
+                  notes: list[str]):
+    """An OnnxRuntimeBackend on the chosen providers, else (noted) on the default ones."""
+    from edge_runtime.backends.onnx import OnnxRuntimeBackend
+
+    try:
+        return OnnxRuntimeBackend(data, where, threads, providers=chosen)
+    except ModelFormatError as exc:
+        if chosen == [CPU_PROVIDER]:
+            raise
+        notes.append(_fail(accel, f"providers {[_provider_name(c) for c in chosen]} failed ({exc})"))
+        return OnnxRuntimeBackend(data, where, threads)
 
 
 def open_onnx(data: bytes, where: str, threads: int | None, accel: Acceleration):
@@ -297,16 +327,9 @@ def open_onnx(data: bytes, where: str, threads: int | None, accel: Acceleration)
     except ImportError:
         return OnnxRuntimeBackend(data, where, threads)  # raises BackendUnavailableError
     chosen, notes = _chosen_providers(ort, accel)
-    try:
-        backend = OnnxRuntimeBackend(data, where, threads, providers=chosen)
-    except ModelFormatError as exc:
-        if chosen == [CPU_PROVIDER]:
-            raise
-        notes.append(_fail(accel, f"providers {[c if isinstance(c, str) else c[0] for c in chosen]} failed ({exc})"))
-        backend = OnnxRuntimeBackend(data, where, threads)
+    backend = _onnx_session(data, where, threads, chosen, accel, notes)
     actual = tuple(backend.providers)
-    for c in chosen:
-        pname = c if isinstance(c, str) else c[0]
+    for pname in (_provider_name(c) for c in chosen):
         if pname not in actual:
             notes.append(_fail(accel, f"provider {pname} did not initialise (the session runs on {', '.join(actual)})"))
     if accel.delegate:

@@ -103,6 +103,13 @@ def _artifact_rows(info: dict) -> list[list[str]]:
 _HEADERS = ["artifact", "format", "quant", "bytes", "ratio", "metric", "drop", "agree", "input -> output"]
 
 
+def _print_plain_table(rows: list[list[str]]) -> None:
+    """The artifact table as aligned plain text (without rich)."""
+    widths = [max(len(r[i]) for r in rows + [_HEADERS]) for i in range(len(_HEADERS))]
+    for r in [_HEADERS] + rows:
+        click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
 def _print_artifacts(info: dict) -> None:
     """The artifact table: rich when installed, aligned plain text otherwise."""
     rows = _artifact_rows(info)
@@ -111,9 +118,7 @@ def _print_artifacts(info: dict) -> None:
         from rich.table import Table
         from rich.text import Text
     except ImportError:
-        widths = [max(len(r[i]) for r in rows + [_HEADERS]) for i in range(len(_HEADERS))]
-        for r in [_HEADERS] + rows:
-            click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        _print_plain_table(rows)
         return
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     for i, h in enumerate(_HEADERS):
@@ -142,25 +147,36 @@ def inspect_cmd(path, public_key, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
     elif info["kind"] == "model":
-        click.echo(f"{info['path']}: {info['format']} model, {info['size_bytes']} bytes, "
-                   f"runs on {info['backend']} {info['backend_version']}")
-        for t in info["inputs"]:
-            click.echo(f"  input   {_tensor(t)}")
-        for t in info["outputs"]:
-            click.echo(f"  output  {_tensor(t)}")
+        _print_model(info)
     else:
-        click.echo(f"{info['name']} {info['version']}  ({info['task']}, from {info['source']['framework']} "
-                   f"{info['source'].get('model_type') or ''}, created {info['created_at']})")
-        click.echo(f"  path:      {info['path']}")
-        click.echo(f"  hashes:    {info['hashes']}; signature: {info['signature']}")
-        schema = info["input_schema"]
-        click.echo(f"  input:     {schema['kind']} {schema['shape']}"
-                   + (f", {len(schema['features'])} named features" if schema.get("features") else ""))
-        if info.get("labels"):
-            click.echo(f"  labels:    {', '.join(info['labels'][:12])}")
-        click.echo(f"  profile:   {info['reference_profile']['features']} features on "
-                   f"{info['reference_profile']['n_samples']} samples; {info['test_vectors']} test vector sets")
-        click.echo("  artifacts (* = default; metric/drop/agree: parity measured at conversion):")
-        _print_artifacts(info)
+        _print_bundle(info)
     if str(info.get("signature", "")).startswith("INVALID"):
         raise VerificationError(f"{path}: signature {info['signature']}")
+
+
+def _print_model(info: dict) -> None:
+    """A bare model file: its format, size, backend and tensors."""
+    click.echo(f"{info['path']}: {info['format']} model, {info['size_bytes']} bytes, "
+               f"runs on {info['backend']} {info['backend_version']}")
+    for t in info["inputs"]:
+        click.echo(f"  input   {_tensor(t)}")
+    for t in info["outputs"]:
+        click.echo(f"  output  {_tensor(t)}")
+
+
+def _print_bundle(info: dict) -> None:
+    """A bundle: its origin, hashes and signature, input, labels, profile and artifact table."""
+    click.echo(f"{info['name']} {info['version']}  ({info['task']}, from {info['source']['framework']} "
+               f"{info['source'].get('model_type') or ''}, created {info['created_at']})")
+    click.echo(f"  path:      {info['path']}")
+    click.echo(f"  hashes:    {info['hashes']}; signature: {info['signature']}")
+    schema = info["input_schema"]
+    click.echo(f"  input:     {schema['kind']} {schema['shape']}"
+               + (f", {len(schema['features'])} named features" if schema.get("features") else ""))
+    if info.get("labels"):
+        click.echo(f"  labels:    {', '.join(info['labels'][:12])}")
+    click.echo(f"  profile:   {info['reference_profile']['features']} features on "
+               f"{info['reference_profile']['n_samples']} samples; {info['test_vectors']} test vector sets")
+    click.echo("  artifacts (* = default; metric/drop/agree: parity measured at conversion):")
+    _print_artifacts(info)
+

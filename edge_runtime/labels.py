@@ -83,6 +83,14 @@ def id_key(value) -> str | None:
     return key if 0 < len(key) <= MAX_ID_CHARS else None
 
 
+def _number_in_text(y: str) -> float | None:
+    """A class index written as text ("1", "1.0") as a number; None for other text."""
+    try:
+        return float(y) if len(y) <= 24 else None
+    except ValueError:
+        return None
+
+
 class LabelJoiner:
     """Joins late labels to recent predictions and counts them per telemetry window (thread-safe).
 
@@ -124,10 +132,7 @@ class LabelJoiner:
         if isinstance(y, str):
             if y in self._names:
                 return self._names[y]
-            try:
-                y = float(y) if len(y) <= 24 else None     # "1", "1.0": an index written as text
-            except ValueError:
-                return None
+            y = _number_in_text(y)
         if isinstance(y, (float, np.floating)) and np.isfinite(y) and float(y).is_integer():
             y = int(y)
         if isinstance(y, (int, np.integer)) and 0 <= int(y) < self.n_classes:
@@ -154,24 +159,32 @@ class LabelJoiner:
         actual = self.class_index(y)
         now = self.clock()
         with self._lock:
-            if actual is None:
-                self._invalid += 1
-                self.invalid_total += 1
-                return None
-            hit = self._recent.pop(key, None) if key is not None else None
-            if hit is None or now - hit[1] > self.max_age_s:
-                self._unmatched += 1
-                self.unmatched_total += 1
-                return None
-            self._confusion[actual, hit[0]] += 1
-            self.joined_total += 1
-            joined = Joined(key, hit[0], actual, round(now - hit[1], 3))
+            joined = self._join(key, actual, now)
+        if joined is not None:
+            self._tell_listeners(joined)
+        return joined
+
+    def _join(self, key: str | None, actual: int | None, now: float) -> Joined | None:
+        """Count the label (under the lock): joined to a recent prediction, unmatched, or invalid."""
+        if actual is None:
+            self._invalid += 1
+            self.invalid_total += 1
+            return None
+        hit = self._recent.pop(key, None) if key is not None else None
+        if hit is None or now - hit[1] > self.max_age_s:
+            self._unmatched += 1
+            self.unmatched_total += 1
+            return None
+        self._confusion[actual, hit[0]] += 1
+        self.joined_total += 1
+        return Joined(key, hit[0], actual, round(now - hit[1], 3))
+
+    def _tell_listeners(self, joined: Joined) -> None:
         for listener in list(self.listeners):
             try:
                 listener(joined)
             except Exception:  # noqa: BLE001 - a subscriber's failure must not stop the labels
                 log.exception("a label listener failed")
-        return joined
 
     def count_invalid(self, n: int = 1) -> None:
         """Count labels refused before they reached the joiner (a malformed labels message, say)."""

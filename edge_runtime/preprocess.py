@@ -28,14 +28,7 @@ def image_to_array(x: Any, image: dict) -> np.ndarray:
         from PIL import Image
     except ImportError:
         raise InvalidInputError("image inputs need Pillow: pip install 'edgeops[image]'") from None
-    if isinstance(x, (str, Path)):
-        try:
-            img = Image.open(x)
-            img.load()
-        except (OSError, ValueError) as exc:
-            raise InvalidInputError(f"image {x}: not readable ({exc})") from None
-    else:
-        img = x
+    img = _open_image(Image, x) if isinstance(x, (str, Path)) else x
     h, w, c = int(image["height"]), int(image["width"]), int(image["channels"])
     img = img.convert("L" if c == 1 else "RGB")
     if img.size != (w, h):
@@ -43,6 +36,21 @@ def image_to_array(x: Any, image: dict) -> np.ndarray:
     arr = np.asarray(img, dtype=np.float32)
     if c == 1:
         arr = arr[:, :, None]
+    return _normalised(arr, image, c)
+
+
+def _open_image(Image, path: str | Path):  # noqa: N803 - the PIL module passed in
+    """The image file, decoded; InvalidInputError when it cannot be read."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"image {path}: not readable ({exc})") from None
+    return img
+
+
+def _normalised(arr: np.ndarray, image: dict, c: int) -> np.ndarray:
+    """Pixels (0..255) mapped to the source range, then by (pixel * scale - mean) / std."""
     lo, hi = image.get("source_range") or (0.0, 255.0)
     arr = lo + arr / 255.0 * (hi - lo)
     scale = float(image.get("scale", 1.0))

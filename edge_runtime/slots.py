@@ -81,21 +81,33 @@ def input_differences(current: dict, new: dict, current_names=None, new_names=No
 
     Feature names are compared when both sides know them: by name with the lists, else by digest.
     """
-    out = [label for key, label in (("kind", "image vs tabular"), ("shape", "shape"), ("dtype", "dtype"),
-                                    ("features", "values per sample"))
-           if current.get(key) is not None and new.get(key) is not None and current[key] != new[key]]
+    out = [label for key, label in _SCHEMA_FIELDS if _known_and_different(current.get(key), new.get(key))]
     if out:
         return out
     if current_names and new_names:
-        # same count here (compared above), so zip stops at neither's end early
-        diff = next((i for i, (a, b) in enumerate(zip(current_names, new_names, strict=False)) if a != b), None)
-        if diff is not None:
-            out.append(f"feature names (column {diff}: {current_names[diff]!r} now, "
-                       f"{new_names[diff]!r} in the new one)")
-    elif current.get("feature_names_sha256") and new.get("feature_names_sha256") \
+        return _name_difference(current_names, new_names)
+    if current.get("feature_names_sha256") and new.get("feature_names_sha256") \
             and current["feature_names_sha256"] != new["feature_names_sha256"]:
-        out.append("feature names")
-    return out
+        return ["feature names"]
+    return []
+
+
+# the fields of an input schema that must match, and how a difference is named
+_SCHEMA_FIELDS = (("kind", "image vs tabular"), ("shape", "shape"), ("dtype", "dtype"),
+                  ("features", "values per sample"))
+
+
+def _known_and_different(a, b) -> bool:
+    return a is not None and b is not None and a != b
+
+
+def _name_difference(current_names, new_names) -> list[str]:
+    """The first column whose feature name differs, as a one-item list; empty when none does."""
+    # same count here (compared before), so zip stops at neither's end early
+    diff = next((i for i, (a, b) in enumerate(zip(current_names, new_names, strict=False)) if a != b), None)
+    if diff is None:
+        return []
+    return [f"feature names (column {diff}: {current_names[diff]!r} now, {new_names[diff]!r} in the new one)"]
 
 
 def check_fit(current: dict, new: dict, current_label: str, new_label: str, current_names=None,
@@ -106,6 +118,14 @@ def check_fit(current: dict, new: dict, current_label: str, new_label: str, curr
         raise InputSchemaMismatch(
             f"input schema mismatch: {new_label} takes {describe_input(new)}, but {current_label} takes "
             f"{describe_input(current)} ({', '.join(diffs)} differ); flash with --force-schema to override")
+
+
+def _remove(p: Path) -> None:
+    """Remove a file, a link or a whole folder."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def _fault(step: str) -> None:
@@ -166,10 +186,7 @@ class BundleSlots:
     def clean_staging(self) -> None:
         """Remove what an interrupted transfer or staging left behind (never a bundle in use)."""
         for p in self.staging.iterdir():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            _remove(p)
         for name in (".active.tmp", ".previous.tmp"):
             tmp = self.root / name
             if tmp.is_symlink() or tmp.exists():
@@ -286,6 +303,10 @@ class BundleSlots:
         except QualityCheckError as exc:
             return FlashResult(False, "failed", str(exc), manifest["name"], manifest["version"])
         _fault("health_checked")
+        return self._switch(placed, manifest)
+
+    def _switch(self, placed: Path, manifest: dict) -> FlashResult:
+        """Make a placed, checked bundle the active one; the active one becomes previous."""
         current = self.active
         if current == placed:
             return FlashResult(True, "switched", "already active", manifest["name"], manifest["version"])

@@ -62,18 +62,7 @@ class TrainableModel:
     def __init__(self, data: bytes, where: str = "model.trainable.tflite", threads: int | None = None):
         cls, self.name, self.version = tflite_interpreter_class()
         self._data = data  # the interpreter reads from this buffer: keep it alive
-        try:
-            kwargs: dict[str, Any] = {"model_content": data}
-            if threads:
-                kwargs["num_threads"] = threads
-            it = cls(**kwargs)
-            sigs = it.get_signature_list()
-        except Exception as exc:  # noqa: BLE001 - native code raises ValueError, RuntimeError, ...
-            raise ModelFormatError(f"{where}: {self.name} cannot load it ({type(exc).__name__}: {exc})") from None
-        missing = [s for s in SIGNATURES if s not in sigs]
-        if missing:
-            raise ModelFormatError(f"{where}: not a trainable model (signatures {', '.join(missing)} missing; "
-                                   f"it has {', '.join(sigs) or 'none'})")
+        it, sigs = self._load(cls, data, where, threads)
         self.interpreter = it
         self.threads = threads
         self._runners = {s: it.get_signature_runner(s) for s in SIGNATURES}
@@ -86,6 +75,22 @@ class TrainableModel:
         self.n_classes = int(self._runners["infer"].get_output_details()[self._out_name]["shape_signature"][-1])
         self.inputs = [TensorInfo(self._x_name, "float32", self.input_shape)]
         self.outputs = [TensorInfo(self._out_name, "float32", (-1, self.n_classes))]
+
+    def _load(self, cls, data: bytes, where: str, threads: int | None) -> tuple[Any, dict]:
+        """(interpreter, its signatures); ModelFormatError unless it loads and has the training signatures."""
+        try:
+            kwargs: dict[str, Any] = {"model_content": data}
+            if threads:
+                kwargs["num_threads"] = threads
+            it = cls(**kwargs)
+            sigs = it.get_signature_list()
+        except Exception as exc:  # noqa: BLE001 - native code raises ValueError, RuntimeError, ...
+            raise ModelFormatError(f"{where}: {self.name} cannot load it ({type(exc).__name__}: {exc})") from None
+        missing = [s for s in SIGNATURES if s not in sigs]
+        if missing:
+            raise ModelFormatError(f"{where}: not a trainable model (signatures {', '.join(missing)} missing; "
+                                   f"it has {', '.join(sigs) or 'none'})")
+        return it, sigs
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         """One SGD step on model-space inputs ``x`` and class indices ``y``; the batch's mean loss."""
@@ -139,6 +144,29 @@ class Round:
         return asdict(self)
 
 
+def _trainable_bytes(bundle: Bundle) -> tuple[dict, Path, bytes]:
+    """(manifest entry, path, bytes) of the bundle's trainable artifact, its sha256 checked."""
+    art = trainable_artifact(bundle.manifest)
+    if art is None:
+        raise BundleError(f"{bundle.root}: the bundle has no trainable artifact (convert it with --trainable)")
+    path = bundle.root / art["file"]
+    if not path.is_file():
+        raise BundleError(f"{path}: the trainable artifact is no longer on disk")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != art["sha256"]:
+        raise VerificationError(f"{path}: sha256 differs from the manifest (altered since the bundle was opened)")
+    return art, path, data
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict, tuple[np.ndarray, np.ndarray] | None]:
+    """(metadata, weights by name, held-back samples and labels or None) of a checkpoint file."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        weights = {k[2:]: np.array(z[k]) for k in z.files if k.startswith("w_")}
+        held = (np.array(z["held_x"]), np.array(z["held_y"])) if "held_y" in z.files else None
+    return meta, weights, held
+
+
 class Trainer:
     """Fine-tunes a bundle's trainable artifact on labelled batches, with checkpoints and a probation.
 
@@ -164,15 +192,7 @@ class Trainer:
                  verify_vectors: bool = True, tolerance: float = 0.02, round_samples: int = 64):
         if not isinstance(bundle, Bundle):
             bundle = open_bundle(bundle, public_key=public_key)
-        art = trainable_artifact(bundle.manifest)
-        if art is None:
-            raise BundleError(f"{bundle.root}: the bundle has no trainable artifact (convert it with --trainable)")
-        path = bundle.root / art["file"]
-        if not path.is_file():
-            raise BundleError(f"{path}: the trainable artifact is no longer on disk")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != art["sha256"]:
-            raise VerificationError(f"{path}: sha256 differs from the manifest (altered since the bundle was opened)")
+        art, path, data = _trainable_bytes(bundle)
         self.artifact = art
         self.net = TrainableModel(data, art["file"], threads)
         self.model = EdgeModel(self.net, path, bundle, art)   # input checks, normalization, labels
@@ -337,10 +357,7 @@ class Trainer:
         if not path.exists():
             return False
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(bytes(z["meta"]).decode())
-                weights = {k[2:]: np.array(z[k]) for k in z.files if k.startswith("w_")}
-                held = (np.array(z["held_x"]), np.array(z["held_y"])) if "held_y" in z.files else None
+            meta, weights, held = _read_checkpoint(path)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("%s: unreadable checkpoint ignored (%s)", path, exc)
             return False
@@ -354,10 +371,14 @@ class Trainer:
             return False
         self._accepted = weights
         self.updates, self.reverted, self.seen = int(meta["updates"]), int(meta["reverted"]), int(meta["seen"])
+        self._restore_held(held)
+        return True
+
+    def _restore_held(self, held: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Take back the held-back samples of a checkpoint, when it has some of this model's input shape."""
         if held is not None and held[1].size and held[0].shape[1:] == tuple(self.held_shape()):
             self.held_x.extend(held[0])
             self.held_y.extend(int(v) for v in held[1])
-        return True
 
     def held_shape(self) -> tuple[int, ...]:
         return tuple(d for d in self.net.input_shape[1:])
