@@ -60,8 +60,9 @@ def probabilities(s: dict, X: np.ndarray) -> np.ndarray:
 
 
 def window(s: dict, n: int, seq: int = 17, seed: int = 0, device: str = "pi-0042", fleet: str = "clinic-a",
-           start: float = 1795584000.123) -> dict:
-    """The telemetry message an agent would publish for ``n`` inferences (JSON-ready)."""
+           start: float = 1795584000.123, transform=None) -> dict:
+    """The telemetry message an agent would publish for ``n`` inferences (JSON-ready); ``transform`` (a
+    function of the drawn rows) makes drifted inputs."""
     from edge_runtime import wire
     from edge_runtime.window import WindowRecorder
 
@@ -74,6 +75,8 @@ def window(s: dict, n: int, seq: int = 17, seed: int = 0, device: str = "pi-0042
                          clock=lambda: next(clock))
     rng = np.random.default_rng(seed)
     X = d.X_test[rng.integers(0, len(d.X_test), n)].astype(np.float64)
+    if transform is not None:
+        X = transform(X)
     probs = probabilities(s, X)
     for i in range(n):
         rec.record(X[i:i + 1], float(rng.lognormal(-1.4, 0.35)), probs[i:i + 1])
