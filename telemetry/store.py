@@ -206,24 +206,37 @@ _PG_DEVICES = _DEVICES_UPSERT.format(
 def _insert_rows(conn, dialect: str, rows: list[tuple]) -> set[tuple]:
     """Insert window rows (tuples in _WINDOW_COLUMNS order) with the driver's bulk path; returns the keys
     (fleet, device, seq) really inserted (a key already stored is skipped)."""
-    if dialect == "sqlite":
-        # executemany of one prepared statement; when some row was a duplicate, the rows this transaction
-        # inserted are the newest ids (it holds the write lock from its first insert to its commit)
-        inserted = conn.exec_driver_sql(_SQLITE_WINDOWS, rows).rowcount
-        if inserted == len(rows):
-            return {r[:3] for r in rows}
-        return {tuple(r) for r in conn.exec_driver_sql(_SQLITE_NEWEST, (inserted,))} if inserted else set()
-    if dialect == "postgresql":
-        # binary parameters: psycopg's text form of an array escapes every quote of every JSON payload
-        cur = conn.connection.dbapi_connection.cursor()
-        try:
-            cur.execute(_PG_WINDOWS, tuple(list(c) for c in zip(*rows, strict=True)), binary=True)
-            return {tuple(r) for r in cur.fetchall()}
-        finally:
-            cur.close()
+    return _WINDOW_INSERTS.get(dialect, _insert_rows_core)(conn, rows)
+
+
+def _insert_rows_sqlite(conn, rows: list[tuple]) -> set[tuple]:
+    """executemany of one prepared statement; when some row was a duplicate, the rows this transaction
+    inserted are the newest ids (it holds the write lock from its first insert to its commit)."""
+    inserted = conn.exec_driver_sql(_SQLITE_WINDOWS, rows).rowcount
+    if inserted == len(rows):
+        return {r[:3] for r in rows}
+    return {tuple(r) for r in conn.exec_driver_sql(_SQLITE_NEWEST, (inserted,))} if inserted else set()
+
+
+def _insert_rows_postgresql(conn, rows: list[tuple]) -> set[tuple]:
+    """One unnest() insert with binary parameters: psycopg's text form of an array escapes every quote of
+    every JSON payload."""
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        cur.execute(_PG_WINDOWS, tuple(list(c) for c in zip(*rows, strict=True)), binary=True)
+        return {tuple(r) for r in cur.fetchall()}
+    finally:
+        cur.close()
+
+
+def _insert_rows_core(conn, rows: list[tuple]) -> set[tuple]:
+    """SQLAlchemy's portable INSERT ... ON CONFLICT DO NOTHING RETURNING, for other dialects."""
     stmt = _insert(conn.engine, windows).on_conflict_do_nothing(
         index_elements=["fleet", "device_id", "seq"]).returning(windows.c.fleet, windows.c.device_id, windows.c.seq)
     return {tuple(r) for r in conn.execute(stmt, [dict(zip(_WINDOW_COLUMNS, r, strict=True)) for r in rows])}
+
+
+_WINDOW_INSERTS = {"sqlite": _insert_rows_sqlite, "postgresql": _insert_rows_postgresql}
 
 
 def _upsert_devices(conn, dialect: str, rows: list[tuple]) -> None:
@@ -252,36 +265,53 @@ def store_windows(engine: Engine, items: Iterable[tuple[str, str, dict]]) -> Sto
     if not items:
         return _stored(0, 0, [])
     now = time.time()
-    rows, seen = [], set()
-    for fleet, device, w in items:
-        key = (fleet, device, w["seq"])
-        if key in seen:          # the same window twice in one batch (a redelivery)
-            continue
-        seen.add(key)
-        rows.append((fleet, device, w["seq"], w["model"]["name"], w["model"]["version"], w["start"], w["end"],
-                     w["count"], w["errors"], w["latency_ms"].get("p95"), _dumps(w), now))
+    rows = _window_rows(items, now)
     dialect = engine.dialect.name
     with engine.begin() as conn:
         inserted = _insert_rows(conn, dialect, rows)
         if inserted:
-            latest: dict[tuple[str, str], dict] = {}
-            for fleet, device, w in items:
-                cur = latest.get((fleet, device))
-                if cur is None or w["end"] >= cur["end"]:
-                    latest[(fleet, device)] = w
             # last_seen is when the monitor received a window, not when the device says it ended: a clock
             # that runs ahead cannot hide a silent device, and a late window from a spool is a sign of life
             _upsert_devices(conn, dialect, [(fleet, device, now, True, w["model"]["name"], w["model"]["version"])
-                                            for (fleet, device), w in sorted(latest.items())])
+                                            for (fleet, device), w in sorted(_latest_windows(items).items())])
     new = len(inserted)
+    return _stored(new, len(items) - new, _duplicates(items, inserted))
+
+
+def _window_rows(items: list[tuple[str, str, dict]], now: float) -> list[tuple]:
+    """The windows as table rows (_WINDOW_COLUMNS order), the same window twice in a batch (a redelivery) once."""
+    rows, seen = [], set()
+    for fleet, device, w in items:
+        key = (fleet, device, w["seq"])
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append((fleet, device, w["seq"], w["model"]["name"], w["model"]["version"], w["start"], w["end"],
+                     w["count"], w["errors"], w["latency_ms"].get("p95"), _dumps(w), now))
+    return rows
+
+
+def _latest_windows(items: list[tuple[str, str, dict]]) -> dict[tuple[str, str], dict]:
+    """(fleet, device) -> its window of the batch that ended last."""
+    latest: dict[tuple[str, str], dict] = {}
+    for fleet, device, w in items:
+        cur = latest.get((fleet, device))
+        if cur is None or w["end"] >= cur["end"]:
+            latest[(fleet, device)] = w
+    return latest
+
+
+def _duplicates(items: list[tuple[str, str, dict]], inserted: set[tuple]) -> list[tuple]:
+    """The keys of the batch's duplicates: a key inserted now counts as new once; any other copy is one.
+    (``inserted`` is used up.)"""
     dups = []
-    for f, d, w in items:       # a key inserted now counts as new once; any other copy is a duplicate
+    for f, d, w in items:
         key = (f, d, w["seq"])
         if key in inserted:
             inserted.discard(key)
         else:
             dups.append(key)
-    return _stored(new, len(items) - new, dups)
+    return dups
 
 
 def _touch(conn, engine, fleet: str, device: str, seen: float, model: dict) -> None:
@@ -408,19 +438,29 @@ def bench_p95(engine: Engine, fleet: str, device: str, model_name: str, model_ve
     with engine.connect() as conn:
         payloads = [r.payload for r in conn.execute(_BENCH, {"fleet": fleet, "device": device})]
     for payload in payloads:
-        try:
-            results = json.loads(payload).get("results") or []
-        except (ValueError, AttributeError):
-            continue
-        for r in results:
-            if not isinstance(r, dict) or r.get("bundle") != model_name or r.get("bundle_version") != model_version:
-                continue
-            if artifact and Path(str(r.get("artifact") or "")).name != artifact:
-                continue
-            p95 = (r.get("latency_ms") or {}).get("p95")
-            if isinstance(p95, (int, float)) and p95 > 0:
-                return float(p95)
+        for r in _bench_results(payload):
+            p95 = _result_p95(r, model_name, model_version, artifact)
+            if p95 is not None:
+                return p95
     return None
+
+
+def _bench_results(payload: str) -> list:
+    """The ``results`` of a published bench document (none when it is not one)."""
+    try:
+        return json.loads(payload).get("results") or []
+    except (ValueError, AttributeError):
+        return []
+
+
+def _result_p95(r: object, model_name: str, model_version: str, artifact: str | None) -> float | None:
+    """A bench result's positive p95 (ms) when it measured this bundle version (and artifact file), else None."""
+    if not isinstance(r, dict) or r.get("bundle") != model_name or r.get("bundle_version") != model_version:
+        return None
+    if artifact and Path(str(r.get("artifact") or "")).name != artifact:
+        return None
+    p95 = (r.get("latency_ms") or {}).get("p95")
+    return float(p95) if isinstance(p95, (int, float)) and p95 > 0 else None
 
 
 def device_rows(engine: Engine) -> list[dict]:
