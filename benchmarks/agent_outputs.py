@@ -68,66 +68,93 @@ def sinks(work: Path, webhook_url: str) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", help="bundle to run (default: convert the breast-cancer MLP reference model)")
     ap.add_argument("--n", type=int, default=3000, help="inferences per configuration and round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", help="write the results as JSON to this file")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import logging
+    return ap.parse_args(argv)
 
+
+def _bundle(arg: str | None, work: Path) -> Path:
+    """The bundle given, else the breast-cancer MLP reference model converted into work."""
+    if arg:
+        return Path(arg)
+    from convert.reference import convert_reference
+
+    bundle = work / "bc-mlp"
+    convert_reference("mlp", "breast_cancer", bundle)
+    return bundle
+
+
+def _start_agents(bundle: Path, work: Path, broker_url: str, webhook_url: str, received: list) -> dict:
+    """One started agent per output configuration, each connected to the broker."""
     import edge_runtime
-    from devtools.brokers import MosquittoBroker
     from edge_runtime.agent import DeviceAgent
     from edge_runtime.mqtt import parse_broker_url
 
-    logging.basicConfig(level=logging.ERROR)
-    work = Path(tempfile.mkdtemp(prefix="edgeops-outputs-"))
-    bundle = Path(args.bundle) if args.bundle else work / "bc-mlp"
-    if not args.bundle:
-        from convert.reference import convert_reference
+    agents = {}
+    for name, outputs in sinks(work, webhook_url).items():
+        model = edge_runtime.load(bundle)
+        kw = {"on_prediction": received.append} if outputs is None else {"outputs": outputs}
+        agents[name] = DeviceAgent(model, f"bench-{len(agents)}", "bench", parse_broker_url(broker_url),
+                                   state_dir=work / f"state-{len(agents)}", window_size=1000,
+                                   confirm="broker", **kw).start()
+    for a in agents.values():
+        a.link.wait_connected(10)
+    return agents
 
-        convert_reference("mlp", "breast_cancer", bundle)
-    hook = subprocess.Popen([sys.executable, "-c", WEBHOOK], stdout=subprocess.PIPE, text=True)
-    received = []
-    try:
-        url = f"http://127.0.0.1:{hook.stdout.readline().strip()}/hook"
-        with MosquittoBroker(workdir=work / "broker") as broker:
-            agents = {}
-            for name, outputs in sinks(work, url).items():
-                model = edge_runtime.load(bundle)
-                kw = {"on_prediction": received.append} if outputs is None else {"outputs": outputs}
-                agents[name] = DeviceAgent(model, f"bench-{len(agents)}", "bench", parse_broker_url(broker.url),
-                                           state_dir=work / f"state-{len(agents)}", window_size=1000,
-                                           confirm="broker", **kw).start()
-            for a in agents.values():
-                a.link.wait_connected(10)
-            X = inputs_for(next(iter(agents.values())).model, args.n)
-            for a in agents.values():
-                a.run(X[:200])                       # warm-up, not measured
-            times: dict[str, list[float]] = {name: [] for name in agents}
-            cpu: dict[str, list[float]] = {name: [] for name in agents}
-            for _ in range(args.rounds):
-                for name, a in agents.items():
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    a.run(X)
-                    times[name].append((time.perf_counter() - t0) / len(X) * 1e6)
-                    deadline = time.monotonic() + 30
-                    while any(s.pending for s in a.sinks) and time.monotonic() < deadline:
-                        time.sleep(0.001)
-                    cpu[name].append((time.process_time() - c0) / len(X) * 1e6)
-            counts = {}
-            for name, a in agents.items():
-                a.stop()
-                counts[name] = {k: sum(c[k] for c in a.output_counts.values()) for k in ("delivered", "dropped",
-                                                                                        "failed")}
-                received.clear()
-    finally:
-        hook.terminate()
-        hook.wait(5)
-        shutil.rmtree(work, ignore_errors=True)     # the broker's folder, the sinks' files, the bundle
+
+def _measure_round(a, X: np.ndarray) -> tuple[float, float]:
+    """(wall, CPU) microseconds per inference of one run; the CPU time lasts until the sinks delivered."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    a.run(X)
+    wall = (time.perf_counter() - t0) / len(X) * 1e6
+    deadline = time.monotonic() + 30
+    while any(s.pending for s in a.sinks) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return wall, (time.process_time() - c0) / len(X) * 1e6
+
+
+def _measure(agents: dict, X: np.ndarray, rounds: int) -> tuple[dict, dict]:
+    """Per configuration, (wall, CPU) microseconds per inference of each round, configurations taking turns."""
+    for a in agents.values():
+        a.run(X[:200])                       # warm-up, not measured
+    times: dict[str, list[float]] = {name: [] for name in agents}
+    cpu: dict[str, list[float]] = {name: [] for name in agents}
+    for _ in range(rounds):
+        for name, a in agents.items():
+            wall, used = _measure_round(a, X)
+            times[name].append(wall)
+            cpu[name].append(used)
+    return times, cpu
+
+
+def _stop_agents(agents: dict, received: list) -> dict:
+    """Stop each agent; what its sinks delivered, dropped and failed."""
+    counts = {}
+    for name, a in agents.items():
+        a.stop()
+        counts[name] = {k: sum(c[k] for c in a.output_counts.values()) for k in ("delivered", "dropped", "failed")}
+        received.clear()
+    return counts
+
+
+def _run_all(args: argparse.Namespace, bundle: Path, work: Path, url: str) -> tuple[dict, dict, dict]:
+    from devtools.brokers import MosquittoBroker
+
+    received: list = []
+    with MosquittoBroker(workdir=work / "broker") as broker:
+        agents = _start_agents(bundle, work, broker.url, url, received)
+        X = inputs_for(next(iter(agents.values())).model, args.n)
+        times, cpu = _measure(agents, X, args.rounds)
+        counts = _stop_agents(agents, received)
+    return times, cpu, counts
+
+
+def _result_rows(times: dict, cpu: dict, counts: dict) -> list[dict]:
+    """Median wall and CPU time per inference of each configuration and its overhead over no output."""
     base, cpu_base = statistics.median(times["none"]), statistics.median(cpu["none"])
     rows = []
     for name, t in times.items():
@@ -135,6 +162,26 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"output": name, "wall_us": round(med, 2), "wall_stdev_us": round(statistics.stdev(t), 2)
                      if len(t) > 1 else None, "wall_overhead_us": round(med - base, 2),
                      "cpu_us": round(cmed, 2), "cpu_overhead_us": round(cmed - cpu_base, 2), **counts[name]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    work = Path(tempfile.mkdtemp(prefix="edgeops-outputs-"))
+    bundle = _bundle(args.bundle, work)
+    hook = subprocess.Popen([sys.executable, "-c", WEBHOOK], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{hook.stdout.readline().strip()}/hook"
+        times, cpu, counts = _run_all(args, bundle, work, url)
+    finally:
+        hook.terminate()
+        hook.wait(5)
+        shutil.rmtree(work, ignore_errors=True)     # the broker's folder, the sinks' files, the bundle
+    rows = _result_rows(times, cpu, counts)
     print_table(rows, [("output", "output"), ("wall_us", "wall us/inf"), ("wall_stdev_us", "stdev"),
                        ("wall_overhead_us", "+wall us"), ("cpu_us", "cpu us/inf"), ("cpu_overhead_us", "+cpu us"),
                        ("delivered", "delivered"), ("dropped", "dropped"), ("failed", "failed")],

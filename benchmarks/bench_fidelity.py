@@ -98,6 +98,24 @@ def bench_loop(backend, feeds: list[np.ndarray]) -> Callable[[int], list[int]]:
     return lambda n: [int(ms * 1e6) for ms in steady_state(step, n)[0]]
 
 
+def _block_order(b: int) -> tuple:
+    """The arms in block b: rotated by one each block, reversed every other block."""
+    order = ARMS[b % 3:] + ARMS[:b % 3]
+    return order if b % 2 == 0 else order[::-1]
+
+
+def _interleave(loops: dict, blocks: int, runs: int) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """Run the loops block after block, in turns; (every sample in ns, each block's median in ms) per arm."""
+    samples: dict[str, list[int]] = {arm: [] for arm in ARMS}
+    block_medians: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    for b in range(blocks):
+        for arm in _block_order(b):
+            got = loops[arm](runs)
+            samples[arm].extend(got)
+            block_medians[arm].append(float(np.median(got)) / 1e6)
+    return samples, block_medians
+
+
 def compare(path: Path, blocks: int, runs: int, threads: int | None, warmup: int = 20) -> dict:
     """Interleave the three loops on one backend; medians (ms) and ratios to the bare loop."""
     from benchmarks.runner import _feeds
@@ -109,14 +127,7 @@ def compare(path: Path, blocks: int, runs: int, threads: int | None, warmup: int
     loops = {"bench": bench_loop(backend, feeds), "bare": bare_loop(backend, feeds), "run()": run_loop(backend, feeds)}
     for loop in loops.values():
         loop(warmup)
-    samples: dict[str, list[int]] = {arm: [] for arm in ARMS}
-    block_medians: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    for b in range(blocks):
-        order = ARMS[b % 3:] + ARMS[:b % 3]
-        for arm in (order if b % 2 == 0 else order[::-1]):
-            got = loops[arm](runs)
-            samples[arm].extend(got)
-            block_medians[arm].append(float(np.median(got)) / 1e6)
+    samples, block_medians = _interleave(loops, blocks, runs)
     med = {arm: float(np.median(samples[arm])) / 1e6 for arm in ARMS}
     report = report_of(backend)
     data = path.read_bytes()

@@ -8,15 +8,21 @@ from pathlib import Path
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]], title: str | None = None) -> None:
     """Print rows as an aligned text table; ``columns`` are (key, header) pairs."""
-    cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    header = [h for _, h in columns]
+    body = [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(columns))]
     if title:
         print(title)
-    for n, row in enumerate(cells):
-        pairs = enumerate(zip(row, widths, strict=True))
-        print("  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in pairs))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    print(_aligned(header, widths, numbers=False))
+    print("  ".join("-" * w for w in widths))
+    for row in body:
+        print(_aligned(row, widths, numbers=True))
+
+
+def _aligned(row: list[str], widths: list[int], numbers: bool) -> str:
+    """One table line: the first column left-aligned, the others too in the header, right-aligned below it."""
+    return "  ".join(c.rjust(w) if numbers and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                              strict=True)))
 
 
 def _fmt(v) -> str:

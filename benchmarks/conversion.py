@@ -98,24 +98,36 @@ def forest_latency(bundle_dir: Path, dataset: str, runs: int) -> dict:
     return result
 
 
+def _int8_size_check(r: dict, where: str) -> list[dict]:
+    if r["model"] in ("mlp", "cnn") and r["format"] == "tflite" and r["quantization"] == "int8":
+        return [{"target": f"int8 size <= {INT8_SIZE_TARGET}x float32", "where": where, "value": r["size_ratio"],
+                 "ok": r["size_ratio"] is not None and r["size_ratio"] <= INT8_SIZE_TARGET}]
+    return []
+
+
+def _drop_check(r: dict, where: str) -> list[dict]:
+    if r["format"] == "tflite" and r["quantization"] in ("int8", "float16"):
+        return [{"target": f"accuracy drop <= {DROP_TARGET} point", "where": where, "value": r["drop_points"],
+                 "ok": r["drop_points"] is not None and r["drop_points"] <= DROP_TARGET}]
+    return []
+
+
+def _rf_parity_checks(r: dict, where: str) -> list[dict]:
+    if r["model"] == "rf" and r["quantization"] == "none":
+        return [{"target": "RF ONNX label agreement 100%", "where": where, "value": r["label_agreement"],
+                 "ok": r["label_agreement"] == 1.0},
+                {"target": f"RF ONNX max prob diff <= {PROB_DIFF_TARGET:g}", "where": where,
+                 "value": r["max_abs_prob_diff"], "ok": r["max_abs_prob_diff"] <= PROB_DIFF_TARGET}]
+    return []
+
+
 def check_targets(rows: list[dict], latencies: list[dict]) -> list[dict]:
     """The project's conversion targets, each with the measured value and PASS/FAIL."""
     checks = []
     for r in rows:
         where = f"{r['dataset']}/{r['model']}/{r['artifact']}"
-        if r["model"] in ("mlp", "cnn") and r["format"] == "tflite" and r["quantization"] == "int8":
-            checks.append({"target": f"int8 size <= {INT8_SIZE_TARGET}x float32", "where": where,
-                           "value": r["size_ratio"],
-                           "ok": r["size_ratio"] is not None and r["size_ratio"] <= INT8_SIZE_TARGET})
-        if r["format"] == "tflite" and r["quantization"] in ("int8", "float16"):
-            checks.append({"target": f"accuracy drop <= {DROP_TARGET} point", "where": where,
-                           "value": r["drop_points"],
-                           "ok": r["drop_points"] is not None and r["drop_points"] <= DROP_TARGET})
-        if r["model"] == "rf" and r["quantization"] == "none":
-            checks.append({"target": "RF ONNX label agreement 100%", "where": where, "value": r["label_agreement"],
-                           "ok": r["label_agreement"] == 1.0})
-            checks.append({"target": f"RF ONNX max prob diff <= {PROB_DIFF_TARGET:g}", "where": where,
-                           "value": r["max_abs_prob_diff"], "ok": r["max_abs_prob_diff"] <= PROB_DIFF_TARGET})
+        for check in (_int8_size_check, _drop_check, _rf_parity_checks):
+            checks.extend(check(r, where))
     for lat in latencies:
         checks.append({"target": f"RF ONNX one-row >= {SPEEDUP_TARGET:g}x faster than sklearn",
                        "where": f"{lat['dataset']}/rf", "value": round(lat["speedup"], 1),

@@ -135,8 +135,92 @@ def _drop_pg(name: str) -> None:
     admin.dispose()
 
 
+def _start_monitors(monitors: list[subprocess.Popen], processes: int, broker_url: str, db: str, env: dict) -> None:
+    """Start monitor processes on the broker and database (one shared subscription when several) into
+    monitors (so that the caller stops those started even when a later one fails); each has said it
+    started when this returns."""
+    for i in range(processes):
+        spec = {"broker": broker_url, "db": db, "client_id": f"bench-mon-{i}",
+                "share": "bench" if processes > 1 else None}
+        monitors.append(subprocess.Popen([sys.executable, "-m", "benchmarks.monitor_throughput", "--_monitor",
+                                          json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, env=env))
+    for p in monitors:
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a monitor did not start: {p.stderr.read()[-1500:]}")
+
+
+def _start_publisher(port: int, devices: int, windows: int, env: dict) -> subprocess.Popen:
+    """The publisher process, once its windows are built (publishing starts when this returns)."""
+    pub = subprocess.Popen([sys.executable, "-m", "benchmarks.monitor_throughput", "--_publisher",
+                            json.dumps({"port": port, "devices": devices, "windows": windows})],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if not pub.stdout.readline():          # the windows are built: publishing starts now
+        raise RuntimeError(f"the publisher failed: {pub.stderr.read()[-1500:]}")
+    return pub
+
+
+def _stored_windows(engine) -> int:
+    from sqlalchemy import text
+
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("select count(*) from edgeops_windows")).scalar()
+    except Exception:  # noqa: BLE001 - the table appears when a monitor starts
+        return 0
+
+
+def _poll_stored(engine, total: int) -> list[tuple[float, int]]:
+    """(time, windows stored) every 20 ms until all total are stored or the deadline passes."""
+    samples = []
+    deadline = time.monotonic() + 60 + total / 200
+    while time.monotonic() < deadline:
+        stored = _stored_windows(engine)
+        samples.append((time.monotonic(), stored))
+        if stored >= total:
+            break
+        time.sleep(0.02)
+    return samples
+
+
+def _rates(samples: list[tuple[float, int]], stored: int, t_publish: float) -> tuple[float | None, float | None]:
+    """(end to end, ingestion) windows per second.
+
+    End to end: from the start of publishing to the first poll that saw everything stored;
+    ingestion: from the last poll that saw nothing stored yet to the same moment.
+    """
+    last = next((t for t, n in samples if n >= stored), None)
+    rate = (stored / (last - t_publish)) if last and last > t_publish else None
+    t_first = max((t for t, n in samples if n == 0), default=t_publish)
+    ingest_rate = (stored / (last - t_first)) if last and last > t_first else None
+    return rate, ingest_rate
+
+
+def _stop_monitors(monitors: list[subprocess.Popen]) -> list[dict]:
+    """SIGTERM each monitor; the counters each prints as it ends."""
+    stats = []
+    for p in monitors:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        if not out.strip():
+            raise RuntimeError(f"a monitor exited without its counters: {err[-1500:]}")
+        stats.append(json.loads(out.strip().splitlines()[-1]))
+    return stats
+
+
+def _monitor_totals(stats: list[dict]) -> dict:
+    """The monitors' counters, summed."""
+    return {"evaluations": sum(s["evaluations"] for s in stats),
+            "evaluations_per_busy_s": round(sum(s["evaluations"] for s in stats)
+                                            / max(1e-9, sum(s["evaluation_seconds"] for s in stats)), 1),
+            "duplicates": sum(s["duplicates"] for s in stats),
+            "rejected": sum(sum(s["rejected"].values()) for s in stats),
+            "per_process_stored": [s["stored"] for s in stats]}
+
+
 def run(processes: int, devices: int, windows: int, workdir: Path) -> dict:
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
 
     from devtools.brokers import MosquittoBroker
 
@@ -144,67 +228,25 @@ def run(processes: int, devices: int, windows: int, workdir: Path) -> dict:
     db = (PG_ADMIN.rsplit("/", 1)[0] + "/" + pg) if pg else f"sqlite:///{workdir / f'monitor-{processes}.db'}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     broker = MosquittoBroker(workdir=workdir / f"broker-{processes}").start()
-    monitors = []
+    monitors: list[subprocess.Popen] = []
     try:
-        for i in range(processes):
-            spec = {"broker": broker.url, "db": db, "client_id": f"bench-mon-{i}",
-                    "share": "bench" if processes > 1 else None}
-            p = subprocess.Popen([sys.executable, "-m", "benchmarks.monitor_throughput", "--_monitor",
-                                  json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            monitors.append(p)
-        for p in monitors:
-            line = p.stdout.readline()
-            if not line:
-                raise RuntimeError(f"a monitor did not start: {p.stderr.read()[-1500:]}")
+        _start_monitors(monitors, processes, broker.url, db, env)
         time.sleep(1.0)
-        pub = subprocess.Popen([sys.executable, "-m", "benchmarks.monitor_throughput", "--_publisher",
-                                json.dumps({"port": broker.port, "devices": devices, "windows": windows})],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        if not pub.stdout.readline():          # the windows are built: publishing starts now
-            raise RuntimeError(f"the publisher failed: {pub.stderr.read()[-1500:]}")
-        url = db.replace("postgresql://", "postgresql+psycopg://")
-        engine = create_engine(url)
+        pub = _start_publisher(broker.port, devices, windows, env)
+        engine = create_engine(db.replace("postgresql://", "postgresql+psycopg://"))
         total = devices * windows
-        samples = []   # (t, stored)
         t_publish = time.monotonic()
-        deadline = time.monotonic() + 60 + total / 200
-        stored = 0
-        while time.monotonic() < deadline:
-            try:
-                with engine.connect() as conn:
-                    stored = conn.execute(text("select count(*) from edgeops_windows")).scalar()
-            except Exception:  # noqa: BLE001 - the table appears when a monitor starts
-                stored = 0
-            samples.append((time.monotonic(), stored))
-            if stored >= total:
-                break
-            time.sleep(0.02)
+        samples = _poll_stored(engine, total)
+        stored = samples[-1][1] if samples else 0
         pub_out = json.loads(pub.communicate(timeout=120)[0].strip().splitlines()[-1])
         engine.dispose()
-        # end to end: from the start of publishing to the first poll that saw everything stored;
-        # ingestion: from the last poll that saw nothing stored yet to the same moment
-        last = next((t for t, n in samples if n >= stored), None)
-        rate = (stored / (last - t_publish)) if last and last > t_publish else None
-        t_first = max((t for t, n in samples if n == 0), default=t_publish)
-        ingest_rate = (stored / (last - t_first)) if last and last > t_first else None
+        rate, ingest_rate = _rates(samples, stored, t_publish)
         time.sleep(3.0)   # let the evaluation loops catch up before stopping them
-        stats = []
-        for p in monitors:
-            p.send_signal(signal.SIGTERM)
-            out, err = p.communicate(timeout=120)
-            if not out.strip():
-                raise RuntimeError(f"a monitor exited without its counters: {err[-1500:]}")
-            stats.append(json.loads(out.strip().splitlines()[-1]))
+        stats = _stop_monitors(monitors)
         return {"processes": processes, "database": "postgresql" if pg else "sqlite", "devices": devices,
                 "windows_sent": total, "windows_stored": stored, "window_bytes": pub_out["bytes"],
                 "publish_seconds": pub_out["seconds"], "end_to_end_windows_per_s": round(rate, 1) if rate else None,
-                "ingest_windows_per_s": round(ingest_rate, 1) if ingest_rate else None,
-                "evaluations": sum(s["evaluations"] for s in stats),
-                "evaluations_per_busy_s": round(sum(s["evaluations"] for s in stats)
-                                                / max(1e-9, sum(s["evaluation_seconds"] for s in stats)), 1),
-                "duplicates": sum(s["duplicates"] for s in stats),
-                "rejected": sum(sum(s["rejected"].values()) for s in stats),
-                "per_process_stored": [s["stored"] for s in stats]}
+                "ingest_windows_per_s": round(ingest_rate, 1) if ingest_rate else None, **_monitor_totals(stats)}
     finally:
         for p in monitors:
             if p.poll() is None:

@@ -42,21 +42,26 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, tuple[in
     return shapes
 
 
+def _given_shape(t: TensorInfo, given: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape given with --input-shape, checked against the input's: as many dimensions, the fixed ones equal
+    (but for the first, the batch)."""
+    if len(given) != len(t.shape):
+        raise InvalidInputError(
+            f"--input-shape {t.name}={','.join(map(str, given))}: the input has {len(t.shape)} dimensions "
+            f"({list(t.shape)}), not {len(given)}"
+        )
+    for g, want in zip(given, t.shape, strict=True):
+        if want > 0 and g != want and t.shape.index(want) != 0:
+            raise InvalidInputError(
+                f"--input-shape {t.name}={','.join(map(str, given))} does not fit the model's shape {list(t.shape)}"
+            )
+    return given
+
+
 def concrete_shape(t: TensorInfo, batch: int, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     """The shape to feed for input ``t``: from --input-shape, else the model's, with -1 batch = ``batch``."""
     if t.name in shapes:
-        given = shapes[t.name]
-        if len(given) != len(t.shape):
-            raise InvalidInputError(
-                f"--input-shape {t.name}={','.join(map(str, given))}: the input has {len(t.shape)} dimensions "
-                f"({list(t.shape)}), not {len(given)}"
-            )
-        for g, want in zip(given, t.shape, strict=True):
-            if want > 0 and g != want and t.shape.index(want) != 0:
-                raise InvalidInputError(
-                    f"--input-shape {t.name}={','.join(map(str, given))} does not fit the model's shape {list(t.shape)}"
-                )
-        return given
+        return _given_shape(t, shapes[t.name])
     dims = list(t.shape)
     if dims and dims[0] < 0:
         dims[0] = batch
@@ -131,20 +136,12 @@ def measure(path: str | Path, runs: int = 100, warmup: int = 10, duration: float
     step = timed_call(backend, feeds)
     warm = [_timed(step) for _ in range(warmup)]
     samples, wall = steady_state(step, runs, duration)
-    report = report_of(backend)
     return {
         "artifact": str(p),
-        "format": "onnx" if backend.name == "onnxruntime" else "tflite",
-        "backend": backend.name,
-        "backend_version": backend.version,
-        "threads": threads,
-        "delegate": report.delegate,
-        "provider": ",".join(report.providers) or None,
-        "accelerator": {**report.to_dict(), "requested": (accel or Acceleration()).to_dict()},
+        **_backend_fields(backend, threads, accel),
         "batch": batch,
         "model_bytes": p.stat().st_size,
-        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(f.shape)}
-                   for t, f in zip(backend.inputs, feeds, strict=True)],
+        "inputs": _input_fields(backend.inputs, feeds),
         "init_ms": round(init_ms, 3),
         "first_ms": round(first_ms, 3),
         "warmup": {"runs": len(warm), "mean_ms": round(statistics.fmean(warm), 4) if warm else None},
@@ -152,6 +149,24 @@ def measure(path: str | Path, runs: int = 100, warmup: int = 10, duration: float
         "throughput_ips": round(len(samples) * batch / wall, 2) if wall > 0 else None,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _backend_fields(backend, threads: int | None, accel: Acceleration | None) -> dict:
+    """What ran the model: the format, backend and its version, threads, and the acceleration asked and used."""
+    report = report_of(backend)
+    return {
+        "format": "onnx" if backend.name == "onnxruntime" else "tflite",
+        "backend": backend.name,
+        "backend_version": backend.version,
+        "threads": threads,
+        "delegate": report.delegate,
+        "provider": ",".join(report.providers) or None,
+        "accelerator": {**report.to_dict(), "requested": (accel or Acceleration()).to_dict()},
+    }
+
+
+def _input_fields(inputs: list[TensorInfo], feeds: list[np.ndarray]) -> list[dict]:
+    return [{"name": t.name, "dtype": t.dtype, "shape": list(f.shape)} for t, f in zip(inputs, feeds, strict=True)]
 
 
 def _feeds(inputs: list[TensorInfo], batch: int, shapes: dict[str, tuple[int, ...]],

@@ -222,37 +222,51 @@ class Subscriber:
         self.client.disconnect()
 
 
+def _run_agent(bundle: Path, video: Path, broker_url: str, work: Path) -> float:
+    """Run ``edgeops run`` on the video, publishing its predictions; its wall time in seconds."""
+    cmd = [sys.executable, "-m", "edgeops", "run", str(bundle), "--device-id", DEVICE, "--fleet", FLEET,
+           "--broker", broker_url, "--input", f"video:{video}", "--output", "mqtt?qos=1", "--no-flash",
+           "--confirm", "broker", "--state-dir", str(work / "state")]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"edgeops run failed (exit {res.returncode}): {res.stderr[-1500:]}")
+    return wall
+
+
+def _wait_for(sub: Subscriber, n: int) -> None:
+    """Until n predictions arrived (at most 10 s), and a little longer for duplicates or stragglers."""
+    deadline = time.monotonic() + 10
+    while sub.count() < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)                           # a duplicate or a straggler would show up in the count
+
+
+def _frame_rate(ts: list[float]) -> float | None:
+    """Frames per second between the first and the last prediction."""
+    return round((len(ts) - 1) / (ts[-1] - ts[0]), 1) if len(ts) > 1 and ts[-1] > ts[0] else None
+
+
 def end_to_end(bundle: Path, video: Path, truth: np.ndarray, work: Path, show: int = 10) -> dict:
     from devtools.brokers import MosquittoBroker
 
     with MosquittoBroker(workdir=work / "broker") as broker:
         sub = Subscriber(broker.port, f"edgeops/{FLEET}/{DEVICE}/predictions")
         try:
-            cmd = [sys.executable, "-m", "edgeops", "run", str(bundle), "--device-id", DEVICE, "--fleet", FLEET,
-                   "--broker", broker.url, "--input", f"video:{video}", "--output", "mqtt?qos=1", "--no-flash",
-                   "--confirm", "broker", "--state-dir", str(work / "state")]
-            t0 = time.perf_counter()
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            wall = time.perf_counter() - t0
-            if res.returncode != 0:
-                raise SystemExit(f"edgeops run failed (exit {res.returncode}): {res.stderr[-1500:]}")
-            deadline = time.monotonic() + 10
-            while sub.count() < len(truth) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.2)                           # a duplicate or a straggler would show up in the count
+            wall = _run_agent(bundle, video, broker.url, work)
+            _wait_for(sub, len(truth))
         finally:
             sub.close()
     recs = sorted(sub.records, key=lambda p: p["id"])
     ids = [p["id"] for p in recs]
     right = [int(p["label"]) == int(truth[p["id"]]) for p in recs if 0 <= p["id"] < len(truth)]
-    ts = [p["ts"] for p in recs]
     return {"frames": len(truth), "published": len(recs), "messages": sub.messages,
             "every_frame_once": ids == list(range(len(truth))),
             "accuracy": round(float(np.mean(right)), 4) if right else None,
             "first": [{"frame": p["id"], "predicted": p["label"], "true": int(truth[p["id"]])} for p in recs[:show]],
             "wall_s": round(wall, 2),
-            "frames_per_s_between_first_and_last": round((len(ts) - 1) / (ts[-1] - ts[0]), 1)
-            if len(ts) > 1 and ts[-1] > ts[0] else None}
+            "frames_per_s_between_first_and_last": _frame_rate([p["ts"] for p in recs])}
 
 
 def default_bundle(work: Path) -> Path:
