@@ -145,19 +145,20 @@ class FleetView:
         """A device's recent windows (those its own evaluation just loaded) replace its previous ones."""
         key = (fleet, name, version)
         fs = self._fleets.setdefault(key, _FleetStats())
-        new = _stats(recent)
         old = fs.devices.pop(device, None)
-        if new is not None and fs.devices and not _compatible(new, next(iter(fs.devices.values()))):
-            new = None                      # another model's feature layout under this version: left out
+        new = _fitting(_stats(recent), fs.devices)
         if new is not None:
             self._keep(fs, device, new, recent)
         else:
             fs.seen.pop(device, None)
             fs.windows.pop(device, None)
         fs.updates += 1
-        if fs.updates % self.rebuild_every == 0 or not fs.total or (old is not None and not fs.devices) \
-                or not _add_difference(fs.total, new, old):
+        if self._rebuild_due(fs, old) or not _add_difference(fs.total, new, old):
             self._rebuild(fs)
+
+    def _rebuild_due(self, fs: _FleetStats, old: _DeviceStats | None) -> bool:
+        """Every ``rebuild_every`` updates, with no sums yet, or when the last device left."""
+        return fs.updates % self.rebuild_every == 0 or not fs.total or (old is not None and not fs.devices)
 
     def _keep(self, fs: _FleetStats, device: str, new: _DeviceStats, recent: list[dict]) -> None:
         """Store a device's new statistics and windows (the windows of the latest ``sample_devices`` only)."""
@@ -221,7 +222,7 @@ def _add_difference(total: dict[str, np.ndarray], new: _DeviceStats | None, old:
     """Add a device's new statistics minus its old ones to the fleet's running sums; False (sums partly
     updated: rebuild them) when a difference does not have the shape of its sum."""
     for k in _ADDITIVE:
-        delta = (getattr(new, k) if new is not None else 0.0) - (getattr(old, k) if old is not None else 0.0)
+        delta = _part(new, k) - _part(old, k)
         if np.ndim(delta) and total[k].shape != np.shape(delta):
             return False
         total[k] = total[k] + delta
@@ -240,8 +241,12 @@ def _pooled_features(t: dict[str, np.ndarray], devices: list[_DeviceStats]) -> d
     seen = n > 0
     return {"count": np.rint(n).astype(int).tolist(), "nan": np.rint(t["nan"]).astype(int).tolist(),
             "mean": np.where(seen, mean, 0.0).tolist(), "m2": np.where(seen, m2, 0.0).tolist(),
-            "min": [float(x) if np.isfinite(x) else None for x in mins],
-            "max": [float(x) if np.isfinite(x) else None for x in maxs], "hist": hist}
+            "min": _finite_or_none(mins), "max": _finite_or_none(maxs), "hist": hist}
+
+
+def _finite_or_none(values: np.ndarray) -> list[float | None]:
+    """Values as floats, None for a feature no device saw (an infinite bound)."""
+    return [float(x) if np.isfinite(x) else None for x in values]
 
 
 def _pooled_predictions(t: dict[str, np.ndarray]) -> dict:
@@ -254,6 +259,11 @@ def _pooled_predictions(t: dict[str, np.ndarray]) -> dict:
     return predictions
 
 
+def _part(stats: _DeviceStats | None, k: str):
+    """A device's share of the running sum ``k`` (0 for no device)."""
+    return getattr(stats, k) if stats is not None else 0.0
+
+
 def _labels(flat: np.ndarray) -> dict:
     """The fleet's pooled ``labels`` block (none without labelled inferences)."""
     k = int(round(np.sqrt(flat.size)))
@@ -261,6 +271,14 @@ def _labels(flat: np.ndarray) -> dict:
         return {}
     confusion = np.rint(flat).astype(int).reshape(k, k)
     return {"labels": {"n": int(confusion.sum()), "confusion": confusion.tolist(), "unmatched": 0}}
+
+
+def _fitting(new: _DeviceStats | None, devices: dict[str, _DeviceStats]) -> _DeviceStats | None:
+    """``new``, unless its layout differs from the other devices' (another model's feature layout under
+    this version: left out)."""
+    if new is not None and devices and not _compatible(new, next(iter(devices.values()))):
+        return None
+    return new
 
 
 def _compatible(a: _DeviceStats, b: _DeviceStats) -> bool:
