@@ -1,7 +1,8 @@
 """Scale-out: windows/s and latency for 1, 2 and 4 monitor workers, and what a fleet verdict costs as fleets grow.
 
-    python -m benchmarks.scale [--devices 10000] [--windows 1] [--rate 10000] [--workers 1,2,4] [--nats] [--evaluate]
-        [--fleet-devices 1000,10000,100000] [--plot docs/scale.svg] [--json FILE] [--quick]
+    python -m benchmarks.scale [--devices 10000] [--windows 1] [--rate 10000] [--workers 1,2,4] [--nats]
+        [--nats-native 1,2] [--evaluate] [--fleet-devices 1000,10000,100000] [--plot docs/scale.svg] [--json FILE]
+        [--quick]
 
 Three parts, each printed as a table and written to the JSON document:
 
@@ -16,6 +17,8 @@ Three parts, each printed as a table and written to the JSON document:
    written (``received_at``, set in its batch's transaction) and publish to the monitor's ack reaching the
    load generator (after the commit). ``--nats`` adds one worker on the 3-node NATS JetStream cluster of
    ``devtools/nats_cluster.py`` over MQTT 3.1.1 (nats-server 2.9 has no shared subscriptions, so one worker).
+   ``--nats-native 1,2`` adds 1 and 2 workers consuming natively from JetStream (``telemetry/jetstream.py``:
+   one shared durable consumer, acked after the commit), the load generator on node 1 over MQTT.
 3. **fleet verdict vs devices**: ``telemetry.fleet_view.FleetView`` holding 1,000 / 10,000 / 100,000
    emulated devices (one recent window each): one device's update, and one fleet verdict (the merge plus
    the drift tests), medians.
@@ -110,15 +113,20 @@ def ingest_path(load, db_url: str, reps: int, windows: int, batch: int = 1000) -
 def _run_worker(spec: dict) -> None:
     """Child: one monitor worker until SIGTERM; prints its counters as JSON."""
     from edge_runtime.mqtt import parse_broker_url
+    from telemetry.jetstream import JetStreamMonitor, is_nats_url, nats_address
     from telemetry.monitor import FleetMonitor
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     manifest = json.loads(Path(spec["manifest"]).read_text())
     # without --evaluate the evaluation loop does not run: what is measured is ingestion alone
-    mon = FleetMonitor(parse_broker_url(spec["broker"]), spec["db"], fleet=spec["fleet"], share=spec.get("share"),
-                       client_id=spec["client_id"], bundles=[manifest],
-                       eval_interval=1.0 if spec.get("evaluate") else 1e9)
+    if is_nats_url(spec["broker"]):      # workers binding the same durable consumer (one client id) share it
+        make, address = JetStreamMonitor, nats_address(spec["broker"])
+    else:
+        make, address = FleetMonitor, parse_broker_url(spec["broker"])
+    mon = make(address, spec["db"], fleet=spec["fleet"], share=spec.get("share"),
+               client_id=spec["client_id"], bundles=[manifest],
+               eval_interval=1.0 if spec.get("evaluate") else 1e9)
     mon.start()
     if not mon.connected.wait(30):
         raise SystemExit("the worker could not connect")
@@ -135,9 +143,13 @@ def _start_workers(n: int, broker_url: str, db: str, fleet: str, manifest_path: 
                    evaluate: bool) -> list[subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     procs = []
+    native = broker_url.startswith("nats://")
+    shared_id = f"scale-js-{uuid.uuid4().hex[:4]}"
     for i in range(n):
-        spec = {"broker": broker_url, "db": db, "fleet": fleet, "client_id": f"scale-worker-{i}-{uuid.uuid4().hex[:4]}",
-                "share": "scale" if n > 1 else None, "manifest": str(manifest_path), "evaluate": evaluate}
+        spec = {"broker": broker_url, "db": db, "fleet": fleet,
+                "client_id": shared_id if native else f"scale-worker-{i}-{uuid.uuid4().hex[:4]}",
+                "share": "scale" if n > 1 and not native else None, "manifest": str(manifest_path),
+                "evaluate": evaluate}
         procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.scale", "--_worker", json.dumps(spec)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     for p in procs:
@@ -192,16 +204,16 @@ def _nats_cluster(workdir: Path):
     return NatsCluster(workdir / "nats").start() if find_nats() else None
 
 
-def _broker(workdir: Path, workers: int, nats: bool):
+def _broker(workdir: Path, workers: int, nats: bool, native: bool = False):
     """(worker URL, load generator URL, stop) for a private Mosquitto, or the 3-node NATS cluster (the
-    worker on node 0 failing over to the others, the load generator on node 1)."""
+    worker on node 0 failing over to the others, over MQTT or natively; the load generator on node 1)."""
     from devtools.brokers import MosquittoBroker
 
-    if nats:
+    if nats or native:
         cluster = _nats_cluster(workdir)
         if cluster is None:
             return None
-        return cluster.url(0, 1, 2), cluster.url(1), cluster.stop
+        return cluster.nats_url() if native else cluster.url(0, 1, 2), cluster.url(1), cluster.stop
     # the monitor acknowledges a batch after its commit: let the broker have up to 1,000 unacknowledged
     # messages in flight to each worker (the project's test brokers allow 100)
     broker = MosquittoBroker(workdir=workdir / f"broker-{workers}", extra_config="max_inflight_messages 1000").start()
@@ -209,16 +221,18 @@ def _broker(workdir: Path, workers: int, nats: bool):
 
 
 def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = False,  # noqa: PLR0913
-              nats: bool = False) -> dict:
-    """One run: a broker (Mosquitto, or the NATS cluster with one worker: it has no shared subscriptions),
-    ``workers`` monitor processes, the load generator."""
+              nats: bool = False, native: bool = False) -> dict:
+    """One run: a broker (Mosquitto, or the NATS cluster with one MQTT worker: it has no shared subscriptions,
+    or with ``native`` workers sharing a JetStream consumer), ``workers`` monitor processes, the load generator
+    (over MQTT)."""
     from sqlalchemy import text
 
     from benchmarks.loadgen import Publisher
 
-    broker = _broker(workdir, workers, nats)
+    broker = _broker(workdir, workers, nats, native)
     if broker is None:
         return {"workers": workers, "broker": "nats", "error": "nats-server not found"}
+    label = "nats (3 nodes), JetStream consumer" if native else "nats (3 nodes, MQTT)" if nats else "mosquitto"
     worker_url, pub_url, stop_broker = broker
     pg = _pg_create()
     if pg is None and workers > 1:
@@ -248,7 +262,7 @@ def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = F
         to_ack = [t - sent_at[k] for k, t in pub.ack_times.items() if k in sent_at]
         seconds = t_all - sent["started"]
         return {"workers": workers, "database": "postgresql" if pg else "sqlite",
-                "broker": "nats (3 nodes, MQTT)" if nats else "mosquitto", "evaluation": evaluate,
+                "broker": label, "evaluation": evaluate,
                 "windows": len(keys), "stored": stored, "distinct_stored": len({(r.device_id, r.seq) for r in rows}),
                 "acked": acked, "duplicates": sum(s["duplicates"] for s in stats),
                 "rejected": sum(s["rejected"] for s in stats), "per_worker_stored": [s["stored"] for s in stats],
@@ -309,7 +323,8 @@ def plot(path: Path, ingest: list[dict], mqtt: list[dict], fleets: list[dict]) -
     a.plot([r["workers"] for r in ok], [r["windows_per_s"] for r in ok], "o-", label="over Mosquitto (stored)")
     for r in mqtt:
         if r.get("windows_per_s") and r.get("broker", "mosquitto") != "mosquitto":
-            a.plot([r["workers"]], [r["windows_per_s"]], "D", label=f"over {r['broker']}, 1 worker")
+            a.plot([r["workers"]], [r["windows_per_s"]], "D",
+                   label=f"over {r['broker']}, {r['workers']} worker{'s' if r['workers'] > 1 else ''}")
     for r in ingest:
         if r.get("windows_per_s"):
             a.axhline(r["windows_per_s"], ls="--", lw=1, color="gray" if r["database"] == "sqlite" else "tab:green",
@@ -355,6 +370,9 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of o
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--nats", action="store_true",
                     help="also one worker on the 3-node NATS JetStream cluster over MQTT (devtools/nats_cluster.py)")
+    ap.add_argument("--nats-native", default="", metavar="WORKERS",
+                    help="also these numbers of workers consuming natively from JetStream on the 3-node NATS "
+                         "cluster (e.g. 1,2; the devices' load over MQTT)")
     ap.add_argument("--evaluate", action="store_true",
                     help="workers also evaluate every device that sent windows (off: ingestion alone is measured)")
     ap.add_argument("--ingest-reps", type=int, default=3)
@@ -391,10 +409,12 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of o
                     title=f"ingest path, one process, no broker ({doc['window_bytes']}-byte windows)")
     if "mqtt" not in skip:
         with tempfile.TemporaryDirectory(prefix="edgeops-scale-") as tmp:
-            for n in [int(x) for x in args.workers.split(",")]:
+            for n in [int(x) for x in args.workers.split(",") if x.strip()]:
                 doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate))
             if args.nats:
                 doc["mqtt"].append(over_mqtt(load, 1, args.rate, Path(tmp), args.evaluate, nats=True))
+            for n in [int(x) for x in args.nats_native.split(",") if x.strip()]:
+                doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate, native=True))
         rows = [{**r, **{f"stored_{k}": v for k, v in (r.get("latency_stored_ms") or {}).items()},
                  **{f"acked_{k}": v for k, v in (r.get("latency_acked_ms") or {}).items()}} for r in doc["mqtt"]]
         print_table(rows, [("workers", "workers"), ("broker", "broker"), ("database", "database"), ("windows", "sent"),

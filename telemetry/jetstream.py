@@ -45,7 +45,7 @@ from urllib.parse import urlparse
 
 from edge_runtime.errors import InvalidInputError
 from edge_runtime.wire import subscription
-from telemetry.monitor import INBOX_MAX, FleetMonitor, default_client_id
+from telemetry.monitor import FleetMonitor, default_client_id
 
 log = logging.getLogger("edgeops.monitor")
 
@@ -53,6 +53,8 @@ STREAM = "$MQTT_msgs"                  # where nats-server keeps the QoS 1 messa
 SUBJECTS = "$MQTT.msgs."               # ... on these subjects
 KINDS = ("telemetry", "bench", "status")
 FETCH = 256                            # messages asked for at a time, per consumer
+QUEUED_MAX = 2_000                     # fetched messages waiting in the inbox, at most: the rest waits in the
+                                       # stream, so none waits near AckWait in a worker (then to be sent again)
 FETCH_WAIT = 1.0                       # seconds a fetch waits for a first message (also how fast a stop is seen)
 RETRY_S = 2.0                          # between attempts to reach the server or find the stream
 MAX_ACK_PENDING = 20_000               # delivered and not yet acknowledged, per consumer (all workers together)
@@ -394,7 +396,7 @@ class JetStreamMonitor(FleetMonitor):
         name, _ = self.consumers()[kind]
         sub = None
         while not self._stop.is_set():
-            if self._inbox.qsize() > INBOX_MAX - len(KINDS) * FETCH:   # the ingest thread is behind: wait
+            if self._inbox.qsize() >= QUEUED_MAX:       # the ingest thread is behind: the stream keeps the rest
                 await asyncio.sleep(0.05)
                 continue
             try:
