@@ -236,20 +236,7 @@ def _ago(ts: float | None) -> str:
 
 def dashboard_html(monitor) -> str:
     e = html.escape
-    rows = []
-    for d in fleet_snapshot(monitor.engine, monitor.stats):
-        alarm = bool(d["open_alerts"])
-        drift = d["worst_drift"]
-        drift_txt = f"{e(str(drift['feature']))}: {drift['psi']:.3f}" if drift and drift["psi"] is not None else "-"
-        p95_txt = "-" if d["p95_ms"] is None else f"{d['p95_ms']:.2f}"
-        href = f"/device/{e(d['fleet'])}/{e(d['device_id'])}"
-        rows.append(
-            f"<tr class='{'alarm' if alarm else 'ok'}' data-device='{e(d['device_id'])}'>"
-            f"<td>{e(d['fleet'])}</td><td><a href='{href}'>{e(d['device_id'])}</a></td>"
-            f"<td class='status {d['status']}'>{d['status']}</td>"
-            f"<td>{e(str(d['model']['name']))} {e(str(d['model']['version']))}</td><td>{_ago(d['last_seen'])}</td>"
-            f"<td>{'ALERT: ' + e(', '.join(d['open_alerts'])) if alarm else 'ok'}</td><td>{drift_txt}</td>"
-            f"<td>{p95_txt}</td></tr>")
+    rows = [_dashboard_row(d) for d in fleet_snapshot(monitor.engine, monitor.stats)]
     s = monitor.stats
     open_ = store.open_alerts(monitor.engine)
     alert_rows = "".join(
@@ -267,6 +254,22 @@ def dashboard_html(monitor) -> str:
            f"<th>opened</th></tr>{alert_rows}</table>" if open_ else "<p>none</p>")
         + _quarantine_html(monitor.engine))
     return _page("edgeops fleet", body)
+
+
+def _dashboard_row(d: dict) -> str:
+    """A device of the dashboard's table: fleet, link to its page, status, model, last seen, alerts, drift, p95."""
+    e = html.escape
+    alarm = bool(d["open_alerts"])
+    drift = d["worst_drift"]
+    drift_txt = f"{e(str(drift['feature']))}: {drift['psi']:.3f}" if drift and drift["psi"] is not None else "-"
+    p95_txt = "-" if d["p95_ms"] is None else f"{d['p95_ms']:.2f}"
+    href = f"/device/{e(d['fleet'])}/{e(d['device_id'])}"
+    return (f"<tr class='{'alarm' if alarm else 'ok'}' data-device='{e(d['device_id'])}'>"
+            f"<td>{e(d['fleet'])}</td><td><a href='{href}'>{e(d['device_id'])}</a></td>"
+            f"<td class='status {d['status']}'>{d['status']}</td>"
+            f"<td>{e(str(d['model']['name']))} {e(str(d['model']['version']))}</td><td>{_ago(d['last_seen'])}</td>"
+            f"<td>{'ALERT: ' + e(', '.join(d['open_alerts'])) if alarm else 'ok'}</td><td>{drift_txt}</td>"
+            f"<td>{p95_txt}</td></tr>")
 
 
 def _quarantine_html(engine, limit: int = 20) -> str:
@@ -292,18 +295,19 @@ def line_svg(values: list[float | None], title: str, unit: str = "", width: int 
             f"xmlns='http://www.w3.org/2000/svg'><text x='4' y='14'>{html.escape(title)}</text>")
     if not pts:
         return head + "<text x='4' y='40'>no data</text></svg>"
-    lo, hi = min(v for _, v in pts), max(v for _, v in pts)
-    lo, hi = (lo - 1, hi + 1) if hi == lo else (lo, hi)
+    lo, hi = _value_range(pts)
     n = max(1, len(values) - 1)
     left, top, w, h = 50, 22, width - 60, height - 40
-
-    def xy(i, v):
-        return left + w * i / n, top + h * (1 - (v - lo) / (hi - lo))
-
-    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in pts))
+    line = " ".join(f"{left + w * i / n:.1f},{top + h * (1 - (v - lo) / (hi - lo)):.1f}" for i, v in pts)
     return (head + f"<rect x='{left}' y='{top}' width='{w}' height='{h}' class='frame'/>"
             f"<text x='2' y='{top + 10}'>{hi:.3g}{unit}</text><text x='2' y='{top + h}'>{lo:.3g}{unit}</text>"
             f"<polyline points='{line}' class='line'/></svg>")
+
+
+def _value_range(pts: list[tuple[int, float]]) -> tuple[float, float]:
+    """The chart's (low, high) values: the data's, widened by one each way when they are all equal."""
+    lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+    return (lo - 1, hi + 1) if hi == lo else (lo, hi)
 
 
 def bars_svg(scores: dict[str, float], threshold: float, width: int = 640) -> str:
@@ -337,19 +341,23 @@ def device_scores(monitor, fleet: str, device: str, model: tuple[str, str]) -> d
 
 def device_html(monitor, fleet: str, device: str) -> str | None:
     row = next((d for d in fleet_snapshot(monitor.engine, monitor.stats)
-                if d["fleet"] == fleet and d["device_id"] == device), None)
+                if (d["fleet"], d["device_id"]) == (fleet, device)), None)
     if row is None:
         return None
-    series = store.window_series(monitor.engine, fleet, device, limit=200)
     scores = device_scores(monitor, fleet, device, (row["model"]["name"], row["model"]["version"]))
-    history = [a for a in store.all_alerts(monitor.engine) if a["fleet"] == fleet and a["device_id"] == device]
+    history = [a for a in store.all_alerts(monitor.engine) if (a["fleet"], a["device_id"]) == (fleet, device)]
     body = (
         _device_heading(row)
-        + line_svg([w["p95_ms"] for w in series], f"p95 latency per window (last {len(series)} windows)", " ms")
-        + line_svg([float(w["count"]) for w in series], "inferences per window")
+        + _window_charts(store.window_series(monitor.engine, fleet, device, limit=200))
         + bars_svg(scores, monitor.config.psi_threshold)
         + "<h2>Alerts</h2>" + _alert_history_table(history))
     return _page(f"{fleet}/{device}", body)
+
+
+def _window_charts(series: list[dict]) -> str:
+    """The device's p95 latency and inferences per window, as line charts."""
+    return (line_svg([w["p95_ms"] for w in series], f"p95 latency per window (last {len(series)} windows)", " ms")
+            + line_svg([float(w["count"]) for w in series], "inferences per window"))
 
 
 def _device_heading(row: dict) -> str:

@@ -123,36 +123,57 @@ def hostile_messages(window: dict, n: int, seed: int = 0) -> Iterator[tuple[str,
     base = json.dumps(window)
     paths = list(_paths(window))
     for _ in range(n):
-        choice = rng.randrange(8)
+        mutate = _MUTATIONS[rng.randrange(len(_MUTATIONS))]
         kind = rng.choice(("telemetry", "telemetry", "telemetry", "status", "bench"))
-        if choice == 0:
-            doc = json.loads(base)
-            _set(doc, rng.choice(paths), rng.choice(_ODD_VALUES))
-            payload = json.dumps(doc).encode("utf-8", "surrogatepass")
-        elif choice == 1:
-            doc = json.loads(base)
-            _set(doc, rng.choice(paths), _DELETE)
-            payload = json.dumps(doc).encode()
-        elif choice == 2:
-            depth = rng.choice((50, 900, 5_000, 100_000))
-            payload = b'{"x":' + b"[" * depth + b"]" * depth + b"}"
-        elif choice == 3:
-            raw = base.encode()
-            payload = raw[:rng.randrange(len(raw))]
-        elif choice == 4:
-            payload = base.encode(rng.choice(("utf-16", "utf-32", "latin-1")), "replace")
-        elif choice == 5:
-            raw = bytearray(base.encode())
-            for _ in range(rng.randrange(1, 8)):
-                raw[rng.randrange(len(raw))] = rng.randrange(256)
-            payload = bytes(raw)
-        elif choice == 6:
-            payload = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
-        else:
-            doc = json.loads(base)
-            doc["model"]["name"] = rng.choice(("\x00", "\ud800", "m" * 200, ["list"], 7))
-            payload = json.dumps(doc).encode("utf-8", "surrogatepass")
-        yield kind, payload
+        yield kind, mutate(rng, base, paths)
+
+
+def _odd_value(rng: random.Random, base: str, paths: list) -> bytes:
+    """A field replaced by an odd value (wrong type, out of range, lone surrogate...)."""
+    doc = json.loads(base)
+    _set(doc, rng.choice(paths), rng.choice(_ODD_VALUES))
+    return json.dumps(doc).encode("utf-8", "surrogatepass")
+
+
+def _removed_field(rng: random.Random, base: str, paths: list) -> bytes:
+    doc = json.loads(base)
+    _set(doc, rng.choice(paths), _DELETE)
+    return json.dumps(doc).encode()
+
+
+def _deep_nesting(rng: random.Random, base: str, paths: list) -> bytes:
+    depth = rng.choice((50, 900, 5_000, 100_000))
+    return b'{"x":' + b"[" * depth + b"]" * depth + b"}"
+
+
+def _truncated(rng: random.Random, base: str, paths: list) -> bytes:
+    raw = base.encode()
+    return raw[:rng.randrange(len(raw))]
+
+
+def _re_encoded(rng: random.Random, base: str, paths: list) -> bytes:
+    return base.encode(rng.choice(("utf-16", "utf-32", "latin-1")), "replace")
+
+
+def _bit_flipped(rng: random.Random, base: str, paths: list) -> bytes:
+    raw = bytearray(base.encode())
+    for _ in range(rng.randrange(1, 8)):
+        raw[rng.randrange(len(raw))] = rng.randrange(256)
+    return bytes(raw)
+
+
+def _random_bytes(rng: random.Random, base: str, paths: list) -> bytes:
+    return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+
+
+def _odd_model_name(rng: random.Random, base: str, paths: list) -> bytes:
+    doc = json.loads(base)
+    doc["model"]["name"] = rng.choice(("\x00", "\ud800", "m" * 200, ["list"], 7))
+    return json.dumps(doc).encode("utf-8", "surrogatepass")
+
+
+_MUTATIONS = (_odd_value, _removed_field, _deep_nesting, _truncated, _re_encoded, _bit_flipped, _random_bytes,
+              _odd_model_name)
 
 
 _DELETE = object()
