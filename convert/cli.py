@@ -27,14 +27,18 @@ def _lines(path: str | None, what: str) -> list[str] | None:
         raise InvalidInputError(f"{what} {p}: no such file")
     text = p.read_text().strip()
     if p.suffix == ".json":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"{what} {p}: not valid JSON ({exc})") from None
-        if not isinstance(doc, list):
-            raise InvalidInputError(f"{what} {p}: expected a JSON list")
-        return [str(v) for v in doc]
+        return _json_list(text, f"{what} {p}")
     return [line.strip() for line in text.replace(",", "\n").splitlines() if line.strip()]
+
+
+def _json_list(text: str, where: str) -> list[str]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(doc, list):
+        raise InvalidInputError(f"{where}: expected a JSON list")
+    return [str(v) for v in doc]
 
 
 def _normalization(path: str | None) -> dict | None:
@@ -61,21 +65,28 @@ def _numbers(value: str, option: str) -> list[float]:
 
 def _image(scale: float | None, rng: str | None, mean: str | None, std: str | None) -> dict | None:
     """The image preprocessing facts given on the command line (None when none were)."""
-    image: dict = {}
-    if scale is not None:
-        image["scale"] = scale
-    if rng is not None:
-        bounds = _numbers(rng, "--image-range")
-        if len(bounds) != 2 or not bounds[0] < bounds[1]:
-            raise click.BadParameter(f"{rng!r}: expected LO,HI with LO < HI", param_hint="--image-range")
-        image["source_range"] = bounds
-    if mean is not None:
-        image["mean"] = _numbers(mean, "--image-mean")
-    if std is not None:
-        image["std"] = _numbers(std, "--image-std")
-        if any(v <= 0 for v in image["std"]):
-            raise click.BadParameter("std values must be positive", param_hint="--image-std")
+    given = {
+        "scale": scale,
+        "source_range": None if rng is None else _image_range(rng),
+        "mean": None if mean is None else _numbers(mean, "--image-mean"),
+        "std": None if std is None else _image_std(std),
+    }
+    image = {key: value for key, value in given.items() if value is not None}
     return image or None
+
+
+def _image_range(rng: str) -> list[float]:
+    bounds = _numbers(rng, "--image-range")
+    if len(bounds) != 2 or not bounds[0] < bounds[1]:
+        raise click.BadParameter(f"{rng!r}: expected LO,HI with LO < HI", param_hint="--image-range")
+    return bounds
+
+
+def _image_std(std: str) -> list[float]:
+    values = _numbers(std, "--image-std")
+    if any(v <= 0 for v in values):
+        raise click.BadParameter("std values must be positive", param_hint="--image-std")
+    return values
 
 
 @click.command("convert")
@@ -180,36 +191,47 @@ def _convert(source, out_dir, name, version, fmt_list, q_list, calibration, hold
 def _print_result(result, sign_key, as_json: bool, registered=None) -> None:
     m = result.manifest
     if as_json:
-        click.echo(json.dumps({
-            "bundle": str(result.path), "name": m["name"], "version": m["version"], "notes": result.notes,
-            "signed": sign_key is not None,
-            "registered": None if registered is None else {
-                "name": registered.name, "version": registered.version, "run_id": registered.run_id,
-                "model_uri": registered.model_uri},
-            "artifacts": [{k: a[k] for k in ("file", "format", "quantization", "size_bytes", "size_ratio", "parity")}
-                          for a in m["artifacts"]],
-        }, indent=2))
+        click.echo(json.dumps(_result_json(result, sign_key, registered), indent=2))
         return
     click.echo(f"bundle {m['name']} {m['version']} written to {result.path}" + (" (signed)" if sign_key else ""))
     header = (f"{'artifact':<24}{'size':>10}{'ratio':>7}{'source':>9}{'artifact':>10}{'drop':>7}{'agree':>8}"
               f"{'max|dp|':>10}")
     click.echo(header)
     for a in m["artifacts"]:
-        p = a["parity"]
-
-        def fmt(v, spec):
-            return format(v, spec) if v is not None else "-"
-
-        # regressions report the mean absolute error where classifiers report the largest probability change
-        max_diff = p.get("max_abs_prob_diff") if p.get("max_abs_prob_diff") is not None else p.get("mae")
-        click.echo(f"{a['file']:<24}{a['size_bytes']:>10}{fmt(a['size_ratio'], '.2f'):>7}"
-                   f"{fmt(p.get('source_metric'), '.4f'):>9}{fmt(p.get('artifact_metric'), '.4f'):>10}"
-                   f"{fmt(p.get('metric_drop_points'), '.2f'):>7}{fmt(p.get('label_agreement'), '.3f'):>8}"
-                   f"{fmt(max_diff, '.2e'):>10}")
+        click.echo(_artifact_row(a))
     for note in result.notes:
         click.echo(f"note: {note}")
     if registered is not None:
         click.echo(f"registered in MLflow as {registered.model_uri} (run {registered.run_id})")
+
+
+def _result_json(result, sign_key, registered) -> dict:
+    """What ``--json`` prints: the bundle, its notes, its MLflow registration and each artifact's parity."""
+    m = result.manifest
+    return {
+        "bundle": str(result.path), "name": m["name"], "version": m["version"], "notes": result.notes,
+        "signed": sign_key is not None,
+        "registered": None if registered is None else {
+            "name": registered.name, "version": registered.version, "run_id": registered.run_id,
+            "model_uri": registered.model_uri},
+        "artifacts": [{k: a[k] for k in ("file", "format", "quantization", "size_bytes", "size_ratio", "parity")}
+                      for a in m["artifacts"]],
+    }
+
+
+def _fmt(v, spec: str) -> str:
+    return format(v, spec) if v is not None else "-"
+
+
+def _artifact_row(a: dict) -> str:
+    """One line of the result table: size, ratio and parity of an artifact."""
+    p = a["parity"]
+    # regressions report the mean absolute error where classifiers report the largest probability change
+    max_diff = p.get("max_abs_prob_diff") if p.get("max_abs_prob_diff") is not None else p.get("mae")
+    return (f"{a['file']:<24}{a['size_bytes']:>10}{_fmt(a['size_ratio'], '.2f'):>7}"
+            f"{_fmt(p.get('source_metric'), '.4f'):>9}{_fmt(p.get('artifact_metric'), '.4f'):>10}"
+            f"{_fmt(p.get('metric_drop_points'), '.2f'):>7}{_fmt(p.get('label_agreement'), '.3f'):>8}"
+            f"{_fmt(max_diff, '.2e'):>10}")
 
 
 @click.group("keys")

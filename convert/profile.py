@@ -53,12 +53,17 @@ def feature_profile(name: str, values: np.ndarray, bins: int = 10) -> dict:
         "name": name,
         "bin_edges": [float(e) for e in edges],
         "hist": [int(c) for c in histogram(values, edges)],
-        "mean": float(finite.mean()) if finite.size else 0.0,
-        "std": float(finite.std()) if finite.size else 0.0,
-        "min": float(finite.min()) if finite.size else 0.0,
-        "max": float(finite.max()) if finite.size else 0.0,
+        **_moments(finite),
         "nan_rate": float(1.0 - finite.size / values.size) if values.size else 0.0,
     }
+
+
+def _moments(finite: np.ndarray) -> dict:
+    """Mean, std, min and max of the finite values (all 0.0 when there are none)."""
+    if not finite.size:
+        return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
+    return {"mean": float(finite.mean()), "std": float(finite.std()),
+            "min": float(finite.min()), "max": float(finite.max())}
 
 
 def reference_profile(
@@ -86,28 +91,43 @@ def reference_profile(
     """
     X = np.asarray(X)
     n = int(X.shape[0])
-    features = []
     if monitored == "channels":
-        channels = X.shape[-1]
-        flat = X.reshape(n, -1, channels)
-        for c in range(channels):
-            values = flat[:, :, c].ravel()
-            stride = max(1, values.size // max_pixels)
-            features.append(feature_profile(f"channel_{c}", values[::stride], bins))
+        features = _channel_profiles(X, bins, max_pixels)
     else:
-        flat = X.reshape(n, -1)
-        names = feature_names or [f"x{i}" for i in range(flat.shape[1])]
-        for i, name in enumerate(names):
-            features.append(feature_profile(name, flat[:, i], bins))
+        features = _column_profiles(X, feature_names, bins)
     profile: dict = {"n_samples": n, "monitored": monitored, "features": features, "class_priors": None}
     if predictions is not None and labels is not None:
-        counts = np.bincount(np.asarray(predictions, dtype=np.int64), minlength=len(labels))[: len(labels)]
-        priors = counts / max(1, counts.sum())
-        profile["class_priors"] = {"labels": list(labels), "priors": [float(p) for p in priors]}
+        profile["class_priors"] = _class_priors(predictions, labels)
     if regression_outputs is not None:
         out = feature_profile("prediction", np.asarray(regression_outputs).ravel(), bins)
         profile["output_stats"] = out
     return profile
+
+
+def _channel_profiles(X: np.ndarray, bins: int, max_pixels: int) -> list[dict]:
+    """One entry per image channel, from at most ``max_pixels`` strided pixel values each."""
+    channels = X.shape[-1]
+    flat = X.reshape(int(X.shape[0]), -1, channels)
+    features = []
+    for c in range(channels):
+        values = flat[:, :, c].ravel()
+        stride = max(1, values.size // max_pixels)
+        features.append(feature_profile(f"channel_{c}", values[::stride], bins))
+    return features
+
+
+def _column_profiles(X: np.ndarray, feature_names: list[str] | None, bins: int) -> list[dict]:
+    """One entry per tabular column (named x0, x1... when no names are given)."""
+    flat = X.reshape(int(X.shape[0]), -1)
+    names = feature_names or [f"x{i}" for i in range(flat.shape[1])]
+    return [feature_profile(name, flat[:, i], bins) for i, name in enumerate(names)]
+
+
+def _class_priors(predictions: np.ndarray, labels: list[str]) -> dict:
+    """The share of each predicted class."""
+    counts = np.bincount(np.asarray(predictions, dtype=np.int64), minlength=len(labels))[: len(labels)]
+    priors = counts / max(1, counts.sum())
+    return {"labels": list(labels), "priors": [float(p) for p in priors]}
 
 
 def confidence_profile(outputs: np.ndarray) -> dict | None:

@@ -37,23 +37,32 @@ class TensorSpec:
 
 def check_model_bytes(data: bytes, fmt: str, where: str) -> None:
     """Refuse bytes that are not a TFLite flatbuffer / ONNX model before an interpreter sees them."""
-    if fmt == "tflite":
-        if len(data) < 16 or data[4:8] != b"TFL3":
-            raise ModelFormatError(f"{where}: not a TFLite model (no TFL3 flatbuffer identifier)")
-        root = int.from_bytes(data[0:4], "little")
-        if root >= len(data):
-            raise ModelFormatError(f"{where}: truncated TFLite flatbuffer")
-    elif fmt == "onnx":
-        import onnx
-
-        try:
-            model = onnx.load_from_string(data)
-        except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and friends
-            raise ModelFormatError(f"{where}: not an ONNX model ({type(exc).__name__})") from None
-        if not model.graph.node:
-            raise ModelFormatError(f"{where}: ONNX model has an empty graph")
-    else:
+    check = _BYTES_CHECKS.get(fmt)
+    if check is None:
         raise ModelFormatError(f"{where}: unknown model format {fmt!r}")
+    check(data, where)
+
+
+def _check_tflite_bytes(data: bytes, where: str) -> None:
+    if len(data) < 16 or data[4:8] != b"TFL3":
+        raise ModelFormatError(f"{where}: not a TFLite model (no TFL3 flatbuffer identifier)")
+    root = int.from_bytes(data[0:4], "little")
+    if root >= len(data):
+        raise ModelFormatError(f"{where}: truncated TFLite flatbuffer")
+
+
+def _check_onnx_bytes(data: bytes, where: str) -> None:
+    import onnx
+
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and friends
+        raise ModelFormatError(f"{where}: not an ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node:
+        raise ModelFormatError(f"{where}: ONNX model has an empty graph")
+
+
+_BYTES_CHECKS = {"tflite": _check_tflite_bytes, "onnx": _check_onnx_bytes}
 
 
 class ArtifactRunner:
@@ -64,35 +73,43 @@ class ArtifactRunner:
         self.fmt = fmt
         self.where = where
         if fmt == "tflite":
-            from ai_edge_litert.interpreter import Interpreter
-
-            try:
-                self._it = Interpreter(model_content=data, num_threads=threads)
-                self._it.allocate_tensors()
-            except (ValueError, RuntimeError) as exc:
-                raise ModelFormatError(f"{where}: LiteRT cannot load it ({exc})") from None
-            self._in = self._it.get_input_details()
-            self._out = self._it.get_output_details()
-            if len(self._in) != 1:
-                raise ModelFormatError(f"{where}: {len(self._in)} inputs; the converter checks single-input models")
-            self._batch = int(self._in[0]["shape"][0])
-            self.inputs = [self._spec(d) for d in self._in]
-            self.outputs = [self._spec(d) for d in self._out]
+            self._load_tflite(data, where, threads)
         else:
-            import onnxruntime as ort
+            self._load_onnx(data, where, threads)
 
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.log_severity_level = 3
-            try:
-                self._sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
-                raise ModelFormatError(f"{where}: ONNX Runtime cannot load it ({str(exc)[:200]})") from None
-            ins, outs = self._sess.get_inputs(), self._sess.get_outputs()
-            if len(ins) != 1:
-                raise ModelFormatError(f"{where}: {len(ins)} inputs; the converter checks single-input models")
-            self.inputs = [TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), _dims(i.shape), None) for i in ins]
-            self.outputs = [TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), _dims(o.shape), None) for o in outs]
+    def _load_tflite(self, data: bytes, where: str, threads: int) -> None:
+        """A LiteRT interpreter for the flatbuffer, with its tensors allocated."""
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self._it = Interpreter(model_content=data, num_threads=threads)
+            self._it.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelFormatError(f"{where}: LiteRT cannot load it ({exc})") from None
+        self._in = self._it.get_input_details()
+        self._out = self._it.get_output_details()
+        if len(self._in) != 1:
+            raise ModelFormatError(f"{where}: {len(self._in)} inputs; the converter checks single-input models")
+        self._batch = int(self._in[0]["shape"][0])
+        self.inputs = [self._spec(d) for d in self._in]
+        self.outputs = [self._spec(d) for d in self._out]
+
+    def _load_onnx(self, data: bytes, where: str, threads: int) -> None:
+        """An ONNX Runtime CPU session for the graph."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self._sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelFormatError(f"{where}: ONNX Runtime cannot load it ({str(exc)[:200]})") from None
+        ins, outs = self._sess.get_inputs(), self._sess.get_outputs()
+        if len(ins) != 1:
+            raise ModelFormatError(f"{where}: {len(ins)} inputs; the converter checks single-input models")
+        self.inputs = [TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), _dims(i.shape), None) for i in ins]
+        self.outputs = [TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), _dims(o.shape), None) for o in outs]
 
     @staticmethod
     def _spec(d: dict) -> TensorSpec:
@@ -191,11 +208,11 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 
 def _label_indices(y: np.ndarray, classes: list | None) -> np.ndarray:
     y = np.asarray(y)
-    if classes is not None and y.dtype.kind not in "iu":
-        lookup = {str(c): i for i, c in enumerate(classes)}
+    if classes is None:
+        return y.astype(np.int64)
+    lookup = {str(c): i for i, c in enumerate(classes)}
+    if y.dtype.kind not in "iu":
         return np.array([lookup.get(str(v), -1) for v in y])
-    if classes is not None and y.dtype.kind in "iu":
-        lookup = {str(c): i for i, c in enumerate(classes)}
-        if all(str(v) in lookup for v in np.unique(y)):
-            return np.array([lookup[str(v)] for v in y])
+    if all(str(v) in lookup for v in np.unique(y)):
+        return np.array([lookup[str(v)] for v in y])
     return y.astype(np.int64)
