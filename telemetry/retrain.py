@@ -59,8 +59,12 @@ def window_range(windows: list[dict]) -> dict:
         by_device.setdefault(str(w.get("device_id")), []).append(w)
     return {"windows": len(windows), "start": min(w["start"] for w in windows),
             "end": max(w["end"] for w in windows),
-            "devices": {d: {"first_seq": min(w["seq"] for w in ws), "last_seq": max(w["seq"] for w in ws)}
-                        for d, ws in sorted(by_device.items())}}
+            "devices": {d: _seq_range(ws) for d, ws in sorted(by_device.items())}}
+
+
+def _seq_range(windows: list[dict]) -> dict:
+    seqs = [w["seq"] for w in windows]
+    return {"first_seq": min(seqs), "last_seq": max(seqs)}
 
 
 def incident(engine: Engine, alert: dict, recent: int = 10) -> dict:
@@ -160,18 +164,26 @@ def export_alert(engine: Engine, alert_id: int, out: str | Path, windows: int = 
 def _labels_summary(rows: list[dict], manifest: dict | None) -> dict:
     """Labelled counts, accuracy and confusion matrix of the windows, with the holdout accuracy they are
     judged against."""
-    from telemetry.drift.accuracy import holdout_accuracy
     from telemetry.evaluate import labelled_confusion
 
     confusion = labelled_confusion(rows)
     artifact = next(((w.get("model") or {}).get("artifact") for w in rows), None)
-    ref = holdout_accuracy(manifest, artifact)
     return {
         **_accuracy(confusion),
-        "holdout_accuracy": ref[0] if ref else None, "artifact": ref[1] if ref else artifact,
+        **_holdout_reference(manifest, artifact),
         "confusion": confusion.tolist() if confusion is not None else None,
         "unmatched": sum(int((w.get("labels") or {}).get("unmatched") or 0) for w in rows),
         "class_labels": (manifest or {}).get("labels")}
+
+
+def _holdout_reference(manifest: dict | None, artifact: str | None) -> dict:
+    """The holdout accuracy the windows' artifact is judged against, and the artifact it was measured on."""
+    from telemetry.drift.accuracy import holdout_accuracy
+
+    ref = holdout_accuracy(manifest, artifact)
+    if not ref:
+        return {"holdout_accuracy": None, "artifact": artifact}
+    return {"holdout_accuracy": ref[0], "artifact": ref[1]}
 
 
 def _accuracy(confusion: np.ndarray | None) -> dict:
@@ -185,11 +197,9 @@ def _accuracy(confusion: np.ndarray | None) -> dict:
 
 def _merged(rows: list[dict], profile: dict, merge_windows) -> dict:
     ref = profile.get("features") or []
-    n_feat = len(rows[0]["features"]["count"]) if rows else 0
-    edges = [f["bin_edges"] for f in ref] if len(ref) == n_feat else None
-    if not rows or edges is None:
+    if not rows or len(ref) != len(rows[0]["features"]["count"]):
         return {"windows": len(rows), "count": sum(w["count"] for w in rows)}
-    fs, lat, classes, count, errors = merge_windows(rows, edges)
+    fs, lat, classes, count, errors = merge_windows(rows, [f["bin_edges"] for f in ref])
     return {"windows": len(rows), "count": count, "errors": errors, "features": fs.to_dict(),
             "feature_names": [f["name"] for f in ref], "predictions": {"counts": classes.tolist()
                                                                        if classes is not None else None},
@@ -202,9 +212,12 @@ def _reference_summary(manifest: dict | None, profile: dict) -> dict:
     return {"bundle": {"name": manifest.get("name"), "version": manifest.get("version"), "task": manifest.get("task"),
                        "labels": manifest.get("labels")},
             "n_samples": profile.get("n_samples"), "class_priors": profile.get("class_priors"),
-            "features": [{k: f.get(k) for k in ("name", "mean", "std", "min", "max", "nan_rate", "bin_edges")}
-                         for f in profile.get("features") or []],
+            "features": [_feature_summary(f) for f in profile.get("features") or []],
             "parity": [{"file": a.get("file"), **(a.get("parity") or {})} for a in manifest.get("artifacts") or []]}
+
+
+def _feature_summary(f: dict) -> dict:
+    return {k: f.get(k) for k in ("name", "mean", "std", "min", "max", "nan_rate", "bin_edges")}
 
 
 def _write(path: Path, doc: dict) -> None:
