@@ -12,14 +12,16 @@ other column is a whole payload. Also: encode and decode microseconds per window
 encoding, the monitor's validation rate (``wire.parse``: decode + bounds) and its ingest rate
 (``FleetMonitor.ingest``: validation against the bundle, SQLite storage) for JSON and CBOR windows.
 
-Target (issue 15): CBOR at least 25x fewer bytes than float32 forwarding at 100 inferences on Breast
-Cancer (12,000 bytes -> at most 480).
+Target (issue 15): compact CBOR at least 25x fewer bytes than float32 forwarding at 100 inferences on
+Breast Cancer (12,000 bytes -> at most 480): ``cbor-ref``, the moments coded against the bundle's
+reference profile (``setup`` registers each data set's bundle, as the device and the monitor do).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 import zlib
@@ -86,12 +88,16 @@ def window(s: dict, n: int, seq: int = 17, seed: int = 0, device: str = "pi-0042
     return json.loads(json.dumps(msg))
 
 
-def _time_us(fn, repeat: int) -> float:
+def _time_us(fn, repeat: int, runs: int = 7) -> float:
+    """Microseconds per call: the median of ``runs`` runs of ``repeat`` calls each."""
     fn()
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t) / repeat * 1e6
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        times.append((time.perf_counter() - t) / repeat * 1e6)
+    return statistics.median(times)
 
 
 def measure(s: dict, dataset: str, n: int, repeat: int) -> dict:
@@ -107,6 +113,7 @@ def measure(s: dict, dataset: str, n: int, repeat: int) -> dict:
         row[enc] = len(payload)
         row[f"{enc}_ratio"] = round(row["float32"] / len(payload), 1)
         row[f"{enc}_encode_us"] = round(_time_us(lambda e=enc: wire.encode(msg, encoding=e), repeat), 1)
+        row[f"{enc}_decode_us"] = round(_time_us(lambda p=payload: wire.decode(p), repeat), 1)
         row[f"{enc}_parse_us"] = round(_time_us(lambda p=payload: wire.parse(topic, p, now=now), repeat), 1)
     row["json_zlib_level9"] = len(zlib.compress(wire.encode(msg), 9))
     return row
@@ -153,19 +160,20 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(rows, cols, "bytes per window (x: float32 forwarding / this)")
     print()
     tcols = [("dataset", "data set"), ("inferences", "n")]
-    tcols += [(f"{e}_encode_us", f"{e} enc us") for e in ENCODINGS] + [(f"{e}_parse_us", f"{e} parse us")
-                                                                        for e in ENCODINGS]
-    print_table(rows, tcols, "microseconds per window: encode (device), parse = decode + validation (monitor)")
+    tcols += [(f"{e}_{k}_us", f"{e} {k[:3]} us") for k in ("encode", "decode", "parse") for e in ENCODINGS]
+    print_table(rows, tcols, "microseconds per window, median of 7 runs: encode (device), decode, parse = decode + "
+                             "validation (monitor)")
     ingest = {}
     if args.ingest_windows:
         bc = setups["breast_cancer"]
-        ingest = {e: round(ingest_rate(bc, e, args.ingest_windows)) for e in ("json", "cbor")}
+        ingest = {e: round(ingest_rate(bc, e, args.ingest_windows)) for e in ("json", "cbor", "cbor-ref")}
         print("\nmonitor ingest (FleetMonitor.ingest, SQLite, Breast Cancer, 100 inferences): "
               + ", ".join(f"{e} {r} windows/s" for e, r in ingest.items()))
     bc100 = next((r for r in rows if r["dataset"] == "breast_cancer" and r["inferences"] == 100), None)
-    met = None if bc100 is None else bc100["cbor_ratio"] >= TARGET_RATIO
+    met = None if bc100 is None else bc100["cbor-ref_ratio"] >= TARGET_RATIO
     doc = {"benchmark": "wire_size", "rows": rows, "ingest_windows_per_s": ingest,
-           "target": {"ratio": TARGET_RATIO, "breast_cancer_100": bc100 and bc100["cbor"], "met": met}}
+           "target": {"ratio": TARGET_RATIO, "encoding": "cbor-ref", "breast_cancer_100": bc100 and bc100["cbor-ref"],
+                      "met": met}}
     print(json.dumps(doc))
     write_json(args.json, doc)
     return doc

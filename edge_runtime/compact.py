@@ -104,6 +104,7 @@ MODEL_KEYS = ("name", "version", "artifact", "sha256", "variant", "mode", "split
 M_ARTIFACT_INDEX = 8            # in the reference form's model block: the artifact's index in the bundle
 _HEX = frozenset("0123456789abcdef")
 _REGISTER_VALUE = {c: i for i, c in enumerate(_DIGITS)}
+_UNZIGZAG_NP = np.array(UNZIGZAG, dtype=np.int64)
 
 MEAN_STEPS = 128                # reference form: codes per reference std for the mean ...
 RANGE_STEPS = 32                # ... for min and max (their distance from the decoded mean) ...
@@ -674,26 +675,28 @@ def _un_feature_base(f, moments_key: int) -> tuple[dict, int, list[int]]:
     count = _expand_uniform(f[1], n, "features.count")
     out = {"count": count, "nan": _expand_uniform(f.get(2, 0), n, "features.nan")}
     lengths = _expand_uniform(f[3], n, "features.hist lengths")
-    if sum(lengths) > MAX_LIST or any(x < 1 for x in lengths):
+    if sum(lengths) > MAX_LIST or min(lengths, default=1) < 1:
         raise Rejected("oversized", "more than 65536 histogram bins, or a histogram without bins")
-    devs = unpack_array(_bytes(f[4], "features.hist"))
-    if len(devs) != sum(lengths) - n:
-        raise Rejected("histogram_mismatch", f"{len(devs)} packed bins for {sum(lengths) - n}")
+    out["hist"] = _histograms(count, lengths, _bytes(f[4], "features.hist"))
     if 8 in f:
         out["out_of_range"] = _expand_uniform(f[8], n, "features.out_of_range")
-    out["hist"] = _histograms(count, lengths, devs)
     out.update((k, _json(v)) for k, v in f.items() if type(k) is str)
     return out, n, count
 
 
-def _histograms(count: list[int], lengths: list[int], devs: np.ndarray) -> list[list[int]]:
-    """Each histogram from its bins' zigzag deviations from ``count // bins``, the last bin from ``count``."""
+def _histograms(count: list[int], lengths: list[int], packed: bytes) -> list[list[int]]:
+    """Each histogram from its bins' zigzag deviations from ``count // bins``, the last bin from ``count``
+    (in numpy when every histogram has the same bins and the counts are bounded)."""
+    devs = unpack_array(packed)
+    if len(devs) != sum(lengths) - len(count):
+        raise Rejected("histogram_mismatch", f"{len(devs)} packed bins for {sum(lengths) - len(count)}")
     m = lengths[0] if lengths else 0
     if m > 1 and lengths.count(m) == len(lengths) and max(count) < 2**62:
-        z = devs.reshape(len(count), m - 1)
         c = np.array(count, dtype=np.int64)
         h = np.empty((len(count), m), dtype=np.int64)
-        h[:, :-1] = (c // m)[:, None] + ((z >> 1) ^ -(z & 1))
+        h[:, :-1] = _UNZIGZAG_NP[devs].reshape(len(count), m - 1) if devs.max(initial=0) < 512 else \
+            ((devs >> 1) ^ -(devs & 1)).reshape(len(count), m - 1)
+        h[:, :-1] += (c // m)[:, None]
         h[:, -1] = c - h[:, :-1].sum(axis=1)
         return h.tolist()
     devs = devs.tolist()
@@ -783,7 +786,7 @@ def _ref_values(ref: Reference, coded: list[int], count: list[int], codes: list[
         mu, mstep, rstep, var, count = ([a[j] for j in coded] for a in (mu, mstep, rstep, var, count))
     zm, zv, qlo, qhi = codes
     mean = [m + (z >> 1 ^ -(z & 1)) * st for m, z, st in zip(mu, zm, mstep, strict=True)]
-    m2 = [max(c, 1) * v * 2.0 ** ((z - 1 >> 1 ^ -(z - 1 & 1)) / VAR_STEPS) if z else 0.0
+    m2 = [(c or 1) * v * 2.0 ** ((z - 1 >> 1 ^ -(z - 1 & 1)) / VAR_STEPS) if z else 0.0
           for z, c, v in zip(zv, count, var, strict=True)]
     return [[m - q * r for m, q, r in zip(mean, qlo, rstep, strict=True)],
             [m + q * r for m, q, r in zip(mean, qhi, rstep, strict=True)], mean, m2]

@@ -67,6 +67,7 @@ def unzigzag(z: int) -> int:
 
 
 UNZIGZAG = [unzigzag(z) for z in range(512)]
+_PAIRS = np.array([(b >> 4, b & 15) for b in range(256)], dtype=np.int64)   # a byte's two nibbles
 _NIBBLES = [(b >> 4, b & 15) for b in range(256)]
 
 
@@ -178,10 +179,7 @@ def _nibble_array(buf: bytes, max_items: int) -> np.ndarray | None:
     m = (n + 1) // 2
     if n > max_items or pos + m > len(buf):
         raise Rejected("oversized" if n > max_items else "malformed_cbor", f"a packed list of {n} nibbles")
-    raw = np.frombuffer(buf, dtype=np.uint8, count=m, offset=pos)
-    out = np.empty(2 * m, dtype=np.int64)
-    out[0::2], out[1::2] = raw >> 4, raw & 15
-    out = out[:n]
+    out = _PAIRS[np.frombuffer(buf, dtype=np.uint8, count=m, offset=pos)].ravel()[:n]
     pos += m
     escaped = np.flatnonzero(out == 15)
     tail = np.frombuffer(buf, dtype=np.uint8, offset=pos)
@@ -226,14 +224,15 @@ def pack_columns(columns: list[list[int]]) -> bytes:
 
 
 def _column_layout(buf: bytes, rows: int, ncols: int) -> tuple[list[tuple[int, int]], int]:
-    pos, layout = 0, []
+    pos, layout, total = 0, [], 0
     for _ in range(ncols):
-        base, pos = (buf[pos], pos + 1) if pos < len(buf) and buf[pos] < 0x80 else read_varint(buf, pos)
-        if pos >= len(buf) or buf[pos] > MAX_WIDTH or base >= 2**62:
+        base, pos = read_varint(buf, pos)
+        width = buf[pos] if pos < len(buf) else 255
+        if width > MAX_WIDTH or base >= 2**62:
             raise Rejected("malformed_cbor", "a packed column needs a base under 2**62 and at most 40 bits")
-        layout.append((base, buf[pos]))
+        layout.append((base, width))
+        total += rows * width
         pos += 1
-    total = rows * sum(w for _, w in layout)
     if len(buf) - pos != (total + 7) // 8:
         raise Rejected("malformed_cbor", f"{len(buf) - pos} bytes of packed columns for {total} bits")
     return layout, pos
