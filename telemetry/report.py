@@ -41,15 +41,16 @@ def _engine(db_url: str):
 
 def parity_rows(bundles: dict[tuple[str, str], dict]) -> list[dict]:
     """One row per bundle artifact with the metric measured at conversion (source and artifact)."""
-    rows = []
-    for (name, version), m in sorted(bundles.items()):
-        for a in (m or {}).get("artifacts") or []:
-            p = a.get("parity") or {}
-            rows.append({"bundle": f"{name} {version}", "file": a.get("file"), "quantization": a.get("quantization"),
-                         "metric": p.get("metric"), "source": p.get("source_metric"),
-                         "artifact": p.get("artifact_metric"), "drop_points": p.get("metric_drop_points"),
-                         "size_bytes": a.get("size_bytes")})
-    return rows
+    return [_parity_row(f"{name} {version}", a)
+            for (name, version), m in sorted(bundles.items()) for a in (m or {}).get("artifacts") or []]
+
+
+def _parity_row(bundle: str, a: dict) -> dict:
+    p = a.get("parity") or {}
+    return {"bundle": bundle, "file": a.get("file"), "quantization": a.get("quantization"),
+            "metric": p.get("metric"), "source": p.get("source_metric"),
+            "artifact": p.get("artifact_metric"), "drop_points": p.get("metric_drop_points"),
+            "size_bytes": a.get("size_bytes")}
 
 
 def chosen_devices(snapshot: list[dict]) -> list[dict]:
@@ -66,12 +67,11 @@ def psi_history(engine, device: dict, manifest: dict | None, config: MonitorConf
     name, version = device["model"]["name"], device["model"]["version"]
     recent = store.recent_windows(engine, fleet, dev, name, version, HISTORY_WINDOWS + config.recent_windows - 1)
     recent.sort(key=lambda w: w["seq"])
+    # only full sliding windows, as the monitor sees them (all of them when there are fewer)
+    first = config.recent_windows - 1 if len(recent) >= config.recent_windows else 0
     out = []
-    for i in range(len(recent)):
-        window = recent[max(0, i - config.recent_windows + 1): i + 1]
-        if i < config.recent_windows - 1 and len(recent) >= config.recent_windows:
-            continue                      # only full sliding windows, as the monitor sees them
-        ev = evaluate(window, manifest, config)
+    for i in range(first, len(recent)):
+        ev = evaluate(recent[max(0, i - config.recent_windows + 1): i + 1], manifest, config)
         if ev.feature_scores:
             out.append((recent[i]["seq"], max(ev.feature_scores.values())))
     return out
@@ -113,10 +113,15 @@ def _parity_bars(ax, scored: list[dict]) -> None:
                zorder=3)
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.invert_yaxis()
-    lo = min(min(r["artifact"] for r in scored), min((r["source"] or 1) for r in scored))
-    ax.set_xlim(max(0.0, lo - 0.05), 1.0 if scored[0]["metric"] in ("accuracy", None) else None)
+    ax.set_xlim(*_parity_xlim(scored))
     ax.legend(loc="lower left", fontsize=8)
     ax.set_xlabel(f"{scored[0]['metric'] or 'metric'} at conversion (holdout)")
+
+
+def _parity_xlim(scored: list[dict]) -> tuple[float, float | None]:
+    """From a little below the lowest metric to 1.0 for accuracy (open-ended for other metrics)."""
+    lo = min(min(r["artifact"] for r in scored), min((r["source"] or 1) for r in scored))
+    return max(0.0, lo - 0.05), 1.0 if scored[0]["metric"] in ("accuracy", None) else None
 
 
 def _latency_panel(ax, engine, chosen) -> None:
@@ -154,15 +159,20 @@ def _drift_panel(ax, engine, chosen, bundles, config) -> None:
                     linestyle="-" if d["open_alerts"] else "--")
             drawn += 1
     if drawn:
-        ax.axhline(config.psi_threshold, color="#dc2626", linewidth=1, label=f"threshold {config.psi_threshold}")
-        ax.set_yscale("symlog", linthresh=0.1)
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel(f"window seq (PSI over the last {config.recent_windows} windows)")
-        ax.set_ylabel("largest feature PSI")
-        ax.legend(fontsize=7, ncol=2)
+        _psi_axes(ax, config)
     else:
         ax.text(0.5, 0.5, "no drift history (no registered reference profile or windows)", ha="center", va="center")
     ax.set_title("drift over time")
+
+
+def _psi_axes(ax, config) -> None:
+    """The drift panel's threshold line, symlog PSI scale, labels and legend."""
+    ax.axhline(config.psi_threshold, color="#dc2626", linewidth=1, label=f"threshold {config.psi_threshold}")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"window seq (PSI over the last {config.recent_windows} windows)")
+    ax.set_ylabel("largest feature PSI")
+    ax.legend(fontsize=7, ncol=2)
 
 
 def _status_panel(ax, snapshot, open_alerts) -> None:
