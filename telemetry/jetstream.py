@@ -313,8 +313,9 @@ class JetStreamMonitor(FleetMonitor):
             import ssl
 
             tls = ssl.create_default_context(cafile=self.broker.ca_file)
+        # the servers in the order given (the first first, as over MQTT), the next one when a node goes away
         options = dict(name=self.client_id, connect_timeout=2, reconnect_time_wait=1, max_reconnect_attempts=-1,
-                       allow_reconnect=True, error_cb=on_error, disconnected_cb=on_disconnected,
+                       allow_reconnect=True, dont_randomize=True, error_cb=on_error, disconnected_cb=on_disconnected,
                        reconnected_cb=on_reconnected, tls=tls, user=self.broker.username,
                        password=self.broker.password, pending_size=64 * 1024 * 1024)
         connect = asyncio.get_running_loop().create_task(nats.connect(list(self.broker.servers), **options))

@@ -179,7 +179,8 @@ def _received(port: int) -> float:
 def test_workers_share_the_stream_and_a_node_and_a_worker_die_without_loss_or_duplicate(
         tmp_path, nats_binary, bc_mlp_bundle, inputs, pg_url):
     """Three NATS nodes, an agent on each speaking MQTT, two workers consuming natively on PostgreSQL. Node 1
-    and worker 0 are killed mid-stream: every window is stored exactly once and every spool ends empty."""
+    (worker 1's) and then worker 0 are killed mid-stream: worker 1 fails over and takes worker 0's share;
+    every window is stored exactly once and every spool ends empty."""
     from sqlalchemy import create_engine, text
 
     cluster = NatsCluster(tmp_path / "nats").start()
@@ -188,7 +189,7 @@ def test_workers_share_the_stream_and_a_node_and_a_worker_die_without_loss_or_du
     workers = [subprocess.Popen([sys.executable, "-m", "edgeops", "monitor", "--broker", cluster.nats_url(*order),
                                  "--db", pg_url, "--fleet", FLEET, "--ack-wait", "5", "--http", f"127.0.0.1:{http[k]}"],
                                 stdout=subprocess.DEVNULL, stderr=open(logs[k], "ab"))
-               for k, order in enumerate(((0, 1, 2), (2, 0, 1)))]
+               for k, order in enumerate(((0, 1, 2), (1, 2, 0)))]
     engine = create_engine(pg_url)
 
     def rows() -> dict[tuple[str, int], int]:
@@ -215,7 +216,8 @@ def test_workers_share_the_stream_and_a_node_and_a_worker_die_without_loss_or_du
         assert eventually(lambda: all(stored(s.name) >= 20 for s in states), 90), cluster.log_tail()
         # both workers take a share of the stream
         assert eventually(lambda: all(_received(port) > 0 for port in http), 30), [_received(p) for p in http]
-        cluster.kill_node(1)                      # dev-1's node, and maybe a consumer's leader
+        assert f"connected to nats://127.0.0.1:{cluster.ports[1]['client']} " in logs[1].read_text()
+        cluster.kill_node(1)                      # dev-1's and worker 1's node: both fail over
         assert eventually(lambda: all(stored(s.name) >= 60 for s in states), 90), cluster.log_tail()
         workers[0].send_signal(signal.SIGKILL)    # its fetched, uncommitted messages come back after AckWait
         workers[0].wait()
@@ -230,6 +232,7 @@ def test_workers_share_the_stream_and_a_node_and_a_worker_die_without_loss_or_du
             assert set(mine.values()) == {1}, f"{s.name}: windows stored more than once"
             assert _spooled(s) == 0, f"{s.name}: {_spooled(s)} windows never confirmed"
             assert "trying broker node" in s.with_suffix(".log").read_text() or s.name != "dev-1"
+        assert "monitor reconnected to NATS server" in logs[1].read_text(), logs[1].read_text()
         # nothing is left delivered and unacknowledged (worker 0's share went to worker 1 after AckWait)
         servers = cluster.nats_url(0, 2)
         assert eventually(lambda: consumer_state(servers, f"edgeops-monitor-{FLEET}-telemetry")["ack_pending"] == 0,
