@@ -108,10 +108,14 @@ def _confusion(windows: list[dict]) -> np.ndarray:
     k = max((len(w.get("predictions", {}).get("counts") or []) for w in windows), default=0)
     out = np.zeros(k * k)
     for w in windows:
-        c = (w.get("labels") or {}).get("confusion")
+        c = _window_confusion(w)
         if c and len(c) == k:
             out += np.asarray(c, dtype=np.float64).ravel()
     return out
+
+
+def _window_confusion(w: dict) -> list | None:
+    return (w.get("labels") or {}).get("confusion")
 
 
 def _distinct(windows: list[dict]) -> np.ndarray | None:
@@ -199,7 +203,6 @@ class FleetView:
         if not fs or not fs.devices:
             return None
         t = fs.total
-        sketches = [d.distinct for d in fs.devices.values()]
         return {
             "device_id": "*", "seq": 0,
             "count": int(round(float(t["inferences"][0]))), "errors": int(round(float(t["errors"][0]))),
@@ -207,8 +210,7 @@ class FleetView:
             "features": _pooled_features(t, list(fs.devices.values())),
             "predictions": _pooled_predictions(t),
             **_labels(t["confusion"]),
-            **({"distinct": np.max(sketches, axis=0).tolist()}      # a max over devices x 64 bytes, like min and max
-               if all(r is not None for r in sketches) else {}),
+            **_pooled_distinct([d.distinct for d in fs.devices.values()]),
         }
 
     def sample_windows(self, fleet: str, name: str, version: str) -> list[dict]:
@@ -262,6 +264,14 @@ def _pooled_predictions(t: dict[str, np.ndarray]) -> dict:
 def _part(stats: _DeviceStats | None, k: str):
     """A device's share of the running sum ``k`` (0 for no device)."""
     return getattr(stats, k) if stats is not None else 0.0
+
+
+def _pooled_distinct(sketches: list[np.ndarray | None]) -> dict:
+    """The fleet's distinct-rows sketch: a max over devices x 64 bytes, like min and max (none unless every
+    device has one)."""
+    if any(r is None for r in sketches):
+        return {}
+    return {"distinct": np.max(sketches, axis=0).tolist()}
 
 
 def _labels(flat: np.ndarray) -> dict:
