@@ -131,23 +131,37 @@ def remove_password(password_file: Path, username: str) -> bool:
 
 def remove_acl_block(acl_file: Path, username: str) -> bool:
     """Remove the ``user <username>`` block (its marker comment and topic lines); False when there was none."""
-    lines, kept, skipping, found = _lines(acl_file), [], False, False
-    for line in lines:
-        words = line.split(None, 1)
-        if line.strip() == _marker(username):
-            continue
-        if words[:1] == ["user"]:
-            skipping = words[1:] == [username]
-            found = found or skipping
-        elif skipping and words[:1] not in (["topic"], ["pattern"]):
-            skipping = False      # the block ends at the first line that is not an ACL rule
-        if not skipping and (line.strip() or (kept and kept[-1].strip())):   # no runs of blank lines left
-            kept.append(line)
+    kept, found = _without_block(_lines(acl_file), username)
     if found:
         while kept and not kept[-1].strip():
             kept.pop()
         _write_text(acl_file, "".join(line + "\n" for line in kept), 0o644)
     return found
+
+
+def _without_block(lines: list[str], username: str) -> tuple[list[str], bool]:
+    """The ACL lines without ``username``'s block and marker, no runs of blank lines left; and whether the
+    block was there."""
+    kept: list[str] = []
+    skipping = found = False
+    marker = _marker(username)
+    for line in lines:
+        if line.strip() == marker:
+            continue
+        words = line.split(None, 1)
+        skipping = _in_block(words, username, skipping)
+        found = found or (words[:1] == ["user"] and skipping)
+        if not skipping and (line.strip() or (kept and kept[-1].strip())):
+            kept.append(line)
+    return kept, found
+
+
+def _in_block(words: list[str], username: str, skipping: bool) -> bool:
+    """Whether a line (its first words) belongs to ``username``'s block, given whether the line before did:
+    a ``user`` line starts a block; the block ends at the first line that is not an ACL rule."""
+    if words[:1] == ["user"]:
+        return words[1:] == [username]
+    return skipping and words[:1] in (["topic"], ["pattern"])
 
 
 def set_acl_block(acl_file: Path, fleet: str, device: str, prefix: str = DEFAULT_PREFIX) -> None:
@@ -194,8 +208,6 @@ def provision(fleet: str, device: str, out: Path, files: BrokerFiles, *,
     the broker, username and TLS files, relative to itself), ``ca.crt`` and, with ``cert``,
     ``device.crt``/``device.key``.
     """
-    from devices import fleet_ca  # cryptography: imported only to provision
-
     password_file, acl_file, ca_dir = files.password_file, files.acl_file, files.ca_dir
     username = device_username(fleet, device)
     broker = broker or f"mqtts://localhost:{CERTIFICATE_PORT if cert else PASSWORD_PORT}"
@@ -203,23 +215,36 @@ def provision(fleet: str, device: str, out: Path, files: BrokerFiles, *,
     made = ProvisionedDevice(fleet, device, username, broker, str(out), str(acl_file))
     args = ["--fleet", fleet, "--device-id", device, "--broker", broker, "--topic-prefix", prefix]
     if (ca_dir / "ca.crt").exists() or cert:
-        if cert:
-            serial = fleet_ca.issue(ca_dir, username, out / "device.crt", out / "device.key")
-            made.cert_serial = f"{serial:x}"
-            args += ["--cert", "device.crt", "--key", "device.key"]
-        shutil.copyfile(ca_dir / "ca.crt", out / "ca.crt")
-        args += ["--ca", "ca.crt"]
+        args += _tls_files(made, ca_dir, out, cert)
     if not cert:
-        password = secrets.token_urlsafe(24)
-        set_password(password_file, username, password)
-        made.password_file = str(password_file)
-        _write_text(out / "agent.env", f"EDGEOPS_MQTT_PASSWORD={password}\n", 0o600)
-        args += ["--username", username]
+        args += _password_credential(made, password_file, out)
     set_acl_block(acl_file, fleet, device, prefix)
     made.command = ["edgeops", "run", "BUNDLE"] + args
     _write_text(out / "run-agent.sh", _run_script(args), 0o755)
     made.files = {p.name: str(p) for p in sorted(out.iterdir()) if p.is_file()}
     return made
+
+
+def _tls_files(made: ProvisionedDevice, ca_dir: Path, out: Path, cert: bool) -> list[str]:
+    """Copy the fleet CA into ``out`` (and with ``cert`` issue the device's certificate): the agent's options."""
+    from devices import fleet_ca  # cryptography: imported only to provision
+
+    args = []
+    if cert:
+        serial = fleet_ca.issue(ca_dir, made.username, out / "device.crt", out / "device.key")
+        made.cert_serial = f"{serial:x}"
+        args += ["--cert", "device.crt", "--key", "device.key"]
+    shutil.copyfile(ca_dir / "ca.crt", out / "ca.crt")
+    return args + ["--ca", "ca.crt"]
+
+
+def _password_credential(made: ProvisionedDevice, password_file: Path, out: Path) -> list[str]:
+    """A new password for the device, in the broker's password file and in ``out/agent.env``: the agent's options."""
+    password = secrets.token_urlsafe(24)
+    set_password(password_file, made.username, password)
+    made.password_file = str(password_file)
+    _write_text(out / "agent.env", f"EDGEOPS_MQTT_PASSWORD={password}\n", 0o600)
+    return ["--username", made.username]
 
 
 def _run_script(args: list[str]) -> str:
