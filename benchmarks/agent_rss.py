@@ -34,6 +34,27 @@ def vm_value(pid: int, key: str) -> float | None:
     return None
 
 
+def _bundle(arg: str | None, work: Path) -> Path:
+    """The bundle given, else the Digits CNN reference model (float and int8 TFLite) converted into work."""
+    if arg:
+        return Path(arg)
+    from convert.reference import convert_reference
+
+    bundle = work / "digits-cnn"
+    convert_reference("cnn", "digits", bundle, quantize=("none", "int8"), formats=("tflite",))
+    return bundle
+
+
+def _watch_memory(proc: subprocess.Popen) -> tuple[float, float]:
+    """(peak, last) resident MB of a process, read every 100 ms until it ends."""
+    peak, rss = 0.0, 0.0
+    while proc.poll() is None:
+        peak = max(peak, vm_value(proc.pid, "VmHWM") or 0.0)
+        rss = vm_value(proc.pid, "VmRSS") or rss
+        time.sleep(0.1)
+    return peak, rss
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the results as JSON to this file")
@@ -45,13 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="edgeops-rss-"))
     atexit.register(shutil.rmtree, work, True)      # bundle, inputs, broker and state, whatever way it ends
-    if args.bundle:
-        bundle = Path(args.bundle)
-    else:
-        from convert.reference import convert_reference, digits_images, load_reference_data
-
-        bundle = work / "digits-cnn"
-        convert_reference("cnn", "digits", bundle, quantize=("none", "int8"), formats=("tflite",))
+    bundle = _bundle(args.bundle, work)
     from convert.reference import digits_images, load_reference_data
 
     np.save(work / "inputs.npy", digits_images(load_reference_data("digits").X_test))
@@ -60,11 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                "--input", str(work / "inputs.npy"), "--loop", "--rate", "200", "--window-seconds", "1",
                "--duration", str(args.seconds), "--state-dir", str(work / "state")]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        peak, rss = 0.0, 0.0
-        while proc.poll() is None:
-            peak = max(peak, vm_value(proc.pid, "VmHWM") or 0.0)
-            rss = vm_value(proc.pid, "VmRSS") or rss
-            time.sleep(0.1)
+        peak, rss = _watch_memory(proc)
         err = proc.stderr.read()
     if proc.returncode != 0:
         raise SystemExit(f"the agent failed: {err[-500:]}")

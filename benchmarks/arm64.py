@@ -92,10 +92,15 @@ def _predict(device, jobs: list[dict], work: Path, side: str) -> dict:
     return json.loads((work / f"{side}-report.json").read_text())
 
 
+def _label_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+    """The share of rows whose argmax agrees; None for outputs that are not class scores."""
+    return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1))) if a.ndim == 2 and a.shape[1] > 1 else None
+
+
 def _agreement(host_job: dict, guest_job: dict, host_result: dict, guest_result: dict) -> dict:
     """One artifact's row: label agreement and largest output difference between the two machines."""
     a, b = np.load(host_job["out"]), np.load(guest_job["out"])
-    agree = float(np.mean(a.argmax(axis=1) == b.argmax(axis=1))) if a.ndim == 2 and a.shape[1] > 1 else None
+    agree = _label_agreement(a, b)
     diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
     identical = bool(np.array_equal(a, b))
     exact = "int8" in host_job["artifact"]

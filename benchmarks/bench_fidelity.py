@@ -116,9 +116,13 @@ def _interleave(loops: dict, blocks: int, runs: int) -> tuple[dict[str, list[int
     return samples, block_medians
 
 
+def _rounded_lists(block_medians: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {arm: [round(v, 5) for v in vs] for arm, vs in block_medians.items()}
+
+
 def compare(path: Path, blocks: int, runs: int, threads: int | None, warmup: int = 20) -> dict:
     """Interleave the three loops on one backend; medians (ms) and ratios to the bare loop."""
-    from benchmarks.runner import _feeds
+    from benchmarks.runner import _feeds, _input_fields
     from edge_runtime.accel import Acceleration, report_of
     from edge_runtime.backends import open_backend
 
@@ -135,8 +139,7 @@ def compare(path: Path, blocks: int, runs: int, threads: int | None, warmup: int
         "model": str(path), "sha256": hashlib.sha256(data).hexdigest(), "model_bytes": len(data),
         "backend": backend.name, "backend_version": backend.version, "threads": threads,
         "runs_on": report.delegate or ",".join(report.providers) or "cpu",
-        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(f.shape)}
-                   for t, f in zip(backend.inputs, feeds, strict=True)],
+        "inputs": _input_fields(backend.inputs, feeds),
         "blocks": blocks, "runs_per_block": runs,
         "median_ms": {arm: round(v, 5) for arm, v in med.items()},
         "ratio_bench_to_bare": round(med["bench"] / med["bare"], 4),
@@ -144,7 +147,7 @@ def compare(path: Path, blocks: int, runs: int, threads: int | None, warmup: int
         "block_median_ratio_bench_to_bare": round(float(np.median(
             np.array(block_medians["bench"]) / np.array(block_medians["bare"]))), 4),
         "within_5pct": abs(med["bench"] / med["bare"] - 1) <= 0.05,
-        "block_medians_ms": {arm: [round(v, 5) for v in vs] for arm, vs in block_medians.items()},
+        "block_medians_ms": _rounded_lists(block_medians),
     }
 
 
@@ -157,6 +160,22 @@ def project_models(work: Path) -> list[Path]:
     if not is_complete(out):
         convert_reference("cnn", "digits", out, force=True)
     return [out / "model.tflite", out / "model.int8.tflite"]
+
+
+def _table_row(r: dict) -> dict:
+    """A result as a row of the printed table."""
+    return {"model": f"{Path(r['model']).parent.name}/{Path(r['model']).name}", "runs on": r["runs_on"],
+            **{f"{arm} p50 ms": r["median_ms"][arm] for arm in ARMS},
+            "bench/bare": r["ratio_bench_to_bare"], "run()/bare": r["ratio_run_to_bare"],
+            "within 5%": r["within_5pct"]}
+
+
+def _model_paths(args: argparse.Namespace) -> list[Path]:
+    """The models given, after the project's Digits CNN unless --no-project-model."""
+    paths = [Path(m) for m in args.model]
+    if not args.no_project_model:
+        paths = project_models(Path(args.work or tempfile.mkdtemp(prefix="edgeops-fidelity-"))) + paths
+    return paths
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -172,14 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     blocks, runs = (4, 20) if args.quick else (args.blocks, args.runs)
-    paths = [Path(m) for m in args.model]
-    if not args.no_project_model:
-        paths = project_models(Path(args.work or tempfile.mkdtemp(prefix="edgeops-fidelity-"))) + paths
-    rows = [compare(p, blocks, runs, args.threads) for p in paths]
-    table = [{"model": f"{Path(r['model']).parent.name}/{Path(r['model']).name}", "runs on": r["runs_on"],
-              **{f"{arm} p50 ms": r["median_ms"][arm] for arm in ARMS},
-              "bench/bare": r["ratio_bench_to_bare"], "run()/bare": r["ratio_run_to_bare"],
-              "within 5%": r["within_5pct"]} for r in rows]
+    rows = [compare(p, blocks, runs, args.threads) for p in _model_paths(args)]
+    table = [_table_row(r) for r in rows]
     print_table(table, [(k, k) for k in table[0]] if table else [],
                 title=f"edgeops bench vs a bare interpreter loop: medians of {blocks} interleaved blocks x {runs} runs "
                       "each, one process, one interpreter")

@@ -24,34 +24,49 @@ def expand(paths: tuple[str, ...], artifact: str | None) -> list[dict]:
     items = []
     for raw in paths:
         p = Path(raw)
-        if not p.exists():
-            raise InvalidInputError(f"{p}: no such file or directory")
-        if p.is_file() and p.suffix.lower() in (".tflite", ".onnx"):
+        if _is_model_file(p):
             items.append({"path": p, "bundle": None, "artifact": None})
             continue
-        if p.is_file() and not p.name.endswith((".tar.gz", ".tgz")):
-            raise InvalidInputError(f"{p}: not a model (.tflite, .onnx) or a bundle (directory or .tar.gz)")
         bundle = open_bundle(p)
         arts = [bundle.artifact(artifact)] if artifact else bundle.artifacts
-        for a in arts:
-            items.append({"path": bundle.root / a["file"], "bundle": bundle, "artifact": a})
+        items += [{"path": bundle.root / a["file"], "bundle": bundle, "artifact": a} for a in arts]
     return items
+
+
+def _is_model_file(p: Path) -> bool:
+    """True for a bare .tflite/.onnx file, False for a bundle (directory or .tar.gz); InvalidInputError else."""
+    if not p.exists():
+        raise InvalidInputError(f"{p}: no such file or directory")
+    if p.is_file() and p.suffix.lower() in (".tflite", ".onnx"):
+        return True
+    if p.is_file() and not p.name.endswith((".tar.gz", ".tgz")):
+        raise InvalidInputError(f"{p}: not a model (.tflite, .onnx) or a bundle (directory or .tar.gz)")
+    return False
 
 
 def measure_in_child(path: Path, opts: dict) -> dict:
     """Run one measurement in a fresh interpreter so that init time and peak RSS are this artifact's alone."""
     args = json.dumps({"path": str(path), **opts})
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     # -P: the child never imports packages from the current folder in place of this installation
     res = subprocess.run([sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "benchmarks.runner",
-                          args], capture_output=True, text=True, env=env, timeout=3600)
+                          args], capture_output=True, text=True, env=_child_env(), timeout=3600)
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
     if res.returncode != 0 or not lines:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise EdgeOpsError(f"{path.name}: the benchmark process failed ({tail})")
-    doc = json.loads(lines[-1])
+    return _child_result(json.loads(lines[-1]))
+
+
+def _child_env() -> dict:
+    """This environment, with this checkout first on PYTHONPATH."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _child_result(doc: dict) -> dict:
+    """The measurement a child printed, or the error it reported (with its exit code) raised here."""
     if "error" in doc:
         err = InvalidInputError(doc["error"])
         err.exit_code = doc.get("exit_code", 3)
@@ -333,8 +348,6 @@ def _write_outputs(doc: dict, results: list[dict], machine: dict, warnings: list
 
 def board_acceleration(board: str | None, accel):
     """The Acceleration to measure with: the options given, completed by the board profile's delegate/providers."""
-    from dataclasses import replace
-
     from edge_runtime.accel import Acceleration
 
     accel = accel or Acceleration()
@@ -342,7 +355,15 @@ def board_acceleration(board: str | None, accel):
         return accel
     from devices.boards import get_profile
 
-    profile = get_profile(board)
+    return _with_profile(accel, get_profile(board))
+
+
+def _with_profile(accel, profile):
+    """The profile's delegate and providers where accel names none."""
+    from dataclasses import replace
+
+    from edge_runtime.accel import Acceleration
+
     if profile.delegate and not accel.delegate:
         accel = replace(accel, delegate=Acceleration.from_specs(profile.delegate).delegate,
                         delegate_options=Acceleration.from_specs(profile.delegate).delegate_options)

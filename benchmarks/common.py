@@ -10,13 +10,18 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]], title: str | N
     """Print rows as an aligned text table; ``columns`` are (key, header) pairs."""
     header = [h for _, h in columns]
     body = [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(columns))]
+    widths = _widths([header, *body])
     if title:
         print(title)
     print(_aligned(header, widths, numbers=False))
     print("  ".join("-" * w for w in widths))
     for row in body:
         print(_aligned(row, widths, numbers=True))
+
+
+def _widths(cells: list[list[str]]) -> list[int]:
+    """The width of each column: its longest cell."""
+    return [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
 
 
 def _aligned(row: list[str], widths: list[int], numbers: bool) -> str:

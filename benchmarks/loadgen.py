@@ -37,6 +37,12 @@ def compact_manifest(features: int = 4, seed: int = 0) -> dict:
     return reference_manifest(X, y, MODEL, feature_names=[f"f{i}" for i in range(features)])
 
 
+def _sleep_until(due: float) -> None:
+    wait = due - time.time()
+    if wait > 0:
+        time.sleep(wait)
+
+
 @dataclass
 class Load:
     """Prepared messages: (topic, payload, device, seq), in publishing order."""
@@ -50,23 +56,27 @@ class Load:
         return {(d, s) for _, _, d, s in self.messages}
 
 
+def _window_shape(rng, manifest: dict, features: int, fleet: str, now: float) -> dict:
+    """A synthetic window of 100 random rows, without the fields each message sets."""
+    from telemetry.synthetic import make_window
+
+    X = rng.normal(size=(100, features))
+    w = make_window(X, manifest, "x", 0, fleet=fleet, start=now - 70, end=now - 60,
+                    predictions=(X[:, 0] > 0).astype(int), latencies_ms=rng.gamma(4.0, 0.5, 100))
+    return {k: v for k, v in w.items() if k not in ("schema_version", "type", "device_id", "fleet")}
+
+
 def build(devices: int, windows: int, fleet: str = "load", features: int = 4, prefix: str = "edgeops",
           manifest: dict | None = None, templates: int = 16, seed: int = 0) -> Load:
     """``devices x windows`` encoded telemetry messages (window w of every device, then w + 1, ...)."""
     import numpy as np
 
     from edge_runtime.wire import encode, telemetry_message, topic
-    from telemetry.synthetic import make_window
 
     manifest = manifest or compact_manifest(features, seed)
     rng = np.random.default_rng(seed)
     now = time.time()
-    shapes = []
-    for _ in range(templates):
-        X = rng.normal(size=(100, features))
-        w = make_window(X, manifest, "x", 0, fleet=fleet, start=now - 70, end=now - 60,
-                        predictions=(X[:, 0] > 0).astype(int), latencies_ms=rng.gamma(4.0, 0.5, 100))
-        shapes.append({k: v for k, v in w.items() if k not in ("schema_version", "type", "device_id", "fleet")})
+    shapes = [_window_shape(rng, manifest, features, fleet, now) for _ in range(templates)]
     messages = []
     for s in range(windows):
         for i in range(devices):
@@ -138,10 +148,7 @@ class Publisher:
         step = max(1, int(rate / 200)) if rate else 500
         for k in range(0, len(load.messages), step):
             if rate:
-                due = t0 + k / rate
-                wait = due - time.time()
-                if wait > 0:
-                    time.sleep(wait)
+                _sleep_until(t0 + k / rate)
             now = time.time()
             for topic_, payload, device, seq in load.messages[k:k + step]:
                 infos.append(self.client.publish(topic_, payload, qos=1))

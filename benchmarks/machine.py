@@ -9,22 +9,31 @@ from pathlib import Path
 
 def cpu_model() -> str:
     """CPU model name from /proc/cpuinfo (x86 'model name'; ARM 'CPU part' mapped to a core name)."""
-    parts = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
-             "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
-             "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78", "0xd4f": "Neoverse-V2"}
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return platform.processor() or "unknown"
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "Model Name", "cpu model", "Processor"):
-            return value.strip()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "CPU part":
-            return parts.get(value.strip().lower(), f"ARM part {value.strip()}")
+    name = _cpuinfo_value(text, ("model name", "Model Name", "cpu model", "Processor"))
+    if name is not None:
+        return name
+    part = _cpuinfo_value(text, ("CPU part",))
+    if part is not None:
+        return ARM_PARTS.get(part.lower(), f"ARM part {part}")
     return platform.processor() or "unknown"
+
+
+ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
+             "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
+             "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78", "0xd4f": "Neoverse-V2"}
+
+
+def _cpuinfo_value(text: str, keys: tuple[str, ...]) -> str | None:
+    """The value of the first /proc/cpuinfo line whose key is one of keys."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in keys:
+            return value.strip()
+    return None
 
 
 def board_model() -> str | None:

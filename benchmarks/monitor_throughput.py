@@ -191,10 +191,13 @@ def _rates(samples: list[tuple[float, int]], stored: int, t_publish: float) -> t
     ingestion: from the last poll that saw nothing stored yet to the same moment.
     """
     last = next((t for t, n in samples if n >= stored), None)
-    rate = (stored / (last - t_publish)) if last and last > t_publish else None
     t_first = max((t for t, n in samples if n == 0), default=t_publish)
-    ingest_rate = (stored / (last - t_first)) if last and last > t_first else None
-    return rate, ingest_rate
+    return _per_second(stored, t_publish, last), _per_second(stored, t_first, last)
+
+
+def _per_second(n: int, start: float, end: float | None) -> float | None:
+    """n over the seconds from start to end; None without a later end."""
+    return (n / (end - start)) if end and end > start else None
 
 
 def _stop_monitors(monitors: list[subprocess.Popen]) -> list[dict]:
@@ -219,13 +222,23 @@ def _monitor_totals(stats: list[dict]) -> dict:
             "per_process_stored": [s["stored"] for s in stats]}
 
 
+def _database(processes: int, workdir: Path) -> tuple[str | None, str]:
+    """(a new PostgreSQL database's name or None, the URL): several monitors share PostgreSQL, one uses SQLite."""
+    pg = _pg_database() if processes > 1 else None
+    db = (PG_ADMIN.rsplit("/", 1)[0] + "/" + pg) if pg else f"sqlite:///{workdir / f'monitor-{processes}.db'}"
+    return pg, db
+
+
+def _rounded(rate: float | None) -> float | None:
+    return round(rate, 1) if rate else None
+
+
 def run(processes: int, devices: int, windows: int, workdir: Path) -> dict:
     from sqlalchemy import create_engine
 
     from devtools.brokers import MosquittoBroker
 
-    pg = _pg_database() if processes > 1 else None
-    db = (PG_ADMIN.rsplit("/", 1)[0] + "/" + pg) if pg else f"sqlite:///{workdir / f'monitor-{processes}.db'}"
+    pg, db = _database(processes, workdir)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     broker = MosquittoBroker(workdir=workdir / f"broker-{processes}").start()
     monitors: list[subprocess.Popen] = []
@@ -245,8 +258,8 @@ def run(processes: int, devices: int, windows: int, workdir: Path) -> dict:
         stats = _stop_monitors(monitors)
         return {"processes": processes, "database": "postgresql" if pg else "sqlite", "devices": devices,
                 "windows_sent": total, "windows_stored": stored, "window_bytes": pub_out["bytes"],
-                "publish_seconds": pub_out["seconds"], "end_to_end_windows_per_s": round(rate, 1) if rate else None,
-                "ingest_windows_per_s": round(ingest_rate, 1) if ingest_rate else None, **_monitor_totals(stats)}
+                "publish_seconds": pub_out["seconds"], "end_to_end_windows_per_s": _rounded(rate),
+                "ingest_windows_per_s": _rounded(ingest_rate), **_monitor_totals(stats)}
     finally:
         for p in monitors:
             if p.poll() is None:

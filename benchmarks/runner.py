@@ -30,16 +30,23 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, tuple[in
     """``NAME=1,3,224,224`` options as a dict (clear error on a malformed one)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for spec in specs:
-        name, sep, dims = spec.rpartition("=")
         try:
-            if not sep or not name:
-                raise ValueError
-            shapes[name] = tuple(int(d) for d in dims.split(","))
-            if any(d <= 0 for d in shapes[name]):
-                raise ValueError
+            name, dims = _name_and_dims(spec)
         except ValueError:
             raise InvalidInputError(f"--input-shape {spec!r}: expected NAME=D1,D2,... with positive integers") from None
+        shapes[name] = dims
     return shapes
+
+
+def _name_and_dims(spec: str) -> tuple[str, tuple[int, ...]]:
+    """``NAME=D1,D2,...`` as (NAME, dims); ValueError unless every dimension is a positive integer."""
+    name, sep, dims = spec.rpartition("=")
+    if not sep or not name:
+        raise ValueError(spec)
+    shape = tuple(int(d) for d in dims.split(","))
+    if any(d <= 0 for d in shape):
+        raise ValueError(spec)
+    return name, shape
 
 
 def _given_shape(t: TensorInfo, given: tuple[int, ...]) -> tuple[int, ...]:
@@ -69,9 +76,14 @@ def concrete_shape(t: TensorInfo, batch: int, shapes: dict[str, tuple[int, ...]]
     if missing:
         raise InvalidInputError(
             f"input {t.name!r} has a dynamic dimension {missing[0]} (shape {list(t.shape)}); "
-            f"give it with --input-shape {t.name}=" + ",".join(str(d) if d > 0 else "N" for d in dims)
+            f"give it with --input-shape {t.name}=" + _shape_template(dims)
         )
     return tuple(dims)
+
+
+def _shape_template(dims: list[int]) -> str:
+    """``1,N,3``: the known dimensions, N for the others."""
+    return ",".join(str(d) if d > 0 else "N" for d in dims)
 
 
 def random_input(t: TensorInfo, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -193,6 +205,11 @@ def _timed(step: Callable, feeds: list[np.ndarray] | None = None) -> float:
     return (time.perf_counter_ns() - t0) / 1e6
 
 
+def _first_line(exc: Exception) -> str:
+    """The first line of an error's message (200 characters at most), else its type's name."""
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
 def _first_inference(p: Path, run: Callable, feeds: list[np.ndarray]) -> float:
     """Milliseconds of the first inference; InvalidInputError when the interpreter refuses the inputs."""
     try:
@@ -200,7 +217,7 @@ def _first_inference(p: Path, run: Callable, feeds: list[np.ndarray]) -> float:
     except EdgeOpsError:
         raise
     except Exception as exc:  # noqa: BLE001 - interpreters raise RuntimeError/ValueError/ORT errors on bad shapes
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        detail = _first_line(exc)
         raise InvalidInputError(
             f"{p.name}: the input shapes {[list(f.shape) for f in feeds]} do not fit the model ({detail})"
         ) from None

@@ -140,6 +140,29 @@ def serial_pass(model, video: Path, image: dict) -> list[float]:
         cap.release()
 
 
+def _take_turns(configs: dict, rounds: int, recorded) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run the configurations in turns, reversed every other round; per configuration, every frame's time
+    and each round's median."""
+    samples: dict[str, list[float]] = {k: [] for k in configs}
+    per_round: dict[str, list[float]] = {k: [] for k in configs}
+    for r in range(rounds):
+        order = list(configs) if r % 2 == 0 else list(reversed(configs))
+        for name in order:
+            t = configs[name]()
+            samples[name].extend(t)
+            per_round[name].append(statistics.median(t))
+            recorded.recorder.poll()                  # closed windows leave, as the agent's collect does
+    return samples, per_round
+
+
+def _config_row(name: str, t: list[float], round_medians: list[float], base: float) -> dict:
+    med = statistics.median(t)
+    return {"what": name, "frames": len(t), "median_us": round(med, 1),
+            "p90_us": round(float(np.percentile(t, 90)), 1),
+            "round_medians_spread_us": round(max(round_medians) - min(round_medians), 1),
+            "ratio_to_predict": round(med / base, 2)}
+
+
 def measure(bundle: Path, video: Path, rounds: int) -> tuple[list[dict], dict]:
     import edge_runtime
 
@@ -160,23 +183,9 @@ def measure(bundle: Path, video: Path, rounds: int) -> tuple[list[dict], dict]:
         "decode (OpenCV)": lambda: decode_all(video)[1],
         "preprocess (bundle)": lambda: preprocess_all(frames, image)[1],
     }
-    samples: dict[str, list[float]] = {k: [] for k in configs}
-    per_round: dict[str, list[float]] = {k: [] for k in configs}
-    for r in range(rounds):
-        order = list(configs) if r % 2 == 0 else list(reversed(configs))
-        for name in order:
-            t = configs[name]()
-            samples[name].extend(t)
-            per_round[name].append(statistics.median(t))
-            recorded.recorder.poll()                  # closed windows leave, as the agent's collect does
+    samples, per_round = _take_turns(configs, rounds, recorded)
     base = statistics.median(samples["predict alone"])
-    rows = []
-    for name, t in samples.items():
-        med = statistics.median(t)
-        rows.append({"what": name, "frames": len(t), "median_us": round(med, 1),
-                     "p90_us": round(float(np.percentile(t, 90)), 1),
-                     "round_medians_spread_us": round(max(per_round[name]) - min(per_round[name]), 1),
-                     "ratio_to_predict": round(med / base, 2)})
+    rows = [_config_row(name, t, per_round[name], base) for name, t in samples.items()]
     by = {r["what"]: r for r in rows}
     summary = {"pipeline_median_us": by["video pipeline (agent)"]["median_us"], "predict_median_us": round(base, 1),
                "ratio": by["video pipeline (agent)"]["ratio_to_predict"],
