@@ -49,13 +49,8 @@ class Tag(NamedTuple):
 def _head(major: int, arg: int) -> bytes:
     if arg < 24:
         return bytes((major << 5 | arg,))
-    if arg < 0x100:
-        return bytes((major << 5 | 24, arg))
-    if arg < 0x10000:
-        return bytes((major << 5 | 25,)) + arg.to_bytes(2, "big")
-    if arg < 0x100000000:
-        return bytes((major << 5 | 26,)) + arg.to_bytes(4, "big")
-    return bytes((major << 5 | 27,)) + arg.to_bytes(8, "big")
+    info = 24 + (arg >= 0x100) + (arg >= 0x10000) + (arg >= 0x100000000)
+    return bytes((major << 5 | info,)) + arg.to_bytes(1 << (info - 24), "big")
 
 
 def encode_float(x: float) -> bytes:
@@ -228,14 +223,17 @@ class _Decoder:
                 key = buf[at]
                 self.pos = at + 1
             else:
-                key = item(depth)
-            if type(key) not in (int, str):
-                raise Rejected("malformed_cbor", f"map key at byte {at} is a {type(key).__name__}, not an "
-                                                 f"integer or text")
+                key = self._key(depth, at)
             if key in out:
                 raise Rejected("malformed_cbor", f"duplicate map key {str(key)[:40]!r} at byte {at}")
             out[key] = item(depth)
         return out
+
+    def _key(self, depth: int, at: int):
+        key = self.item(depth)
+        if type(key) not in (int, str):
+            raise Rejected("malformed_cbor", f"map key at byte {at} is a {type(key).__name__}, not an integer or text")
+        return key
 
     def tag(self, arg: int, info: int, start: int, depth: int) -> Tag:
         self._nested(depth)

@@ -139,9 +139,11 @@ def _profile_moments(manifest: dict) -> tuple[np.ndarray, np.ndarray] | None:
         std = np.array([float(f["std"]) for f in feats], dtype=np.float64)
     except (KeyError, TypeError, ValueError):
         return None
-    if not len(feats) or not (np.isfinite(mean).all() and np.isfinite(std).all()) or (std < 0).any():
-        return None
-    return mean, np.where(std > 0, std, 1.0)
+    return (mean, np.where(std > 0, std, 1.0)) if _usable(mean, std) else None
+
+
+def _usable(mean: np.ndarray, std: np.ndarray) -> bool:
+    return bool(len(mean)) and bool(np.isfinite(mean).all() and np.isfinite(std).all()) and not (std < 0).any()
 
 
 def bundle_reference(manifest: dict) -> Reference | None:
@@ -344,21 +346,30 @@ _LATENCY_KNOWN = frozenset(("gamma", "offset", "counts", "min", "max", "sum", "p
 _QUANTILES = ("p50", "p95", "p99")
 
 
-def _latency(lat) -> dict:
+def _check_latency(lat) -> None:
     if not isinstance(lat, dict) or type(lat.get("offset")) is not int or not isinstance(lat.get("gamma"), float):
         raise _NoCompact("latency_ms without a float gamma and an int offset")
     if any(k not in lat or (lat[k] is not None and type(lat[k]) is not float) for k in ("min", "max", "sum")):
         raise _NoCompact("latency_ms.min/max/sum missing or not floats")
+
+
+def _quantile_fields(lat: dict) -> dict:
+    """9: true when the monitor recomputes p50/p95/p99 exactly as sent; else the values with presence flags."""
+    qs = {k: lat[k] for k in _QUANTILES if k in lat}
+    if len(qs) == 3 and _quantiles(lat) == qs:
+        return {9: True}
+    if qs:
+        return {4: [qs.get(k) for k in _QUANTILES], 5: [k in qs for k in _QUANTILES]}
+    return {}
+
+
+def _latency(lat) -> dict:
+    _check_latency(lat)
     out: dict = {1: lat["offset"], 2: pack_ints(_ints(lat.get("counts"))),
                  3: _floats6([lat["min"], lat["max"], lat["sum"]])}
     if lat["gamma"] != DEFAULT_GAMMA:
         out[0] = lat["gamma"]
-    qs = {k: lat[k] for k in _QUANTILES if k in lat}
-    if len(qs) == 3 and _quantiles(lat) == qs:
-        out[9] = True
-    elif qs:
-        out[4] = [qs.get(k) for k in _QUANTILES]
-        out[5] = [k in qs for k in _QUANTILES]
+    out.update(_quantile_fields(lat))
     out.update({str(k): _generic(v) for k, v in lat.items() if k not in _LATENCY_KNOWN})
     return out
 
@@ -418,15 +429,17 @@ def _hist_devs(hist: list, count: list[int]) -> tuple:
     return _uniform(lengths), pack_ints(devs)
 
 
+def _has_moments(row: tuple) -> bool:
+    """True for four numbers, False for four nulls; anything else has no compact form."""
+    present = [x is not None for x in row]
+    if any(present) != all(present) or (present[0] and any(type(x) not in (int, float) for x in row)):
+        raise _NoCompact("moments partly null or not numbers")
+    return present[0]
+
+
 def _moment_rows(cols: list, out: dict) -> tuple[list[int], list[list[float]]]:
     """The features with moments (their index, their four columns as floats); the others' indices in out[9]."""
-    keep = []
-    for j, row in enumerate(zip(*cols, strict=True)):
-        present = [x is not None for x in row]
-        if any(present) != all(present) or (present[0] and any(type(x) not in (int, float) for x in row)):
-            raise _NoCompact("moments partly null or not numbers")
-        if present[0]:
-            keep.append(j)
+    keep = [j for j, row in enumerate(zip(*cols, strict=True)) if _has_moments(row)]
     if len(keep) < len(cols[0]):
         out[9] = pack_ints(sorted(set(range(len(cols[0]))) - set(keep)))
     return keep, [[float(c[j]) for j in keep] for c in cols]
@@ -437,10 +450,7 @@ def _features(f, floats: str) -> dict:
     _, (lo, hi, mean, m2) = _moment_rows(cols, out)
     escapes: list = []
     if floats == "half":
-        lo_q = [float(np.float16(v)) if _half_fits(v) else v for v in lo]
-        vectors = [_pack_half(lo, escapes), _pack_half([a - b for a, b in zip(hi, lo_q, strict=True)], escapes),
-                   _pack_half([a - b for a, b in zip(mean, lo_q, strict=True)], escapes),
-                   _pack_half([math.copysign(math.sqrt(abs(v)), v) for v in m2], escapes)]
+        vectors = _half_vectors(lo, hi, mean, m2, escapes)
     else:
         out[6] = 1
         vectors = [_pack_single6(v, escapes) for v in (lo, hi, mean, m2)]
@@ -448,6 +458,14 @@ def _features(f, floats: str) -> dict:
     if escapes:
         out[7] = escapes
     return out
+
+
+def _half_vectors(lo: list, hi: list, mean: list, m2: list, escapes: list) -> list[bytes]:
+    """min in half precision, max and mean as offsets from the decoded min, the signed square root of m2."""
+    lo_q = [float(np.float16(v)) if _half_fits(v) else v for v in lo]
+    return [_pack_half(lo, escapes), _pack_half([a - b for a, b in zip(hi, lo_q, strict=True)], escapes),
+            _pack_half([a - b for a, b in zip(mean, lo_q, strict=True)], escapes),
+            _pack_half([math.copysign(math.sqrt(abs(v)), v) for v in m2], escapes)]
 
 
 def _features_ref(f, ref: Reference) -> dict:
@@ -647,12 +665,16 @@ def _un_latency(lat) -> dict:
     return out
 
 
-def _recomputed_quantiles(lat: dict) -> dict:
+def _check_recomputable(lat: dict) -> None:
     g, off = lat["gamma"], lat["offset"]
     if type(g) is not float or not 1 < g <= 10 or type(off) is not int or abs(off) > 100_000:
         raise Rejected("bad_value", "latency_ms.gamma must be > 1 and <= 10, offset an int within +-100000")
     if len(lat["counts"]) > 4096 or any(lat[k] is not None and not 0 <= lat[k] <= 1e100 for k in ("min", "max")):
         raise Rejected("bad_value", "latency_ms quantiles recomputed only from bounded histograms")
+
+
+def _recomputed_quantiles(lat: dict) -> dict:
+    _check_recomputable(lat)
     try:
         return _quantiles(lat)
     except (ArithmeticError, ValueError) as exc:
@@ -699,7 +721,10 @@ def _histograms(count: list[int], lengths: list[int], packed: bytes) -> list[lis
         h[:, :-1] += (c // m)[:, None]
         h[:, -1] = c - h[:, :-1].sum(axis=1)
         return h.tolist()
-    devs = devs.tolist()
+    return _histograms_py(count, lengths, devs.tolist())
+
+
+def _histograms_py(count: list[int], lengths: list[int], devs: list[int]) -> list[list[int]]:
     unz = UNZIGZAG.__getitem__ if max(devs, default=0) < len(UNZIGZAG) else unzigzag
     hist, pos = [], 0
     for c, m in zip(count, lengths, strict=True):
@@ -744,12 +769,18 @@ def _moments(f: dict, n: int) -> dict:
     arr, escaped = _unpack_floats(raw, "<f4" if exact else "<f2", 4 * m, escapes, used)
     if used[0] != len(escapes):
         raise Rejected("malformed_cbor", "unused escaped floats")
-    if exact:
-        six = _six(arr, escaped)
-        return _spread(n, keep, [six[i * m:(i + 1) * m] for i in range(4)])
+    return _spread(n, keep, _exact_columns(arr, escaped, m) if exact else _half_columns(arr, m))
+
+
+def _exact_columns(arr: np.ndarray, escaped: list, m: int) -> list[list]:
+    six = _six(arr, escaped)
+    return [six[i * m:(i + 1) * m] for i in range(4)]
+
+
+def _half_columns(arr: np.ndarray, m: int) -> list[list]:
     lo, hi, mean, m2 = arr.reshape(4, m)
     with np.errstate(all="ignore"):
-        return _spread(n, keep, [lo.tolist(), (lo + hi).tolist(), (lo + mean).tolist(), (np.abs(m2) * m2).tolist()])
+        return [lo.tolist(), (lo + hi).tolist(), (lo + mean).tolist(), (np.abs(m2) * m2).tolist()]
 
 
 def _un_features(f) -> dict:
@@ -763,12 +794,7 @@ def _un_features_ref(f, ref: Reference) -> dict:
     if n != len(ref.mean):
         raise Rejected("feature_count_mismatch", f"{n} features for a bundle of {len(ref.mean)}")
     nulls = _nulls(f, n)
-    escaped = sorted(set(unpack_ints(_bytes(f[11], "features escaped")))) if 11 in f else []
-    exact = f.get(12, [])
-    if not isinstance(exact, list) or len(exact) != 4 * len(escaped) or (escaped and escaped[-1] >= n):
-        raise Rejected("malformed_cbor", "escaped features need 4 exact moments each")
-    if set(nulls) & set(escaped):
-        raise Rejected("malformed_cbor", "a feature both null and escaped")
+    escaped, exact = _escaped(f, n, nulls)
     skip = set(nulls) | set(escaped)
     coded = [j for j in range(n) if j not in skip] if skip else list(range(n))
     codes = unpack_columns(_bytes(f[10], "features moments"), len(coded), 4)
@@ -777,6 +803,17 @@ def _un_features_ref(f, ref: Reference) -> dict:
         coded, cols = _with_escaped(coded, cols, escaped, exact)
     out.update(_spread(n, coded, cols))
     return out
+
+
+def _escaped(f: dict, n: int, nulls: list[int]) -> tuple[list[int], list]:
+    """The features whose moments travel exactly (key 11) and those moments, four each (key 12)."""
+    escaped = sorted(set(unpack_ints(_bytes(f[11], "features escaped")))) if 11 in f else []
+    exact = f.get(12, [])
+    if not isinstance(exact, list) or len(exact) != 4 * len(escaped) or (escaped and escaped[-1] >= n):
+        raise Rejected("malformed_cbor", "escaped features need 4 exact moments each")
+    if set(nulls) & set(escaped):
+        raise Rejected("malformed_cbor", "a feature both null and escaped")
+    return escaped, exact
 
 
 def _ref_values(ref: Reference, coded: list[int], count: list[int], codes: list[list[int]]) -> list[list[float]]:

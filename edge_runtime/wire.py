@@ -230,7 +230,12 @@ def parse_labels(payload: bytes, max_bytes: int = MAX_LABELS_PAYLOAD) -> list[tu
     ...
     edge_runtime.wire.Rejected: bad_value: labels[0].id must be a string or an integer, got True
     """
-    doc = decode(payload, max_bytes)
+    items = _labels_items(decode(payload, max_bytes))
+    return [_label_pair(i, item) for i, item in enumerate(items)]
+
+
+def _labels_items(doc) -> list:
+    """The ``labels`` list of a labels message whose envelope checks out."""
     if not isinstance(doc, dict):
         raise Rejected("not_an_object", f"payload is a JSON {type(doc).__name__}, not an object")
     if "schema_version" in doc and doc["schema_version"] != SCHEMA_VERSION:
@@ -241,12 +246,13 @@ def parse_labels(payload: bytes, max_bytes: int = MAX_LABELS_PAYLOAD) -> list[tu
     if not isinstance(items, list) or len(items) > MAX_LABELS:
         raise Rejected("missing_field" if items is None else "bad_value",
                        f"labels must be a list of at most {MAX_LABELS} {{id, label}} objects")
-    out = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or "id" not in item or "label" not in item:
-            raise Rejected("bad_value", f"labels[{i}] must be an object with an id and a label")
-        out.append((_label_value(item["id"], f"labels[{i}].id"), _label_value(item["label"], f"labels[{i}].label")))
-    return out
+    return items
+
+
+def _label_pair(i: int, item) -> tuple[object, object]:
+    if not isinstance(item, dict) or "id" not in item or "label" not in item:
+        raise Rejected("bad_value", f"labels[{i}] must be an object with an id and a label")
+    return _label_value(item["id"], f"labels[{i}].id"), _label_value(item["label"], f"labels[{i}].label")
 
 
 def _label_value(v, field: str):
@@ -290,15 +296,16 @@ def parse_ack(payload: bytes) -> list[tuple[int, int]]:
     ranges = doc.get("ranges")
     if not isinstance(ranges, list) or len(ranges) > 10_000:
         raise Rejected("bad_value", "ranges must be a list")
-    out = []
-    for r in ranges:
-        if not (isinstance(r, list) and len(r) == 2):
-            raise Rejected("bad_value", "a range is [first, last]")
-        lo, hi = _count(r[0], "range"), _count(r[1], "range")
-        if hi < lo:
-            raise Rejected("bad_value", "a range ends before it starts")
-        out.append((lo, hi))
-    return out
+    return [_ack_range(r) for r in ranges]
+
+
+def _ack_range(r) -> tuple[int, int]:
+    if not (isinstance(r, list) and len(r) == 2):
+        raise Rejected("bad_value", "a range is [first, last]")
+    lo, hi = _count(r[0], "range"), _count(r[1], "range")
+    if hi < lo:
+        raise Rejected("bad_value", "a range ends before it starts")
+    return lo, hi
 
 
 # -- validation (the monitor) --------------------------------------------------------------------
@@ -386,19 +393,21 @@ def _number(v, field: str, nullable: bool = True, limit: float = MAX_ABS):
 def _numbers(v, field: str, limit: float = MAX_ABS) -> list:
     if not isinstance(v, list) or len(v) > MAX_LIST:
         raise Rejected("bad_value", f"{field} must be a list of at most {MAX_LIST} numbers")
-    for x in v:   # fast path: floats, small ints and None
-        t = type(x)
-        if t is float:
-            if not -limit <= x <= limit:
-                break
-        elif t is int:
-            if not -limit <= x <= limit:
-                break
-        elif x is not None:
-            break
-    else:
+    if _plain_numbers(v, limit):
         return v
     return [_number(x, f"{field}[{i}]", limit=limit) for i, x in enumerate(v)]
+
+
+def _plain_numbers(v: list, limit: float) -> bool:
+    """The fast path of _numbers: every item a float or an int within +-limit, or None."""
+    for x in v:
+        t = type(x)
+        if t is float or t is int:
+            if not -limit <= x <= limit:      # False for NaN and the infinities too
+                return False
+        elif x is not None:
+            return False
+    return True
 
 
 def _text(v, field: str, limit: int = MAX_TEXT, nullable: bool = True) -> str | None:
@@ -432,9 +441,7 @@ def check_model(v, field: str = "model", required: bool = True) -> dict | None:
            "version": _text(m["version"], f"{field}.version", MAX_VERSION, False)}
     if not out["name"]:
         raise Rejected("bad_value", f"{field}.name is empty")
-    for k in ("artifact", "sha256", "variant", "mode"):
-        if k in m:
-            out[k] = _text(m[k], f"{field}.{k}")
+    out.update((k, _text(m[k], f"{field}.{k}")) for k in ("artifact", "sha256", "variant", "mode") if k in m)
     if "split" in m:
         out["split"] = _number(m["split"], f"{field}.split")
     return out
@@ -442,7 +449,7 @@ def check_model(v, field: str = "model", required: bool = True) -> dict | None:
 
 def check_telemetry(doc: dict, now: float | None = None, max_skew: float = MAX_CLOCK_SKEW) -> dict:
     """A telemetry window, canonical; raises Rejected."""
-    for key in ("seq", "start", "end", "model", "count", "errors", "latency_ms", "features", "predictions"):
+    for key in _TELEMETRY_REQUIRED:
         if key not in doc:
             raise Rejected("missing_field", f"no {key!r}")
     out = {"schema_version": SCHEMA_VERSION, "type": "telemetry", "device_id": doc["device_id"], "fleet": doc["fleet"],
@@ -450,6 +457,23 @@ def check_telemetry(doc: dict, now: float | None = None, max_skew: float = MAX_C
     out["start"] = _number(doc["start"], "start", False)
     out["end"] = _number(doc["end"], "end", False)
     _check_clock(out["start"], out["end"], now, max_skew)
+    _window_counts(doc, out)
+    count = out["count"]
+    out["model"] = check_model(doc["model"])
+    out["latency_ms"] = _latency(doc["latency_ms"], count)
+    out["features"] = _features(doc["features"])
+    out["predictions"] = _predictions(doc["predictions"], count)
+    for key, check in _TELEMETRY_OPTIONAL:
+        if key in doc:
+            out[key] = check(doc[key], out)
+    return out
+
+
+_TELEMETRY_REQUIRED = ("seq", "start", "end", "model", "count", "errors", "latency_ms", "features", "predictions")
+
+
+def _window_counts(doc: dict, out: dict) -> None:
+    """count, errors and rejected (neither over count), dropped_windows, rejected_by and distinct."""
     count = out["count"] = _count(doc["count"], "count")
     out["errors"] = _count(doc["errors"], "errors")
     out["rejected"] = _count(doc.get("rejected", 0), "rejected")
@@ -461,20 +485,16 @@ def check_telemetry(doc: dict, now: float | None = None, max_skew: float = MAX_C
         out["rejected_by"] = _reason_counts(doc["rejected_by"], out["rejected"])
     if "distinct" in doc:
         out["distinct"] = _registers(doc["distinct"])
-    out["model"] = check_model(doc["model"])
-    out["latency_ms"] = _latency(doc["latency_ms"], count)
-    out["features"] = _features(doc["features"])
-    out["predictions"] = _predictions(doc["predictions"], count)
-    if "agreement" in doc:
-        out["agreement"] = _agreement(doc["agreement"])
-    if "outputs" in doc:
-        o = _object(doc["outputs"], "outputs")
-        out["outputs"] = {k: _count(o.get(k, 0), f"outputs.{k}") for k in ("dropped", "failed")}
-    if "inputs_dropped" in doc:
-        out["inputs_dropped"] = _count(doc["inputs_dropped"], "inputs_dropped")
-    if "labels" in doc:
-        out["labels"] = _labels_block(doc["labels"], out["predictions"])
-    return out
+
+
+def _outputs(v, out: dict) -> dict:
+    o = _object(v, "outputs")
+    return {k: _count(o.get(k, 0), f"outputs.{k}") for k in ("dropped", "failed")}
+
+
+_TELEMETRY_OPTIONAL = (("agreement", lambda v, out: _agreement(v)), ("outputs", _outputs),
+                       ("inputs_dropped", lambda v, out: _count(v, "inputs_dropped")),
+                       ("labels", lambda v, out: _labels_block(v, out["predictions"])))
 
 
 def _check_clock(start: float, end: float, now: float | None, max_skew: float) -> None:
@@ -497,12 +517,15 @@ def _latency(v, count: int) -> dict:
     out["counts"] = _counts(lat.get("counts"), "latency_ms.counts")
     if sum(out["counts"]) > count:
         raise Rejected("bad_value", f"{sum(out['counts'])} latencies for {count} inferences")
-    for k in ("min", "max", "sum", "p50", "p95", "p99"):
-        if k in lat:
-            x = out[k] = _number(lat[k], f"latency_ms.{k}", limit=MAX_M2 if k == "sum" else MAX_ABS)
-            if x is not None and x < 0:
-                raise Rejected("bad_value", f"latency_ms.{k} is negative")
+    out.update((k, _latency_figure(lat[k], k)) for k in ("min", "max", "sum", "p50", "p95", "p99") if k in lat)
     return out
+
+
+def _latency_figure(v, k: str) -> float | None:
+    x = _number(v, f"latency_ms.{k}", limit=MAX_M2 if k == "sum" else MAX_ABS)
+    if x is not None and x < 0:
+        raise Rejected("bad_value", f"latency_ms.{k} is negative")
+    return x
 
 
 def _registers(v) -> str:
@@ -520,14 +543,7 @@ def _registers(v) -> str:
 
 def _features(v) -> dict:
     f = _object(v, "features")
-    n = None
-    for key in ("count", "nan", "mean", "m2", "min", "max", "hist"):
-        if not isinstance(f.get(key), list):
-            raise Rejected("missing_field" if key not in f else "bad_value", f"features.{key} must be a list")
-        if n is None:
-            n = len(f[key])
-        elif len(f[key]) != n:
-            raise Rejected("feature_count_mismatch", f"features.{key} has {len(f[key])} entries, features.count {n}")
+    n = _feature_lists(f)
     out = {"count": _counts(f["count"], "features.count"), "nan": _counts(f["nan"], "features.nan")}
     for key in ("mean", "min", "max"):
         out[key] = _numbers(f[key], f"features.{key}")
@@ -536,47 +552,76 @@ def _features(v) -> dict:
         if v2 is not None and v2 < -1e-6 * max(1.0, abs(v2)):
             raise Rejected("bad_value", f"features.m2[{i}] is negative")
     if "out_of_range" in f:
-        oor = _counts(f["out_of_range"], "features.out_of_range")
-        if len(oor) != n or any(o > c for o, c in zip(oor, out["count"], strict=True)):
-            raise Rejected("bad_value", "features.out_of_range must have one count per feature, each at most "
-                                        "its features.count")
-        out["out_of_range"] = oor
-    hist = []
+        out["out_of_range"] = _out_of_range(f["out_of_range"], n, out["count"])
+    out["hist"] = _histograms(f["hist"], out["count"])
+    return out
+
+
+def _feature_lists(f: dict) -> int:
+    """The number of features, when every per-feature list is a list of that length."""
+    n = None
+    for key in ("count", "nan", "mean", "m2", "min", "max", "hist"):
+        if not isinstance(f.get(key), list):
+            raise Rejected("missing_field" if key not in f else "bad_value", f"features.{key} must be a list")
+        if n is None:
+            n = len(f[key])
+        elif len(f[key]) != n:
+            raise Rejected("feature_count_mismatch", f"features.{key} has {len(f[key])} entries, features.count {n}")
+    return n
+
+
+def _out_of_range(v, n: int, count: list[int]) -> list[int]:
+    oor = _counts(v, "features.out_of_range")
+    if len(oor) != n or any(o > c for o, c in zip(oor, count, strict=True)):
+        raise Rejected("bad_value", "features.out_of_range must have one count per feature, each at most "
+                                    "its features.count")
+    return oor
+
+
+def _histograms(hists: list, count: list[int]) -> list[list[int]]:
+    """Each feature's histogram: counts summing to its count, at most MAX_LIST bins in all."""
+    out = []
     bins = 0
-    for i, h in enumerate(f["hist"]):
+    for i, h in enumerate(hists):
         h = _counts(h, f"features.hist[{i}]")
         bins += len(h)
         if bins > MAX_LIST:
             raise Rejected("oversized", f"more than {MAX_LIST} histogram bins")
-        if sum(h) != out["count"][i]:
+        if sum(h) != count[i]:
             raise Rejected("histogram_mismatch", f"features.hist[{i}] sums to {sum(h)}, features.count[{i}] is "
-                                                 f"{out['count'][i]}")
-        hist.append(h)
-    out["hist"] = hist
+                                                 f"{count[i]}")
+        out.append(h)
     return out
 
 
 def _predictions(v, count: int) -> dict:
     p = _object(v, "predictions")
     out = {}
-    if "counts" in p:
-        out["counts"] = _counts(p["counts"], "predictions.counts")
-        if sum(out["counts"]) > count:
-            raise Rejected("bad_value", "more predictions than inferences")
-    if "hist" in p:
-        out["hist"] = _counts(p["hist"], "predictions.hist")
-    if "confidence" in p:
-        out["confidence"] = _counts(p["confidence"], "predictions.confidence")
-        if len(out["confidence"]) > 64 or sum(out["confidence"]) > count:
-            raise Rejected("bad_value", "predictions.confidence has more than 64 bins or more counts than inferences")
-    if "count" in p:
-        out["count"] = _count(p["count"], "predictions.count")
-    for k in ("mean", "min", "max"):
-        if k in p:
-            out[k] = _number(p[k], f"predictions.{k}")
-    if "m2" in p:
-        out["m2"] = _number(p["m2"], "predictions.m2", limit=MAX_M2)
+    for key, check in _PREDICTION_FIELDS:
+        if key in p:
+            out[key] = check(p[key], count)
     return out
+
+
+def _class_counts(v, count: int) -> list[int]:
+    out = _counts(v, "predictions.counts")
+    if sum(out) > count:
+        raise Rejected("bad_value", "more predictions than inferences")
+    return out
+
+
+def _confidence(v, count: int) -> list[int]:
+    out = _counts(v, "predictions.confidence")
+    if len(out) > 64 or sum(out) > count:
+        raise Rejected("bad_value", "predictions.confidence has more than 64 bins or more counts than inferences")
+    return out
+
+
+_PREDICTION_FIELDS = (
+    ("counts", _class_counts), ("hist", lambda v, count: _counts(v, "predictions.hist")), ("confidence", _confidence),
+    ("count", lambda v, count: _count(v, "predictions.count")),
+    *((k, lambda v, count, k=k: _number(v, f"predictions.{k}")) for k in ("mean", "min", "max")),
+    ("m2", lambda v, count: _number(v, "predictions.m2", limit=MAX_M2)))
 
 
 def _reason_counts(v, total: int) -> dict:
@@ -608,21 +653,26 @@ def _labels_block(v, predictions: dict) -> dict:
     k = len(predictions.get("counts") or [])
     if not 2 <= k <= MAX_CLASSES:
         raise Rejected("bad_value", f"labels need a classifier's predictions.counts of 2 to {MAX_CLASSES} classes")
-    rows = lab.get("confusion")
-    if not isinstance(rows, list) or len(rows) != k:
-        raise Rejected("bad_value", f"labels.confusion must be a list of {k} rows (one per class)")
-    confusion = []
-    for i, row in enumerate(rows):
-        row = _counts(row, f"labels.confusion[{i}]")
-        if len(row) != k:
-            raise Rejected("bad_value", f"labels.confusion[{i}] must have {k} counts (one per class)")
-        confusion.append(row)
+    confusion = _confusion(lab.get("confusion"), k)
     out = {"n": _count(lab.get("n"), "labels.n"), "confusion": confusion,
            "unmatched": _count(lab.get("unmatched", 0), "labels.unmatched")}
     if sum(map(sum, confusion)) != out["n"]:
         raise Rejected("bad_value", "labels.confusion does not sum to labels.n")
     if "rejected" in lab:
         out["rejected"] = _count(lab["rejected"], "labels.rejected")
+    return out
+
+
+def _confusion(rows, k: int) -> list[list[int]]:
+    """A k x k confusion count matrix."""
+    if not isinstance(rows, list) or len(rows) != k:
+        raise Rejected("bad_value", f"labels.confusion must be a list of {k} rows (one per class)")
+    out = []
+    for i, row in enumerate(rows):
+        row = _counts(row, f"labels.confusion[{i}]")
+        if len(row) != k:
+            raise Rejected("bad_value", f"labels.confusion[{i}] must have {k} counts (one per class)")
+        out.append(row)
     return out
 
 
@@ -636,39 +686,43 @@ def check_status(doc: dict) -> dict:
     for key in ("online", "ts"):
         if key not in doc:
             raise Rejected("missing_field", f"no {key!r}")
-    if not isinstance(doc["online"], bool):
-        raise Rejected("bad_value", "online must be true or false")
     out = {"schema_version": SCHEMA_VERSION, "type": "status", "device_id": doc["device_id"], "fleet": doc["fleet"],
-           "online": doc["online"], "ts": _number(doc["ts"], "ts", False, limit=1e12)}
-    for k in _STATUS_TEXT:
-        if k in doc:
-            out[k] = _text(doc[k], k)
-    for k in ("model", "second_model", "previous_model"):
-        if k in doc:
-            out[k] = _status_model(doc[k], k)
-    if "platform" in doc and doc["platform"] is not None:
-        p = _object(doc["platform"], "platform")
-        out["platform"] = {k: _text(p.get(k), f"platform.{k}") for k in _PLATFORM if k in p}
-        if "cpu_count" in p:
-            out["platform"]["cpu_count"] = None if p["cpu_count"] is None else _count(p["cpu_count"], "cpu_count")
+           "online": _flag(doc["online"], "online"), "ts": _number(doc["ts"], "ts", False, limit=1e12)}
+    _status_texts(doc, out)
+    if doc.get("platform") is not None:
+        out["platform"] = _platform(doc["platform"])
     if doc.get("free_disk_bytes") is not None:
         out["free_disk_bytes"] = _count(doc["free_disk_bytes"], "free_disk_bytes")
     if "accepts_flash" in doc:
-        if not isinstance(doc["accepts_flash"], bool):
-            raise Rejected("bad_value", "accepts_flash must be true or false")
-        out["accepts_flash"] = doc["accepts_flash"]
+        out["accepts_flash"] = _flag(doc["accepts_flash"], "accepts_flash")
     if doc.get("input") is not None:
         out["input"] = _status_input(doc["input"])
     return out
 
 
+def _status_texts(doc: dict, out: dict) -> None:
+    out.update((k, _text(doc[k], k)) for k in _STATUS_TEXT if k in doc)
+    out.update((k, _status_model(doc[k], k)) for k in ("model", "second_model", "previous_model") if k in doc)
+
+
+def _platform(v) -> dict:
+    p = _object(v, "platform")
+    out = {k: _text(p.get(k), f"platform.{k}") for k in _PLATFORM if k in p}
+    if "cpu_count" in p:
+        out["cpu_count"] = None if p["cpu_count"] is None else _count(p["cpu_count"], "cpu_count")
+    return out
+
+
+def _flag(v, field: str) -> bool:
+    if not isinstance(v, bool):
+        raise Rejected("bad_value", f"{field} must be true or false")
+    return v
+
+
 def _status_input(v) -> dict:
     """A status's ``input`` block: what the running bundle takes (kind, shape, dtype, values per sample)."""
     i = _object(v, "input")
-    shape = i.get("shape")
-    if not isinstance(shape, list) or len(shape) > 8 \
-            or any(type(d) is not int or not -1 <= d <= MAX_INT for d in shape):
-        raise Rejected("bad_value", "input.shape must be a list of at most 8 integers from -1 up")
+    shape = _shape(i.get("shape"))
     kind = _text(i.get("kind"), "input.kind", 16)
     if kind not in (None, "tabular", "image", "tensor"):
         raise Rejected("bad_value", f"input.kind must be tabular, image or tensor, got {_short(kind)}")
@@ -676,6 +730,13 @@ def _status_input(v) -> dict:
     return {"kind": kind, "shape": shape, "dtype": _text(i.get("dtype"), "input.dtype", 16),
             "features": None if i.get("features") is None else _count(i["features"], "input.features"),
             "feature_names_sha256": digest}
+
+
+def _shape(shape) -> list[int]:
+    if not isinstance(shape, list) or len(shape) > 8 or any(type(d) is not int or not -1 <= d <= MAX_INT
+                                                            for d in shape):
+        raise Rejected("bad_value", "input.shape must be a list of at most 8 integers from -1 up")
+    return shape
 
 
 def _status_model(v, field: str) -> dict | None:
@@ -697,30 +758,38 @@ def check_bench(doc: dict) -> dict:
     results = doc.get("results")
     if not isinstance(results, list) or len(results) > 256:
         raise Rejected("bad_value", "results must be a list of at most 256 benchmark results")
-    out_results = []
-    for i, r in enumerate(results):
-        r = _object(r, f"results[{i}]")
-        item = {k: _scalar(r[k], f"results[{i}].{k}") for k in _BENCH_RESULT_TEXT if k in r}
-        for k, v in r.items():
-            if k not in item and isinstance(k, str) and len(k) <= 64 and (v is None or type(v) in (int, float)):
-                item[k] = _number(v, f"results[{i}].{k}", limit=MAX_M2)
-        lat = r.get("latency_ms")
-        if lat is not None:
-            lat = _object(lat, f"results[{i}].latency_ms")
-            item["latency_ms"] = {k: _number(x, f"results[{i}].latency_ms.{k}")
-                                  for k, x in list(lat.items())[:32] if isinstance(k, str) and len(k) <= 32}
-        out_results.append(item)
-    out = {"type": "bench", "results": out_results}
+    out = {"type": "bench", "results": [_bench_result(i, r) for i, r in enumerate(results)]}
     if isinstance(doc.get("machine"), dict):
-        out["machine"] = {k: _scalar(v, f"machine.{k}") for k, v in list(doc["machine"].items())[:64]
-                          if isinstance(k, str) and len(k) <= 64 and (v is None or type(v) in (str, int, float, bool))}
-    for k in ("device_id", "fleet"):
-        if k in doc:
-            out[k] = doc[k]
-    for k in ("ts", "created_at"):
-        if k in doc and type(doc[k]) in (int, float):
-            out[k] = _number(doc[k], k, limit=1e12)
+        out["machine"] = _machine(doc["machine"])
+    out.update((k, doc[k]) for k in ("device_id", "fleet") if k in doc)
+    out.update((k, _number(doc[k], k, limit=1e12)) for k in ("ts", "created_at") if type(doc.get(k)) in (int, float))
     return out
+
+
+def _short_key(k, limit: int) -> bool:
+    return isinstance(k, str) and len(k) <= limit
+
+
+def _machine(m: dict) -> dict:
+    """At most 64 scalar facts about the benchmark's machine."""
+    return {k: _scalar(v, f"machine.{k}") for k, v in list(m.items())[:64]
+            if _short_key(k, 64) and (v is None or type(v) in (str, int, float, bool))}
+
+
+def _bench_result(i: int, r) -> dict:
+    """One benchmark result: its texts, its other numbers and its latency figures (at most 32)."""
+    r = _object(r, f"results[{i}]")
+    item = {k: _scalar(r[k], f"results[{i}].{k}") for k in _BENCH_RESULT_TEXT if k in r}
+    item.update((k, _number(v, f"results[{i}].{k}", limit=MAX_M2)) for k, v in r.items()
+                if k not in item and _short_key(k, 64) and (v is None or type(v) in (int, float)))
+    if r.get("latency_ms") is not None:
+        item["latency_ms"] = _bench_latency(i, r["latency_ms"])
+    return item
+
+
+def _bench_latency(i: int, v) -> dict:
+    lat = _object(v, f"results[{i}].latency_ms")
+    return {k: _number(x, f"results[{i}].latency_ms.{k}") for k, x in list(lat.items())[:32] if _short_key(k, 32)}
 
 
 def _scalar(v, field: str):
