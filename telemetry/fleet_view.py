@@ -154,8 +154,7 @@ class FleetView:
         if new is not None:
             self._keep(fs, device, new, recent)
         else:
-            fs.seen.pop(device, None)
-            fs.windows.pop(device, None)
+            _forget(fs, device)
         fs.updates += 1
         if self._rebuild_due(fs, old) or not _add_difference(fs.total, new, old):
             self._rebuild(fs)
@@ -186,9 +185,7 @@ class FleetView:
         cutoff = time.monotonic() - max_age_s
         gone = [d for d, t in fs.seen.items() if t < cutoff]
         for d in gone:
-            fs.devices.pop(d, None)
-            fs.windows.pop(d, None)
-            fs.seen.pop(d, None)
+            _forget(fs, d)
         if gone:
             self._rebuild(fs)
         return len(gone)
@@ -218,6 +215,13 @@ class FleetView:
         dependence between consecutive windows is estimated from, at a cost that does not grow with the fleet."""
         fs = self._fleets.get((fleet, name, version))
         return [w for ws in fs.windows.values() for w in ws] if fs else []
+
+
+def _forget(fs: _FleetStats, device: str) -> None:
+    """Leave a device out of the fleet: its statistics, windows and last update."""
+    fs.devices.pop(device, None)
+    fs.windows.pop(device, None)
+    fs.seen.pop(device, None)
 
 
 def _add_difference(total: dict[str, np.ndarray], new: _DeviceStats | None, old: _DeviceStats | None) -> bool:

@@ -150,13 +150,7 @@ def _monitor_families(s):
 
 def _device_families(s, dev: list[str]):
     """Per device, from this process's statistics: latency quantiles, inferences, errors and PSI per feature."""
-    lat = GaugeMetricFamily("edgeops_device_latency_ms", "Latency quantiles of the last window (ms).",
-                            labels=dev + ["quantile"])
-    for (fleet, device), block in sorted(dict(s.latest).items()):
-        for q, k in QUANTILES:
-            if block.get(k) is not None:
-                lat.add_metric([fleet, device, q], block[k])
-    yield lat
+    yield _latency_family(dict(s.latest), dev)
     for name, doc, data in (("edgeops_device_inferences", "Inferences reported.", s.inferences),
                             ("edgeops_device_errors", "Inference errors reported.", s.errors)):
         fam = CounterMetricFamily(name, doc, labels=dev)
@@ -169,6 +163,17 @@ def _device_families(s, dev: list[str]):
         for feature, value in scores.items():
             psi.add_metric([fleet, device, feature], value)
     yield psi
+
+
+def _latency_family(latest: dict, dev: list[str]) -> GaugeMetricFamily:
+    """The latency quantiles of each device's last window."""
+    lat = GaugeMetricFamily("edgeops_device_latency_ms", "Latency quantiles of the last window (ms).",
+                            labels=dev + ["quantile"])
+    for (fleet, device), block in sorted(latest.items()):
+        for q, k in QUANTILES:
+            if block.get(k) is not None:
+                lat.add_metric([fleet, device, q], block[k])
+    return lat
 
 
 def _status_families(engine, dev: list[str]):

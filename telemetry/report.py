@@ -208,11 +208,7 @@ def write_report(db_url: str, out: str | Path, config: MonitorConfig | None = No
     """Write the fleet report to ``out`` (.png: the figure; .html: page with the figure and tables)."""
     from telemetry.http import fleet_snapshot
 
-    out = Path(out)
-    if out.suffix.lower() not in (".png", ".html"):
-        raise InvalidInputError(f"--out {out}: the report is written as .png or .html")
-    if not out.parent.is_dir():
-        raise InvalidInputError(f"--out {out}: folder {out.parent} does not exist")
+    out = _checked_out(out)
     config = config or MonitorConfig()
     engine = _engine(db_url)
     try:
@@ -228,6 +224,16 @@ def write_report(db_url: str, out: str | Path, config: MonitorConfig | None = No
         return out
     out.write_text(_html_report(png, [_device_row(d) for d in snapshot], [_alert_row(a) for a in open_],
                                 parity, quarantine))
+    return out
+
+
+def _checked_out(out: str | Path) -> Path:
+    """The report's path: a .png or .html file in an existing folder."""
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".html"):
+        raise InvalidInputError(f"--out {out}: the report is written as .png or .html")
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"--out {out}: folder {out.parent} does not exist")
     return out
 
 

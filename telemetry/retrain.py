@@ -172,8 +172,13 @@ def _labels_summary(rows: list[dict], manifest: dict | None) -> dict:
         **_accuracy(confusion),
         **_holdout_reference(manifest, artifact),
         "confusion": confusion.tolist() if confusion is not None else None,
-        "unmatched": sum(int((w.get("labels") or {}).get("unmatched") or 0) for w in rows),
+        "unmatched": sum(_unmatched(w) for w in rows),
         "class_labels": (manifest or {}).get("labels")}
+
+
+def _unmatched(w: dict) -> int:
+    """Labels of the window that matched no inference it kept."""
+    return int((w.get("labels") or {}).get("unmatched") or 0)
 
 
 def _holdout_reference(manifest: dict | None, artifact: str | None) -> dict:

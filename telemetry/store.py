@@ -455,12 +455,17 @@ def _bench_results(payload: str) -> list:
 
 def _result_p95(r: object, model_name: str, model_version: str, artifact: str | None) -> float | None:
     """A bench result's positive p95 (ms) when it measured this bundle version (and artifact file), else None."""
-    if not isinstance(r, dict) or r.get("bundle") != model_name or r.get("bundle_version") != model_version:
-        return None
-    if artifact and Path(str(r.get("artifact") or "")).name != artifact:
+    if not _measured(r, model_name, model_version, artifact):
         return None
     p95 = (r.get("latency_ms") or {}).get("p95")
     return float(p95) if isinstance(p95, (int, float)) and p95 > 0 else None
+
+
+def _measured(r: object, model_name: str, model_version: str, artifact: str | None) -> bool:
+    """Whether a bench result is of this bundle version and (when given) of this artifact file."""
+    if not isinstance(r, dict) or r.get("bundle") != model_name or r.get("bundle_version") != model_version:
+        return False
+    return not artifact or Path(str(r.get("artifact") or "")).name == artifact
 
 
 def device_rows(engine: Engine) -> list[dict]:

@@ -25,15 +25,7 @@ def reference_manifest(X: np.ndarray, y: np.ndarray | None, name: str, version: 
     """A manifest with name, version, labels and a reference_profile of X (decile edges)."""
     X = np.asarray(X, dtype=np.float64)
     names = list(feature_names or [f"f{i}" for i in range(X.shape[1])])
-    feats = []
-    for j in range(X.shape[1]):
-        col = X[:, j]
-        ok = col[np.isfinite(col)]
-        edges = np.unique(np.quantile(ok, np.linspace(0, 1, n_bins + 1)[1:-1]))
-        hist = np.bincount(np.searchsorted(edges, ok, side="left"), minlength=len(edges) + 1)
-        feats.append({"name": names[j], "bin_edges": edges.tolist(), "hist": hist.tolist(), "mean": float(ok.mean()),
-                      "std": float(ok.std()), "min": float(ok.min()), "max": float(ok.max()),
-                      "nan_rate": float(1 - len(ok) / len(col))})
+    feats = [_column_profile(names[j], X[:, j], n_bins) for j in range(X.shape[1])]
     doc: dict = {"name": name, "version": version, "reference_profile": {"n_samples": int(len(X)),
                                                                          "monitored": "features", "features": feats}}
     if y is not None:
@@ -42,6 +34,16 @@ def reference_manifest(X: np.ndarray, y: np.ndarray | None, name: str, version: 
         doc["labels"] = [str(c) for c in range(len(priors))]
         doc["reference_profile"]["class_priors"] = {"labels": doc["labels"], "priors": priors.tolist()}
     return doc
+
+
+def _column_profile(name: str, col: np.ndarray, n_bins: int) -> dict:
+    """One feature's profile entry: quantile edges, histogram and moments of its finite values."""
+    ok = col[np.isfinite(col)]
+    edges = np.unique(np.quantile(ok, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    hist = np.bincount(np.searchsorted(edges, ok, side="left"), minlength=len(edges) + 1)
+    return {"name": name, "bin_edges": edges.tolist(), "hist": hist.tolist(), "mean": float(ok.mean()),
+            "std": float(ok.std()), "min": float(ok.min()), "max": float(ok.max()),
+            "nan_rate": float(1 - len(ok) / len(col))}
 
 
 def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, fleet: str = "f1",  # noqa: PLR0913
@@ -56,10 +58,7 @@ def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, flee
     lat = LatencyHistogram()
     for ms in latencies_ms if latencies_ms is not None else np.full(len(rows), 2.0):
         lat.add(float(ms))
-    n_classes = len(manifest.get("labels") or [])
-    cc = ClassCounts(max(n_classes, 1))
-    if predictions is not None:
-        cc.update(np.asarray(predictions))
+    cc = _class_counts(manifest, predictions)
     return {
         **wire.telemetry_message(fleet, device_id, {}), "seq": seq,
         "start": float(start), "end": float(end if end is not None else start + 10.0),
@@ -69,6 +68,14 @@ def make_window(rows: np.ndarray, manifest: dict, device_id: str, seq: int, flee
         "latency_ms": lat.to_dict(), "features": fs.to_dict(), "distinct": distinct.to_text(registers),
         "predictions": cc.to_dict(), "dropped_windows": 0,
     }
+
+
+def _class_counts(manifest: dict, predictions: Sequence[int] | None) -> ClassCounts:
+    """The predicted classes' counts over the manifest's labels (one class when it has none)."""
+    cc = ClassCounts(max(len(manifest.get("labels") or []), 1))
+    if predictions is not None:
+        cc.update(np.asarray(predictions))
+    return cc
 
 
 def status_doc(device_id: str, fleet: str, online: bool, ts: float, model: dict | None = None) -> dict:
