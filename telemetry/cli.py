@@ -70,8 +70,8 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
               help="Effect floor: a feature alerts only with PSI at least this (and a significant change); "
                    "a bundle's drift_thresholds override it per bundle and per feature.")
 @click.option("--floor-z", type=float, default=1.645, show_default=True,
-              help="The PSI must clear the floor beyond its sampling noise at this many standard deviations "
-                   "(1.645: the noise's 95th percentile; 0: its mean).")
+              help="Confidence that a feature's change is at least the floor, in standard deviations of the PSI "
+                   "a change at the floor shows (1.645: 95% one-sided; 0: the floor plus the noise's mean).")
 @click.option("--ks-alpha", type=float, default=0.01, show_default=True,
               help="Level of the binned KS test across features (Bonferroni); 0 turns that path off.")
 @click.option("--latency-factor", type=float, default=1.5, show_default=True,

@@ -24,6 +24,7 @@ from telemetry.drift.batch import feature_tests
 from telemetry.drift.confidence import ConfidenceDriftDetector
 from telemetry.drift.effective_size import design_effects, effective_samples
 from telemetry.drift.floors import floors as effect_floors
+from telemetry.drift.floors import psi_bar
 from telemetry.drift.meanshift import MeanShiftDetector
 from telemetry.drift.missing import MissingRateDetector
 from telemetry.drift.multiple_testing import benjamini_hochberg, bonferroni
@@ -46,7 +47,7 @@ class MonitorConfig:
     correction: str = "bh"            # bh (Benjamini-Hochberg) or bonferroni
     ks_alpha: float | None = 0.01     # ... or the binned KS test, Bonferroni-corrected: significant ...
     psi_threshold: float = 0.1        # ... AND psi >= this floor (per bundle/feature: drift_thresholds) ...
-    floor_z: float = 1.645            # ... beyond the sampling noise at its 95th percentile (0: at its mean)
+    floor_z: float = 1.645            # ... with 95% one-sided confidence (0: at the sample's mean PSI)
     mean_shift: float = 0.75          # reported: its mean moved this many reference std ...
     std_ratio: float = 2.5            # ... or its spread changed by this factor
     degenerate_share: float = 0.97    # no mean/std report on a feature with this share of its reference in one bin
@@ -150,14 +151,13 @@ def _significant(chi2_p: np.ndarray, ks_p: np.ndarray, level: float, config: Mon
     return sig
 
 
-def _psi_noise(ref: list[dict], current: list[list[float]], n_current: np.ndarray, z: float = 0.0) -> np.ndarray:
-    """The PSI two finite samples of one distribution show: (1/n_ref + 1/n) times a chi-square with
-    bins - 1 degrees of freedom; its mean, (bins - 1) (1/n_ref + 1/n), plus ``z`` of its standard deviations."""
+def _psi_bars(ref: list[dict], current: list[list[float]], n_current: np.ndarray, floor: np.ndarray,
+              z: float) -> np.ndarray:
+    """Per feature, the PSI its sample must show for an effect at least ``floor`` (drift/floors.py)."""
     n_ref = np.array([max(1.0, float(sum(f["hist"]))) for f in ref])
     bins = np.array([sum(1 for a, b in zip(f["hist"], c, strict=True) if a or b)
                      for f, c in zip(ref, current, strict=True)])
-    df = np.maximum(bins - 1, 0)
-    return (df + z * np.sqrt(2.0 * df)) * (1 / n_ref + 1 / np.maximum(n_current, 1.0))
+    return psi_bar(floor, np.maximum(bins - 1, 0), n_ref, n_current, z)
 
 
 def _missing_values(ref: list[dict], fs: FeatureStats, config: MonitorConfig) -> Verdict:
@@ -188,10 +188,9 @@ def feature_drift(
     current = [(np.asarray(h, dtype=np.float64) * s).tolist() for h, s in zip(fs.histograms(), scale, strict=True)]
     psi, chi2_p, ks_p = feature_tests([f["hist"] for f in ref], current)
     significant = _significant(chi2_p, ks_p, config.alpha, config)
-    # the floor applies to what the change adds beyond the sampling noise, so a small reference's noise
-    # is not an effect
-    noise = _psi_noise(ref, current, m * scale, config.floor_z)
-    flagged = significant & (psi - noise >= floor_a)
+    # the floor applies to the effect, not to the sample's PSI: sampling noise (more of it on a small
+    # reference, and more around a small real effect) must not carry a change over it
+    flagged = significant & (psi >= _psi_bars(ref, current, m * scale, floor_a, config.floor_z))
     holding = _significant(chi2_p, ks_p, config.hold_alpha, config) & (psi >= config.close_ratio * floor_a)
     scores = {n: round(float(p), 4) for n, p in zip(names, psi, strict=True)}
     chosen = [n for n, f in zip(names, flagged, strict=True) if f]

@@ -23,12 +23,30 @@ named in the returned problems (the monitor's floor stands there); it never stop
 >>> for p in problems: print(p)
 drift_thresholds.psi: 'high' is not a number in (0, 10]
 drift_thresholds.features.zz: no feature of that name in the profile
+
+A sample's PSI is not the effect itself: two finite samples of one distribution show a PSI of about
+``(1/n_ref + 1/n)`` times a chi-square with ``bins - 1`` degrees of freedom, and a small real effect
+(two sources of one population: other writers, another season) varies far more from sample to
+sample than no effect does (the chi-square is then non-central). :func:`psi_bar` is the PSI a sample
+must show to say, with one-sided confidence ``z``, that the effect is at least the floor: the upper
+``z`` quantile of the PSI a change *exactly at the floor* would show, ``c (df + lam) + z c sqrt(2 (df +
+2 lam))`` with ``c = 1/n_ref + 1/n`` and ``lam = floor / c`` (the normal approximation of the
+non-central chi-square). At ``z = 0`` it is the floor plus the noise's mean.
+
+>>> round(float(psi_bar(0.1, 6, 1257, 200, 0.0)), 3)      # floor + 6 (1/1257 + 1/200)
+0.135
+>>> round(float(psi_bar(0.1, 6, 1257, 200, 1.645)), 3)    # a change at the floor shows up to this
+0.221
+>>> round(float(psi_bar(0.1, 6, 1257, 100_000, 1.645)), 3)  # a large sample: the reference's noise stays
+0.135
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any, Sequence
+
+import numpy as np
 
 MAX_FLOOR = 10.0
 
@@ -70,3 +88,13 @@ def floors(entry: Any, names: Sequence[str], default: float) -> tuple[list[float
         else:
             out[index[name]] = float(value)
     return out, problems
+
+
+def psi_bar(floor: float | np.ndarray, df: float | np.ndarray, n_ref: float | np.ndarray,
+            n: float | np.ndarray, z: float) -> np.ndarray:
+    """The PSI a sample of ``n`` (against a reference of ``n_ref``, on ``df + 1`` bins) must reach for its
+    change to be at least ``floor`` with one-sided confidence ``z`` (in standard deviations)."""
+    c = 1.0 / np.maximum(n_ref, 1.0) + 1.0 / np.maximum(n, 1.0)
+    df = np.asarray(df, dtype=np.float64)
+    lam = np.asarray(floor, dtype=np.float64) / c
+    return c * (df + lam) + z * c * np.sqrt(2.0 * (df + 2.0 * lam))

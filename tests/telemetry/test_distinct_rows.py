@@ -53,10 +53,16 @@ def test_a_device_looping_the_held_out_rows_raises_no_drift_alarm(held_out):
 
 
 def test_without_the_distinct_rows_the_same_stream_raises_a_false_alarm(held_out):
-    """What the monitor did before: the alarm the sketch removes (so the test above can fail)."""
+    """What the monitor did before: the alarm the sketch removes (so the test above can fail). Without
+    the distinct rows the tests believe all 1,000 inferences and find features significant; with the
+    effect floor at the sample's mean PSI (floor_z 0) that alone raised the alarm."""
     manifest, X = held_out
-    ev = evaluate(looped(X, manifest, "pi-1"), manifest, MonitorConfig(distinct_cap=False))
-    assert feature_verdict(ev).firing
+    windows = looped(X, manifest, "pi-1")
+    without = feature_verdict(evaluate(windows, manifest, MonitorConfig(distinct_cap=False)))
+    assert without.detail["effective_samples"] == 1000 and without.detail["significant"]
+    assert feature_verdict(evaluate(windows, manifest, MonitorConfig(distinct_cap=False, floor_z=0))).firing
+    with_sketch = feature_verdict(evaluate(windows, manifest, MonitorConfig(floor_z=0)))
+    assert not with_sketch.firing and not with_sketch.detail["significant"]
 
 
 def test_a_fleet_looping_the_same_rows_is_judged_on_the_distinct_rows_of_the_fleet(held_out):
