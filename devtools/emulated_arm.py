@@ -212,12 +212,17 @@ def debian_mirror() -> str:
     apt = Path("/etc/apt")
     candidates = [*_deb822_sources(sorted(apt.glob("sources.list.d/*.sources"))),
                   *_one_line_sources([apt / "sources.list", *sorted(apt.glob("sources.list.d/*.list"))])]
+    return _main_archive(candidates) or DEFAULT_MIRROR
+
+
+def _main_archive(candidates: list[tuple[list[str], list[str], list[str]]]) -> str | None:
+    """The first URI of a ``deb`` source for SUITE that is not the security archive."""
     for types, uris, suites in candidates:
         if "deb" in types and SUITE in suites:
-            for uri in uris:
-                if "security" not in uri:
-                    return uri.rstrip("/")
-    return DEFAULT_MIRROR
+            uri = next((u for u in uris if "security" not in u), None)
+            if uri is not None:
+                return uri.rstrip("/")
+    return None
 
 
 def _read_apt_file(path: Path) -> str | None:
@@ -232,15 +237,21 @@ def _deb822_sources(paths: list[Path]) -> list[tuple[list[str], list[str], list[
     found = []
     for text in filter(None, map(_read_apt_file, paths)):
         for stanza in text.split("\n\n"):
-            fields: dict[str, str] = {}
-            for line in stanza.splitlines():
-                if line.startswith("#") or ":" not in line or line[:1].isspace():
-                    continue
-                key, _, value = line.partition(":")
-                fields[key.strip().lower()] = value.strip()
+            fields = _stanza_fields(stanza)
             found.append((fields.get("types", "").split(), fields.get("uris", "").split(),
                           fields.get("suites", "").split()))
     return found
+
+
+def _stanza_fields(stanza: str) -> dict[str, str]:
+    """The ``Key: value`` fields of a deb822 stanza, keys lowercased (comments and continuations skipped)."""
+    fields: dict[str, str] = {}
+    for line in stanza.splitlines():
+        if line.startswith("#") or ":" not in line or line[:1].isspace():
+            continue
+        key, _, value = line.partition(":")
+        fields[key.strip().lower()] = value.strip()
+    return fields
 
 
 def _one_line_sources(paths: list[Path]) -> list[tuple[list[str], list[str], list[str]]]:
@@ -248,13 +259,18 @@ def _one_line_sources(paths: list[Path]) -> list[tuple[list[str], list[str], lis
     found = []
     for text in filter(None, map(_read_apt_file, paths)):
         for line in text.splitlines():
-            line = line.split("#", 1)[0].strip()
-            if "[" in line and "]" in line:  # deb [arch=... signed-by=...] URI SUITE COMPONENTS
-                line = line[:line.index("[")] + line[line.index("]") + 1:]
-            words = line.split()
+            words = _source_words(line)
             if len(words) >= 3 and words[0] == "deb":
                 found.append((["deb"], [words[1]], [words[2]]))
     return found
+
+
+def _source_words(line: str) -> list[str]:
+    """The words of a ``.list`` line without its comment and its ``[options]``."""
+    line = line.split("#", 1)[0].strip()
+    if "[" in line and "]" in line:  # deb [arch=... signed-by=...] URI SUITE COMPONENTS
+        line = line[:line.index("[")] + line[line.index("]") + 1:]
+    return line.split()
 
 
 def _evaluate_marker(requirement: str) -> str | None:
@@ -345,10 +361,43 @@ def _rootfs_stamp() -> dict:
     return {"format": CACHE_FORMAT, "suite": SUITE, "arch": "arm64", "packages": sorted(DEBIAN_PACKAGES)}
 
 
+def _fix_userland(tmp: Path) -> None:
+    """Drop the userland's /tmp and /dev, and say what system it is."""
+    # The host's /tmp and /dev are the ones to use: QEMU would look the rootfs's up first.
+    for name in ("tmp", "dev"):
+        target = tmp / name
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.exists():
+            shutil.rmtree(target)
+    # base-files is not unpacked: say what system this is.
+    os_release = tmp / "etc" / "os-release"
+    if not os_release.exists():
+        os_release.write_text(
+            'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n'
+            'VERSION_ID="12"\nVERSION="12 (bookworm)"\nVERSION_CODENAME=bookworm\nID=debian\n')
+
+
+def _cached(force: bool, stamp_path: Path, want: dict, present: bool) -> bool:
+    """A part is cached: not forced, its stamp says what is wanted, and it is there."""
+    return not force and _read_stamp(stamp_path) == want and present
+
+
+def _pip_wheels_command(target: Path, requirements: Sequence[str]) -> list[str]:
+    """pip installing the aarch64 CPython wheels of the requirements into target."""
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+           "--no-warn-script-location", "--target", str(target), "--only-binary=:all:",
+           "--implementation", "cp", "--python-version", PYTHON_VERSION,
+           "--abi", "cp" + PYTHON_VERSION.replace(".", "")]
+    for tag in PLATFORM_TAGS:
+        cmd += ["--platform", tag]
+    return cmd + list(requirements)
+
+
 def _ensure_rootfs(root: Path, mirror: str | None, force: bool, log) -> dict:
     want = _rootfs_stamp()
     stamp_path = root / "rootfs.stamp.json"
-    if not force and _read_stamp(stamp_path) == want and (root / "rootfs" / PYTHON_BIN).exists():
+    if _cached(force, stamp_path, want, (root / "rootfs" / PYTHON_BIN).exists()):
         log("emulated-arm: rootfs cached")
         return want
     stamp_path.unlink(missing_ok=True)
@@ -359,19 +408,7 @@ def _ensure_rootfs(root: Path, mirror: str | None, force: bool, log) -> dict:
             ["mmdebstrap", "--variant=extract", "--arch=arm64", "--include=" + ",".join(DEBIAN_PACKAGES),
              SUITE, str(tmp), mirror or debian_mirror()],
             f"unpacking an aarch64 Debian {SUITE} userland with {', '.join(DEBIAN_PACKAGES)}", log)
-        # The host's /tmp and /dev are the ones to use: QEMU would look the rootfs's up first.
-        for name in ("tmp", "dev"):
-            target = tmp / name
-            if target.is_symlink() or target.is_file():
-                target.unlink()
-            elif target.exists():
-                shutil.rmtree(target)
-        # base-files is not unpacked: say what system this is.
-        os_release = tmp / "etc" / "os-release"
-        if not os_release.exists():
-            os_release.write_text(
-                'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n'
-                'VERSION_ID="12"\nVERSION="12 (bookworm)"\nVERSION_CODENAME=bookworm\nID=debian\n')
+        _fix_userland(tmp)
         if not (tmp / PYTHON_BIN).exists():
             raise PrepareError(f"mmdebstrap finished but {PYTHON_BIN} is missing in the userland")
         _replace_dir(tmp, root / "rootfs")
@@ -390,18 +427,12 @@ def _wheels_stamp(requirements: Sequence[str]) -> dict:
 def _ensure_wheels(root: Path, requirements: Sequence[str], force: bool, log) -> dict:
     want = _wheels_stamp(requirements)
     stamp_path = root / "wheels.stamp.json"
-    if not force and _read_stamp(stamp_path) == want and (root / "wheels").is_dir():
+    if _cached(force, stamp_path, want, (root / "wheels").is_dir()):
         log("emulated-arm: wheels cached")
         return want
     stamp_path.unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="wheels.tmp-", dir=root))
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-           "--no-warn-script-location", "--target", str(tmp), "--only-binary=:all:",
-           "--implementation", "cp", "--python-version", PYTHON_VERSION,
-           "--abi", "cp" + PYTHON_VERSION.replace(".", "")]
-    for tag in PLATFORM_TAGS:
-        cmd += ["--platform", tag]
-    cmd += list(requirements)
+    cmd = _pip_wheels_command(tmp, requirements)
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("PIP_REQUIRE_VIRTUALENV", None)
     try:
@@ -426,7 +457,7 @@ def _ensure_board(root: Path, board: Board, rootfs: dict, force: bool, log) -> N
     boards.mkdir(exist_ok=True)
     stamp_path = boards / f"{board.id}.stamp.json"
     final = boards / board.id
-    if not force and _read_stamp(stamp_path) == want and (final / PYTHON_BIN).exists():
+    if _cached(force, stamp_path, want, (final / PYTHON_BIN).exists()):
         log(f"emulated-arm: board {board.id} cached")
         return
     stamp_path.unlink(missing_ok=True)
@@ -505,19 +536,18 @@ def binfmt_state() -> dict:
     mounted = (BINFMT_DIR / "status").exists()
     entry = BINFMT_DIR / BINFMT_ENTRY
     registered = mounted and entry.exists()
-    enabled = False
-    if registered:
-        try:
-            enabled = entry.read_text().splitlines()[0].strip() == "enabled"
-        except (OSError, IndexError):
-            enabled = False
-    global_on = False
-    if mounted:
-        try:
-            global_on = (BINFMT_DIR / "status").read_text().strip() == "enabled"
-        except OSError:
-            pass
+    enabled = registered and _says_enabled(entry, first_line=True)
+    global_on = mounted and _says_enabled(BINFMT_DIR / "status", first_line=False)
     return {"mounted": mounted, "registered": registered, "enabled": enabled and global_on}
+
+
+def _says_enabled(path: Path, first_line: bool) -> bool:
+    """Whether a binfmt_misc file (its first line, for an entry) reads "enabled"; False when unreadable."""
+    try:
+        text = path.read_text()
+        return (text.splitlines()[0] if first_line else text).strip() == "enabled"
+    except (OSError, IndexError):
+        return False
 
 
 def _binfmt_write(path: Path, text: str) -> None:
@@ -525,6 +555,40 @@ def _binfmt_write(path: Path, text: str) -> None:
         path.write_text(text)
     except OSError as exc:
         raise BinfmtError(f"cannot write {path}: {exc}") from exc
+
+
+def _binfmt_mount() -> None:
+    proc = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BinfmtError(f"cannot mount binfmt_misc on {BINFMT_DIR}: {proc.stderr.strip()}")
+
+
+def _update_binfmts_enabled(entry: Path) -> bool:
+    """Whether update-binfmts is installed and enabled the entry."""
+    return bool(shutil.which("update-binfmts")) and subprocess.run(
+        ["update-binfmts", "--enable", BINFMT_ENTRY], capture_output=True).returncode == 0 and entry.exists()
+
+
+def _binfmt_register() -> None:
+    """Register qemu-aarch64-static for aarch64 executables."""
+    qemu = shutil.which(QEMU)
+    if not qemu:
+        raise BinfmtError("qemu-user-static is not installed: apt-get install qemu-user-static binfmt-support")
+    # F: the kernel opens the interpreter now, so it works in any mount namespace.
+    _binfmt_write(BINFMT_DIR / "register",
+                  f":{BINFMT_ENTRY}:M::{_BINFMT_MAGIC}:{_BINFMT_MASK}:{qemu}:PF")
+
+
+def _binfmt_entry_on() -> str:
+    """Switch the aarch64 entry on (registering it when missing); the undo step for what was done."""
+    entry = BINFMT_DIR / BINFMT_ENTRY
+    if entry.exists():
+        _binfmt_write(entry, "1")
+        return "entry-off"
+    if not _update_binfmts_enabled(entry):
+        _binfmt_register()
+    return "entry-remove"
 
 
 def _binfmt_enable() -> list[str]:
@@ -537,31 +601,13 @@ def _binfmt_enable() -> list[str]:
                           "set up: run as root, or enable it once with `update-binfmts --enable qemu-aarch64`")
     undo: list[str] = []
     if not state["mounted"]:
-        proc = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise BinfmtError(f"cannot mount binfmt_misc on {BINFMT_DIR}: {proc.stderr.strip()}")
+        _binfmt_mount()
         undo.append("umount")
     try:
         if (BINFMT_DIR / "status").read_text().strip() != "enabled":
             _binfmt_write(BINFMT_DIR / "status", "1")
             undo.append("status-off")
-        entry = BINFMT_DIR / BINFMT_ENTRY
-        if entry.exists():
-            _binfmt_write(entry, "1")
-            undo.append("entry-off")
-        elif shutil.which("update-binfmts") and subprocess.run(
-                ["update-binfmts", "--enable", BINFMT_ENTRY], capture_output=True).returncode == 0 \
-                and entry.exists():
-            undo.append("entry-remove")
-        else:
-            qemu = shutil.which(QEMU)
-            if not qemu:
-                raise BinfmtError("qemu-user-static is not installed: apt-get install qemu-user-static binfmt-support")
-            # F: the kernel opens the interpreter now, so it works in any mount namespace.
-            _binfmt_write(BINFMT_DIR / "register",
-                          f":{BINFMT_ENTRY}:M::{_BINFMT_MAGIC}:{_BINFMT_MASK}:{qemu}:PF")
-            undo.append("entry-remove")
+        undo.append(_binfmt_entry_on())
         if not binfmt_state()["enabled"]:
             raise BinfmtError(f"the {BINFMT_ENTRY} binfmt_misc entry did not come up")
     except BaseException:
@@ -573,18 +619,24 @@ def _binfmt_enable() -> list[str]:
 def _binfmt_restore(undo: list[str]) -> None:
     for step in reversed(undo):
         try:
-            if step == "umount":
-                subprocess.run(["umount", str(BINFMT_DIR)], capture_output=True)
-            elif step == "status-off":
-                (BINFMT_DIR / "status").write_text("0")
-            elif step == "entry-off":
-                (BINFMT_DIR / BINFMT_ENTRY).write_text("0")
-            elif step == "entry-remove":
-                entry = BINFMT_DIR / BINFMT_ENTRY
-                if entry.exists():
-                    entry.write_text("-1")
+            _UNDO_STEPS.get(step, lambda: None)()
         except OSError:  # best effort: restoring must not hide the caller's own error
             pass
+
+
+def _remove_entry() -> None:
+    entry = BINFMT_DIR / BINFMT_ENTRY
+    if entry.exists():
+        entry.write_text("-1")
+
+
+# how to undo each step of _binfmt_enable
+_UNDO_STEPS = {
+    "umount": lambda: subprocess.run(["umount", str(BINFMT_DIR)], capture_output=True),
+    "status-off": lambda: (BINFMT_DIR / "status").write_text("0"),
+    "entry-off": lambda: (BINFMT_DIR / BINFMT_ENTRY).write_text("0"),
+    "entry-remove": _remove_entry,
+}
 
 
 @contextlib.contextmanager
@@ -760,27 +812,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     device = EmulatedArmDevice(ns.root, ns.board)
     try:
-        if ns.command == "prepare":
-            device = prepare(ns.root, ns.board, mirror=ns.mirror, force=ns.force)
-            if ns.check:
-                print(json.dumps(device.describe(), indent=2))
-            return 0
-        if ns.command == "info":
-            print(json.dumps({
-                "root": str(device.root), "board": device.board.id, "qemu_cpu": device.board.qemu_cpu,
-                "prepared": device.prepared, "missing_tools": missing_tools(),
-                "requirements": device_requirements(), "binfmt": binfmt_state(),
-            }, indent=2))
-            return 0
-        args = list(ns.args)
-        if args and args[0] == "--":
-            args = args[1:]
-        if ns.command == "run":
-            args = ["-m", "edgeops.cli", *args]
-        return _forward(args, device, use_binfmt=not ns.no_binfmt)
+        return _COMMANDS.get(ns.command, _guest_command)(ns, device)
     except EmulationError as exc:
         print(f"emulated-arm: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _prepare_command(ns: argparse.Namespace, device: EmulatedArmDevice) -> int:
+    device = prepare(ns.root, ns.board, mirror=ns.mirror, force=ns.force)
+    if ns.check:
+        print(json.dumps(device.describe(), indent=2))
+    return 0
+
+
+def _info_command(ns: argparse.Namespace, device: EmulatedArmDevice) -> int:
+    print(json.dumps({
+        "root": str(device.root), "board": device.board.id, "qemu_cpu": device.board.qemu_cpu,
+        "prepared": device.prepared, "missing_tools": missing_tools(),
+        "requirements": device_requirements(), "binfmt": binfmt_state(),
+    }, indent=2))
+    return 0
+
+
+def _guest_command(ns: argparse.Namespace, device: EmulatedArmDevice) -> int:
+    """``python ARGS`` or ``run ARGS`` (edgeops) on the guest; its exit status."""
+    args = list(ns.args)
+    if args and args[0] == "--":
+        args = args[1:]
+    if ns.command == "run":
+        args = ["-m", "edgeops.cli", *args]
+    return _forward(args, device, use_binfmt=not ns.no_binfmt)
+
+
+_COMMANDS = {"prepare": _prepare_command, "info": _info_command}
 
 
 if __name__ == "__main__":

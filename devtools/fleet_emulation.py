@@ -83,15 +83,19 @@ def _read_scenario_file(p: Path):
     except OSError as exc:
         raise ScenarioError(f"{p}: cannot read the scenario ({exc.strerror})") from None
     is_yaml = p.suffix.lower() in (".yaml", ".yml")
-    if is_yaml:
-        try:
-            import yaml
-        except ImportError:
-            raise ScenarioError(f"{p}: YAML scenarios need PyYAML (pip install pyyaml), or use JSON") from None
+    parse = _yaml_loader(p) if is_yaml else json.loads
     try:
-        return yaml.safe_load(text) if is_yaml else json.loads(text)
+        return parse(text)
     except Exception as exc:  # noqa: BLE001 - yaml errors are not ValueErrors
         raise ScenarioError(f"{p}: not valid {'YAML' if is_yaml else 'JSON'}: {exc}") from None
+
+
+def _yaml_loader(p: Path):
+    try:
+        import yaml
+    except ImportError:
+        raise ScenarioError(f"{p}: YAML scenarios need PyYAML (pip install pyyaml), or use JSON") from None
+    return yaml.safe_load
 
 
 def _parse_event(e, at: str, devices: list[str], folder: Path | None) -> Event:
@@ -101,58 +105,82 @@ def _parse_event(e, at: str, devices: list[str], folder: Path | None) -> Event:
     kind = e.get("kind")
     if kind not in EVENT_KINDS:
         raise ScenarioError(f"{at}: 'kind' must be one of {', '.join(EVENT_KINDS)}, not {kind!r}")
+    t = _event_time(e, at)
+    chosen = _event_devices(e, at, devices)
+    params = {k: v for k, v in e.items() if k not in ("at", "kind", "devices", "count", "fraction")}
+    return Event(t, kind, chosen, _event_params(kind, params, at, folder))
+
+
+def _event_time(e: dict, at: str) -> float:
+    """When an event happens: seconds after the start, a finite number >= 0."""
     try:
         t = float(e.get("at", 0))
     except (TypeError, ValueError):
         t = -1.0
     if not 0 <= t < float("inf"):
         raise ScenarioError(f"{at}: 'at' must be seconds after the start (a number >= 0)")
-    chosen = _event_devices(e, at, devices)
-    params = {k: v for k, v in e.items() if k not in ("at", "kind", "devices", "count", "fraction")}
-    return Event(t, kind, chosen, _event_params(kind, params, at, folder))
+    return t
 
 
 def _event_devices(e: dict, at: str, devices: list[str]) -> list[str]:
     """The devices an event names: ``devices``, ``count`` (the first N) or ``fraction``."""
-    if "devices" in e:
-        if not isinstance(e["devices"], list):
-            raise ScenarioError(f"{at}: 'devices' must be a list of device ids")
-        chosen = [str(d) for d in e["devices"]]
-        unknown = [d for d in chosen if d not in devices]
-        if unknown:
-            raise ScenarioError(f"{at}: unknown devices {unknown[:5]} "
-                                f"(the fleet has {devices[0]} .. {devices[-1]})")
-        return chosen
-    if "count" in e:
-        if isinstance(e["count"], bool) or not isinstance(e["count"], int) or not 1 <= e["count"] <= len(devices):
-            raise ScenarioError(f"{at}: 'count' must be a whole number of devices from 1 to {len(devices)}")
-        return devices[:e["count"]]
-    if "fraction" in e:
-        f = e["fraction"]
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-            raise ScenarioError(f"{at}: 'fraction' must be a number in (0, 1]")
-        return devices[:max(1, round(len(devices) * f))]
+    for key, choose in (("devices", _named_devices), ("count", _first_devices), ("fraction", _share_of_devices)):
+        if key in e:
+            return choose(e[key], at, devices)
     raise ScenarioError(f"{at}: name the devices with 'devices', 'count' or 'fraction'")
+
+
+def _named_devices(value, at: str, devices: list[str]) -> list[str]:
+    if not isinstance(value, list):
+        raise ScenarioError(f"{at}: 'devices' must be a list of device ids")
+    chosen = [str(d) for d in value]
+    unknown = [d for d in chosen if d not in devices]
+    if unknown:
+        raise ScenarioError(f"{at}: unknown devices {unknown[:5]} "
+                            f"(the fleet has {devices[0]} .. {devices[-1]})")
+    return chosen
+
+
+def _first_devices(count, at: str, devices: list[str]) -> list[str]:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(devices):
+        raise ScenarioError(f"{at}: 'count' must be a whole number of devices from 1 to {len(devices)}")
+    return devices[:count]
+
+
+def _share_of_devices(f, at: str, devices: list[str]) -> list[str]:
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+        raise ScenarioError(f"{at}: 'fraction' must be a number in (0, 1]")
+    return devices[:max(1, round(len(devices) * f))]
 
 
 def _event_params(kind: str, params: dict, at: str, folder: Path | None) -> dict:
     """An event's parameters, checked for its kind, with the defaults filled in."""
     if kind == "drift":
-        if params.get("shift") not in SHIFTS:
-            raise ScenarioError(f"{at}: drift 'shift' must be one of {', '.join(SHIFTS)}")
-        params.setdefault("factor", {"scale": 1.6, "offset": 1.5, "noise": 1.0, "missing": 0.3,
-                                     "prior": 0.8}[params["shift"]])
+        _drift_params(params, at)
     elif kind == "offline":
         params.setdefault("seconds", 30.0)
     elif kind == "slow":
         params.setdefault("added_latency_ms", 5.0)
     elif kind == "flash":
-        if not params.get("bundle"):
-            raise ScenarioError(f"{at}: a flash needs 'bundle'")
-        b = Path(params["bundle"])
-        if not b.is_absolute() and folder is not None:
-            params["bundle"] = str((folder / b).resolve())
+        _flash_params(params, at, folder)
     return params
+
+
+def _drift_params(params: dict, at: str) -> None:
+    """A drift names a known shift; its factor defaults to one that a monitor sees."""
+    if params.get("shift") not in SHIFTS:
+        raise ScenarioError(f"{at}: drift 'shift' must be one of {', '.join(SHIFTS)}")
+    params.setdefault("factor", {"scale": 1.6, "offset": 1.5, "noise": 1.0, "missing": 0.3,
+                                 "prior": 0.8}[params["shift"]])
+
+
+def _flash_params(params: dict, at: str, folder: Path | None) -> None:
+    """A flash names a bundle; a relative path is taken from the scenario file's folder."""
+    if not params.get("bundle"):
+        raise ScenarioError(f"{at}: a flash needs 'bundle'")
+    b = Path(params["bundle"])
+    if not b.is_absolute() and folder is not None:
+        params["bundle"] = str((folder / b).resolve())
 
 
 def feature_indices(spec, names: list[str], n_features: int) -> np.ndarray:
@@ -161,17 +189,18 @@ def feature_indices(spec, names: list[str], n_features: int) -> np.ndarray:
         return np.arange(n_features)
     if not isinstance(spec, list):
         raise ScenarioError(f"drift 'features' must be a list of feature names or indices, not {spec!r}")
-    idx = []
-    for f in spec:
-        if isinstance(f, int) and not isinstance(f, bool) or (isinstance(f, str) and f.isdigit()):
-            if not 0 <= int(f) < n_features:
-                raise ScenarioError(f"drift feature index {f} is out of range (the data has {n_features} columns)")
-            idx.append(int(f))
-        elif f in names:
-            idx.append(names.index(f))
-        else:
-            raise ScenarioError(f"drift feature {f!r} is not a feature of the data ({', '.join(names[:5])} ...)")
-    return np.asarray(idx)
+    return np.asarray([_feature_index(f, names, n_features) for f in spec])
+
+
+def _feature_index(f, names: list[str], n_features: int) -> int:
+    """The column of one drift feature: an index (a number or digits), else a feature name."""
+    if isinstance(f, int) and not isinstance(f, bool) or (isinstance(f, str) and f.isdigit()):
+        if not 0 <= int(f) < n_features:
+            raise ScenarioError(f"drift feature index {f} is out of range (the data has {n_features} columns)")
+        return int(f)
+    if f in names:
+        return names.index(f)
+    raise ScenarioError(f"drift feature {f!r} is not a feature of the data ({', '.join(names[:5])} ...)")
 
 
 def check_features(events: list[Event], names: list[str], n_features: int) -> None:
@@ -208,26 +237,33 @@ class DeviceStream:
             d["pool"] = np.flatnonzero(self.y == target)
         self.drift = d
 
-    def _row(self) -> np.ndarray:
-        d = self.drift
+    def _row_index(self, d: dict | None) -> int:
+        """The next row: at random, or under a prior shift a row of the target class for its share of rows."""
         if d is not None and d["shift"] == "prior" and len(d.get("pool", [])):
             share = float(d["factor"])   # this share of rows comes from the target class
-            i = int(self.rng.choice(d["pool"])) if self.rng.random() < share else int(self.rng.integers(len(self.X)))
-        else:
-            i = int(self.rng.integers(len(self.X)))
-        row = self.X[i].astype(np.float32, copy=True)
-        if d is not None:
-            idx, f = d["idx"], float(d["factor"])
-            if d["shift"] == "prior":
-                pass
-            elif d["shift"] == "scale":
-                row[idx] *= f
-            elif d["shift"] == "offset":
-                row[idx] += f * self.std[idx]
-            elif d["shift"] == "noise":
-                row[idx] += self.rng.normal(0, f * self.std[idx]).astype(np.float32)
-            elif d["shift"] == "missing":
-                row[idx[self.rng.random(len(idx)) < f]] = np.nan
+            return int(self.rng.choice(d["pool"])) if self.rng.random() < share else int(self.rng.integers(len(self.X)))
+        return int(self.rng.integers(len(self.X)))
+
+    def _scale(self, row: np.ndarray, idx: np.ndarray, f: float) -> None:
+        row[idx] *= f
+
+    def _offset(self, row: np.ndarray, idx: np.ndarray, f: float) -> None:
+        row[idx] += f * self.std[idx]
+
+    def _noise(self, row: np.ndarray, idx: np.ndarray, f: float) -> None:
+        row[idx] += self.rng.normal(0, f * self.std[idx]).astype(np.float32)
+
+    def _missing(self, row: np.ndarray, idx: np.ndarray, f: float) -> None:
+        row[idx[self.rng.random(len(idx)) < f]] = np.nan
+
+    # how each shift changes a row in place (a prior shift changes which rows come, not their values)
+    _SHIFTS = {"scale": _scale, "offset": _offset, "noise": _noise, "missing": _missing}
+
+    def _row(self) -> np.ndarray:
+        d = self.drift
+        row = self.X[self._row_index(d)].astype(np.float32, copy=True)
+        if d is not None and d["shift"] in self._SHIFTS:
+            self._SHIFTS[d["shift"]](self, row, d["idx"], float(d["factor"]))
         return row.reshape(self.shape) if self.shape else row
 
     def __iter__(self):
@@ -251,21 +287,35 @@ def _worker(spec: dict) -> None:
     threads = _drive(agents, streams, spec["rate"])
     schedule = _WorkerSchedule(agents, streams, [Event(**e) for e in spec["events"]], spec["start"],
                                Path(spec["state_root"]) / "control.jsonl")
-    deadline = spec["start"] + spec["duration"] if spec.get("duration") else None
-    while not stop.is_set() and (deadline is None or time.time() < deadline):
-        schedule.step()
-        time.sleep(0.1)
+    _run_schedule(schedule, stop, spec["start"] + spec["duration"] if spec.get("duration") else None)
     schedule.bring_online(list(schedule.offline_until))
     for s in streams.values():
         s.stopped.set()
     for t in threads:
         t.join(timeout=5)
+    _emit(event="stopped", stats=_stop_agents(agents))
+
+
+def _run_schedule(schedule: "_WorkerSchedule", stop: threading.Event, deadline: float | None) -> None:
+    """Apply the scenario's events as they fall due, until stopped or the deadline passes."""
+    while not stop.is_set() and (deadline is None or time.time() < deadline):
+        schedule.step()
+        time.sleep(0.1)
+
+
+def _stop_agents(agents: dict) -> dict:
+    """Stop each agent (its spool drained for up to 5 s); per device, inferences, unsent windows, version."""
     stats = {}
     for dev, agent in agents.items():
         left = agent.stop(drain_timeout=5.0)
         stats[dev] = {"inferences": agent.inferences, "unsent_windows": left,
                       "version": agent.recorder.model_info.get("version")}
-    _emit(event="stopped", stats=stats)
+    return stats
+
+
+def _plain_params(params: dict) -> dict:
+    """An event's parameters that print as plain JSON values (numbers, strings, lists)."""
+    return {k: v for k, v in params.items() if isinstance(v, (int, float, str, list))}
 
 
 def _emit(**kw) -> None:
@@ -358,17 +408,24 @@ class _WorkerSchedule:
 
     def _apply(self, e: Event, now: float) -> None:
         mine = [d for d in e.devices if d in self.agents]
-        for dev in mine:
-            if e.kind == "drift":
-                self.streams[dev].set_drift(e.params)
-            elif e.kind == "slow":
-                self.agents[dev].model.added_latency_s = float(e.params["added_latency_ms"]) / 1000.0
-            elif e.kind == "offline":
-                self.agents[dev].link.pause()
-                self.offline_until[dev] = time.time() + float(e.params["seconds"])
+        action = self._ACTIONS.get(e.kind)
+        for dev in mine if action is not None else ():
+            action(self, dev, e.params)
         if mine:
-            _emit(event=e.kind, devices=mine, at=round(now, 1), **{
-                k: v for k, v in e.params.items() if isinstance(v, (int, float, str, list))})
+            _emit(event=e.kind, devices=mine, at=round(now, 1), **_plain_params(e.params))
+
+    def _drift(self, dev: str, params: dict) -> None:
+        self.streams[dev].set_drift(params)
+
+    def _slow(self, dev: str, params: dict) -> None:
+        self.agents[dev].model.added_latency_s = float(params["added_latency_ms"]) / 1000.0
+
+    def _offline(self, dev: str, params: dict) -> None:
+        self.agents[dev].link.pause()
+        self.offline_until[dev] = time.time() + float(params["seconds"])
+
+    # what an event does to each of this worker's devices it names (a flash goes through the broker instead)
+    _ACTIONS = {"drift": _drift, "slow": _slow, "offline": _offline}
 
     def bring_online(self, devices: list[str], announce: bool = False) -> None:
         for dev in devices:
@@ -379,6 +436,31 @@ class _WorkerSchedule:
 
 
 # -- the fleet, from the operator's side ----------------------------------------------------------
+
+
+def _event_line(line: str) -> dict | None:
+    """The event a worker's output line carries (a JSON object with "event"), None for other lines."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and "event" in doc else None
+
+
+def _flash_all(fl, image, devices: list[str]) -> dict[str, str]:
+    """Flash the devices at once; per device, the stage its flash ended at ("no answer" within 120 s)."""
+    tids = {d: fl.start_flash(d, image) for d in devices}
+    results = {d: fl.final_result(t, 120) for d, t in tids.items()}
+    return {d: (r or {}).get("stage", "no answer") for d, r in results.items()}
+
+
+def _worker_env() -> dict:
+    """The environment of a worker process: this checkout importable, TensorFlow quiet."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
 
 
 class EmulatedFleet:
@@ -433,35 +515,39 @@ class EmulatedFleet:
 
     def start(self) -> "EmulatedFleet":
         self.t0 = time.time()
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env = _worker_env()
         events = [{"at": e.at, "kind": e.kind, "devices": e.devices, "params": e.params} for e in self.scenario]
         for g in range(0, len(self.devices), self.per_process):
-            spec = {"devices": self.devices[g:g + self.per_process], "bundle": self.bundle, "broker": self.broker,
-                    "fleet": self.fleet, "state_root": str(self.state_root), "data": str(self.data_file),
-                    "rate": self.rate, "window_size": self.window_size, "duration": self.duration,
-                    "start": self.t0, "events": events, "seed": self.seed + g, "public_key": self.public_key,
-                    "allow_unsigned": self.allow_unsigned, "confirm": self.confirm,
-                    "rollback": self.rollback}
-            p = subprocess.Popen(python_command(["-m", "devtools.fleet_emulation", json.dumps(spec)]), env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            tail: deque[str] = deque(maxlen=TAIL_LINES)
-            readers = [threading.Thread(target=self._read, args=(stream, tail), daemon=True)
-                       for stream in (p.stdout, p.stderr)]
-            for t in readers:
-                t.start()
-            self.procs.append(p)
-            self.readers += readers
-            group = spec["devices"]
-            self.supervisor.watch(f"device worker {len(self.procs)} ({group[0]} .. {group[-1]})", p,
-                                  self._tail_of(readers, tail), may_finish=self.duration is not None)
+            self._start_worker(self._worker_spec(g, events), env)
         flashes = [e for e in self.scenario if e.kind == "flash"]
         if flashes:
             self._flasher = threading.Thread(target=self._flash_events, args=(flashes,), daemon=True)
             self._flasher.start()
         return self
+
+    def _worker_spec(self, g: int, events: list[dict]) -> dict:
+        """What the worker of the device group starting at index g runs."""
+        return {"devices": self.devices[g:g + self.per_process], "bundle": self.bundle, "broker": self.broker,
+                "fleet": self.fleet, "state_root": str(self.state_root), "data": str(self.data_file),
+                "rate": self.rate, "window_size": self.window_size, "duration": self.duration,
+                "start": self.t0, "events": events, "seed": self.seed + g, "public_key": self.public_key,
+                "allow_unsigned": self.allow_unsigned, "confirm": self.confirm,
+                "rollback": self.rollback}
+
+    def _start_worker(self, spec: dict, env: dict) -> None:
+        """Start a worker process, read its output on two threads, and have the supervisor watch it."""
+        p = subprocess.Popen(python_command(["-m", "devtools.fleet_emulation", json.dumps(spec)]), env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        readers = [threading.Thread(target=self._read, args=(stream, tail), daemon=True)
+                   for stream in (p.stdout, p.stderr)]
+        for t in readers:
+            t.start()
+        self.procs.append(p)
+        self.readers += readers
+        group = spec["devices"]
+        self.supervisor.watch(f"device worker {len(self.procs)} ({group[0]} .. {group[-1]})", p,
+                              self._tail_of(readers, tail), may_finish=self.duration is not None)
 
     @staticmethod
     def _tail_of(readers: list[threading.Thread], tail: deque[str]):
@@ -477,19 +563,20 @@ class EmulatedFleet:
             line = line.rstrip()
             if not line:
                 continue
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                doc = None
-            if isinstance(doc, dict) and "event" in doc:
-                self.events.append(doc)
-                if doc["event"] == "stopped":
-                    self.stats.update(doc["stats"])
-                self.on_event(doc)
+            doc = _event_line(line)
+            if doc is not None:
+                self._event(doc)
                 continue
             tail.append(line)
             if "WARNING" in line or "ERROR" in line or "Traceback" in line:
                 log.warning("device worker: %s", line)
+
+    def _event(self, doc: dict) -> None:
+        """Record an event a worker printed (its final device stats, when it stopped) and pass it on."""
+        self.events.append(doc)
+        if doc["event"] == "stopped":
+            self.stats.update(doc["stats"])
+        self.on_event(doc)
 
     def _flash_events(self, flashes: list[Event]) -> None:
         from devices.rollout import BundleImage, FleetLink
@@ -501,10 +588,8 @@ class EmulatedFleet:
                 if delay > 0:
                     time.sleep(delay)
                 image = BundleImage.from_path(e.params["bundle"], self.public_key)
-                tids = {d: fl.start_flash(d, image) for d in e.devices}
-                results = {d: fl.final_result(t, 120) for d, t in tids.items()}
-                doc = {"event": "flashed", "at": round(time.time() - self.t0, 1),
-                       "results": {d: (r or {}).get("stage", "no answer") for d, r in results.items()}}
+                results = _flash_all(fl, image, e.devices)
+                doc = {"event": "flashed", "at": round(time.time() - self.t0, 1), "results": results}
                 self.events.append(doc)
                 self.on_event(doc)
 
@@ -553,6 +638,15 @@ class EmulatedFleet:
         self.stop()
 
 
+def _dataset_of(bundle_name: str) -> str:
+    """The reference data set a bundle's name mentions; UsageError when it names none."""
+    lowered = bundle_name.lower().replace("-", "_")
+    dataset = next((d for d in ("breast_cancer", "wine", "digits") if d in lowered), None)
+    if dataset is None:
+        raise click.UsageError(f"cannot tell which data {bundle_name} takes: give --dataset or --data")
+    return dataset
+
+
 def replay_data(bundle: str | Path, dataset: str | None, data_file: str | None) -> tuple:
     """What the devices replay: --data FILE, --dataset NAME, or the data set the bundle's name suggests."""
     from edge_runtime.bundle import open_bundle
@@ -565,20 +659,22 @@ def replay_data(bundle: str | Path, dataset: str | None, data_file: str | None) 
 
         X = read_rows(Path(data_file), None)
         return X, None, names or [f"f{i}" for i in range(X.shape[1])]
-    if dataset is None:
-        lowered = b.name.lower().replace("-", "_")
-        dataset = next((d for d in ("breast_cancer", "wine", "digits") if d in lowered), None)
-        if dataset is None:
-            raise click.UsageError(f"cannot tell which data {b.name} takes: give --dataset or --data")
+    X, y, data_names = _reference_rows(dataset if dataset is not None else _dataset_of(b.name), b.manifest)
+    return X, y, names or data_names
+
+
+def _reference_rows(dataset: str, manifest: dict) -> tuple:
+    """(rows, labels, feature names) of a reference data set, train and test; Digits as flat images for an
+    image bundle."""
     from convert.reference import digits_images, load_reference_data
 
     d = load_reference_data(dataset)
     X = np.concatenate([d.X_train, d.X_test])
     y = np.concatenate([d.y_train, d.y_test])
-    inp = (b.manifest.get("input_schema") or {})
+    inp = (manifest.get("input_schema") or {})
     if dataset == "digits" and inp.get("kind") == "image":
         X = digits_images(X).reshape(len(X), -1)
-    return X, y, names or list(d.feature_names)
+    return X, y, list(d.feature_names)
 
 
 @click.command("emulate")

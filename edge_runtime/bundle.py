@@ -176,13 +176,18 @@ class Bundle:
 
 # -- archives -----------------------------------------------------------------------------------
 
+def _unsafe(name: str) -> bool:
+    """An absolute path, a backslash, a ``..`` or an empty path component."""
+    parts = name.split("/")
+    return name.startswith("/") or "\\" in name or ".." in parts or "" in parts[:-1]
+
+
 def _entry_name(member: tarfile.TarInfo, where: Path) -> str:
     """The member's path inside the archive, normalised; BundleError for absolute or ``..`` paths."""
     name = member.name
     while name.startswith("./"):
         name = name[2:]
-    parts = name.split("/")
-    if name.startswith("/") or "\\" in name or ".." in parts or "" in parts[:-1]:
+    if _unsafe(name):
         raise BundleError(f"{where}: unsafe entry {member.name!r} (absolute or .. path) in the archive; refusing it")
     return name.rstrip("/")
 
@@ -355,13 +360,11 @@ class _ArchiveReader:
         return art
 
     def _folder(self, name: str, member: tarfile.TarInfo) -> None:
-        if name in ("", "."):
+        if name in ("", ".") or (self.prefix is not None and name == self.prefix):
             return
         if self.prefix is None and self.raw is None and "/" not in name:
             self.prefix = name
             (self.dest / name).mkdir()
-            return
-        if self.prefix is not None and name == self.prefix:
             return
         raise BundleError(f"{self.path}: folder {member.name!r} in the archive; a bundle holds files at its top level "
                           "(or in one top-level folder)")
@@ -556,13 +559,17 @@ def write_manifest(bundle_dir: str | Path, doc: dict, sign_key: Any = None) -> P
     return d / MANIFEST_FILE
 
 
+def _archive_order(f: Path) -> tuple:
+    """Sort key of a bundle's files in its archive: the manifest, the signature, then the rest by name."""
+    first = [MANIFEST_FILE, SIGNATURE_FILE]
+    return (f.name not in first, first.index(f.name) if f.name in first else 0, f.name)
+
+
 def pack(bundle_dir: str | Path, out_file: str | Path | None = None) -> Path:
     """Write a ``.tar.gz`` of a bundle directory: files at the top level, the manifest and signature first."""
     d = Path(bundle_dir)
     out = Path(out_file) if out_file else d.with_name(d.name + ".tar.gz")
-    first = [MANIFEST_FILE, SIGNATURE_FILE]
-    files = sorted((f for f in d.iterdir() if f.is_file()), key=lambda f: (f.name not in first, first.index(f.name)
-                                                                         if f.name in first else 0, f.name))
+    files = sorted((f for f in d.iterdir() if f.is_file()), key=_archive_order)
     with tarfile.open(out, "w:gz") as tar:
         for f in files:
             tar.add(f, arcname=f.name)

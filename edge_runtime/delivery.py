@@ -91,9 +91,13 @@ class WindowDelivery:
         room = self.max_inflight - len(self._inflight)
         if room > 0:
             room -= self._publish(self.spool.peek(limit=room, after=self._last_new), now, new=True)
-        if room > 0 and self.confirm == "monitor" and now >= self._next_resend_check:
+        if room > 0 and self._resend_check_due(now):
             self._next_resend_check = now + 1.0
             self._resend_overdue(now, room)
+
+    def _resend_check_due(self, now: float) -> bool:
+        """Whether to look for overdue windows now (a monitor confirms them; at most once a second)."""
+        return self.confirm == "monitor" and now >= self._next_resend_check
 
     def _overdue(self, now: float) -> list[int]:
         """Sequence numbers sent and unconfirmed for longer than their backoff (doubling per attempt), oldest first."""
@@ -148,9 +152,8 @@ class WindowDelivery:
             except queue.Empty:
                 return
             seq = self._inflight.pop(mid, None)
-            if seq is None or not ok:
-                continue          # refused by the broker: stays spooled and is resent
-            if self.confirm == "broker":
+            if seq is not None and ok and self.confirm == "broker":
+                # acknowledged is enough; one the broker refused stays spooled and is resent
                 self.spool.delete(seq)
                 self._sent.pop(seq, None)
 
@@ -161,9 +164,13 @@ class WindowDelivery:
             except queue.Empty:
                 return
             self.confirmed += self.spool.delete_ranges(ranges)
-            for seq in [s for s in self._sent if any(lo <= s <= hi for lo, hi in ranges)]:
-                self._sent.pop(seq, None)
+            self._forget(ranges)
             self._mark_gaps(max((hi for _, hi in ranges), default=-1))
+
+    def _forget(self, ranges: list[tuple[int, int]]) -> None:
+        """Stop waiting for the confirmation of the windows in the ranges (inclusive)."""
+        for seq in [s for s in self._sent if any(lo <= s <= hi for lo, hi in ranges)]:
+            self._sent.pop(seq, None)
 
     def _mark_gaps(self, newest: int) -> None:
         """Make windows older than the newest confirmed one due at once.

@@ -40,6 +40,10 @@ def render(families: list[tuple[str, str, str, list[tuple[dict, float]]]]) -> st
     return "\n".join(lines) + "\n"
 
 
+def _latency_quantiles(lat: dict) -> list[tuple[dict, float]]:
+    return [({"quantile": q}, lat.get(k)) for q, k in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))]
+
+
 def families(agent) -> list[tuple[str, str, str, list[tuple[dict, float]]]]:
     """What the agent measures, as metric families."""
     info = agent.recorder.model_info
@@ -50,7 +54,7 @@ def families(agent) -> list[tuple[str, str, str, list[tuple[dict, float]]]]:
         ("edgeops_agent_bad_inputs_total", "counter", "Inputs refused (unreadable, wrong shape, NaN, ...).",
          [({}, agent.bad_inputs)]),
         ("edgeops_agent_last_window_latency_ms", "gauge", "Latency quantiles of the last closed window (ms).",
-         [({"quantile": q}, lat.get(k)) for q, k in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))]),
+         _latency_quantiles(lat)),
         ("edgeops_agent_spool_windows", "gauge", "Windows in the spool, not yet confirmed by the monitor.",
          [({}, agent.spool_depth)]),
         ("edgeops_agent_spool_dropped_windows_total", "counter", "Windows the full spool dropped.",
@@ -62,11 +66,14 @@ def families(agent) -> list[tuple[str, str, str, list[tuple[dict, float]]]]:
         ("edgeops_agent_broker_last_contact_timestamp_seconds", "gauge", "When the broker last answered.",
          [({}, agent.link.last_contact)]),
     ]
-    counts = getattr(agent, "output_counts", {}) or {}
-    for kind in ("delivered", "dropped", "failed"):
-        out.append((f"edgeops_agent_output_{kind}_total", "counter", f"Predictions {kind} per output sink.",
-                    [({"sink": name}, c.get(kind, 0)) for name, c in counts.items()]))
-    return out
+    return out + _output_families(getattr(agent, "output_counts", {}) or {})
+
+
+def _output_families(counts: dict) -> list[tuple[str, str, str, list[tuple[dict, float]]]]:
+    """Predictions delivered, dropped and failed, per output sink."""
+    return [(f"edgeops_agent_output_{kind}_total", "counter", f"Predictions {kind} per output sink.",
+             [({"sink": name}, c.get(kind, 0)) for name, c in counts.items()])
+            for kind in ("delivered", "dropped", "failed")]
 
 
 class DeviceHTTP:

@@ -105,16 +105,21 @@ def _load_rows(p: Path) -> np.ndarray:
         raise InvalidInputError(f"input {p}: not readable ({str(exc)[:120]})") from None
 
 
+def _as_samples(X: np.ndarray, n_values: int | None) -> np.ndarray:
+    """One row per sample: a vector is a column; a trailing label column (one more than n_values) is dropped."""
+    if X.ndim == 1:
+        X = X[:, None]
+    if n_values is not None and X.ndim == 2 and X.shape[1] == n_values + 1:
+        X = X[:, :n_values]  # a trailing label column
+    return X
+
+
 def read_rows(path: str | Path, n_values: int | None = None) -> np.ndarray:
     """Samples from .npy, .npz (array X) or .csv (numbers; a header line is skipped)."""
     p = Path(path)
     if not p.is_file():
         raise InvalidInputError(f"input {p}: no such file")
-    X = np.asarray(_load_rows(p), dtype=np.float32)
-    if X.ndim == 1:
-        X = X[:, None]
-    if n_values is not None and X.ndim == 2 and X.shape[1] == n_values + 1:
-        X = X[:, :n_values]  # a trailing label column
+    X = _as_samples(np.asarray(_load_rows(p), dtype=np.float32), n_values)
     if len(X) == 0:
         raise InvalidInputError(f"input {p}: no samples")
     return X
@@ -183,13 +188,18 @@ def _label_column(p: Path, rows: list[list[str]], label_column: str) -> tuple[in
     raise InvalidInputError(f"input {p}: no column {label_column!r} (columns: {', '.join(header)[:200]})")
 
 
+def _features_without(p: Path, rows: list[list[str]], col: int) -> np.ndarray:
+    """The rows' values but column col, as float32."""
+    try:
+        return np.array([[float(v) for j, v in enumerate(r) if j != col] for r in rows], dtype=np.float32)
+    except ValueError as exc:
+        raise InvalidInputError(f"input {p}: a feature is not a number ({str(exc)[:120]})") from None
+
+
 def _csv_with_labels(p: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     col, rows = _label_column(p, _csv_rows(p), label_column)
     rows = [r for r in rows if r]
-    try:
-        X = np.array([[float(v) for j, v in enumerate(r) if j != col] for r in rows], dtype=np.float32)
-    except ValueError as exc:
-        raise InvalidInputError(f"input {p}: a feature is not a number ({str(exc)[:120]})") from None
+    X = _features_without(p, rows, col)
     if len(X) == 0 or X.ndim != 2:
         raise InvalidInputError(f"input {p}: no samples (or rows of different lengths)")
     return X, np.array([r[col].strip() for r in rows])
@@ -227,7 +237,7 @@ def parse_sample(text: str | bytes, where: str) -> np.ndarray | Sample | BadSamp
         sid = doc.get("id")
         if not _valid_id(sid):
             return BadSample(where, f"id must be a string or an integer of at most {MAX_ID} characters")
-        doc = next((doc[k] for k in ("x", "inputs", "features") if k in doc), None)
+        doc = _sample_values(doc)
     if not isinstance(doc, list):
         return BadSample(where, "expected a list of numbers or an object with key 'x'")
     try:
@@ -252,6 +262,11 @@ def _decode_json(text: str | bytes):
         return _NotJson("not JSON (nested too deep or not UTF-8)")
 
 
+def _sample_values(doc: dict):
+    """What a sample object holds under "x" (or "inputs", "features"); None when none of them."""
+    return next((doc[k] for k in ("x", "inputs", "features") if k in doc), None)
+
+
 def _valid_id(sid) -> bool:
     """No id, or a string or an integer (not a bool) of at most MAX_ID characters."""
     return sid is None or (isinstance(sid, (str, int)) and not isinstance(sid, bool) and len(str(sid)) <= MAX_ID)
@@ -266,11 +281,16 @@ def json_lines(stream: IO[str] | None = None) -> Iterator[np.ndarray | Sample | 
             yield parse_sample(line, f"line {n}")
 
 
-def image_files(folder: str | Path, loop: bool = False) -> Iterator[Path]:
-    d = Path(folder)
+def _image_paths(d: Path) -> list[Path]:
+    """The image files of a folder, by name; InvalidInputError when it has none."""
     files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InvalidInputError(f"input {d}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def image_files(folder: str | Path, loop: bool = False) -> Iterator[Path]:
+    files = _image_paths(Path(folder))
     while True:
         yield from files
         if not loop:

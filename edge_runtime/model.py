@@ -31,6 +31,11 @@ def _check_model_args(backend: Backend, path: Path, nan_policy: str) -> None:
         )
 
 
+def _is_image_list(x: Any, is_image_like) -> bool:
+    """A non-empty list or tuple whose first item is an image (a path or a PIL image)."""
+    return isinstance(x, (list, tuple)) and bool(x) and is_image_like(x[0])
+
+
 def _quantization(tensor: TensorInfo) -> tuple | None:
     """The (scale, zero point) of an integer tensor, None for a float one."""
     return tensor.quantization if tensor.dtype in ("int8", "uint8", "int16") else None
@@ -107,7 +112,7 @@ class EdgeModel:
 
         if is_image_like(x):
             return image_to_array(x, self._image)
-        if isinstance(x, (list, tuple)) and x and is_image_like(x[0]):
+        if _is_image_list(x, is_image_like):
             return np.stack([image_to_array(i, self._image) for i in x])
         return x
 
@@ -240,7 +245,7 @@ class EdgeModel:
         """
         from edge_runtime.errors import QualityCheckError
 
-        vectors = [v for v in (self.manifest or {}).get("test_vectors", []) if v.get("artifact") == self.path.name]
+        vectors = self._own_test_vectors()
         if not vectors:
             return None
         worst = 0.0
@@ -254,6 +259,10 @@ class EdgeModel:
         finally:
             self.recorder = saved
         return worst
+
+    def _own_test_vectors(self) -> list[dict]:
+        """The manifest's test vectors of the artifact in use."""
+        return [v for v in (self.manifest or {}).get("test_vectors", []) if v.get("artifact") == self.path.name]
 
     def _check_vector(self, v: dict) -> float:
         """Run one test vector a sample at a time; its largest difference (inf for non-finite outputs).
@@ -279,22 +288,26 @@ class EdgeModel:
     def start_recording(self, window_seconds: float | None = 10.0, window_size: int | None = None,
                         variant: str | None = None) -> WindowRecorder:
         """From now on every predict feeds telemetry windows; returns the recorder."""
-        m = self.manifest or {}
-        profile = m.get("reference_profile") or {}
+        profile = (self.manifest or {}).get("reference_profile") or {}
         feats = profile.get("features")
         edges, monitored = self._monitored_inputs(profile)
         out_stats = profile.get("output_stats") or {}
-        info = {
+        ranges = [(f.get("min"), f.get("max")) for f in feats] if feats else None
+        self.recorder = WindowRecorder(self._window_model_info(variant), edges, monitored, self._n_classes(),
+                                       out_stats.get("bin_edges"), window_seconds=window_seconds,
+                                       window_size=window_size, ranges=ranges)
+        return self.recorder
+
+    def _window_model_info(self, variant: str | None) -> dict:
+        """The ``model`` block of each telemetry window: name, version, artifact, sha256, variant."""
+        m = self.manifest or {}
+        return {
             "name": m.get("name", self.path.stem),
             "version": m.get("version", "0.0.0"),
             "artifact": self.path.name,
             "sha256": (self.artifact or {}).get("sha256"),
             "variant": variant,
         }
-        ranges = [(f.get("min"), f.get("max")) for f in feats] if feats else None
-        self.recorder = WindowRecorder(info, edges, monitored, self._n_classes(), out_stats.get("bin_edges"),
-                                       window_seconds=window_seconds, window_size=window_size, ranges=ranges)
-        return self.recorder
 
     def _monitored_inputs(self, profile: dict) -> tuple[list, str]:
         """(bin edges per monitored input, what they are): the reference profile's features, else the
@@ -406,11 +419,7 @@ def load(  # noqa: PLR0913 - the loader's options, all keywords with defaults
     if p.is_file() and p.suffix.lower() in (".tflite", ".onnx"):
         if public_key is not None:
             raise BundleError(f"{p}: a bare model file carries no signature; sign a bundle to use a trusted key")
-        if isolate:
-            from edge_runtime.modelcheck import probe_in_child
-
-            probe_in_child(p, p.suffix.lower()[1:])
-        return EdgeModel(open_backend(p, threads=threads, prefer=prefer, accel=accel), p, nan_policy=nan_policy)
+        return _load_model_file(p, threads, nan_policy, prefer, isolate, accel)
     bundle = open_bundle(p, public_key=public_key)
     try:
         model = _load_bundle(bundle, artifact, threads, nan_policy, prefer, isolate, accel)
@@ -419,6 +428,16 @@ def load(  # noqa: PLR0913 - the loader's options, all keywords with defaults
         return model
     finally:
         bundle.cleanup()
+
+
+def _load_model_file(p: Path, threads: int | None, nan_policy: str, prefer: str | None,  # noqa: PLR0913
+                     isolate: bool, accel) -> EdgeModel:
+    """A bare .tflite/.onnx file, loaded in a child process first when isolated."""
+    if isolate:
+        from edge_runtime.modelcheck import probe_in_child
+
+        probe_in_child(p, p.suffix.lower()[1:])
+    return EdgeModel(open_backend(p, threads=threads, prefer=prefer, accel=accel), p, nan_policy=nan_policy)
 
 
 def _load_bundle(bundle: Bundle, artifact: str | None, threads: int | None, nan_policy: str,  # noqa: PLR0913

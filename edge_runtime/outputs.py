@@ -315,10 +315,7 @@ class HttpSink(PredictionSink):
         for attempt in range(self.retries + 1):
             self.attempts += 1
             try:
-                req = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    resp.read(1024)
+                self._post(body)
                 return
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 if attempt == self.retries:
@@ -326,6 +323,12 @@ class HttpSink(PredictionSink):
             if self._closing.wait(delay):
                 delay = 0.0    # stopping: try the remaining attempts at once rather than sleep through stop
             delay = min(delay * 2, 30.0)
+
+
+    def _post(self, body: bytes) -> None:
+        req = urllib.request.Request(self.url, data=body, method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            resp.read(1024)
 
 
 class CallbackSink(PredictionSink):
@@ -408,10 +411,20 @@ def open_sink(spec: str | OutputSpec, publish: Callable[[str, bytes, int], int |
         return StdoutSink()
     if s.kind == "jsonl":
         return JsonlFileSink(s.target, max_bytes=int(o.get("max_mb", 10) * 1_000_000), backups=o.get("backups", 3))
-    envelope = envelope or (lambda records: json.dumps({"predictions": records}, separators=(",", ":")).encode())
+    envelope = envelope or _json_envelope
     if s.kind == "mqtt":
-        if publish is None or topic is None:
-            raise InvalidInputError("output mqtt: needs the agent's MQTT link")
-        return MqttSink(publish, topic, envelope, qos=o.get("qos", 0), max_rate=o.get("rate", 10.0),
-                        batch_size=o.get("batch", 100), batch_seconds=o.get("seconds", 1.0))
+        return _mqtt_sink(o, publish, topic, envelope)
     return HttpSink(s.target, envelope)
+
+
+def _json_envelope(records: list[dict]) -> bytes:
+    """``{"predictions": [...]}``, compact JSON."""
+    return json.dumps({"predictions": records}, separators=(",", ":")).encode()
+
+
+def _mqtt_sink(o: dict, publish: Callable[[str, bytes, int], int | None] | None, topic: str | None,
+               envelope: Callable[[list[dict]], bytes]) -> MqttSink:
+    if publish is None or topic is None:
+        raise InvalidInputError("output mqtt: needs the agent's MQTT link")
+    return MqttSink(publish, topic, envelope, qos=o.get("qos", 0), max_rate=o.get("rate", 10.0),
+                    batch_size=o.get("batch", 100), batch_seconds=o.get("seconds", 1.0))

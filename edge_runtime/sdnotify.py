@@ -48,6 +48,15 @@ def watchdog_seconds() -> float | None:
         return None
 
 
+def _touch(path: str) -> None:
+    """Create the file or update its modification time (a failure is logged)."""
+    try:
+        with open(path, "a"):
+            os.utime(path)
+    except OSError as exc:
+        log.warning("heartbeat file %s: %s", path, exc)
+
+
 class Watchdog(threading.Thread):
     """Pings systemd's watchdog and touches the heartbeat file while ``progress()`` keeps changing.
 
@@ -70,11 +79,7 @@ class Watchdog(threading.Thread):
     def beat(self) -> None:
         notify("WATCHDOG=1")
         if self.heartbeat_file:
-            try:
-                with open(self.heartbeat_file, "a"):
-                    os.utime(self.heartbeat_file)
-            except OSError as exc:
-                log.warning("heartbeat file %s: %s", self.heartbeat_file, exc)
+            _touch(self.heartbeat_file)
 
     def run(self) -> None:
         last, since, stalled = object(), time.monotonic(), False

@@ -97,17 +97,22 @@ def sign(data: bytes, private_key: Ed25519PrivateKey) -> dict:
     }
 
 
-def verify(data: bytes, signature_doc: bytes | dict, public_key: Ed25519PublicKey, where: str = "bundle") -> None:
-    """Raise VerificationError unless ``signature_doc`` is a valid signature of ``data``."""
+def _parsed_signature(signature_doc: bytes | dict, where: str) -> tuple[dict, bytes]:
+    """(the signature document, the signature bytes); VerificationError when malformed or of another algorithm."""
     try:
         doc = json.loads(signature_doc) if isinstance(signature_doc, bytes) else signature_doc
         if doc.get("algorithm") != ALGORITHM:
             raise VerificationError(f"{where}: signature algorithm {doc.get('algorithm')!r} is not {ALGORITHM}")
-        sig = base64.b64decode(doc["signature"], validate=True)
+        return doc, base64.b64decode(doc["signature"], validate=True)
     except VerificationError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise VerificationError(f"{where}: signature file is malformed") from None
+
+
+def verify(data: bytes, signature_doc: bytes | dict, public_key: Ed25519PublicKey, where: str = "bundle") -> None:
+    """Raise VerificationError unless ``signature_doc`` is a valid signature of ``data``."""
+    doc, sig = _parsed_signature(signature_doc, where)
     expected_id = key_id(public_key)
     if doc.get("key_id") not in (None, expected_id):
         raise VerificationError(

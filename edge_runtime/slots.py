@@ -64,10 +64,14 @@ def input_schema(manifest: dict) -> dict:
     s = manifest.get("input_schema") or {}
     shape = [int(d) for d in s.get("shape") or []]
     names = s.get("features") or None
-    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16] if names else None
     return {"kind": s.get("kind"), "shape": shape, "dtype": s.get("dtype"),
             "features": len(names) if names else math.prod(d for d in shape if d > 0),
-            "feature_names_sha256": digest}
+            "feature_names_sha256": _names_digest(names)}
+
+
+def _names_digest(names: list[str] | None) -> str | None:
+    """16 hex digits of the sha256 of the feature names in order; None without names."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16] if names else None
 
 
 def describe_input(schema: dict) -> str:

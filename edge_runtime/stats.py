@@ -108,14 +108,17 @@ class LatencyHistogram:
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyHistogram":
         h = cls(float(d["gamma"]))
-        for i, c in enumerate(d["counts"]):
-            if c:
-                h.counts[int(d["offset"]) + i] = int(c)
+        offset = int(d["offset"])
+        h.counts.update({offset + i: int(c) for i, c in enumerate(d["counts"]) if c})
         h.count = sum(h.counts.values())
         h.total = float(d.get("sum") or 0.0)
-        h.min = float(d["min"]) if d.get("min") is not None else math.inf
-        h.max = float(d["max"]) if d.get("max") is not None else 0.0
+        h.min = _float_or(d.get("min"), math.inf)
+        h.max = _float_or(d.get("max"), 0.0)
         return h
+
+
+def _float_or(value, default: float) -> float:
+    return float(value) if value is not None else default
 
 
 def edge_matrix(bin_edges: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -284,7 +287,15 @@ def merge_many_feature_dicts(blocks: Sequence[dict], bin_edges: Sequence[Sequenc
     for d in blocks:
         if len(d["count"]) != f or len(d["hist"]) != f:
             raise ValueError(f"a window has {len(d['count'])} features, the profile {f}")
+    _merge_moments(fs, blocks)
+    lengths = fs._lengths + 1
+    flat_idx = np.concatenate([i * fs._width + np.arange(k) for i, k in enumerate(lengths)]) if f else np.zeros(0, int)
+    np.add.at(fs.hist, flat_idx, _summed_histograms(blocks, lengths))
+    return fs
 
+
+def _merge_moments(fs: FeatureStats, blocks: Sequence[dict]) -> None:
+    """Counts, NaNs, the pooled mean and M2, minima and maxima of the blocks, column-wise."""
     def col(key, fill):
         return np.array([[fill if v is None else v for v in d[key]] for d in blocks], dtype=np.float64)
 
@@ -297,10 +308,6 @@ def merge_many_feature_dicts(blocks: Sequence[dict], bin_edges: Sequence[Sequenc
     fs.m2 = m2s.sum(axis=0) + (n * (means - fs.mean) ** 2).sum(axis=0)
     fs.min = col("min", np.inf).min(axis=0)
     fs.max = col("max", -np.inf).max(axis=0)
-    lengths = fs._lengths + 1
-    flat_idx = np.concatenate([i * fs._width + np.arange(k) for i, k in enumerate(lengths)]) if f else np.zeros(0, int)
-    np.add.at(fs.hist, flat_idx, _summed_histograms(blocks, lengths))
-    return fs
 
 
 def _summed_histograms(blocks: Sequence[dict], lengths: np.ndarray) -> np.ndarray:

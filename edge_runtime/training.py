@@ -56,6 +56,16 @@ def trainable_artifact(manifest: dict | None) -> dict | None:
     return None
 
 
+def _some(names: list) -> str:
+    """The first dozen class names, for messages."""
+    return ", ".join(map(str, names[:12])) + (", ..." if len(names) > 12 else "")
+
+
+def _same_shapes(weights: dict[str, np.ndarray], have: dict[str, np.ndarray]) -> bool:
+    """The same weight names as the model's, each of its shape."""
+    return set(weights) == set(have) and all(np.shape(weights[k]) == have[k].shape for k in have)
+
+
 class TrainableModel:
     """The trainable artifact in one interpreter: its four signatures share the weights."""
 
@@ -105,7 +115,7 @@ class TrainableModel:
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         have = self.weights()
-        if set(weights) != set(have) or any(np.shape(weights[k]) != have[k].shape for k in have):
+        if not _same_shapes(weights, have):
             shapes = {k: list(np.shape(v)) for k, v in weights.items()}
             want = {k: list(v.shape) for k, v in have.items()}
             raise InvalidInputError(f"weights {shapes} do not fit the trainable model ({want})")
@@ -239,8 +249,7 @@ class Trainer:
         try:
             idx = int(v)
         except ValueError:
-            known = ", ".join(map(str, names[:12])) + (", ..." if len(names) > 12 else "")
-            raise InvalidInputError(f"label {i}: {v!r} is not a class of this model ({known})") from None
+            raise InvalidInputError(f"label {i}: {v!r} is not a class of this model ({_some(names)})") from None
         if not 0 <= idx < self.net.n_classes:
             raise InvalidInputError(f"label {i}: class index {idx} is out of range 0..{self.net.n_classes - 1}")
         return idx
@@ -441,15 +450,21 @@ class Learner:
         with self._lock:
             self._queue.append((row, label))
 
+    def _full_batch(self) -> list | None:
+        """The oldest batch of queued (row, label) pairs, taken off the queue; None when not that many wait."""
+        with self._lock:
+            if len(self._queue) < self.batch:
+                return None
+            return [self._queue.popleft() for _ in range(self.batch)]
+
     def step(self, max_batches: int = 4) -> Round | None:
         """Train on the full batches of queued labels (at most ``max_batches``, so a backlog does not hold
         the inference thread for long); the last round, or None when no batch was full."""
         done = None
         for _ in range(max_batches):
-            with self._lock:
-                if len(self._queue) < self.batch:
-                    break
-                pairs = [self._queue.popleft() for _ in range(self.batch)]
+            pairs = self._full_batch()
+            if pairs is None:
+                break
             try:
                 done = self.trainer.train(np.asarray([np.asarray(r, dtype=np.float32) for r, _ in pairs]),
                                           [y for _, y in pairs])

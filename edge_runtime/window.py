@@ -64,10 +64,15 @@ MAX_PIXELS_PER_SAMPLE = 64
 def _range_arrays(ranges: list[tuple[float | None, float | None]] | None,
                   n_features: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(minima, maxima) of the calibration data, or (None, None) unless every monitored feature has both."""
-    if ranges and len(ranges) == n_features and all(lo is not None and hi is not None for lo, hi in ranges):
+    if ranges and len(ranges) == n_features and _all_bounded(ranges):
         return (np.array([lo for lo, _ in ranges], dtype=np.float64),
                 np.array([hi for _, hi in ranges], dtype=np.float64))
     return None, None
+
+
+def _all_bounded(ranges: list[tuple[float | None, float | None]]) -> bool:
+    """Every range has both its minimum and its maximum."""
+    return all(lo is not None and hi is not None for lo, hi in ranges)
 
 
 class WindowRecorder:

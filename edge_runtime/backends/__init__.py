@@ -76,24 +76,10 @@ def open_backend(
         BackendUnavailableError: no installed backend runs this format.
         AcceleratorError: with ``accel.require``, a delegate or provider that does not load.
     """
-    if isinstance(model, (bytes, bytearray)):
-        data, where, hint = bytes(model), "model bytes", f".{format}" if format else ""
-    else:
-        p = Path(model)
-        if not p.is_file():
-            raise ModelFormatError(f"{p}: no such model file")
-        data, where = p.read_bytes(), str(p)
-        hint = f".{format}" if format else p.suffix.lower()
+    data, where, hint = _model_bytes(model, format)
     fmt = check_model_bytes(data, where, hint=hint)
     if fmt == "onnx":
-        from edge_runtime.backends.onnx import OnnxRuntimeBackend
-
-        if accel is not None:
-            from edge_runtime.accel import open_onnx
-
-            return open_onnx(data, where, threads, accel)
-
-        return OnnxRuntimeBackend(data, where, threads)
+        return _open_onnx(data, where, threads, accel)
     from edge_runtime.backends.tflite import TFLiteBackend, tflite_interpreter_class
 
     cls, name, version = tflite_interpreter_class(prefer)
@@ -102,6 +88,26 @@ def open_backend(
 
         return open_tflite(data, where, threads, (cls, name, version), accel)
     return TFLiteBackend(data, where, threads, cls, name, version)
+
+
+def _model_bytes(model: str | Path | bytes, format: str | None) -> tuple[bytes, str, str]:
+    """(the model's bytes, what to call it in messages, the format hint: ".tflite", ".onnx" or "")."""
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model), "model bytes", f".{format}" if format else ""
+    p = Path(model)
+    if not p.is_file():
+        raise ModelFormatError(f"{p}: no such model file")
+    return p.read_bytes(), str(p), f".{format}" if format else p.suffix.lower()
+
+
+def _open_onnx(data: bytes, where: str, threads: int | None, accel) -> Backend:
+    from edge_runtime.backends.onnx import OnnxRuntimeBackend
+
+    if accel is not None:
+        from edge_runtime.accel import open_onnx
+
+        return open_onnx(data, where, threads, accel)
+    return OnnxRuntimeBackend(data, where, threads)
 
 
 def available_backends() -> dict[str, str | None]:

@@ -16,6 +16,16 @@ ORT_TYPES = {
 }
 
 
+def _session_options(ort, threads: int | None):
+    """Session options: errors only in the log; with threads, that many intra-op threads and one inter-op."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
 class OnnxRuntimeBackend:
     """An ONNX Runtime session (CPUExecutionProvider, or the providers edge_runtime.accel chose)."""
 
@@ -28,11 +38,7 @@ class OnnxRuntimeBackend:
             raise BackendUnavailableError(f"ONNX Runtime is not installed (pip install onnxruntime): {exc}") from None
         self.version = ort.__version__
         self.threads = threads
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+        opts = _session_options(ort, threads)
         try:
             self._sess = ort.InferenceSession(data, opts, providers=providers or ["CPUExecutionProvider"])
             self.providers = self._sess.get_providers()

@@ -104,16 +104,20 @@ class TFLiteBackend:
 
     def _new_interpreter(self):
         try:
-            kwargs = {"model_content": self._data}
-            if self.threads:
-                kwargs["num_threads"] = self.threads
-            if self._interpreter_kwargs is not None:
-                kwargs.update(self._interpreter_kwargs())
-            it = self._cls(**kwargs)
+            it = self._cls(**self._kwargs())
             it.allocate_tensors()
         except Exception as exc:  # noqa: BLE001 - ValueError, RuntimeError, UnicodeDecodeError, ... from native code
             raise ModelFormatError(f"{self._where}: {self.name} cannot load it ({_reason(exc)})") from None
         return it
+
+    def _kwargs(self) -> dict:
+        """The Interpreter's arguments: the model, the threads, and what edge_runtime.accel adds."""
+        kwargs = {"model_content": self._data}
+        if self.threads:
+            kwargs["num_threads"] = self.threads
+        if self._interpreter_kwargs is not None:
+            kwargs.update(self._interpreter_kwargs())
+        return kwargs
 
     def _refresh(self) -> None:
         """Re-read the current interpreter's input shapes (after resizing it from outside)."""
@@ -133,16 +137,18 @@ class TFLiteBackend:
     def _switch(self, shapes: tuple) -> None:
         it = self._by_shape.pop(shapes, None)
         if it is None:
-            if len(self._by_shape) >= MAX_SHAPES:
-                oldest = next(iter(self._by_shape))
-                it = self._by_shape.pop(oldest)
-            else:
-                it = self._new_interpreter()
+            it = self._spare_interpreter()
             for idx, shape in zip(self._in_idx, shapes, strict=True):
                 it.resize_tensor_input(idx, list(shape))
             it.allocate_tensors()
         self._by_shape[shapes] = it  # most recently used last
         self._it, self._shapes = it, shapes
+
+    def _spare_interpreter(self):
+        """An interpreter for another shape: a new one, or past MAX_SHAPES the least recently used."""
+        if len(self._by_shape) >= MAX_SHAPES:
+            return self._by_shape.pop(next(iter(self._by_shape)))
+        return self._new_interpreter()
 
     def prepared(self, feeds: Sequence[np.ndarray]) -> Callable[[], list[np.ndarray]]:
         """``run(feeds)`` as a call holding nothing but set_tensor, invoke and get_tensor (what a benchmark times)."""

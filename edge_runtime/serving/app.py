@@ -143,8 +143,14 @@ class Served:
             labels = _predicted_labels(model.labels, batch)
             result["labels"] = labels[0] if single else labels
         if self.labels is not None and batch.ndim == 2:
-            ids = self.input_ids(batch)
-            result["id" if single else "ids"] = ids[0] if single else ids
+            self._add_ids(result, batch, single)
+
+    def _add_ids(self, result: dict, batch: np.ndarray, single: bool) -> None:
+        ids = self.input_ids(batch)
+        if single:
+            result["id"] = ids[0]
+        else:
+            result["ids"] = ids
 
     def error(self, status: int, kind: str, detail: Any, headers: dict | None = None) -> JSONResponse:
         self.metrics.error(kind)
@@ -221,12 +227,17 @@ async def _predict_endpoint(request: Request) -> Response:
         return served.error(500, "internal", "internal error (logged on the server)")
 
 
+def _output_width(model: EdgeModel) -> int:
+    """Values per sample of the model's first output (1 when it says none)."""
+    return int(model.outputs[0].shape[-1]) if model.outputs and model.outputs[0].shape else 1
+
+
 def _label_joiner(model: EdgeModel, agent: Any) -> LabelJoiner | None:
     """The agent's joiner (joined labels then reach its telemetry windows), or one of our own; None for a
     model that does not classify."""
     if agent is not None and getattr(agent, "labels", None) is not None:
         return agent.labels
-    width = int(model.outputs[0].shape[-1]) if model.outputs and model.outputs[0].shape else 1
+    width = _output_width(model)
     if model.task == "classification" or (model.task is None and width > 1):
         return LabelJoiner(model.labels, len(model.labels) if model.labels else max(2, width))
     return None
@@ -358,6 +369,16 @@ async def _read_body(request: Request, limits: ServeLimits) -> bytearray:
 
 async def _multipart_images(request: Request, body: bytearray, limits: ServeLimits) -> list[bytes]:
     """The files of the 'image' field(s) of a multipart body already read (and bounded)."""
+    form = await _parsed_form(request, body, limits)
+    try:
+        files = _image_files(form, limits)
+        return [await f.read() for f in files]
+    finally:
+        await form.close()
+
+
+def _replay(body: bytearray) -> Callable:
+    """An ASGI receive that hands over the body already read once, then a disconnect."""
     sent = False
 
     async def replay() -> dict:
@@ -367,23 +388,29 @@ async def _multipart_images(request: Request, body: bytearray, limits: ServeLimi
         sent = True
         return {"type": "http.request", "body": bytes(body), "more_body": False}
 
-    parts = Request(request.scope, replay)
+    return replay
+
+
+async def _parsed_form(request: Request, body: bytearray, limits: ServeLimits) -> Any:
+    """The multipart form of a body already read; 400 when it is malformed."""
+    parts = Request(request.scope, _replay(body))
     try:
-        form = await parts.form(max_files=limits.max_batch + 1, max_fields=16, max_part_size=limits.max_body_bytes)
+        return await parts.form(max_files=limits.max_batch + 1, max_fields=16, max_part_size=limits.max_body_bytes)
     except HTTPException as exc:
         raise Rejection(400, "bad_request", f"malformed multipart/form-data: {exc.detail}") from None
     except Exception as exc:  # noqa: BLE001 - python-multipart's errors on hostile bodies
         raise Rejection(400, "bad_request", f"malformed multipart/form-data ({type(exc).__name__})") from None
-    try:
-        files = [v for k, v in form.multi_items() if k == "image"]
-        if not files or any(isinstance(f, str) for f in files):
-            raise Rejection(422, "invalid_input", "multipart/form-data needs one or more files in the field 'image'")
-        if len(files) > limits.max_batch:
-            raise Rejection(413, "too_large", f"a batch of {len(files)} samples is over the limit of "
-                                              f"{limits.max_batch} (--max-batch)")
-        return [await f.read() for f in files]
-    finally:
-        await form.close()
+
+
+def _image_files(form: Any, limits: ServeLimits) -> list:
+    """The uploaded files of the form's 'image' field(s): at least one, at most a batch."""
+    files = [v for k, v in form.multi_items() if k == "image"]
+    if not files or any(isinstance(f, str) for f in files):
+        raise Rejection(422, "invalid_input", "multipart/form-data needs one or more files in the field 'image'")
+    if len(files) > limits.max_batch:
+        raise Rejection(413, "too_large", f"a batch of {len(files)} samples is over the limit of "
+                                          f"{limits.max_batch} (--max-batch)")
+    return files
 
 
 async def _collect_every_second(served: Served) -> None:

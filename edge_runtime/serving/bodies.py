@@ -223,6 +223,17 @@ def numbers(x: Any, sample: SampleShape, limits: ServeLimits) -> np.ndarray:
     return out
 
 
+def _open_image(Image, data: bytes, where: str) -> Any:  # noqa: N803 - the PIL module passed in
+    """The image's header read (its pixels not decoded yet); 413 for a decompression bomb, 422 otherwise."""
+    try:
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise Rejection(413, "too_large", f"{where}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on hostile bytes
+        raise Rejection(422, "invalid_input", f"{where}: not a readable {'/'.join(IMAGE_FORMATS)} image "
+                                              f"({type(exc).__name__})") from None
+
+
 def decode_image(data: bytes, limits: ServeLimits, where: str) -> Any:
     """Uploaded bytes as a loaded PIL image; its size is checked before its pixels are decoded."""
     try:
@@ -232,13 +243,7 @@ def decode_image(data: bytes, limits: ServeLimits, where: str) -> Any:
                         "this server cannot read images: it needs Pillow (pip install 'edgeops[serve]')") from None
     if not data:
         raise Rejection(422, "invalid_input", f"{where}: empty image")
-    try:
-        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise Rejection(413, "too_large", f"{where}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on hostile bytes
-        raise Rejection(422, "invalid_input", f"{where}: not a readable {'/'.join(IMAGE_FORMATS)} image "
-                                              f"({type(exc).__name__})") from None
+    img = _open_image(Image, data, where)
     w, h = img.size
     if w * h > limits.max_image_pixels:
         raise Rejection(413, "too_large", f"{where}: {w}x{h} is {w * h} pixels, over the limit of "
