@@ -1,4 +1,19 @@
-"""`to_bundle`: from a trained model to a verified, quantized, optionally signed bundle."""
+"""`to_bundle`: from a trained model to a verified, quantized, optionally signed bundle.
+
+Standardised inputs: with ``normalization`` ({"mean": [..], "std": [..]} per tabular feature) the model
+takes standardised features, but callers (and the device runtime) pass raw ones and the runtime applies
+(x - mean) / std in float before the model. Keeping standardisation outside the model is what lets
+full-integer int8 quantize raw features of very different ranges. For the same reason a Keras model's
+leading Normalization layer is moved into ``input_schema.normalization`` (same predictions) unless
+``keep_normalization`` keeps it inside the artifacts.
+
+Fine-tuning on the device: ``trainable`` also writes a LiteRT artifact (``role: "trainable"``) whose
+last Dense layer's weights its ``train`` signature trains (Keras classifiers only; docs/training.md).
+
+The conversion runs in steps: validate the request, load the source, plan the (format, quantization)
+pairs that apply, make and verify each artifact against the source, profile the reference data, and
+write the manifest (signed with ``sign_key``) and artifacts in place of ``out_dir`` at once.
+"""
 
 from __future__ import annotations
 
@@ -47,10 +62,15 @@ def _as_inputs(data: Any, where: str) -> tuple[np.ndarray | None, np.ndarray | N
     if data is None:
         return None, None
     if isinstance(data, (str, Path)):
-        return load_labeled(data, where) if where == "holdout" else (load_array(data, where), None)
+        return _inputs_from_file(data, where)
     if isinstance(data, tuple) and len(data) == 2:
         return np.asarray(data[0], dtype=np.float32), np.asarray(data[1])
     return np.asarray(data, dtype=np.float32), None
+
+
+def _inputs_from_file(path: str | Path, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Holdout files carry labels; calibration and reference files hold inputs only."""
+    return load_labeled(path, where) if where == "holdout" else (load_array(path, where), None)
 
 
 def _fit_to_model(X: np.ndarray | None, source: SourceModel, where: str) -> np.ndarray | None:
@@ -101,13 +121,19 @@ def _plan_onnx(source: SourceModel, quantize: Sequence[str], notes: list[str]) -
     if source.framework == "tflite":
         notes.append("ONNX: not made from a .tflite file")
         return []
+    mapped = _onnx_quantizations(quantize, notes)
+    return [("onnx", "passthrough" if source.framework == "onnx" and q == "none" else q) for q in mapped]
+
+
+def _onnx_quantizations(quantize: Sequence[str], notes: list[str]) -> list[str]:
+    """The ONNX names of the requested quantizations; TFLite-only ones are skipped with a note."""
     mapped = []
     for q in quantize:
         if q in ONNX_QUANTIZATIONS:
             mapped.append(ONNX_QUANTIZATIONS[q])
         else:
             notes.append(f"ONNX: {q} is a TFLite quantization; skipped for ONNX")
-    return [("onnx", "passthrough" if source.framework == "onnx" and q == "none" else q) for q in mapped]
+    return mapped
 
 
 def _plan(
@@ -182,13 +208,17 @@ def _check_data(
         raise InvalidInputError(
             "no data to check the conversion on: give holdout data (--holdout) or calibration data"
         )
-    X_cal = X_c if X_c is not None else X_h
+    X_cal = _first_given(X_c, X_h)
     return _CheckData(
-        X_check=X_h if X_h is not None else X_c,
+        X_check=_first_given(X_h, X_c),
         y_check=y_h if X_h is not None else None,
         X_cal=X_cal,
-        X_ref=X_r if X_r is not None else X_cal,
+        X_ref=_first_given(X_r, X_cal),
     )
+
+
+def _first_given(preferred: np.ndarray | None, fallback: np.ndarray | None) -> np.ndarray | None:
+    return preferred if preferred is not None else fallback
 
 
 def _class_labels(source: SourceModel, source_out: np.ndarray, labels: Sequence[str] | None) -> list[str] | None:
@@ -196,10 +226,15 @@ def _class_labels(source: SourceModel, source_out: np.ndarray, labels: Sequence[
     if source.task != "classification":
         return None
     n_out = 2 if source_out.shape[1] == 1 else source_out.shape[1]
-    labels = list(labels) if labels is not None else (source.classes or [str(i) for i in range(n_out)])
+    labels = list(labels) if labels is not None else _default_labels(source, n_out)
     if len(labels) != n_out:
         raise InvalidInputError(f"{len(labels)} labels given, but the model has {n_out} classes")
     return labels
+
+
+def _default_labels(source: SourceModel, n_out: int) -> list[str]:
+    """The model's own class names, else the class indices."""
+    return source.classes or [str(i) for i in range(n_out)]
 
 
 def _feature_names(source: SourceModel, feature_names: Sequence[str] | None) -> list[str] | None:
@@ -333,11 +368,16 @@ def _convert_all(
             float_sizes[fmt] = made[0]["size_bytes"]
         artifacts.append(made[0])
         vectors.append(made[1])
+    _check_accuracy(artifacts, max_accuracy_drop)
+    _set_size_ratios(artifacts, float_sizes)
+    return artifacts, vectors
+
+
+def _check_accuracy(artifacts: list[dict], max_accuracy_drop: float) -> None:
+    """Fail the conversion when any artifact lost more accuracy than allowed, naming each that did."""
     failures = [f for f in (_accuracy_failure(a, max_accuracy_drop) for a in artifacts) if f is not None]
     if failures:
         raise QualityCheckError("accuracy check failed: " + " | ".join(failures))
-    _set_size_ratios(artifacts, float_sizes)
-    return artifacts, vectors
 
 
 def _convert_one(conversion: _Conversion, fmt: str, q: str, work: Path) -> tuple[dict, dict] | None:
@@ -417,31 +457,16 @@ def _install(work: Path, out: Path, manifest: dict, sign_key: Any, say: Callable
 
 
 def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversion API, called by keyword
-    source: Any,
-    out_dir: str | Path,
-    *,
-    name: str | None = None,
-    version: str = "1.0.0",
-    formats: Sequence[str] = FORMATS,
-    quantize: Sequence[str] = ("none", "float16", "dynamic", "int8"),
-    calibration: Any = None,
-    holdout: Any = None,
-    reference: Any = None,
-    sign_key: Any = None,
-    max_accuracy_drop: float = 2.0,
-    trust_pickle: bool = False,
-    force: bool = False,
-    feature_names: Sequence[str] | None = None,
-    labels: Sequence[str] | None = None,
-    task: str | None = None,
-    image: dict | None = None,
-    normalization: dict | None = None,
-    description: str | None = None,
-    keep_normalization: bool = False,
-    progress: Callable[[str], None] | None = None,
-    trainable: bool = False,
+    source: Any, out_dir: str | Path, *, name: str | None = None, version: str = "1.0.0",
+    formats: Sequence[str] = FORMATS, quantize: Sequence[str] = ("none", "float16", "dynamic", "int8"),
+    calibration: Any = None, holdout: Any = None, reference: Any = None, sign_key: Any = None,
+    max_accuracy_drop: float = 2.0, trust_pickle: bool = False, force: bool = False,
+    feature_names: Sequence[str] | None = None, labels: Sequence[str] | None = None, task: str | None = None,
+    image: dict | None = None, normalization: dict | None = None, description: str | None = None,
+    keep_normalization: bool = False, progress: Callable[[str], None] | None = None, trainable: bool = False,
 ) -> ConversionResult:
-    """Convert a model into a bundle and check every artifact against the source.
+    """Convert a model into a bundle, checking every artifact against the source (a ConversionResult: the
+    bundle's path, manifest and notes).
 
     Args:
         source: a Keras model, a fitted scikit-learn estimator/Pipeline, or a path to a .keras/.h5 file,
@@ -450,8 +475,7 @@ def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversio
         name: bundle name (default: the source file's stem or model type).
         version: semantic version X.Y.Z.
         formats: any of "tflite", "onnx".
-        quantize: any of "none", "float16", "dynamic", "int8", "int16x8" (ONNX takes none, dynamic and
-            int8 = static QDQ).
+        quantize: any of "none", "float16", "dynamic", "int8", "int16x8" (ONNX: none, dynamic, int8 = static QDQ).
         calibration: representative inputs for int8/int16x8/static quantization: array or .npy/.npz/.csv path.
         holdout: labelled data (X, y) or a .npz/.csv path; artifacts are checked on it.
         reference: data for the reference profile (default: calibration, else holdout).
@@ -463,41 +487,28 @@ def to_bundle(  # noqa: PLR0913 - the keyword arguments are the public conversio
         labels: class labels (default: the model's classes or their indices).
         task: "classification" or "regression" (default: from the model).
         image: for image inputs (H, W, C): {"scale": .., "mean": [..], "std": [..]} preprocessing facts.
-        normalization: {"mean": [..], "std": [..]} per tabular feature when the model takes standardised
-            inputs: callers (and the device runtime) pass raw features and the runtime applies
-            (x - mean) / std in float before the model. Keeping standardisation outside the model is
-            what lets full-integer int8 quantize raw features of very different ranges.
+        normalization: {"mean": [..], "std": [..]} per feature of a model taking standardised inputs (module doc).
         description: free text for the manifest.
-        keep_normalization: keep a Keras model's leading Normalization layer inside the artifacts. By
-            default it is moved into ``input_schema.normalization`` (same predictions; int8 keeps
-            features of very different ranges apart).
+        keep_normalization: keep a Keras model's leading Normalization layer inside the artifacts.
         progress: called with a line of text at each step.
-        trainable: also write a LiteRT artifact a device fine-tunes (``role: "trainable"``: the last
-            Dense layer's weights trained by its ``train`` signature; Keras classifiers only; see
-            docs/training.md).
+        trainable: also write a LiteRT artifact a device fine-tunes (see the module's docstring).
 
-    Returns:
-        ConversionResult with the bundle path, manifest and notes.
-
-    Raises:
-        InvalidInputError: bad source, data or arguments.
-        QualityCheckError: an artifact's accuracy dropped more than allowed (nothing is written).
+    Raises InvalidInputError for a bad source, data or arguments, QualityCheckError when an artifact's accuracy
+    dropped more than allowed (nothing is written then).
     """
     say = progress or (lambda _msg: None)
     out = Path(out_dir)
     _validate_request(out, version, formats, quantize, force=force)
-
     say("loading the source model")
     src = _load(source, trust_pickle=trust_pickle, task=task, trainable=trainable,
                 hoist_normalization=normalization is None and not keep_normalization)
     hoisted = src.extra.get("normalization")
     normalization = hoisted if hoisted is not None else normalization
-    feature_names = _given_or_data_columns(feature_names, holdout, calibration)
     to_model = normalizer(normalization, src)
     data = _check_data(*_fitted_inputs(src, holdout, calibration, reference))
     source_out = src.predict(to_model(data.X_check))
     labels = _class_labels(src, source_out, labels)
-    names = _feature_names(src, feature_names)
+    names = _feature_names(src, _given_or_data_columns(feature_names, holdout, calibration))
     notes = _first_notes(hoisted, data.y_check)
     plan = _plan_or_fail(src, formats, quantize, notes)
     conversion = _Conversion(src, to_model, data, source_out, notes, say)

@@ -45,18 +45,31 @@ def load_labeled(path: str | Path, where: str = "holdout") -> tuple[np.ndarray, 
     """(X, y) from .npz (arrays X and y) or .csv (label in the last column); .npy gives X only."""
     p = Path(path)
     if p.suffix == ".npz" and p.is_file():
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                if "X" in z.files:
-                    return z["X"].astype(np.float32), (z["y"] if "y" in z.files else None)
-        except (ValueError, OSError) as exc:
-            raise InvalidInputError(f"{where} {p}: not a readable .npz ({exc})") from None
+        labeled = _labeled_npz(p, where)
+        if labeled is not None:
+            return labeled
     if p.suffix == ".csv" and p.is_file():
-        data = _read_csv(p, dtype=np.float64)
-        if data.shape[1] < 2:
-            raise InvalidInputError(f"{where} {p}: needs feature columns and a label in the last column")
-        return data[:, :-1].astype(np.float32), data[:, -1]
+        return _labeled_csv(p, where)
     return load_array(p, where), None
+
+
+def _labeled_npz(p: Path, where: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Arrays X and y (y optional) of an .npz; None when it has no X (then it is read as inputs only)."""
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "X" in z.files:
+                return z["X"].astype(np.float32), (z["y"] if "y" in z.files else None)
+    except (ValueError, OSError) as exc:
+        raise InvalidInputError(f"{where} {p}: not a readable .npz ({exc})") from None
+    return None
+
+
+def _labeled_csv(p: Path, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The feature columns and the label (the last column) of a .csv."""
+    data = _read_csv(p, dtype=np.float64)
+    if data.shape[1] < 2:
+        raise InvalidInputError(f"{where} {p}: needs feature columns and a label in the last column")
+    return data[:, :-1].astype(np.float32), data[:, -1]
 
 
 def _read_csv(p: Path, dtype=np.float32) -> np.ndarray:

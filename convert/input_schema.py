@@ -23,17 +23,22 @@ def normalizer(normalization: dict | None, src: SourceModel) -> Callable[[np.nda
         return lambda X: X
     if len(src.input_shape) != 1:
         raise InvalidInputError("normalization applies to tabular inputs; image models describe theirs with image=")
+    mean, std = _mean_and_std(normalization, src.input_shape[0])
+    return lambda X: ((X - mean) / std).astype(np.float32)
+
+
+def _mean_and_std(normalization: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The normalization's mean and std as float32 arrays of ``n`` values, std finite and positive."""
     try:
         mean = np.asarray(normalization.get("mean"), dtype=np.float32)
         std = np.asarray(normalization.get("std"), dtype=np.float32)
     except (TypeError, ValueError, AttributeError):
         raise InvalidInputError("normalization needs numeric 'mean' and 'std' lists") from None
-    n = src.input_shape[0]
     if mean.shape != (n,) or std.shape != (n,):
         raise InvalidInputError(f"normalization mean and std need {n} values each (one per feature)")
     if not (np.isfinite(std).all() and (std > 0).all()):
         raise InvalidInputError("normalization std must be finite and positive")
-    return lambda X: ((X - mean) / std).astype(np.float32)
+    return mean, std
 
 
 def _image_facts(shape: list[int], image: dict | None) -> dict:
@@ -42,13 +47,18 @@ def _image_facts(shape: list[int], image: dict | None) -> dict:
     img = {"height": h, "width": w, "channels": c, "layout": "NHWC", "scale": 1.0,
            "mean": [0.0] * c, "std": [1.0] * c}
     img.update(image or {})
+    _check_image_facts(img, c)
+    return img
+
+
+def _check_image_facts(img: dict, c: int) -> None:
+    """One mean and std per channel, and a finite number as scale."""
     for key in ("mean", "std"):
         if len(img[key]) != c:
             raise InvalidInputError(f"image {key} needs {c} values (one per channel), got {len(img[key])}")
     for key in ("scale",):
         if not isinstance(img[key], (int, float)) or not math.isfinite(img[key]):
             raise InvalidInputError(f"image {key} must be a number")
-    return img
 
 
 def input_schema(src: SourceModel, names: list[str] | None, image: dict | None,

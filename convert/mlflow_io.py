@@ -115,13 +115,23 @@ def store_errors(uri: str) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and requests raise many types
         if type(exc).__module__.split(".")[0] not in STORE_ERROR_MODULES and not isinstance(exc, OSError):
             raise
-        code = getattr(exc, "error_code", "")
-        first = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = _first_line(exc)
         where = tracking_uri()
-        if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE") or "not found" in first.lower():
+        if _not_found(exc, first):
             raise InvalidInputError(f"{uri}: no such model in the MLflow tracking store {where} ({first})") from None
         raise InvalidInputError(f"{uri}: the MLflow tracking store {where} cannot be used "
                                 f"({type(exc).__name__}: {first})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of an MLflow error's message (at most 200 characters; its type when it has none)."""
+    return (str(getattr(exc, "message", "") or exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _not_found(exc: Exception, first: str) -> bool:
+    """Whether the store's error says the model (or run, or version) does not exist."""
+    code = getattr(exc, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE") or "not found" in first.lower()
 
 
 def _read_mlmodel(local: Path, uri: str) -> dict:
@@ -155,11 +165,18 @@ def _registered_version(uri: str) -> Any:
 
 def _origin(uri: str, mlmodel: dict) -> MlflowOrigin:
     mv = _registered_version(uri)
-    run_id = (mv.run_id if mv is not None else None) or mlmodel.get("run_id")
+    if mv is None:
+        return MlflowOrigin(uri=uri, run_id=_run_id(uri, None, mlmodel), registered_model=None, model_version=None)
+    return MlflowOrigin(uri=uri, run_id=_run_id(uri, mv.run_id, mlmodel), registered_model=mv.name,
+                        model_version=str(mv.version))
+
+
+def _run_id(uri: str, version_run: str | None, mlmodel: dict) -> str | None:
+    """The run that logged the model: the registered version's, the MLmodel file's, or a runs:/ URI's."""
+    run_id = version_run or mlmodel.get("run_id")
     if run_id is None and (r := _RUNS.match(uri)):
         run_id = r["run"]
-    return MlflowOrigin(uri=uri, run_id=run_id, registered_model=mv.name if mv is not None else None,
-                        model_version=str(mv.version) if mv is not None else None)
+    return run_id
 
 
 def download(uri: str, dest: str | Path) -> Path:
@@ -179,18 +196,23 @@ def _load_flavor(uri: str, local: Path, flavors: dict, trust_pickle: bool) -> tu
         with store_errors(uri):
             return "keras", mlflow.keras.load_model(str(local))
     if "sklearn" in flavors:
-        fmt = flavors["sklearn"].get("serialization_format", "cloudpickle")
-        if fmt not in SAFE_SKLEARN_FORMATS and not trust_pickle:
-            raise InvalidInputError(
-                f"{uri}: the scikit-learn model is stored as {fmt}, and loading a pickle runs arbitrary code; "
-                "pass --trust-pickle if you trust this model, or log it with serialization_format='skops'"
-            )
+        _check_sklearn_format(uri, flavors["sklearn"], trust_pickle)
         import mlflow.sklearn
 
         with store_errors(uri):
             return "sklearn", mlflow.sklearn.load_model(str(local))
     named = ", ".join(sorted(f for f in flavors if f != "python_function")) or "python_function only"
     raise InvalidInputError(f"{uri}: MLflow flavor(s) {named}; edgeops converts the keras and sklearn flavors")
+
+
+def _check_sklearn_format(uri: str, flavor: dict, trust_pickle: bool) -> None:
+    """Refuse a pickled scikit-learn model (loading it runs code) unless ``trust_pickle``."""
+    fmt = flavor.get("serialization_format", "cloudpickle")
+    if fmt not in SAFE_SKLEARN_FORMATS and not trust_pickle:
+        raise InvalidInputError(
+            f"{uri}: the scikit-learn model is stored as {fmt}, and loading a pickle runs arbitrary code; "
+            "pass --trust-pickle if you trust this model, or log it with serialization_format='skops'"
+        )
 
 
 def load_mlflow_source(uri: str, trust_pickle: bool = False, task: str | None = None,
@@ -248,11 +270,13 @@ def report_tags(manifest: dict) -> dict[str, str]:
         "edgeops.source_framework": src.get("framework") or "",
         "edgeops.conversion_notes": " | ".join(manifest.get("conversion_notes") or [])[:5000],
     }
-    if src.get("uri"):
-        tags["edgeops.source_uri"] = src["uri"]
-    if src.get("run_id"):
-        tags["edgeops.source_run_id"] = src["run_id"]
-    return tags
+    return {**tags, **_source_tags(src)}
+
+
+def _source_tags(src: dict) -> dict[str, str]:
+    """The MLflow model the bundle was converted from (its URI and run), when it came from one."""
+    names = {"uri": "edgeops.source_uri", "run_id": "edgeops.source_run_id"}
+    return {tag: src[key] for key, tag in names.items() if src.get(key)}
 
 
 def save_model(path: str, mlflow_model: Any, bundle_dir: str | Path, manifest: dict) -> None:
@@ -327,20 +351,24 @@ def resolve_bundle(uri_or_path: str | Path, dest: str | Path | None = None) -> P
     uri = str(uri_or_path)
     target = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="edgeops-mlflow-bundle-"))
     try:
-        local = download(uri, target)
-        flavors = _read_mlmodel(local, uri)["flavors"]
-        if FLAVOR_NAME not in flavors:
-            named = ", ".join(sorted(flavors))
-            raise InvalidInputError(f"{uri}: not an edgeops bundle (MLflow flavors: {named}); "
-                                    "register one with edgeops convert ... --register")
-        folder = local / str(flavors[FLAVOR_NAME].get("bundle", BUNDLE_DATA))
-        if not (folder / "manifest.json").is_file():
-            raise InvalidInputError(f"{uri}: the edgeops model holds no bundle folder with a manifest.json")
-        return folder
+        return _bundle_folder(uri, download(uri, target))
     except BaseException:
         if dest is None:
             shutil.rmtree(target, ignore_errors=True)
         raise
+
+
+def _bundle_folder(uri: str, local: Path) -> Path:
+    """The bundle folder inside a downloaded edgeops MLflow model."""
+    flavors = _read_mlmodel(local, uri)["flavors"]
+    if FLAVOR_NAME not in flavors:
+        named = ", ".join(sorted(flavors))
+        raise InvalidInputError(f"{uri}: not an edgeops bundle (MLflow flavors: {named}); "
+                                "register one with edgeops convert ... --register")
+    folder = local / str(flavors[FLAVOR_NAME].get("bundle", BUNDLE_DATA))
+    if not (folder / "manifest.json").is_file():
+        raise InvalidInputError(f"{uri}: the edgeops model holds no bundle folder with a manifest.json")
+    return folder
 
 
 @contextlib.contextmanager

@@ -68,21 +68,12 @@ def _skl2onnx_options(est, task: str) -> dict:
 
 def keras_to_onnx(source) -> bytes:
     """A Keras 3 model (or SavedModel) as ONNX bytes through tf2onnx."""
-    import tensorflow as tf
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     from convert.tflite import quiet_native_stderr
 
-    spec = (tf.TensorSpec((None,) + tuple(source.input_shape), tf.float32, name="input"),)
-    if source.framework == "tensorflow":
-        sig = source.obj.signatures["serving_default"]
-        in_name = next(iter(sig.structured_input_signature[1]))
-        out_name = next(iter(sig.structured_outputs))
-        fn = tf.function(lambda x: sig(**{in_name: x})[out_name], input_signature=spec)
-    else:
-        model = source.obj
-        fn = tf.function(lambda x: model(x, training=False), input_signature=spec)
+    fn = _traced_function(source)
     with quiet_native_stderr() as log:
         try:
             # Freezing first turns captured variables and tensors (a Normalization layer's mean and
@@ -100,6 +91,20 @@ def keras_to_onnx(source) -> bytes:
     _rename_io(proto, proto.graph.input[0].name, "input")
     _rename_io(proto, proto.graph.output[0].name, "output")
     return proto.SerializeToString()
+
+
+def _traced_function(source):
+    """The model (or the SavedModel's serving signature) as a tf.function taking one float batch "input"."""
+    import tensorflow as tf
+
+    spec = (tf.TensorSpec((None,) + tuple(source.input_shape), tf.float32, name="input"),)
+    if source.framework == "tensorflow":
+        sig = source.obj.signatures["serving_default"]
+        in_name = next(iter(sig.structured_input_signature[1]))
+        out_name = next(iter(sig.structured_outputs))
+        return tf.function(lambda x: sig(**{in_name: x})[out_name], input_signature=spec)
+    model = source.obj
+    return tf.function(lambda x: model(x, training=False), input_signature=spec)
 
 
 def quantize_onnx(data: bytes, mode: str, calibration: np.ndarray | None, input_name: str = "input",
@@ -124,13 +129,7 @@ def quantize_onnx(data: bytes, mode: str, calibration: np.ndarray | None, input_
 
 
 def _quantize(data: bytes, mode: str, calibration: np.ndarray | None, input_name: str, max_calibration: int) -> bytes:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="edgeops-onnxq-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
@@ -138,25 +137,33 @@ def _quantize(data: bytes, mode: str, calibration: np.ndarray | None, input_name
         if mode == "dynamic":
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
         elif mode == "static":
-            if calibration is None or len(calibration) == 0:
-                raise InvalidInputError("static ONNX quantization needs calibration data")
-            rows = np.asarray(calibration, dtype=np.float32)[:max_calibration]
-
-            class Reader(CalibrationDataReader):
-                def __init__(self) -> None:
-                    self._it = iter(rows)
-
-                def get_next(self):
-                    row = next(self._it, None)
-                    return None if row is None else {input_name: row[None, ...]}
-
-            quantize_static(
-                str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=False,
-            )
+            _quantize_static(src, dst, calibration, input_name, max_calibration)
         else:
             raise InvalidInputError(f"unknown ONNX quantization {mode!r}")
         return dst.read_bytes()
+
+
+def _quantize_static(src: Path, dst: Path, calibration: np.ndarray | None, input_name: str,
+                     max_calibration: int) -> None:
+    """QDQ int8 quantization calibrated on up to ``max_calibration`` rows."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if calibration is None or len(calibration) == 0:
+        raise InvalidInputError("static ONNX quantization needs calibration data")
+    rows = np.asarray(calibration, dtype=np.float32)[:max_calibration]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(rows)
+
+        def get_next(self):
+            row = next(self._it, None)
+            return None if row is None else {input_name: row[None, ...]}
+
+    quantize_static(
+        str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=False,
+    )
 
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
@@ -188,9 +195,12 @@ def _rename_io(model, old: str, new: str) -> None:
         if value.name == old:
             value.name = new
     for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for i, name in enumerate(node.output):
-            if name == old:
-                node.output[i] = new
+        _rename_in(node.input, old, new)
+        _rename_in(node.output, old, new)
+
+
+def _rename_in(names, old: str, new: str) -> None:
+    """Replace ``old`` by ``new`` in a node's list of input (or output) names."""
+    for i, name in enumerate(names):
+        if name == old:
+            names[i] = new

@@ -66,7 +66,6 @@ def from_sklearn(est: Any, file: Path | None = None, task: str | None = None) ->
     n_features = getattr(est, "n_features_in_", None)
     if n_features is None:
         raise InvalidInputError(f"{where}: cannot tell the number of input features (no n_features_in_)")
-    names = getattr(est, "feature_names_in_", None)
     classes = [str(c) for c in est.classes_] if detected == "classification" else None
     return SourceModel(
         framework="sklearn",
@@ -78,8 +77,14 @@ def from_sklearn(est: Any, file: Path | None = None, task: str | None = None) ->
         model_type=describe_sklearn(est),
         file=file,
         classes=classes,
-        feature_names=[str(n) for n in names] if names is not None else None,
+        feature_names=_sklearn_feature_names(est),
     )
+
+
+def _sklearn_feature_names(est: Any) -> list[str] | None:
+    """The column names the estimator was fitted on (a DataFrame's), else None."""
+    names = getattr(est, "feature_names_in_", None)
+    return [str(n) for n in names] if names is not None else None
 
 
 def _sklearn_task(est: Any, where: Any) -> str:
@@ -149,14 +154,24 @@ def split_normalization(model: Any) -> tuple[Any, dict] | None:
     shape = tuple(model.inputs[0].shape[1:])
     if len(shape) != 1 or shape[0] is None:
         return None
-    try:
-        mean = np.broadcast_to(np.asarray(first.mean, dtype=np.float64).reshape(-1), (shape[0],))
-        var = np.broadcast_to(np.asarray(first.variance, dtype=np.float64).reshape(-1), (shape[0],))
-    except (ValueError, TypeError, AttributeError):
-        return None  # not adapted, or normalising along another axis
+    stats = _adapted_mean_and_variance(first, shape[0])
+    if stats is None:
+        return None
+    mean, var = stats
     std = np.maximum(np.sqrt(var), keras.backend.epsilon())  # what the layer divides by
     rest = keras.Sequential([keras.Input(shape)] + layers[1:], name=model.name)
     return rest, {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def _adapted_mean_and_variance(layer: Any, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """An adapted Normalization layer's mean and variance for ``n`` features; None when it is not adapted,
+    or normalises along another axis."""
+    try:
+        mean = np.broadcast_to(np.asarray(layer.mean, dtype=np.float64).reshape(-1), (n,))
+        var = np.broadcast_to(np.asarray(layer.variance, dtype=np.float64).reshape(-1), (n,))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return mean, var
 
 
 def from_keras(model: Any, file: Path | None = None, task: str | None = None,

@@ -149,6 +149,12 @@ def check_trainable(data: bytes, X: np.ndarray, expected: np.ndarray, where: str
     diff = float(np.abs(got - expected).max()) if len(X) else 0.0
     if not np.isfinite(got).all() or diff > 1e-3:
         raise EdgeOpsError(f"{where}: its infer signature differs from the source by {diff:.3g}")
+    _check_train_and_restore(net, X, expected, got, where)
+    return diff
+
+
+def _check_train_and_restore(net, X: np.ndarray, expected: np.ndarray, got: np.ndarray, where: str) -> None:
+    """A train step must change the weights, and restoring them must give the same answers back."""
     before = net.weights()
     net.train_step(X[:8].astype(np.float32), expected[:8].argmax(axis=1).astype(np.int32), LEARNING_RATE)
     if all(np.array_equal(before[k], v) for k, v in net.weights().items()):
@@ -156,7 +162,6 @@ def check_trainable(data: bytes, X: np.ndarray, expected: np.ndarray, where: str
     net.set_weights(before)
     if np.abs(net.infer(X.astype(np.float32)) - got).max() > 1e-6:
         raise EdgeOpsError(f"{where}: restore did not bring the weights back")
-    return diff
 
 
 def check_source(source: SourceModel) -> None:

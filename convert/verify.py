@@ -142,19 +142,32 @@ class ArtifactRunner:
             it.allocate_tensors()
             self._in, self._out = it.get_input_details(), it.get_output_details()
             din, dout = self._in[0], self._out[0]
-        scale, zp = din["quantization"]
-        if np.dtype(din["dtype"]) in (np.int8, np.uint8, np.int16) and scale:
-            info = np.iinfo(din["dtype"])
-            X = np.clip(np.round(X / scale + zp), info.min, info.max).astype(din["dtype"])
-        else:
-            X = X.astype(din["dtype"])
-        it.set_tensor(din["index"], X)
+        it.set_tensor(din["index"], _to_input(X, din))
         it.invoke()
-        out = it.get_tensor(dout["index"])
-        scale, zp = dout["quantization"]
-        if np.dtype(dout["dtype"]) in (np.int8, np.uint8, np.int16) and scale:
-            out = (out.astype(np.float64) - zp) * scale
+        out = _from_output(it.get_tensor(dout["index"]), dout)
         return np.asarray(out, dtype=np.float64).reshape(len(X), -1)
+
+
+def _is_quantized(detail: dict) -> bool:
+    scale, _ = detail["quantization"]
+    return bool(np.dtype(detail["dtype"]) in (np.int8, np.uint8, np.int16) and scale)
+
+
+def _to_input(X: np.ndarray, din: dict) -> np.ndarray:
+    """Float rows in the input tensor's dtype: quantized (rounded, clipped) for an integer input."""
+    if not _is_quantized(din):
+        return X.astype(din["dtype"])
+    scale, zp = din["quantization"]
+    info = np.iinfo(din["dtype"])
+    return np.clip(np.round(X / scale + zp), info.min, info.max).astype(din["dtype"])
+
+
+def _from_output(out: np.ndarray, dout: dict) -> np.ndarray:
+    """The output tensor's values, dequantized for an integer output."""
+    if not _is_quantized(dout):
+        return out
+    scale, zp = dout["quantization"]
+    return (out.astype(np.float64) - zp) * scale
 
 
 def _dims(shape: list) -> list[int]:
