@@ -93,8 +93,14 @@ def floors(entry: Any, names: Sequence[str], default: float) -> tuple[list[float
 def psi_bar(floor: float | np.ndarray, df: float | np.ndarray, n_ref: float | np.ndarray,
             n: float | np.ndarray, z: float) -> np.ndarray:
     """The PSI a sample of ``n`` (against a reference of ``n_ref``, on ``df + 1`` bins) must reach for its
-    change to be at least ``floor`` with one-sided confidence ``z`` (in standard deviations)."""
+    change to be at least ``floor`` with one-sided confidence ``z`` (in standard deviations); a floor of
+    0 or less asks for no effect at all (-inf: any PSI will do).
+
+    >>> psi_bar(np.array([0.0, -1.0]), 6, 1257, 200, 1.645).tolist()
+    [-inf, -inf]
+    """
     c = 1.0 / np.maximum(n_ref, 1.0) + 1.0 / np.maximum(n, 1.0)
     df = np.asarray(df, dtype=np.float64)
-    lam = np.asarray(floor, dtype=np.float64) / c
-    return c * (df + lam) + z * c * np.sqrt(2.0 * (df + 2.0 * lam))
+    floor = np.asarray(floor, dtype=np.float64)
+    lam = np.maximum(floor, 0.0) / c
+    return np.where(floor > 0, c * (df + lam) + z * c * np.sqrt(2.0 * (df + 2.0 * lam)), -np.inf)
