@@ -236,17 +236,21 @@ def parse_labels(payload: bytes, max_bytes: int = MAX_LABELS_PAYLOAD) -> list[tu
 
 def _labels_items(doc) -> list:
     """The ``labels`` list of a labels message whose envelope checks out."""
+    _labels_envelope(doc)
+    items = doc.get("labels")
+    if not isinstance(items, list) or len(items) > MAX_LABELS:
+        raise Rejected("missing_field" if items is None else "bad_value",
+                       f"labels must be a list of at most {MAX_LABELS} {{id, label}} objects")
+    return items
+
+
+def _labels_envelope(doc) -> None:
     if not isinstance(doc, dict):
         raise Rejected("not_an_object", f"payload is a JSON {type(doc).__name__}, not an object")
     if "schema_version" in doc and doc["schema_version"] != SCHEMA_VERSION:
         raise Rejected("schema_version", f"schema_version {_short(doc['schema_version'])} is not {SCHEMA_VERSION}")
     if "type" in doc and doc["type"] != LABELS:
         raise Rejected("wrong_type", f"type {_short(doc['type'])} is not {LABELS!r}")
-    items = doc.get("labels")
-    if not isinstance(items, list) or len(items) > MAX_LABELS:
-        raise Rejected("missing_field" if items is None else "bad_value",
-                       f"labels must be a list of at most {MAX_LABELS} {{id, label}} objects")
-    return items
 
 
 def _label_pair(i: int, item) -> tuple[object, object]:
@@ -435,15 +439,20 @@ def check_model(v, field: str = "model", required: bool = True) -> dict | None:
     if v is None and not required:
         return None
     m = _object(v, field)
+    out = _model_names(m, field)
+    out.update((k, _text(m[k], f"{field}.{k}")) for k in ("artifact", "sha256", "variant", "mode") if k in m)
+    if "split" in m:
+        out["split"] = _number(m["split"], f"{field}.split")
+    return out
+
+
+def _model_names(m: dict, field: str) -> dict:
     if not isinstance(m.get("name"), str) or not isinstance(m.get("version"), str):
         raise Rejected("bad_value", f"{field} must have a name and a version")
     out = {"name": _text(m["name"], f"{field}.name", MAX_NAME, False),
            "version": _text(m["version"], f"{field}.version", MAX_VERSION, False)}
     if not out["name"]:
         raise Rejected("bad_value", f"{field}.name is empty")
-    out.update((k, _text(m[k], f"{field}.{k}")) for k in ("artifact", "sha256", "variant", "mode") if k in m)
-    if "split" in m:
-        out["split"] = _number(m["split"], f"{field}.split")
     return out
 
 
@@ -531,14 +540,17 @@ def _latency_figure(v, k: str) -> float | None:
 def _registers(v) -> str:
     """``distinct``: the registers of the window's distinct-rows sketch (edge_runtime/distinct.py), as 64
     characters (0-9, A-Z, a-x: 0..59) or a list of 64 integers; canonical: the characters."""
-    if type(v) is str:
-        if len(v) == DISTINCT_REGISTERS and _REGISTER_TEXT.match(v):
-            return v
-    elif type(v) is list and len(v) == DISTINCT_REGISTERS and set(map(type, v)) == {int} \
-            and min(v) >= 0 and max(v) <= DISTINCT_MAX_RANK:
+    if type(v) is str and len(v) == DISTINCT_REGISTERS and _REGISTER_TEXT.match(v):
+        return v
+    if _register_list(v):
         return "".join(_DIGITS[r] for r in v)
     raise Rejected("bad_value", f"distinct must be {DISTINCT_REGISTERS} characters or integers, each "
                                 f"register in 0..{DISTINCT_MAX_RANK}")
+
+
+def _register_list(v) -> bool:
+    return type(v) is list and len(v) == DISTINCT_REGISTERS and set(map(type, v)) == {int} \
+        and min(v) >= 0 and max(v) <= DISTINCT_MAX_RANK
 
 
 def _features(v) -> dict:
