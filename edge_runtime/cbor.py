@@ -146,22 +146,24 @@ def loads(data: bytes, max_bytes: int = MAX_PAYLOAD, max_depth: int = MAX_DEPTH,
 
 
 class _Decoder:
-    __slots__ = ("buf", "pos", "max_depth", "tags", "max_items")
+    __slots__ = ("buf", "pos", "end", "max_depth", "tags", "max_items")
 
     def __init__(self, buf: bytes, max_depth: int, tags: frozenset, max_items: int):
-        self.buf, self.pos = buf, 0
+        self.buf, self.pos, self.end = buf, 0, len(buf)
         self.max_depth, self.tags, self.max_items = max_depth, tags, max_items
 
     def _take(self, n: int) -> bytes:
-        end = self.pos + n
-        if end > len(self.buf):
-            raise Rejected("malformed_cbor", f"truncated: {n} bytes needed at byte {self.pos}, "
-                                             f"{len(self.buf) - self.pos} left")
-        chunk = self.buf[self.pos:end]
+        pos = self.pos
+        end = pos + n
+        if end > self.end:
+            raise Rejected("malformed_cbor", f"truncated: {n} bytes needed at byte {pos}, {self.end - pos} left")
         self.pos = end
-        return chunk
+        return self.buf[pos:end]
 
     def _long_arg(self, info: int, start: int) -> int:
+        if info == 24 and start + 1 < self.end:
+            self.pos = start + 2
+            return self.buf[start + 1]
         if info <= 27:
             return int.from_bytes(self._take(1 << (info - 24)), "big")
         if info == 31:
@@ -171,7 +173,7 @@ class _Decoder:
     def item(self, depth: int):
         """The data item at ``pos`` (a small unsigned int inline, anything else by its major type)."""
         pos = self.pos
-        if pos >= len(self.buf):
+        if pos >= self.end:
             raise Rejected("malformed_cbor", f"truncated: a data item expected at byte {pos}")
         ib = self.buf[pos]
         self.pos = pos + 1
@@ -184,8 +186,8 @@ class _Decoder:
     def _length(self, n: int, per_item: int, what: str) -> None:
         if n > self.max_items:
             raise Rejected("oversized", f"{what} of {n} items is over the {self.max_items}-item limit")
-        if n * per_item > len(self.buf) - self.pos:
-            raise Rejected("malformed_cbor", f"truncated: {what} of {n} items in {len(self.buf) - self.pos} bytes")
+        if n * per_item > self.end - self.pos:
+            raise Rejected("malformed_cbor", f"truncated: {what} of {n} items in {self.end - self.pos} bytes")
 
     def _nested(self, depth: int) -> None:
         if depth >= self.max_depth:
@@ -216,10 +218,10 @@ class _Decoder:
     def map(self, arg: int, info: int, start: int, depth: int) -> dict:
         self._nested(depth)
         self._length(arg, 2, "a map")
-        item, depth, out, buf = self.item, depth + 1, {}, self.buf
+        item, depth, out, buf, end = self.item, depth + 1, {}, self.buf, self.end
         for _ in range(arg):
             at = self.pos
-            if at < len(buf) and buf[at] < 24:      # the usual key: a small unsigned int
+            if at < end and buf[at] < 24:      # the usual key: a small unsigned int
                 key = buf[at]
                 self.pos = at + 1
             else:

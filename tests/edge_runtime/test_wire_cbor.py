@@ -87,7 +87,7 @@ def test_breast_cancer_at_100_inferences_is_far_below_json_and_float32_forwardin
     forwarding = 100 * 30 * 4
     payload = wire.encode(bc_window, encoding="cbor")
     assert len(payload) * 4 < len(wire.encode(bc_window))
-    assert forwarding / len(payload) >= 15          # measured 17.6x; the target is 25x (docs/telemetry.md)
+    assert forwarding / len(payload) >= 15          # measured 18.2x; cbor-ref reaches 25.8x (test_compact_reference.py)
 
 
 def test_blocks_without_a_compact_form_travel_generically(bc_window):
