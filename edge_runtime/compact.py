@@ -152,12 +152,16 @@ def bundle_reference(manifest: dict) -> Reference | None:
     moments = _profile_moments(manifest) if isinstance(name, str) and isinstance(version, str) else None
     if moments is None:
         return None
-    arts = tuple((str(a.get("file")), str(a.get("sha256"))) for a in manifest.get("artifacts") or []
-                 if isinstance(a, dict))
+    arts = _artifacts(manifest)
     key = json.dumps([name, version, arts, moments[0].tolist(), moments[1].tolist()]).encode()
     mean, scale = moments
     steps = tuple(a.tolist() for a in (mean, scale / MEAN_STEPS, scale / RANGE_STEPS, scale * scale))
     return Reference(hashlib.sha256(key).digest()[:DIGEST_BYTES], name, version, arts, mean, scale, steps)
+
+
+def _artifacts(manifest: dict) -> tuple:
+    return tuple((str(a.get("file")), str(a.get("sha256"))) for a in manifest.get("artifacts") or []
+                 if isinstance(a, dict))
 
 
 def register_bundle(manifest: dict) -> bytes | None:
@@ -305,8 +309,10 @@ def _generic(v):
     """A JSON value as CBOR-ready data: lists of 4+ non-negative ints packed into byte strings."""
     if isinstance(v, dict):
         return {str(k): _generic(x) for k, x in v.items()}
-    if not isinstance(v, list):
-        return v
+    return _generic_list(v) if isinstance(v, list) else v
+
+
+def _generic_list(v: list):
     if len(v) >= 4 and all(type(x) is int and x >= 0 for x in v):
         return pack_ints(v)
     return [_generic(x) for x in v]
@@ -399,13 +405,8 @@ _FEATURE_KNOWN = frozenset(("count", "nan", "mean", "m2", "min", "max", "hist", 
 
 def _feature_base(f) -> tuple[dict, list, list[int]]:
     """The compact block's counts, histograms and extras; the moment columns (min, max, mean, m2) and counts."""
-    if not isinstance(f, dict):
-        raise _NoCompact("features is not an object")
-    count, nan = _ints(f.get("count")), _ints(f.get("nan"))
+    count, nan, cols = _feature_columns(f)
     n = len(count)
-    cols = [f.get(k) for k in _MOMENTS]
-    if any(not isinstance(c, list) or len(c) != n for c in cols + [nan, f.get("hist")]):
-        raise _NoCompact("features lists of different lengths")
     out: dict = {0: n, 1: _uniform(count)}
     if any(nan):
         out[2] = _uniform(nan)
@@ -414,6 +415,17 @@ def _feature_base(f) -> tuple[dict, list, list[int]]:
         out[8] = _uniform(_ints(f["out_of_range"]))
     out.update({str(k): _generic(v) for k, v in f.items() if k not in _FEATURE_KNOWN})
     return out, cols, count
+
+
+def _feature_columns(f) -> tuple[list[int], list[int], list]:
+    """count, nan and the four moment columns, when every per-feature list has one entry per feature."""
+    if not isinstance(f, dict):
+        raise _NoCompact("features is not an object")
+    count, nan = _ints(f.get("count")), _ints(f.get("nan"))
+    cols = [f.get(k) for k in _MOMENTS]
+    if any(not isinstance(c, list) or len(c) != len(count) for c in cols + [nan, f.get("hist")]):
+        raise _NoCompact("features lists of different lengths")
+    return count, nan, cols
 
 
 def _hist_devs(hist: list, count: list[int]) -> tuple:
@@ -610,12 +622,16 @@ def _json(v):
     if t is bytes:
         return unpack_ints(v)
     if t is dict:
-        if any(type(k) is not str for k in v):
-            raise Rejected("malformed_cbor", "a generic map with a non-text key")
-        return {k: _json(x) for k, x in v.items()}
+        return _json_map(v)
     if t is list:
         return [_json(x) for x in v]
     return v
+
+
+def _json_map(v: dict) -> dict:
+    if any(type(k) is not str for k in v):
+        raise Rejected("malformed_cbor", "a generic map with a non-text key")
+    return {k: _json(x) for k, x in v.items()}
 
 
 def _text_key(k) -> str:
@@ -696,14 +712,18 @@ def _un_feature_base(f, moments_key: int) -> tuple[dict, int, list[int]]:
         raise Rejected("oversized", f"features: {str(n)[:20]} features")
     count = _expand_uniform(f[1], n, "features.count")
     out = {"count": count, "nan": _expand_uniform(f.get(2, 0), n, "features.nan")}
-    lengths = _expand_uniform(f[3], n, "features.hist lengths")
-    if sum(lengths) > MAX_LIST or min(lengths, default=1) < 1:
-        raise Rejected("oversized", "more than 65536 histogram bins, or a histogram without bins")
-    out["hist"] = _histograms(count, lengths, _bytes(f[4], "features.hist"))
+    out["hist"] = _histograms(count, _hist_lengths(f[3], n), _bytes(f[4], "features.hist"))
     if 8 in f:
         out["out_of_range"] = _expand_uniform(f[8], n, "features.out_of_range")
     out.update((k, _json(v)) for k, v in f.items() if type(k) is str)
     return out, n, count
+
+
+def _hist_lengths(v, n: int) -> list[int]:
+    lengths = _expand_uniform(v, n, "features.hist lengths")
+    if sum(lengths) > MAX_LIST or min(lengths, default=1) < 1:
+        raise Rejected("oversized", "more than 65536 histogram bins, or a histogram without bins")
+    return lengths
 
 
 def _histograms(count: list[int], lengths: list[int], packed: bytes) -> list[list[int]]:
@@ -760,16 +780,22 @@ def _moments(f: dict, n: int) -> dict:
     skip = set(nulls)
     keep = [j for j in range(n) if j not in skip]
     m = len(keep)
+    exact = f.get(6) == 1
+    arr, escaped = _moment_floats(f, m, exact)
+    return _spread(n, keep, _exact_columns(arr, escaped, m) if exact else _half_columns(arr, m))
+
+
+def _moment_floats(f: dict, m: int, exact: bool) -> tuple[np.ndarray, list]:
+    """The 4 x m floats of key 5 (single or half precision), escaped ones (key 7) substituted."""
     raw, escapes, used = _bytes(f[5], "features floats"), f.get(7, []), [0]
     if not isinstance(escapes, list):
         raise Rejected("malformed_cbor", "features escapes must be an array")
-    exact = f.get(6) == 1
     if len(raw) != 4 * m * (4 if exact else 2):
         raise Rejected("feature_count_mismatch", f"{len(raw)} bytes of moments for {m} features")
     arr, escaped = _unpack_floats(raw, "<f4" if exact else "<f2", 4 * m, escapes, used)
     if used[0] != len(escapes):
         raise Rejected("malformed_cbor", "unused escaped floats")
-    return _spread(n, keep, _exact_columns(arr, escaped, m) if exact else _half_columns(arr, m))
+    return arr, escaped
 
 
 def _exact_columns(arr: np.ndarray, escaped: list, m: int) -> list[list]:

@@ -180,10 +180,14 @@ def _nibble_array(buf: bytes, max_items: int) -> np.ndarray | None:
     if n > max_items or pos + m > len(buf):
         raise Rejected("oversized" if n > max_items else "malformed_cbor", f"a packed list of {n} nibbles")
     out = _PAIRS[np.frombuffer(buf, dtype=np.uint8, count=m, offset=pos)].ravel()[:n]
-    pos += m
+    return _nibble_escapes(out, buf, pos + m)
+
+
+def _nibble_escapes(out: np.ndarray, buf: bytes, pos: int) -> np.ndarray:
+    """Each nibble 15 plus its varint after the nibbles (all at once when every varint is one byte)."""
     escaped = np.flatnonzero(out == 15)
     tail = np.frombuffer(buf, dtype=np.uint8, offset=pos)
-    if len(tail) == len(escaped) and (tail < 0x80).all():     # every escaped value a one-byte varint
+    if len(tail) == len(escaped) and (tail < 0x80).all():
         out[escaped] += tail
         return out
     for i in escaped.tolist():
