@@ -91,13 +91,17 @@ def detect_profile(model: str | None = None, machine: str | None = None) -> Boar
     """
     model = board_model() if model is None and machine is None else model
     machine = machine or platform.machine()
-    if model:
-        for profile in PROFILES.values():
-            if model.startswith(profile.name):
-                return profile
+    named = _named_profile(model) if model else None
+    if named is not None:
+        return named
     if machine in ("aarch64", "arm64"):
         return PROFILES["arm64-generic"]
     return PROFILES["x86-64"]
+
+
+def _named_profile(model: str) -> BoardProfile | None:
+    """The profile whose board name the device-tree model starts with, if any."""
+    return next((p for p in PROFILES.values() if model.startswith(p.name)), None)
 
 
 # -- bench results stored against a profile -------------------------------------------------------

@@ -65,6 +65,11 @@ def python_command(args: Sequence[str], safe_path: bool | None = None) -> list[s
         safe_path = sys.version_info >= (3, 11)
     if safe_path:
         return [sys.executable, "-P", *args]
+    return _launcher_command(args)
+
+
+def _launcher_command(args: list[str]) -> list[str]:
+    """For a Python without ``-P``: a one-line launcher that drops the current folder, then runs ``args``."""
     if args[0] == "-m":
         return [sys.executable, "-c", _RUN_MODULE, *args[1:]]
     return [sys.executable, "-c", _DROP_CWD + args[1], *args[2:]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -96,20 +97,16 @@ def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, can
     from devices import rollout as fl
 
     address = _address(broker, username, password, ca_file, cert_file, key_file)
+    run = functools.partial(_run_rollout, address, topic_prefix, timeout, window_timeout, public_key,
+                            evaluation_wait, as_json)
     if resume:
         path = Path(resume)
         r = fl.Rollout.load(path)
         _say(f"resuming rollout {r.id} of {r.name} {r.version} to fleet {r.fleet}")
-        r = fl.RolloutRunner(address, r, path, topic_prefix, timeout, window_timeout, public_key, _say,
-                             evaluation_wait=evaluation_wait).run()
-        _finish_rollout(r, path, as_json)
+        run(r, path)
         return
     if rollback:
-        if not device or bundle:
-            raise click.UsageError("--rollback takes --device and no BUNDLE")
-        res = fl.rollback_device(address, fleet, device, prefix=topic_prefix, timeout=timeout)
-        _print_result(res, as_json)
-        sys.exit(_result_exit(res))
+        _rollback_one(address, fleet, device, bundle, topic_prefix, timeout, as_json)
     if not bundle:
         raise click.UsageError("give a BUNDLE (or --rollback / --resume)")
     from convert.mlflow_io import resolved_bundle  # BUNDLE may be models:/NAME-edge/...: downloaded until exit
@@ -120,28 +117,60 @@ def flash_cmd(bundle, device, fleet, rollback, canary, waves, clean_windows, can
     if device:
         if canary:
             raise click.UsageError("--canary rolls out to a fleet; do not give --device with it")
-        _say(f"flashing {bundle} to {device} (fleet {fleet})")
         options = fl.FlashOptions(timeout=timeout, public_key=public_key, wait_probation=wait_probation, url=url,
                                   force_schema=force_schema)
-        res = fl.flash_device(address, fleet, device, bundle, prefix=topic_prefix, options=options)
-        _print_result(res, as_json)
-        sys.exit(_result_exit(res))
+        _flash_one(address, fleet, device, bundle, topic_prefix, options, as_json)
     if not canary:
         raise click.UsageError("give --device ID, or --canary SHARE to roll out to the fleet")
     share = fl.parse_fraction(canary)
-    if device_list:
-        targets = [d.strip() for d in device_list.split(",") if d.strip()]
-    else:
-        statuses, _ = fl.inventory(address, fleet, topic_prefix)
-        targets = [d for d, s in statuses.items() if s.get("online") and s.get("accepts_flash", True)]
+    targets = _rollout_targets(address, fleet, topic_prefix, device_list)
     r = fl.new_rollout(bundle, fleet, targets, share, waves, clean_windows, public_key, canary_samples, force_schema)
     path = Path(state_file) if state_file else fl.default_rollout_dir() / f"{r.id}.json"
     r.save(path)
     _say(f"rollout {r.id}: {r.name} {r.version} to {len(targets)} devices of {fleet}: canary "
          f"{', '.join(r.groups[0])}, then {len(r.groups) - 1} wave(s); state in {path}")
-    r = fl.RolloutRunner(address, r, path, topic_prefix, timeout, window_timeout, public_key, _say,
-                         evaluation_wait=evaluation_wait).run()
+    run(r, path)
+
+
+def _run_rollout(address, topic_prefix, timeout, window_timeout, public_key, evaluation_wait, as_json,  # noqa: PLR0913
+                 r, path) -> None:
+    """Carry the rollout forward from its saved state, print how it ended and exit with its code."""
+    from devices.rollout import RolloutRunner
+
+    r = RolloutRunner(address, r, path, topic_prefix, timeout, window_timeout, public_key, _say,
+                      evaluation_wait=evaluation_wait).run()
     _finish_rollout(r, path, as_json)
+
+
+def _rollback_one(address, fleet, device, bundle, topic_prefix, timeout, as_json) -> None:  # noqa: PLR0913
+    """``--rollback``: return one device to its previous bundle, print its answer and exit with its code."""
+    from devices.rollout import rollback_device
+
+    if not device or bundle:
+        raise click.UsageError("--rollback takes --device and no BUNDLE")
+    res = rollback_device(address, fleet, device, prefix=topic_prefix, timeout=timeout)
+    _print_result(res, as_json)
+    sys.exit(_result_exit(res))
+
+
+def _flash_one(address, fleet, device, bundle, topic_prefix, options, as_json) -> None:  # noqa: PLR0913
+    """``--device``: flash one device, print its answer and exit with its code."""
+    from devices.rollout import flash_device
+
+    _say(f"flashing {bundle} to {device} (fleet {fleet})")
+    res = flash_device(address, fleet, device, bundle, prefix=topic_prefix, options=options)
+    _print_result(res, as_json)
+    sys.exit(_result_exit(res))
+
+
+def _rollout_targets(address, fleet, topic_prefix, device_list) -> list[str]:
+    """The devices given with --devices, else those of the fleet online that accept a flash."""
+    from devices.rollout import inventory
+
+    if device_list:
+        return [d.strip() for d in device_list.split(",") if d.strip()]
+    statuses, _ = inventory(address, fleet, topic_prefix)
+    return [d for d, s in statuses.items() if s.get("online") and s.get("accepts_flash", True)]
 
 
 def _check_budget(bundle, profile_id, max_latency_ms):
@@ -196,9 +225,23 @@ def devices_group():
 @_broker_options
 def devices_list(fleet, wait, as_json, broker, username, password, ca_file, cert_file, key_file, topic_prefix):
     """Devices that announced themselves on their status topic, with last-seen and open alerts."""
+    address = _address(broker, username, password, ca_file, cert_file, key_file)
+    statuses, alerts_by_fleet = _collect_statuses(address, fleet, topic_prefix, wait)
+    now = time.time()
+    rows = [_device_row(dev, s, alerts_by_fleet, now) for dev, s in sorted(statuses.items())]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no devices in fleet {fleet!r} on {address.url}")
+        return
+    _print_devices_table(rows)
+
+
+def _collect_statuses(address, fleet: str, topic_prefix: str, wait: float) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The retained statuses of the fleet's devices and, by fleet, the retained open alerts, after ``wait`` s."""
     from devices.rollout import FleetLink
 
-    address = _address(broker, username, password, ca_file, cert_file, key_file)
     alerts_by_fleet: dict[str, dict] = {}
     with FleetLink(address, fleet, topic_prefix) as link:
         # alerts are retained per fleet: subscribe to every fleet's
@@ -216,27 +259,44 @@ def devices_list(fleet, wait, as_json, broker, username, password, ca_file, cert
         link.link._on_message = grab
         time.sleep(wait)
         statuses = dict(link.statuses)
-    rows = []
-    now = time.time()
-    for dev, s in sorted(statuses.items()):
-        f = s.get("fleet")
-        open_ = [a for a in (alerts_by_fleet.get(f) or {}).get("open", []) if a.get("device_id") == dev]
-        plat, model = s.get("platform") or {}, s.get("model") or {}
-        rows.append({
-            "device_id": dev, "fleet": f, "online": s.get("online"), "arch": plat.get("machine"),
-            "board": plat.get("board"), "os": plat.get("os") or plat.get("system"),
-            "runtime_version": s.get("runtime_version"), "bundle": model.get("name"), "version": model.get("version"),
-            "free_disk_bytes": s.get("free_disk_bytes"), "last_seen": s.get("ts"),
-            "last_seen_ago_s": round(now - s["ts"], 1) if s.get("ts") else None,
-            "alerts": [f"{a['detector']}" + (f"({','.join(a.get('features') or [])})" if a.get("features") else "")
-                       for a in open_],
-        })
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        click.echo(f"no devices in fleet {fleet!r} on {address.url}")
-        return
+    return statuses, alerts_by_fleet
+
+
+def _alert_name(a: dict) -> str:
+    return f"{a['detector']}" + (f"({','.join(a.get('features') or [])})" if a.get("features") else "")
+
+
+def _device_row(dev: str, s: dict, alerts_by_fleet: dict[str, dict], now: float) -> dict:
+    """One device of ``devices list``: where it runs, what it runs, when it was last seen, its open alerts."""
+    f = s.get("fleet")
+    open_ = [a for a in (alerts_by_fleet.get(f) or {}).get("open", []) if a.get("device_id") == dev]
+    plat, model = s.get("platform") or {}, s.get("model") or {}
+    ts = s.get("ts")
+    return {
+        "device_id": dev, "fleet": f, "online": s.get("online"), "arch": plat.get("machine"),
+        "board": plat.get("board"), "os": plat.get("os") or plat.get("system"),
+        "runtime_version": s.get("runtime_version"), "bundle": model.get("name"), "version": model.get("version"),
+        "free_disk_bytes": s.get("free_disk_bytes"), "last_seen": s.get("ts"),
+        "last_seen_ago_s": round(now - ts, 1) if ts else None,
+        "alerts": [_alert_name(a) for a in open_],
+    }
+
+
+def _table_cells(r: dict) -> list[str]:
+    """A device row as the table's cells ("-" for what it does not report)."""
+    disk = f"{r['free_disk_bytes'] / 2**30:.1f} GiB" if r["free_disk_bytes"] else "-"
+    seen = f"{r['last_seen_ago_s']:.0f}s ago" if r["last_seen_ago_s"] is not None else "-"
+    return [r["device_id"], _or_dash(r["fleet"]), "online" if r["online"] else "offline",
+            *(_or_dash(r[k]) for k in ("arch", "board", "os", "runtime_version")),
+            f"{r['bundle']} {r['version']}", disk, seen, _or_dash(", ".join(r["alerts"]))]
+
+
+def _or_dash(value):
+    """The value, or "-" for one the device does not report (None or empty)."""
+    return value or "-"
+
+
+def _print_devices_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -245,12 +305,7 @@ def devices_list(fleet, wait, as_json, broker, username, password, ca_file, cert
                 "alerts"):
         t.add_column(col, no_wrap=col in ("device", "fleet", "state", "bundle"))
     for r in rows:
-        disk = f"{r['free_disk_bytes'] / 2**30:.1f} GiB" if r["free_disk_bytes"] else "-"
-        t.add_row(r["device_id"], r["fleet"] or "-", "online" if r["online"] else "offline", r["arch"] or "-",
-                  r["board"] or "-", r["os"] or "-", r["runtime_version"] or "-",
-                  f"{r['bundle']} {r['version']}", disk,
-                  f"{r['last_seen_ago_s']:.0f}s ago" if r["last_seen_ago_s"] is not None else "-",
-                  ", ".join(r["alerts"]) or "-")
+        t.add_row(*_table_cells(r))
     Console(width=None if sys.stdout.isatty() else 200).print(t)   # piped: do not squeeze ids to 80 columns
 
 

@@ -87,17 +87,24 @@ def issue(ca_dir: Path, username: str, cert_path: Path, key_path: Path) -> int:
 
 def revoke(ca_dir: Path, username: str) -> list[int]:
     """Add every certificate issued to ``username`` that is not revoked yet to the CRL; their serials."""
-    issued = ca_dir / ISSUED
-    if not issued.exists():
+    serials = _issued_serials(ca_dir, username)
+    if serials is None:
         return []
-    serials = [int(s, 16) for s, user in (line.split(" ", 1) for line in issued.read_text().splitlines() if line)
-               if user == username]
     ca, ca_key = load_or_create(ca_dir)
     revoked = revoked_serials(ca_dir)
     new = [s for s in serials if s not in revoked]
     if new:
         _write_crl(ca_dir, ca, ca_key, sorted(revoked) + new)
     return new
+
+
+def _issued_serials(ca_dir: Path, username: str) -> list[int] | None:
+    """The serials of the certificates issued to ``username`` (None when the CA issued none at all)."""
+    issued = ca_dir / ISSUED
+    if not issued.exists():
+        return None
+    lines = (line.split(" ", 1) for line in issued.read_text().splitlines() if line)
+    return [int(s, 16) for s, user in lines if user == username]
 
 
 def revoked_serials(ca_dir: Path) -> set[int]:

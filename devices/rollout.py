@@ -134,31 +134,34 @@ class FleetLink:
         if parts[-1] == wire.ACK and len(parts) >= 4:
             self._on_ack_message(parts[-2], payload)
             return
-        try:
-            if payload[:1] == b"\x78":      # a window from an agent with --compress
-                payload = zlib.decompress(payload)
-            doc = json.loads(payload)
-        except (ValueError, zlib.error):
-            return
-        if not isinstance(doc, dict):
+        doc = _json_object(payload)
+        if doc is None:
             return
         with self._cond:
-            if topic_name.endswith("/cmd/result"):
-                self.results.append(doc)
-            elif parts[-1] == "status" and len(parts) >= 4:
-                self.statuses[parts[-2]] = doc
-            elif parts[-1] == "alerts":
-                self.alerts = doc
-            elif parts[-1] == "telemetry":
-                model = doc.get("model") or {}
-                w = {"version": model.get("version"), "seq": doc.get("seq"),
-                     "count": doc.get("count") if type(doc.get("count")) is int else 0, "received": time.time()}
-                w["acked"] = self._stored(parts[-2], w["seq"])
-                self.windows[parts[-2]].append(w)
+            self._file(topic_name, parts, doc)
             self._cond.notify_all()
 
+    def _file(self, topic_name: str, parts: list[str], doc: dict) -> None:
+        """Keep a message by its topic: a command result, a device status, the fleet's alerts or a window."""
+        if topic_name.endswith("/cmd/result"):
+            self.results.append(doc)
+        elif parts[-1] == "status" and len(parts) >= 4:
+            self.statuses[parts[-2]] = doc
+        elif parts[-1] == "alerts":
+            self.alerts = doc
+        elif parts[-1] == "telemetry":
+            self._record_window(parts[-2], doc)
+
+    def _record_window(self, device: str, doc: dict) -> None:
+        """Note a telemetry window of ``device``: its model version, seq, count and whether it is stored."""
+        model = doc.get("model") or {}
+        w = {"version": model.get("version"), "seq": doc.get("seq"),
+             "count": doc.get("count") if type(doc.get("count")) is int else 0, "received": time.time()}
+        w["acked"] = self._stored(device, w["seq"])
+        self.windows[device].append(w)
+
     def _stored(self, device: str, seq) -> bool:
-        return type(seq) is int and any(lo <= seq <= hi for lo, hi in self._acked.get(device, ()))
+        return _in_ranges(seq, self._acked.get(device, ()))
 
     def _on_ack_message(self, device: str, payload: bytes) -> None:
         """The monitor's confirmation to a device: these windows are committed (quarantined ones excepted)."""
@@ -169,13 +172,15 @@ class FleetLink:
             return
         refused = refused if isinstance(refused, dict) else {}
         with self._cond:
-            acked = self._acked.setdefault(device, collections.deque(maxlen=10_000))
-            acked.extend(ranges)
-            for w in self.windows.get(device, ()):
-                if not w["acked"] and type(w["seq"]) is int \
-                        and any(lo <= w["seq"] <= hi for lo, hi in ranges) and str(w["seq"]) not in refused:
-                    w["acked"] = True
+            self._acked.setdefault(device, collections.deque(maxlen=10_000)).extend(ranges)
+            self._mark_stored(device, ranges, refused)
             self._cond.notify_all()
+
+    def _mark_stored(self, device: str, ranges, refused: dict) -> None:
+        """Mark the device's windows in the acknowledged ranges as stored, but those the monitor refused."""
+        for w in self.windows.get(device, ()):
+            if not w["acked"] and _in_ranges(w["seq"], ranges) and str(w["seq"]) not in refused:
+                w["acked"] = True
 
     def stored_samples(self, device: str, version: str, since: float) -> int:
         """Inferences of ``version`` from ``device``, received since ``since``, in windows the monitor stored
@@ -265,6 +270,22 @@ class FleetLink:
                     and r.get("type") in ("probation", "auto_rollback")]
 
 
+def _json_object(payload: bytes) -> dict | None:
+    """A message's JSON object (a window from an agent with --compress is zlib-compressed), else None."""
+    try:
+        if payload[:1] == b"\x78":
+            payload = zlib.decompress(payload)
+        doc = json.loads(payload)
+    except (ValueError, zlib.error):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _in_ranges(seq: object, ranges) -> bool:
+    """Whether ``seq`` is an int inside one of the [first, last] ranges."""
+    return type(seq) is int and any(lo <= seq <= hi for lo, hi in ranges)
+
+
 @dataclass(frozen=True)
 class FlashOptions:
     """How one device is flashed.
@@ -301,9 +322,7 @@ def flash_device(address: BrokerAddress, fleet: str, device: str, bundle: str | 
     image = BundleImage.from_path(bundle, options.public_key)
     with FleetLink(address, fleet, prefix) as fl:
         if not force_schema:
-            note = check_device_fit(image, device, fl.wait(lambda: fl.statuses.get(device), 2.0))
-            if note:
-                log.warning("%s", note)
+            _warn_misfit(fl, image, device)
         started = time.time()
         tid = (fl.start_flash_url(device, image, url, force_schema) if url
                else fl.start_flash(device, image, options.chunk_size, force_schema))
@@ -314,10 +333,22 @@ def flash_device(address: BrokerAddress, fleet: str, device: str, bundle: str | 
                              "when it reconnects")
         res = dict(res)
         if res.get("ok") and options.wait_probation > 0:
-            later = fl.wait(lambda: fl.later_results(device, started), options.wait_probation)
-            if later:
-                res["after"] = later[-1]
+            _add_probation_verdict(fl, device, res, started, options.wait_probation)
         return res
+
+
+def _warn_misfit(fl: FleetLink, image: BundleImage, device: str) -> None:
+    """Log what the device's status says about the bundle's fit (refused outright when it does not fit)."""
+    note = check_device_fit(image, device, fl.wait(lambda: fl.statuses.get(device), 2.0))
+    if note:
+        log.warning("%s", note)
+
+
+def _add_probation_verdict(fl: FleetLink, device: str, res: dict, started: float, wait: float) -> None:
+    """Wait up to ``wait`` seconds for the device's probation (or auto-rollback) result: ``res["after"]``."""
+    later = fl.wait(lambda: fl.later_results(device, started), wait)
+    if later:
+        res["after"] = later[-1]
 
 
 def rollback_device(address: BrokerAddress, fleet: str, device: str, *, prefix: str = DEFAULT_PREFIX,
@@ -429,54 +460,74 @@ class RolloutRunner:
         r = self.r
         if r.phase != "running":
             return r
-        image = BundleImage.from_path(r.bundle, self.public_key)
-        if image.manifest_sha256 != r.sha256 and any(d["state"] != "pending" for d in r.devices.values()):
-            raise FlashError(f"{r.bundle} changed since the rollout started; start a new rollout")
+        image = self._unchanged_image()
         with FleetLink(self.address, r.fleet, self.prefix, watch_telemetry=True) as fl:
             if not self._fits(fl, image):
                 return self._stop(fl)
             while r.group_index < len(r.groups):
-                group = r.groups[r.group_index]
-                label = "canary" if r.group_index == 0 else f"wave {r.group_index}"
-                trouble = self._trouble(fl)
-                if trouble:
-                    r.reason = trouble
+                if not self._roll_out_group(fl, image):
                     return self._stop(fl)
-                if not self._flash_group(fl, image, group, label):
-                    return self._stop(fl)
-                if not self._watch(fl, group, label):
-                    return self._stop(fl)
-                r.group_index += 1
-                self._say(f"{label} done: {', '.join(group)} run {r.version}")
             r.phase = "done"
             self._say(f"rollout {r.id} finished: {len(r.devices)} devices run {r.name} {r.version}")
         return r
+
+    def _unchanged_image(self) -> BundleImage:
+        """The rollout's bundle, refused when it changed after devices were sent it."""
+        r = self.r
+        image = BundleImage.from_path(r.bundle, self.public_key)
+        if image.manifest_sha256 != r.sha256 and any(d["state"] != "pending" for d in r.devices.values()):
+            raise FlashError(f"{r.bundle} changed since the rollout started; start a new rollout")
+        return image
+
+    def _roll_out_group(self, fl: FleetLink, image: BundleImage) -> bool:
+        """Flash the current group (canary or wave) and watch it; False when the rollout must stop."""
+        r = self.r
+        group = r.groups[r.group_index]
+        label = "canary" if r.group_index == 0 else f"wave {r.group_index}"
+        trouble = self._trouble(fl)
+        if trouble:
+            r.reason = trouble
+            return False
+        if not self._flash_group(fl, image, group, label) or not self._watch(fl, group, label):
+            return False
+        r.group_index += 1
+        self._say(f"{label} done: {', '.join(group)} run {r.version}")
+        return True
 
     def _flash_group(self, fl: FleetLink, image: BundleImage, group: list[str], label: str) -> bool:
         r = self.r
         todo = [d for d in group if r.devices[d]["state"] in ("pending", "sent")]
         self._say(f"{label}: flashing {r.name} {r.version} to {', '.join(todo) or 'nobody (already done)'}")
+        tids = self._send_flashes(fl, image, todo)
+        ok = True
+        for d, tid in tids.items():
+            ok = self._record_flash(d, fl.final_result(tid, self.flash_timeout)) and ok
+        if not ok:
+            r.reason = f"{label}: a flash failed"
+        return ok
+
+    def _send_flashes(self, fl: FleetLink, image: BundleImage, todo: list[str]) -> dict[str, str]:
+        """Send the bundle to each device and save them as "sent"; device -> transfer id."""
+        r = self.r
         tids = {}
         for d in todo:
             tids[d] = fl.start_flash(d, image, force_schema=r.force_schema)
             r.devices[d].update(state="sent", ts=time.time(), transfer=tids[d])
         r.save(self.path)
-        ok = True
-        for d, tid in tids.items():
-            res = fl.final_result(tid, self.flash_timeout)
-            if res is None:
-                r.devices[d].update(state="failed", message=f"no result within {self.flash_timeout:g}s")
-                ok = False
-            elif res.get("ok"):
-                r.devices[d].update(state="flashed", ts=time.time(), message=res.get("message"),
-                                    probation=int(res.get("probation_windows") or 0))
-            else:
-                r.devices[d].update(state="failed", message=res.get("message"))
-                ok = False
-            self._say(f"{d}: {r.devices[d]['state']} ({r.devices[d].get('message')})")
-        if not ok:
-            r.reason = f"{label}: a flash failed"
-        return ok
+        return tids
+
+    def _record_flash(self, d: str, res: dict | None) -> bool:
+        """Record a device's flash result (None: no answer in time) in the rollout; True when it flashed."""
+        st = self.r.devices[d]
+        if res is None:
+            st.update(state="failed", message=f"no result within {self.flash_timeout:g}s")
+        elif res.get("ok"):
+            st.update(state="flashed", ts=time.time(), message=res.get("message"),
+                      probation=int(res.get("probation_windows") or 0))
+        else:
+            st.update(state="failed", message=res.get("message"))
+        self._say(f"{d}: {st['state']} ({st.get('message')})")
+        return st["state"] == "flashed"
 
     def _alerts_for(self, fl: FleetLink, group: list[str]) -> list[dict]:
         """The open alerts that stop the rollout: on the new version, any but silence; on the version it
@@ -484,9 +535,15 @@ class RolloutRunner:
         measured while the device was receiving and health-checking the new one."""
         alerts = (fl.alerts or {}).get("open", [])
         since = {d: self.r.devices[d].get("ts") or 0 for d in group}
-        return [a for a in alerts if a.get("device_id") in since and a.get("detector") != "silence"
-                and (a.get("model_version") == self.r.version
-                     or (a.get("detector") != "latency" and (a.get("opened_at") or 0) >= since[a["device_id"]]))]
+        return [a for a in alerts if a.get("device_id") in since and self._stops(a, since[a["device_id"]])]
+
+    def _stops(self, alert: dict, flashed_at: float) -> bool:
+        """Whether an open alert on a device flashed at ``flashed_at`` stops the rollout (see `_alerts_for`)."""
+        if alert.get("detector") == "silence":
+            return False
+        if alert.get("model_version") == self.r.version:
+            return True
+        return alert.get("detector") != "latency" and (alert.get("opened_at") or 0) >= flashed_at
 
     def _fits(self, fl: FleetLink, image: BundleImage) -> bool:
         """Every device still to flash takes the inputs the new bundle takes (as its status says)."""
@@ -495,15 +552,7 @@ class RolloutRunner:
             return True
         with fl._cond:
             statuses = dict(fl.statuses)
-        misfits, unknown = [], []
-        for d, st in sorted(r.devices.items()):
-            if st["state"] != "pending":
-                continue
-            try:
-                if check_device_fit(image, d, statuses.get(d)):
-                    unknown.append(d)
-            except EdgeOpsError as exc:
-                misfits.append(str(exc))
+        misfits, unknown = _pending_fit(image, r.devices, statuses)
         if unknown:
             self._say(f"{len(unknown)} device(s) do not report their inputs ({', '.join(unknown[:5])}): "
                       "they check the fit themselves")
@@ -521,81 +570,154 @@ class RolloutRunner:
         flashed = self._flashed()
         with fl._cond:
             alerts = self._alerts_for(fl, flashed)
-            rolled = [x for d in flashed for x in fl.later_results(d, (self.r.devices[d].get("ts") or 0) - 5)
-                      if x.get("type") == "auto_rollback"]
-        if alerts:
-            return "alert " + ", ".join(f"{a['detector']} on {a['device_id']}"
-                                        + (f" ({', '.join(a['features'][:5])})" if a.get("features") else "")
-                                        for a in alerts)
-        if rolled:
-            return "; ".join(f"{x['device_id']} rolled back by itself: {x.get('message')}" for x in rolled)
-        return None
+            rolled = [x for d in flashed for x in self._auto_rollbacks(fl, d)]
+        return _stop_reason(alerts, rolled)
+
+    def _auto_rollbacks(self, fl: FleetLink, d: str) -> list[dict]:
+        """The device's auto_rollback results since it was flashed (5 s of clock slack)."""
+        since = (self.r.devices[d].get("ts") or 0) - 5
+        return [x for x in fl.later_results(d, since) if x.get("type") == "auto_rollback"]
 
     def _watch(self, fl: FleetLink, group: list[str], label: str) -> bool:
         """Wait until every device of the group has sent clean windows of the new version, passed its own
         probation and has enough inferences of it stored (and evaluated) by the monitor; False on trouble
         anywhere in what the rollout flashed so far."""
         r = self.r
-        need, samples = r.clean_windows, r.canary_samples
-        what = [f"{need} clean windows of {r.version}"] if need > 0 else []
-        what += [f"{samples} of its inferences stored by the monitor"] if samples > 0 else []
-        self._say(f"{label}: waiting for {' and '.join(what) or f'the probation of {r.version}'} from each device")
+        self._say(f"{label}: waiting for {self._awaited()} from each device")
         since = time.time()
         deadline = time.monotonic() + self.window_timeout
         cleared_at = None
+        stored: dict[str, int] = {}
         while time.monotonic() < deadline:
             trouble = self._trouble(fl)
             if trouble:
                 r.reason = trouble
                 return False
-            with fl._cond:
-                counts = {d: len({w["seq"] for w in fl.windows.get(d, ()) if w["version"] == r.version
-                                  and w["received"] >= since}) for d in group}
-                stored = {d: fl.stored_samples(d, r.version, (r.devices[d].get("ts") or since) - 5) for d in group}
-                later = {d: fl.later_results(d, (r.devices[d].get("ts") or since) - 5) for d in group}
-                # a device that judges a new bundle on its first windows must have said it passed
-                # (devices flashed before a restart of this orchestrator: their verdict went by unseen)
-                confirmed = {d: not r.devices[d].get("probation") or (r.devices[d].get("ts") or 0) < self.started
-                             or any(x.get("type") == "probation" and x.get("ok") for x in later[d]) for d in group}
-            if all(c >= need for c in counts.values()) and all(confirmed.values()) \
-                    and all(n >= samples for n in stored.values()):
+            cleared, stored = self._group_cleared(fl, group, since)
+            if cleared:
                 if cleared_at is None:
                     cleared_at = time.monotonic()
-                    if samples > 0:
-                        self._say(f"{label}: the monitor stored {min(stored.values())}+ inferences of {r.version} "
-                                  f"from each device; {self.evaluation_wait:g}s for its evaluation")
-                if time.monotonic() - cleared_at >= (self.evaluation_wait if samples > 0 else 0):
+                    self._say_stored(label, stored)
+                if time.monotonic() - cleared_at >= self._evaluation_delay():
                     return True
             time.sleep(0.2)
-        short = sorted(d for d in group if stored.get(d, 0) < samples)
-        r.reason = (f"{label}: not every device sent {need} windows of {r.version} (and passed its own probation) "
-                    f"within {self.window_timeout:g}s" if not short else
-                    f"{label}: the monitor did not store {samples} inferences of {r.version} from "
-                    f"{', '.join(short)} within {self.window_timeout:g}s (is `edgeops monitor` running for fleet "
-                    f"{r.fleet}? with --canary-samples 0 the rollout goes on without its verdict)")
+        r.reason = self._watch_timeout_reason(label, group, stored)
         return False
+
+    def _awaited(self) -> str:
+        """What the watch of a group waits for from each device, in words."""
+        r = self.r
+        what = [f"{r.clean_windows} clean windows of {r.version}"] if r.clean_windows > 0 else []
+        what += [f"{r.canary_samples} of its inferences stored by the monitor"] if r.canary_samples > 0 else []
+        return " and ".join(what) or f"the probation of {r.version}"
+
+    def _evaluation_delay(self) -> float:
+        """Seconds a cleared group must stay without an alert: the monitor's evaluation, when it judges."""
+        return self.evaluation_wait if self.r.canary_samples > 0 else 0
+
+    def _say_stored(self, label: str, stored: dict[str, int]) -> None:
+        if self.r.canary_samples > 0:
+            self._say(f"{label}: the monitor stored {min(stored.values())}+ inferences of {self.r.version} "
+                      f"from each device; {self.evaluation_wait:g}s for its evaluation")
+
+    def _group_cleared(self, fl: FleetLink, group: list[str], since: float) -> tuple[bool, dict[str, int]]:
+        """Whether every device of the group sent enough windows of the new version (since ``since``),
+        passed its own probation and has enough inferences stored by the monitor; and those stored counts."""
+        r = self.r
+        with fl._cond:
+            counts = {d: self._new_windows(fl, d, since) for d in group}
+            stored = {d: fl.stored_samples(d, r.version, (r.devices[d].get("ts") or since) - 5) for d in group}
+            confirmed = {d: self._probation_passed(fl, d, since) for d in group}
+        return self._enough(counts, stored) and all(confirmed.values()), stored
+
+    def _enough(self, counts: dict[str, int], stored: dict[str, int]) -> bool:
+        """Every device sent enough windows of the new version and has enough inferences of it stored."""
+        r = self.r
+        return all(c >= r.clean_windows for c in counts.values()) \
+            and all(n >= r.canary_samples for n in stored.values())
+
+    def _new_windows(self, fl: FleetLink, device: str, since: float) -> int:
+        """Distinct windows of the new version the device sent since ``since`` (call under the lock)."""
+        return len({w["seq"] for w in fl.windows.get(device, ())
+                    if w["version"] == self.r.version and w["received"] >= since})
+
+    def _probation_passed(self, fl: FleetLink, device: str, since: float) -> bool:
+        """A device that judges a new bundle on its first windows must have said it passed (devices
+        flashed before a restart of this orchestrator: their verdict went by unseen)."""
+        st = self.r.devices[device]
+        if not st.get("probation") or (st.get("ts") or 0) < self.started:
+            return True
+        later = fl.later_results(device, (st.get("ts") or since) - 5)
+        return any(x.get("type") == "probation" and x.get("ok") for x in later)
+
+    def _watch_timeout_reason(self, label: str, group: list[str], stored: dict[str, int]) -> str:
+        """Why a group's watch timed out: windows (or probation) missing, or inferences the monitor did not store."""
+        r = self.r
+        short = sorted(d for d in group if stored.get(d, 0) < r.canary_samples)
+        if not short:
+            return (f"{label}: not every device sent {r.clean_windows} windows of {r.version} (and passed its own "
+                    f"probation) within {self.window_timeout:g}s")
+        return (f"{label}: the monitor did not store {r.canary_samples} inferences of {r.version} from "
+                f"{', '.join(short)} within {self.window_timeout:g}s (is `edgeops monitor` running for fleet "
+                f"{r.fleet}? with --canary-samples 0 the rollout goes on without its verdict)")
 
     def _stop(self, fl: FleetLink) -> Rollout:
         r = self.r
         r.phase = "stopped"
         self._say(f"rollout stopped: {r.reason}; rolling back the devices it flashed")
         for d, st in r.devices.items():
-            if st["state"] not in ("flashed", "sent"):
-                continue
-            with fl._cond:
-                itself = [x for x in fl.later_results(d, (st.get("ts") or 0) - 5)
-                          if x.get("type") == "auto_rollback" and x.get("ok")]
-            if itself:
-                # already back on the bundle it ran before: a rollback now would return it to the new one
-                st["state"], st["message"] = "rolled_back", f"by itself: {itself[-1].get('message')}"
-                self._say(f"{d}: rolled back by itself earlier; not sent a rollback")
-            else:
-                res = fl.final_result(fl.start_rollback(d), self.flash_timeout)
-                st["state"] = "rolled_back" if res and res.get("ok") else "rollback_failed"
-                st["message"] = (res or {}).get("message", "no answer to the rollback")
-                self._say(f"{d}: {st['state']} ({st['message']})")
+            if st["state"] in ("flashed", "sent"):
+                self._roll_back(fl, d, st)
         r.save(self.path)
         return r
+
+    def _roll_back(self, fl: FleetLink, d: str, st: dict) -> None:
+        """Return one flashed device to the bundle it ran before, unless it already went back by itself."""
+        with fl._cond:
+            itself = [x for x in self._auto_rollbacks(fl, d) if x.get("ok")]
+        if itself:
+            # already back on the bundle it ran before: a rollback now would return it to the new one
+            st["state"], st["message"] = "rolled_back", f"by itself: {itself[-1].get('message')}"
+            self._say(f"{d}: rolled back by itself earlier; not sent a rollback")
+            return
+        _record_rollback(st, fl.final_result(fl.start_rollback(d), self.flash_timeout))
+        self._say(f"{d}: {st['state']} ({st['message']})")
+
+
+def _pending_fit(image: BundleImage, devices: dict[str, dict], statuses: dict[str, dict]) -> tuple[list, list]:
+    """For the devices still pending: why those that do not fit the bundle refuse it, and those whose status
+    does not report their inputs."""
+    misfits, unknown = [], []
+    for d, st in sorted(devices.items()):
+        if st["state"] != "pending":
+            continue
+        try:
+            if check_device_fit(image, d, statuses.get(d)):
+                unknown.append(d)
+        except EdgeOpsError as exc:
+            misfits.append(str(exc))
+    return misfits, unknown
+
+
+def _stop_reason(alerts: list[dict], rolled: list[dict]) -> str | None:
+    """The alerts that stop the rollout, else the devices that rolled back by themselves; None for neither."""
+    if alerts:
+        return "alert " + ", ".join(_alert_words(a) for a in alerts)
+    if rolled:
+        return "; ".join(f"{x['device_id']} rolled back by itself: {x.get('message')}" for x in rolled)
+    return None
+
+
+def _record_rollback(st: dict, res: dict | None) -> None:
+    """A device's rollback result (None: no answer in time) in its rollout state."""
+    st["state"] = "rolled_back" if res and res.get("ok") else "rollback_failed"
+    st["message"] = (res or {}).get("message", "no answer to the rollback")
+
+
+def _alert_words(alert: dict) -> str:
+    """An alert in a stop reason: its detector, device and (up to five) features."""
+    features = f" ({', '.join(alert['features'][:5])})" if alert.get("features") else ""
+    return f"{alert['detector']} on {alert['device_id']}{features}"
 
 
 def new_rollout(bundle: str | Path, fleet: str, devices: list[str], canary: float,  # noqa: PLR0913 - a rollout's settings
