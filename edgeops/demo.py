@@ -50,32 +50,59 @@ def demo_cmd(out_dir, quick, force, broker_kind, install_broker):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t_start = time.monotonic()
     out = Path(out_dir)
+    _fresh_folder(out, force)
+    if broker_kind != "amqtt" and install_broker:
+        _ensure_mosquitto()
+    summary = _convert_references(out)
+    _print_conversions(summary)
+    (out / "conversion.json").write_text(json.dumps(summary, indent=2))
+    _bench_digits(out, quick)
+    ok = _run_fleet(out, quick, broker_kind)
+    _say(f"done in {time.monotonic() - t_start:.0f} s; results in {out}/")
+    if not ok:
+        sys.exit(1)
+
+
+
+def _fresh_folder(out: Path, force: bool) -> None:
+    """Make ``out/bundles``; an existing ``out`` is replaced with ``force`` only."""
     if out.exists():
         if not force:
             raise click.ClickException(f"{out} exists; pass --force to replace it or --out to choose another folder")
         shutil.rmtree(out)
     (out / "bundles").mkdir(parents=True)
-    if broker_kind != "amqtt" and install_broker:
-        _ensure_mosquitto()
 
+
+def _convert_references(out: Path) -> list[dict]:
+    """Train and convert every reference model into ``out/bundles``; one summary row per artifact."""
     from convert.reference import convert_reference
 
     summary = []
     for i, (kind, dataset) in enumerate(REFERENCE, 1):
         _say(f"[{i}/{len(REFERENCE)}] training and converting the {dataset} {kind.upper()}")
         result, _ = convert_reference(kind, dataset, out / "bundles" / f"{dataset}-{kind}")
-        for a in result.manifest["artifacts"]:
-            p = a["parity"]
-            summary.append({"bundle": result.manifest["name"], "artifact": a["file"], "bytes": a["size_bytes"],
-                            "size_ratio": a["size_ratio"], "accuracy": p["artifact_metric"],
-                            "drop_points": p["metric_drop_points"], "label_agreement": p["label_agreement"]})
+        summary += [_summary_row(result.manifest["name"], a) for a in result.manifest["artifacts"]]
+    return summary
+
+
+def _summary_row(bundle: str, a: dict) -> dict:
+    """An artifact of the conversion summary: its size and accuracy against the source."""
+    p = a["parity"]
+    return {"bundle": bundle, "artifact": a["file"], "bytes": a["size_bytes"],
+            "size_ratio": a["size_ratio"], "accuracy": p["artifact_metric"],
+            "drop_points": p["metric_drop_points"], "label_agreement": p["label_agreement"]}
+
+
+def _print_conversions(summary: list[dict]) -> None:
     click.echo()
     click.echo(f"{'bundle':<20}{'artifact':<22}{'bytes':>9}{'ratio':>7}{'accuracy':>10}{'drop':>7}{'agree':>7}")
     for r in summary:
         click.echo(f"{r['bundle']:<20}{r['artifact']:<22}{r['bytes']:>9}{r['size_ratio'] or 0:>7.2f}"
                    f"{r['accuracy']:>10.4f}{r['drop_points']:>7.2f}{r['label_agreement']:>7.3f}")
-    (out / "conversion.json").write_text(json.dumps(summary, indent=2))
 
+
+def _bench_digits(out: Path, quick: bool) -> None:
+    """``edgeops bench`` of the Digits CNN's artifacts side by side, into ``out/bench.json``."""
     _say("benchmarking the Digits CNN's artifacts side by side (edgeops bench --dataset digits)")
     from edgeops.cli import main as edgeops_main
 
@@ -86,11 +113,6 @@ def demo_cmd(out_dir, quick, force, broker_kind, install_broker):
     except SystemExit as exc:
         if exc.code:
             raise
-    ok = _run_fleet(out, quick, broker_kind)
-    _say(f"done in {time.monotonic() - t_start:.0f} s; results in {out}/")
-    if not ok:
-        sys.exit(1)
-
 
 
 def _ensure_mosquitto() -> None:
@@ -103,13 +125,19 @@ def _ensure_mosquitto() -> None:
         _say("mosquitto is not installed and cannot be installed here (apt-get, as root): the demo uses amqtt")
         return
     _say("mosquitto is not installed: installing Debian's package with apt-get")
+    _apt_install_mosquitto()
+
+
+def _apt_install_mosquitto() -> None:
+    """apt-get install mosquitto, after an apt-get update when the first try fails."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "mosquitto"]
-    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            _say(f"apt-get could not install mosquitto: {res.stderr.strip()[-300:]}")
+    if subprocess.run(cmd, env=env, capture_output=True).returncode == 0:
+        return
+    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        _say(f"apt-get could not install mosquitto: {res.stderr.strip()[-300:]}")
 
 
 #: Drift injected on these devices (none of them a canary): the demo must flag them and only them.
@@ -125,19 +153,23 @@ DRIFT_DETECTORS = ("feature_drift", "prediction_drift", "missing_values")
 def _signed_versions(out: Path) -> tuple[Path, Path, Path]:
     """Bundle 1.0.0 and 1.1.0 of the Breast Cancer MLP, signed with a demo key; returns (v1, v2, public key)."""
     from edge_runtime import signing
-    from edge_runtime.bundle import write_manifest
 
     key, pub = signing.generate_key_pair(out / "keys", "demo")
-    versions = []
-    for version in ("1.0.0", "1.1.0"):
-        dest = out / "fleet-bundles" / f"breast-cancer-mlp-{version}"
-        shutil.copytree(out / "bundles" / "breast_cancer-mlp", dest)
-        doc = json.loads((dest / "manifest.json").read_text())
-        doc["version"] = version
-        (dest / "manifest.sig").unlink(missing_ok=True)
-        write_manifest(dest, doc, sign_key=key)
-        versions.append(dest)
-    return versions[0], versions[1], pub
+    v1, v2 = (_signed_copy(out, version, key) for version in ("1.0.0", "1.1.0"))
+    return v1, v2, pub
+
+
+def _signed_copy(out: Path, version: str, key) -> Path:
+    """A copy of the Breast Cancer MLP bundle as ``version``, its manifest signed with ``key``."""
+    from edge_runtime.bundle import write_manifest
+
+    dest = out / "fleet-bundles" / f"breast-cancer-mlp-{version}"
+    shutil.copytree(out / "bundles" / "breast_cancer-mlp", dest)
+    doc = json.loads((dest / "manifest.json").read_text())
+    doc["version"] = version
+    (dest / "manifest.sig").unlink(missing_ok=True)
+    write_manifest(dest, doc, sign_key=key)
+    return dest
 
 
 # Ten emulated devices share one process and all twenty share this machine's cores: a 15 µs model's p95 then
@@ -168,16 +200,9 @@ def start_monitor(out: Path, broker_url: str, db: str, bundles: list[Path], http
 
 def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
     """The fleet part; False when it ends in a wrong verdict, ChildProcessDied when a child it needs dies."""
-    from devtools.brokers import AmqttBroker, BrokerUnavailable, start_broker
-
-    try:
-        broker = start_broker(out / "broker", prefer=broker_kind)
-    except BrokerUnavailable as exc:
-        _say(f"cannot run the fleet part: no broker: {exc}")
+    broker = _start_demo_broker(out, broker_kind)
+    if broker is None:
         return False
-    if isinstance(broker, AmqttBroker):
-        _say(("mosquitto is not installed: u" if broker_kind == "auto" else "U")
-             + "sing the pure-Python amqtt broker (MQTT 3.1.1; checked with paho-mqtt)")
     children = Supervisor()   # every wait below raises ChildProcessDied as soon as a child died
     children.watch(f"the broker ({broker.name})", broker.proc, broker.log_path)
     procs: list[subprocess.Popen] = []
@@ -198,11 +223,31 @@ def _run_fleet(out: Path, quick: bool, broker_kind: str = "auto") -> bool:
         _write_reports(out, db)
         return ok
     finally:
-        if fleet is not None:
-            fleet.stop()
-        for p in procs:
-            stop_process(p)
-        broker.stop()
+        _stop_all(fleet, procs, broker)
+
+
+def _start_demo_broker(out: Path, broker_kind: str):
+    """The private broker (Mosquitto, else amqtt); None when neither can run."""
+    from devtools.brokers import AmqttBroker, BrokerUnavailable, start_broker
+
+    try:
+        broker = start_broker(out / "broker", prefer=broker_kind)
+    except BrokerUnavailable as exc:
+        _say(f"cannot run the fleet part: no broker: {exc}")
+        return None
+    if isinstance(broker, AmqttBroker):
+        _say(("mosquitto is not installed: u" if broker_kind == "auto" else "U")
+             + "sing the pure-Python amqtt broker (MQTT 3.1.1; checked with paho-mqtt)")
+    return broker
+
+
+def _stop_all(fleet, procs: list[subprocess.Popen], broker) -> None:
+    """Stop the emulated fleet, the monitor and the broker."""
+    if fleet is not None:
+        fleet.stop()
+    for p in procs:
+        stop_process(p)
+    broker.stop()
 
 
 def _start_demo_monitor(out: Path, broker_url: str, db: str, bundles: list[Path],
@@ -269,28 +314,39 @@ def _flag_drift(out: Path, db: str, fleet, timeout: float, settle: float, childr
     injected = ", ".join(f"{d} ({p['shift']})" for d, p in DRIFTS.items())
     _say(f"injected drift on {injected}; waiting for the monitor")
     engine = store.connect(db)
-
-    def flagged() -> dict[str, list]:
-        found: dict[str, list] = {}
-        for a in store.open_alerts(engine, "demo"):
-            if a["detector"] in DRIFT_DETECTORS and a["device_id"] != "*":   # "*": the fleet as a whole
-                found.setdefault(a["device_id"], []).append(a)
-        return found
-
-    children.wait(lambda: set(DRIFTS) <= set(flagged()), timeout, interval=1.0)
+    children.wait(lambda: set(DRIFTS) <= set(_flagged(engine)), timeout, interval=1.0)
     children.sleep(settle)   # a little longer: clean devices must stay clean
-    found = flagged()
+    found = _flagged(engine)
     _print_flagged(found)
     ok = set(found) == set(DRIFTS)
-    verdict = "the injected devices and only them" if ok else (
-        f"MISMATCH: injected {sorted(DRIFTS)}, flagged {sorted(found)}")
-    _say(f"flagged: {', '.join(sorted(found)) or 'nobody'} -> {verdict}")
-    (out / "flagged.json").write_text(json.dumps(
-        {"injected": DRIFTS, "flagged": {d: [{k: a[k] for k in ("detector", "features", "statistic",
-                                                                 "model_version")} for a in v]
-                                         for d, v in found.items()}, "ok": ok}, indent=2, default=float))
+    _say(f"flagged: {', '.join(sorted(found)) or 'nobody'} -> {_verdict(found, ok)}")
+    _save_flagged(out / "flagged.json", found, ok)
     engine.dispose()
     return ok
+
+
+def _verdict(found: dict[str, list], ok: bool) -> str:
+    if ok:
+        return "the injected devices and only them"
+    return f"MISMATCH: injected {sorted(DRIFTS)}, flagged {sorted(found)}"
+
+
+def _save_flagged(path: Path, found: dict[str, list], ok: bool) -> None:
+    """The injected drifts, each flagged device's alerts (detector, features, statistic, version), the verdict."""
+    keys = ("detector", "features", "statistic", "model_version")
+    flagged = {d: [{k: a[k] for k in keys} for a in v] for d, v in found.items()}
+    path.write_text(json.dumps({"injected": DRIFTS, "flagged": flagged, "ok": ok}, indent=2, default=float))
+
+
+def _flagged(engine) -> dict[str, list]:
+    """Device -> its open drift alerts in the demo fleet (the fleet-wide "*" ones left out)."""
+    from telemetry import store
+
+    found: dict[str, list] = {}
+    for a in store.open_alerts(engine, "demo"):
+        if a["detector"] in DRIFT_DETECTORS and a["device_id"] != "*":
+            found.setdefault(a["device_id"], []).append(a)
+    return found
 
 
 def _print_flagged(found: dict[str, list]) -> None:
@@ -298,8 +354,13 @@ def _print_flagged(found: dict[str, list]) -> None:
     click.echo(f"{'device':<10}{'version':<9}{'detector':<18}{'statistic':>10}  features")
     for dev in sorted(found):
         for a in found[dev]:
-            feats = ", ".join(a["features"][:6]) + (" ..." if len(a["features"]) > 6 else "")
-            click.echo(f"{dev:<10}{a['model_version']:<9}{a['detector']:<18}{a['statistic'] or 0:>10.3f}  {feats}")
+            click.echo(_flagged_line(dev, a))
+
+
+def _flagged_line(dev: str, a: dict) -> str:
+    """A flagged device's alert: version, detector, statistic and (the first six) features."""
+    feats = ", ".join(a["features"][:6]) + (" ..." if len(a["features"]) > 6 else "")
+    return f"{dev:<10}{a['model_version']:<9}{a['detector']:<18}{a['statistic'] or 0:>10.3f}  {feats}"
 
 
 def _write_reports(out: Path, db: str) -> None:
