@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from edge_runtime import wire
+from edge_runtime import compact, wire
 from edge_runtime.delivery import WindowDelivery
 from edge_runtime.errors import EdgeOpsError, InvalidInputError
 from edge_runtime.inputs import BadSample, Labelled, input_id
@@ -324,6 +324,8 @@ class DeviceAgent:
 
     def _start_recording(self, model: EdgeModel, variant: str | None) -> None:
         """Record ``model``'s windows (as :attr:`recorder`), each closing with the labels joined meanwhile."""
+        if model.manifest:       # its reference profile codes the moments of cbor-ref windows
+            compact.register_bundle(model.manifest)
         self.recorder = model.start_recording(window_seconds=self.window_seconds, window_size=self.window_size,
                                               variant=variant)
         self.recorder.on_close = self._attach_labels

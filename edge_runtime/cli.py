@@ -77,9 +77,11 @@ def _common_broker_options(f):
 @click.option("--shadow", "shadow_bundle", type=click.Path(exists=True),
               help="Shadow: also run this bundle on every input (results unused) and report its agreement.")
 @click.option("--compress", is_flag=True, help="Send telemetry windows zlib-compressed (about 2.5x fewer bytes).")
-@click.option("--encoding", type=click.Choice(["json", "zlib", "cbor", "cbor-exact"]), default=None,
+@click.option("--encoding", type=click.Choice(["json", "zlib", "cbor", "cbor-exact", "cbor-ref"]), default=None,
               help="How telemetry windows go on the wire: json (default), zlib (= --compress), cbor (compact, floats "
-                   "in half precision, about 4x fewer bytes than JSON) or cbor-exact (compact and lossless).")
+                   "in half precision, about 4x fewer bytes than JSON), cbor-exact (compact and lossless) or "
+                   "cbor-ref (moments coded against the bundle's reference profile, the fewest bytes; the monitor "
+                   "must have the bundle registered; docs/telemetry.md).")
 @click.option("--confirm", type=click.Choice(["monitor", "broker"]), default="monitor", show_default=True,
               help="When a window leaves the spool: once the monitor confirms it is stored (end to end), or at "
                    "the broker's acknowledgement (for a deployment without an edgeops monitor).")

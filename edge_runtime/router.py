@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from edge_runtime import compact
 from edge_runtime.errors import EdgeOpsError
 from edge_runtime.outputs import VARIANTS
 
@@ -110,6 +111,8 @@ class VariantRouter:
     def start_recording(self, window_seconds: float | None, window_size: int | None):
         """Start the second model's recorder (None without a second model)."""
         if self.second is not None:
+            if self.second.manifest:       # its reference profile codes the moments of cbor-ref windows
+                compact.register_bundle(self.second.manifest)
             self.second_recorder = self.second.start_recording(window_seconds=window_seconds,
                                                                window_size=window_size, variant=self.second_variant)
         return self.second_recorder

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from edge_runtime import compact
 from edge_runtime.messages import TelemetryWindow
 from edge_runtime.mqtt import BrokerAddress
 from edge_runtime.wire import (
@@ -128,7 +129,8 @@ class FleetMonitor:
         self.session_expiry = session_expiry
         for m in bundles or []:
             store.store_bundle(self.engine, m)
-        self._bundles = store.load_bundles(self.engine)
+        self._bundles = self._load_bundles()
+        self._bundles_reloaded = 0.0
         self.stats = MonitorStats()
         self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_MAX)
         self._dirty: set[tuple[str, str, str, str]] = set()
@@ -317,10 +319,29 @@ class FleetMonitor:
         if math.isfinite(value):
             self.stats.broker_dropped = value
 
+    def _load_bundles(self) -> dict:
+        """The registered bundles; each one's reference profile also decodes its ``cbor-ref`` windows."""
+        bundles = store.load_bundles(self.engine)
+        for manifest in bundles.values():
+            compact.register_bundle(manifest)
+        return bundles
+
+    def _parse(self, topic: str, payload: bytes, now: float) -> Message:
+        try:
+            return parse(topic, payload, self.prefix, self.max_payload, now=now, max_skew=self.max_skew)
+        except Rejected as rej:
+            # a cbor-ref window of a bundle registered since (by `convert --register` or another worker):
+            # read the registry again, at most every 10 s, and try once more
+            if rej.reason != "unknown_bundle" or time.monotonic() - self._bundles_reloaded < 10.0:
+                raise
+            self._bundles_reloaded = time.monotonic()
+            self._bundles = self._load_bundles()
+            return parse(topic, payload, self.prefix, self.max_payload, now=now, max_skew=self.max_skew)
+
     def _validate(self, topic: str, payload: bytes, now: float) -> Message:
         """Parse and check one message; any failure, expected or not, becomes a Rejected."""
         try:
-            msg = parse(topic, payload, self.prefix, self.max_payload, now=now, max_skew=self.max_skew)
+            msg = self._parse(topic, payload, now)
             if msg.kind == "telemetry":
                 manifest = self._manifest(msg.doc["model"])
                 if manifest is not None:
@@ -416,7 +437,7 @@ class FleetMonitor:
         key = (model.get("name"), model.get("version"))
         m = self._bundles.get(key)
         if m is None and key not in self._bundles:
-            self._bundles = store.load_bundles(self.engine)  # another process may have registered it
+            self._bundles = self._load_bundles()  # another process may have registered it
             m = self._bundles.get(key)
             if m is None:
                 self._bundles[key] = None
