@@ -332,6 +332,24 @@ def _replay_arrays(path: str) -> tuple[np.ndarray, np.ndarray | None, list[str]]
     return X, y, names
 
 
+def slow_down(model, seconds: float):
+    """An emulated slow device: every inference of ``model`` takes ``seconds`` longer, inside the time the
+    model measures (the backend's run is wrapped; the runtime itself has no such knob). 0 undoes it."""
+    run = getattr(model, "_emulation_fast_run", None) or model._run
+    model._emulation_fast_run = run
+    if seconds <= 0:
+        model._run = run
+        return model
+
+    def slow_run(inputs):
+        out = run(inputs)
+        time.sleep(seconds)
+        return out
+
+    model._run = slow_run
+    return model
+
+
 def _start_agents(spec: dict, address) -> tuple[dict, dict[str, DeviceStream]]:
     """Each device of the group: its bundle slots, its agent (started) and its input stream."""
     import edge_runtime
@@ -343,6 +361,10 @@ def _start_agents(spec: dict, address) -> tuple[dict, dict[str, DeviceStream]]:
     def reload(path):
         return edge_runtime.load(path, public_key=spec.get("public_key"))
 
+    def reload_on(dev: str):
+        """A flashed bundle runs as slowly as the device did (a ``slow`` event lasts)."""
+        return lambda path: slow_down(reload(path), getattr(agents.get(dev), "emulated_latency_s", 0.0))
+
     rollback = RollbackPolicy(**spec["rollback"]) if spec.get("rollback") else RollbackPolicy()
     agents, streams = {}, {}
     for k, dev in enumerate(spec["devices"]):
@@ -352,8 +374,9 @@ def _start_agents(spec: dict, address) -> tuple[dict, dict[str, DeviceStream]]:
         shape = tuple(model.input_spec.shape) if len(model.input_spec.shape) > 1 else None
         streams[dev] = DeviceStream(X, y, names, seed=spec["seed"] + k, shape=shape)
         agents[dev] = DeviceAgent(model, dev, spec["fleet"], address, state_dir=state,
-                                  window_size=spec["window_size"], window_seconds=None, slots=slots, reload=reload,
-                                  rollback_policy=rollback, confirm=spec.get("confirm", "monitor"))
+                                  window_size=spec["window_size"], window_seconds=None, slots=slots,
+                                  reload=reload_on(dev), rollback_policy=rollback,
+                                  confirm=spec.get("confirm", "monitor"))
         agents[dev].start()
     return agents, streams
 
@@ -418,7 +441,9 @@ class _WorkerSchedule:
         self.streams[dev].set_drift(params)
 
     def _slow(self, dev: str, params: dict) -> None:
-        self.agents[dev].model.added_latency_s = float(params["added_latency_ms"]) / 1000.0
+        agent = self.agents[dev]
+        agent.emulated_latency_s = float(params["added_latency_ms"]) / 1000.0
+        slow_down(agent.model, agent.emulated_latency_s)
 
     def _offline(self, dev: str, params: dict) -> None:
         self.agents[dev].link.pause()

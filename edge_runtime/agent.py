@@ -493,7 +493,6 @@ class DeviceAgent:
             self._spool_closed_windows([last])
         variant = self.recorder.model_info.get("variant")
         self.model.stop_recording()
-        model.added_latency_s = self.model.added_latency_s
         self.model = model
         self._start_recording(model, variant)
         if self.labels is not None and self.recorder.n_classes:

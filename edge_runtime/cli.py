@@ -97,8 +97,6 @@ def _common_broker_options(f):
 @click.option("--learn", is_flag=True,
               help="Fine-tune the bundle's trainable artifact on the labels joined to predictions (bundles "
                    "converted with --trainable; checkpoints in the state folder; docs/training.md).")
-@click.option("--added-latency-ms", type=float, default=0.0, hidden=True,
-              help="Emulation only: add this much latency to every inference.")
 @_common_broker_options
 @accel_options
 def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, label_column, window_seconds, window_size,
@@ -106,7 +104,6 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, label_column, 
             duration, stop_timeout, accept_flash, rollback_windows,
             rollback_latency_factor, rollback_min_increase_ms, rollback_error_rate, rollback_rejected_rate, ab_bundle,
             ab_split, shadow_bundle, compress, confirm, http_addr, resend_after, outputs, output_variants,
-            added_latency_ms,
             learn,
             username, password, ca_file, cert_file, key_file, topic_prefix, accel, encoding):
     """Run BUNDLE on a stream of inputs and publish telemetry windows over MQTT.
@@ -137,7 +134,6 @@ def run_cmd(bundle, device_id, fleet, broker, source, rate, loop, label_column, 
     learner = _learner(model, state) if learn else None
     if learner is not None:
         model = learner.trainer.model       # predictions use the weights being trained
-    model.added_latency_s = max(0.0, added_latency_ms) / 1000.0
     samples = samples_from(source, model, loop, broker=address, client_id=f"edgeops-{fleet}-{device_id}-input",
                            label_column=label_column)
     second = _second_model(reload, model, bundle, ab_bundle, shadow_bundle)
@@ -273,7 +269,6 @@ def _second_model(reload, model, bundle, ab_bundle, shadow_bundle):
     if not (ab_bundle or shadow_bundle):
         return None
     second = reload(ab_bundle or shadow_bundle)
-    second.added_latency_s = model.added_latency_s
     if second.input_spec.shape != model.input_spec.shape:
         raise click.UsageError(f"{ab_bundle or shadow_bundle} takes inputs of shape {second.input_spec.shape}, "
                                f"{bundle} takes {model.input_spec.shape}: they cannot share inputs")

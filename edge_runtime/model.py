@@ -95,7 +95,6 @@ class EdgeModel:
         self._run = backend.run
         self._image = schema.get("image") if schema.get("kind") == "image" else None
         self.recorder: WindowRecorder | None = None
-        self.added_latency_s = 0.0   # emulation knob: sleep inside the measured time of every predict
 
     def _set_input_quantization(self) -> None:
         """The integer input's range, and standardisation and quantization folded into one multiply-add."""
@@ -168,8 +167,6 @@ class EdgeModel:
             x = self._images_to_array(x)
         batch, single = self._checked_batch(x, rec)
         out = self._to_floats(self._infer(batch, rec), len(batch))
-        if self.added_latency_s:
-            time.sleep(self.added_latency_s)   # an emulated slow device (fleet emulation only)
         if rec is not None:
             rec.record(batch, (_perf() - t0) * 1000.0, out)
         return out[0] if single else out

@@ -12,6 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 import edge_runtime
+from devtools.fleet_emulation import slow_down
 from edge_runtime.agent import DeviceAgent, samples_from
 from edge_runtime.inputs import MqttInput
 from edge_runtime.mqtt import parse_broker_url
@@ -84,7 +85,7 @@ def test_a_flood_faster_than_the_model_drops_the_oldest_readings_and_counts_them
                                                                                  reference_data, tmp_path):
     X = reference_data["breast_cancer"].X_test.astype(np.float32)
     model = edge_runtime.load(bc_mlp_bundle)
-    model.added_latency_s = 0.005          # a slow device: 200 inferences a second at most
+    slow_down(model, 0.005)                # a slow device: 200 inferences a second at most
     got = []
     agent = make_agent(session_mosquitto, model, tmp_path, "mq-flood", on_prediction=got.append)
     col = Collector(session_mosquitto.port, topic="edgeops/ins/mq-flood/telemetry", client_id="flood-watch")
@@ -224,7 +225,7 @@ def test_a_live_camera_faster_than_the_model_drops_old_frames_and_counts_them(se
     video = tmp_path / "feed.avi"
     write_digits_video(video, np.tile(reference_data["digits"].X_test[:10], (6, 1)))    # 60 frames
     model = edge_runtime.load(digits_cnn_bundle)
-    model.added_latency_s = 0.02                  # 50 frames a second at most, slower than the decoder
+    slow_down(model, 0.02)                        # 50 frames a second at most, slower than the decoder
     got = []
     agent = make_agent(session_mosquitto, model, tmp_path, "cam-live", on_prediction=got.append)
     # the file played as a camera would stream it: the decoder does not wait for the model

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import edge_runtime
+from devtools.fleet_emulation import slow_down
 from edge_runtime.agent import STOP_BOUND_S, STOP_CLOSE_S, AgentConfig, DeviceAgent, agent_settings
 from edge_runtime.errors import InvalidInputError
 from edge_runtime.mqtt import parse_broker_url
@@ -30,7 +31,7 @@ def windows_of(model, rows, n_windows, window_size=50, added_latency_s=0.0, bad=
     ``bad`` refused inputs and ``failed`` failed inferences among its ``window_size``."""
     good = window_size - bad - failed
     rows = np.resize(rows, (n_windows * good, rows.shape[1]))
-    model.added_latency_s = added_latency_s
+    slow_down(model, added_latency_s)
     rec = model.start_recording(window_seconds=None, window_size=window_size)
     try:
         for i in range(n_windows):
@@ -44,7 +45,7 @@ def windows_of(model, rows, n_windows, window_size=50, added_latency_s=0.0, bad=
         return rec.poll()
     finally:
         model.stop_recording()
-        model.added_latency_s = 0.0
+        slow_down(model, 0.0)
 
 
 def judged(judge: ProbationJudge, windows: list[dict]):
