@@ -23,8 +23,10 @@ from telemetry.drift.accuracy import AccuracyDropDetector, holdout_accuracy
 from telemetry.drift.batch import feature_tests
 from telemetry.drift.confidence import ConfidenceDriftDetector
 from telemetry.drift.effective_size import design_effects, effective_samples
+from telemetry.drift.error_rate import ErrorRateDetector
 from telemetry.drift.floors import floors as effect_floors
 from telemetry.drift.floors import psi_bar
+from telemetry.drift.latency import LatencyDetector
 from telemetry.drift.meanshift import MeanShiftDetector
 from telemetry.drift.missing import MissingRateDetector
 from telemetry.drift.multiple_testing import benjamini_hochberg, bonferroni
@@ -275,21 +277,22 @@ def rejected_inputs(windows: list[dict], config: MonitorConfig) -> Verdict:
 
 def latency(windows: list[dict], p95: float, config: MonitorConfig, baseline_p95: float | None,
             baseline_source: str) -> Verdict:
-    reasons = {}
-    # a regression is sustained: every one of the last `latency_sustain` windows is slower than the
-    # baseline by the factor and the margin; one busy second (a cron job, a neighbour loading a model)
-    # lifts the merged p95 of the recent windows but not the p95 of three windows in a row
-    n = max(1, config.latency_sustain)
-    last = sorted((w for w in windows if w.get("count")), key=lambda w: w.get("seq", 0))[-n:]
-    floor = min(w["latency_ms"].get("p95") or 0.0 for w in last) if len(last) == n else 0.0
-    if baseline_p95 and floor > config.latency_factor * baseline_p95 \
-            and floor - baseline_p95 >= config.latency_min_increase_ms:
-        reasons["baseline_p95_ms"] = baseline_p95
+    """The latency verdict (drift/latency.py): a regression sustained over the last windows, or the SLO."""
+    last = sorted((w for w in windows if w.get("count")), key=lambda w: w.get("seq", 0))
+    d = LatencyDetector(config.latency_factor, config.latency_min_increase_ms, config.latency_sustain,
+                        config.latency_slo_ms)
+    d.update([w["latency_ms"].get("p95") or 0.0 for w in last], p95, baseline_p95)
+    reasons = dict(d.reasons)
+    if "baseline_p95_ms" in reasons:
         reasons["baseline_source"] = baseline_source
-        reasons["sustained_p95_ms"] = floor
-    if config.latency_slo_ms is not None and p95 > config.latency_slo_ms:
-        reasons["slo_ms"] = config.latency_slo_ms
-    return Verdict("latency", bool(reasons), p95, [], {"p95_ms": p95, **reasons}, hold_s=config.min_open_seconds)
+    return Verdict("latency", d.drift_detected, p95, [], {"p95_ms": p95, **reasons}, hold_s=config.min_open_seconds)
+
+
+def error_rate(errors: int, count: int, config: MonitorConfig) -> Verdict:
+    """The error_rate verdict (drift/error_rate.py)."""
+    d = ErrorRateDetector(config.error_rate).update(errors, count)
+    return Verdict("error_rate", d.drift_detected, d.rate, [], {"errors": errors, "count": count},
+                   hold_s=config.min_open_seconds)
 
 
 def distinct_rows(windows: list[dict]) -> float | None:
@@ -356,8 +359,7 @@ def evaluate(windows: list[dict], manifest: dict | None, config: MonitorConfig,
     if p95 is not None and count:
         verdicts.append(latency(windows, p95, config, baseline_p95, baseline_source))
     if count:
-        verdicts.append(Verdict("error_rate", err_rate > config.error_rate, err_rate, [],
-                                {"errors": errors, "count": count}, hold_s=config.min_open_seconds))
+        verdicts.append(error_rate(errors, count, config))
     return Evaluation(count, verdicts, scores, p95, err_rate)
 
 

@@ -37,6 +37,7 @@ from edge_runtime.wire import (
 from edge_runtime.wire import topic as wire_topic
 from telemetry import alerts as alerting
 from telemetry import store
+from telemetry.drift.silence import SilenceDetector, typical_period
 from telemetry.evaluate import Evaluation, MonitorConfig, Verdict, evaluate
 from telemetry.fleet_view import FleetView
 from telemetry.ingest import put_bounded, store_bisecting
@@ -640,11 +641,9 @@ class FleetMonitor:
             if self.fleet not in ("+", d["fleet"]) or not d["model_name"]:
                 continue
             series = store.window_series(self.engine, d["fleet"], d["device_id"], limit=5)
-            periods = [w["end"] - prev["end"] for prev, w in zip(series, series[1:], strict=False)
-                       if w["end"] > prev["end"]]
-            period = sorted(periods)[len(periods) // 2] if periods else 10.0
+            period = typical_period([w["end"] for w in series])
             quiet = now - (d["last_seen"] or now)
-            silent = d["online"] is False or quiet > self.config.silence_periods * max(period, 1.0)
+            silent = SilenceDetector(self.config.silence_periods).update(d["online"], quiet, period).drift_detected
             verdict = Verdict("silence", silent, quiet, [], {"online": d["online"], "seconds_quiet": round(quiet, 1),
                                                              "period_s": round(period, 2)})
             events += self._apply(d["fleet"], d["device_id"], d["model_name"], d["model_version"] or "", [verdict])
