@@ -26,7 +26,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from sqlalchemy import func, select
 
 from telemetry import store
 from telemetry.evaluate import evaluate
@@ -37,17 +36,6 @@ QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
 
 
 # -- the fleet as the pages and the metrics see it -----------------------------------------------
-
-def last_p95(engine) -> dict[tuple[str, str], float | None]:
-    """p95 latency of each device's most recent window, from the database (one query)."""
-    w = store.windows
-    last = (select(w.c.fleet, w.c.device_id, func.max(w.c.seq).label("seq"))
-            .group_by(w.c.fleet, w.c.device_id).subquery())
-    q = select(w.c.fleet, w.c.device_id, w.c.p95_ms).join(
-        last, (w.c.fleet == last.c.fleet) & (w.c.device_id == last.c.device_id) & (w.c.seq == last.c.seq))
-    with engine.connect() as conn:
-        return {(r.fleet, r.device_id): r.p95_ms for r in conn.execute(q)}
-
 
 def device_status(row: dict, open_detectors: set[str]) -> str:
     """online, offline (the device said so, or its last will did) or silent (a silence alert is open)."""
@@ -67,7 +55,7 @@ def fleet_snapshot(engine, stats=None) -> list[dict]:
     alerts_by_device: dict[tuple[str, str], list[dict]] = {}
     for a in store.open_alerts(engine):
         alerts_by_device.setdefault((a["fleet"], a["device_id"]), []).append(a)
-    p95 = last_p95(engine)
+    p95 = store.last_p95(engine)
     scores = dict(stats.scores) if stats is not None else {}
     inferences = dict(stats.inferences) if stats is not None else {}
     out = []

@@ -626,8 +626,8 @@ class FleetMonitor:
         if detector not in retrain.TRIGGER_DETECTORS:
             return
         try:
-            alert_id = retrain.alert_id_of(self.engine, fleet, device, name, version, detector)
-            alert = retrain.alert_by_id(self.engine, alert_id) if alert_id is not None else None
+            alert_id = store.alert_id_of(self.engine, fleet, device, name, version, detector)
+            alert = store.alert_by_id(self.engine, alert_id) if alert_id is not None else None
             if alert is not None:
                 self.trigger.fire(retrain.incident(self.engine, alert, self.config.recent_windows))
         except Exception:  # noqa: BLE001 - the trigger must not stop the evaluation

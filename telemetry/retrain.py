@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from telemetry import store
@@ -34,20 +33,6 @@ TRIGGER_DETECTORS = ("feature_drift", "prediction_drift", "missing_values", "con
                      "accuracy")
 MAX_RUNNING = 4          # alert commands running at once; an opening beyond that is logged, not run
 OUTPUT_LOG_CHARS = 2000  # what of a failed command's output the log keeps
-
-
-def alert_by_id(engine: Engine, alert_id: int) -> dict | None:
-    with engine.connect() as conn:
-        row = conn.execute(select(store.alerts).where(store.alerts.c.id == alert_id)).first()
-    return store._alert(dict(row._mapping)) if row is not None else None
-
-
-def alert_id_of(engine: Engine, fleet: str, device: str, name: str, version: str, detector: str) -> int | None:
-    t = store.alerts
-    with engine.connect() as conn:
-        return conn.execute(select(t.c.id).where(
-            t.c.fleet == fleet, t.c.device_id == device, t.c.model_name == name, t.c.model_version == version,
-            t.c.detector == detector)).scalar()
 
 
 def window_range(windows: list[dict]) -> dict:
@@ -141,7 +126,7 @@ def export_alert(engine: Engine, alert_id: int, out: str | Path, windows: int = 
     """
     from telemetry.evaluate import merge_windows
 
-    alert = alert_by_id(engine, alert_id)
+    alert = store.alert_by_id(engine, alert_id)
     if alert is None:
         return None
     d = Path(out)

@@ -505,6 +505,75 @@ def _alert(row: dict) -> dict:
     return row
 
 
+def alert_by_id(engine: Engine, alert_id: int) -> dict | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(alerts).where(alerts.c.id == alert_id)).first()
+    return _alert(dict(row._mapping)) if row is not None else None
+
+
+def alert_id_of(engine: Engine, fleet: str, device: str, name: str, version: str, detector: str) -> int | None:
+    with engine.connect() as conn:
+        return conn.execute(select(alerts.c.id).where(
+            alerts.c.fleet == fleet, alerts.c.device_id == device, alerts.c.model_name == name,
+            alerts.c.model_version == version, alerts.c.detector == detector)).scalar()
+
+
+# -- the alert state machine's steps (telemetry/alerts.py decides, these write) --------------------
+# every transition is a conditional UPDATE: two monitor processes cannot open or close an alert twice
+
+def alert_state(conn, ident: tuple[str, str, str, str, str]):
+    """(id, open, clean_evaluations, opened_at) of the alert of (fleet, device, model, version, detector)."""
+    fleet, device, name, version, detector = ident
+    t = alerts
+    return conn.execute(select(t.c.id, t.c.open, t.c.clean_evaluations, t.c.opened_at).where(
+        t.c.fleet == fleet, t.c.device_id == device, t.c.model_name == name, t.c.model_version == version,
+        t.c.detector == detector)).first()
+
+
+def insert_open_alert(conn, engine: Engine, ident: tuple[str, str, str, str, str], finding: dict,
+                      now: float) -> bool:
+    """Insert the alert open; False when another worker inserted it first. ``finding``: statistic, features
+    and detail (JSON text)."""
+    fleet, device, name, version, detector = ident
+    stmt = _insert(engine, alerts).values(
+        fleet=fleet, device_id=device, model_name=name, model_version=version, detector=detector, open=True,
+        opened_at=now, closed_at=None, clean_evaluations=0, **finding,
+    ).on_conflict_do_nothing(
+        index_elements=["fleet", "device_id", "model_name", "model_version", "detector"]
+    ).returning(alerts.c.id)
+    return conn.execute(stmt).first() is not None
+
+
+def reopen_alert(conn, alert_id: int, finding: dict, now: float) -> bool:
+    """Open a closed alert again; False when it was not closed (another worker reopened it)."""
+    res = conn.execute(update(alerts).where(alerts.c.id == alert_id, alerts.c.open.is_(False)).values(
+        open=True, opened_at=now, closed_at=None, clean_evaluations=0, **finding))
+    return res.rowcount == 1
+
+
+def close_alert(conn, alert_id: int, clean: int, now: float) -> bool:
+    """Close an open alert; False when it was not open (another worker closed it)."""
+    res = conn.execute(update(alerts).where(alerts.c.id == alert_id, alerts.c.open.is_(True)).values(
+        open=False, closed_at=now, clean_evaluations=clean))
+    return res.rowcount == 1
+
+
+def set_alert(conn, alert_id: int, **values) -> None:
+    """Refresh an alert's counters or finding (clean_evaluations, statistic, features, detail)."""
+    conn.execute(update(alerts).where(alerts.c.id == alert_id).values(**values))
+
+
+def last_p95(engine: Engine) -> dict[tuple[str, str], float | None]:
+    """p95 latency of each device's most recent window, from the database (one query)."""
+    w = windows
+    last = (select(w.c.fleet, w.c.device_id, func.max(w.c.seq).label("seq"))
+            .group_by(w.c.fleet, w.c.device_id).subquery())
+    q = select(w.c.fleet, w.c.device_id, w.c.p95_ms).join(
+        last, (w.c.fleet == last.c.fleet) & (w.c.device_id == last.c.device_id) & (w.c.seq == last.c.seq))
+    with engine.connect() as conn:
+        return {(r.fleet, r.device_id): r.p95_ms for r in conn.execute(q)}
+
+
 def prune(engine: Engine, retention_days: float) -> int:
     """Delete windows older than the retention; returns how many."""
     cutoff = time.time() - retention_days * 86400

@@ -45,3 +45,24 @@ def test_a_package_imports_only_the_packages_below_it(package):
         if bad:
             offenders[str(path.relative_to(ROOT))] = sorted(bad)
     assert not offenders, f"{package} imports what it may not: {offenders}"
+
+
+# what of SQLAlchemy a module may use without building SQL: types and errors
+SQL_FREE_NAMES = {"sqlalchemy.engine", "sqlalchemy.exc"}
+
+
+def test_all_sql_of_the_monitor_lives_in_telemetry_store():
+    """Queries and statements are built in telemetry/store.py only; the other modules call its functions."""
+    offenders = []
+    for path in sorted((ROOT / "telemetry").rglob("*.py")):
+        if path.name == "store.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy"):
+                names = {f"{node.module}.{a.name}" for a in node.names}
+                if node.module not in SQL_FREE_NAMES and not names <= SQL_FREE_NAMES:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} from {node.module} import "
+                                     f"{', '.join(a.name for a in node.names)}")
+            elif isinstance(node, ast.Import) and any(a.name.startswith("sqlalchemy") for a in node.names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} import sqlalchemy")
+    assert not offenders, offenders
