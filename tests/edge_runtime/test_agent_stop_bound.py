@@ -101,7 +101,8 @@ def test_a_second_sigterm_ends_the_agent_at_once_and_a_clean_stop_leaves_no_stac
     try:
         assert eventually(lambda: _spooled(tmp_path / "state") >= 1, 60)
         agent.send_signal(signal.SIGTERM)      # the stop waits up to 5 s for a broker that is not there...
-        time.sleep(0.5)
+        # the first signal was taken once the stop guard armed (it opens its stack file)
+        assert eventually(lambda: (tmp_path / "state" / "stop-stacks.txt").exists(), 10)
         agent.send_signal(signal.SIGTERM)      # ...a second signal does not wait
         agent.communicate(timeout=4)
         assert agent.returncode == 128 + signal.SIGTERM
