@@ -374,7 +374,7 @@ def test_a_nats_cluster_node_and_a_monitor_die_and_no_window_is_lost(tmp_path, b
         # lost: the device's next run sends it first (on a loaded machine the fail-over can take longer
         # than the run); that run goes to the surviving nodes
         for _ in range(3):
-            runs = [agent(bc_mlp_bundle, cluster.url(1, 2), inputs, s, s.name, "--max-inferences", 1)
+            runs = [agent(bc_mlp_bundle, cluster.url(1, 2), inputs, s, s.name, "--rate", 20, "--duration", 15)
                     for s in states if unconfirmed(s)]
             again += runs
             for a in runs:
