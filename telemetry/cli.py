@@ -69,9 +69,10 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--psi-threshold", type=float, default=0.1, show_default=True,
               help="Effect floor: a feature alerts only with PSI at least this (and a significant change); "
                    "a bundle's drift_thresholds override it per bundle and per feature.")
-@click.option("--floor-z", type=float, default=1.645, show_default=True,
+@click.option("--floor-z", type=float, default=1.0, show_default=True,
               help="Confidence that a feature's change is at least the floor, in standard deviations of the PSI "
-                   "a change at the floor shows (1.645: 95% one-sided; 0: the floor plus the noise's mean).")
+                   "a change at the floor shows (1.0: 84% one-sided; 1.645: 95%; 0: the floor plus the noise's "
+                   "mean).")
 @click.option("--ks-alpha", type=float, default=0.01, show_default=True,
               help="Level of the binned KS test across features (Bonferroni); 0 turns that path off.")
 @click.option("--latency-factor", type=float, default=1.5, show_default=True,
@@ -87,6 +88,9 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
               help="The drift tests treat the recent windows as at most this many independent inferences.")
 @click.option("--design-effect/--no-design-effect", default=True, show_default=True,
               help="Divide the sample size by the design effect the windows show (repeated or correlated inputs).")
+@click.option("--deff-confidence", type=float, default=0.9, show_default=True,
+              help="The features' design effects at their upper bound at this confidence (few windows say little "
+                   "about dependence); 0: the estimate itself.")
 @click.option("--distinct-cap/--no-distinct-cap", default=True, show_default=True,
               help="The tests believe at most as many samples as the windows saw distinct rows (looped data).")
 @click.option("--hold-alpha", type=float, default=0.05, show_default=True,
@@ -143,6 +147,8 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, ack_wait, max_clock_s
                            error_rate=error_rate, close_after=close_after, **judgments)
     from telemetry.jetstream import JetStreamMonitor, is_nats_url, nats_address
 
+    if not 0.0 <= config.deff_confidence < 1.0:
+        raise InvalidInputError(f"--deff-confidence {config.deff_confidence}: must be at least 0 and below 1")
     extra = {}
     if is_nats_url(broker):
         if ack_wait <= 0:

@@ -22,7 +22,7 @@ from edge_runtime.stats import FeatureStats, LatencyHistogram, merge_many_featur
 from telemetry.drift.accuracy import AccuracyDropDetector, holdout_accuracy
 from telemetry.drift.batch import feature_tests
 from telemetry.drift.confidence import ConfidenceDriftDetector
-from telemetry.drift.effective_size import design_effects, effective_samples
+from telemetry.drift.effective_size import design_effect_bounds, effective_samples
 from telemetry.drift.error_rate import ErrorRateDetector
 from telemetry.drift.floors import floors as effect_floors
 from telemetry.drift.floors import psi_bar
@@ -44,12 +44,13 @@ class MonitorConfig:
     min_samples: int = 200            # no drift verdict before this many inferences in it
     horizon: int = 1000               # the tests treat the recent windows as at most this many inferences ...
     design_effect: bool = True        # ... divided by the design effect the windows show (repeated samples)
+    deff_confidence: float = 0.9      # ... its upper bound at this confidence, for the features (0: the estimate)
     distinct_cap: bool = True         # ... and at most the distinct rows the windows saw (window.distinct)
     alpha: float = 0.01               # per-feature chi-square, after correction ...
     correction: str = "bh"            # bh (Benjamini-Hochberg) or bonferroni
     ks_alpha: float | None = 0.01     # ... or the binned KS test, Bonferroni-corrected: significant ...
     psi_threshold: float = 0.1        # ... AND psi >= this floor (per bundle/feature: drift_thresholds) ...
-    floor_z: float = 1.645            # ... with 95% one-sided confidence (0: at the sample's mean PSI)
+    floor_z: float = 1.0              # ... with 84% one-sided confidence (0: at the sample's mean PSI)
     mean_shift: float = 0.75          # reported: its mean moved this many reference std ...
     std_ratio: float = 2.5            # ... or its spread changed by this factor
     degenerate_share: float = 0.97    # no mean/std report on a feature with this share of its reference in one bin
@@ -125,17 +126,23 @@ def merge_windows(
     return fs, lat or LatencyHistogram(), classes, count, errors
 
 
-def dependence(windows: list[dict], n_features: int, config: MonitorConfig) -> tuple[np.ndarray, float]:
-    """Design effect per feature, and of the predicted classes, from the recent windows (1 when turned off)."""
+def dependence(windows: list[dict], n_features: int, config: MonitorConfig) -> tuple[np.ndarray, np.ndarray, float]:
+    """Design effects from the recent windows (1 when turned off): per feature at its upper bound (what an
+    alert opens on: few pairs say little about dependence) and at its estimate (what an open alert holds
+    on), and of the predicted classes from its own estimate, at least the features' median bound (with one
+    degree of freedom per pair for two classes, its own bound would blind the prediction test for the
+    first windows; that test has its own floor)."""
     usable = sorted((w for w in windows if len(w["features"].get("hist") or []) == n_features),
                     key=lambda w: (str(w.get("device_id", "")), w.get("seq") or 0))
     classes = [w for w in usable if w.get("predictions", {}).get("counts") is not None]
     with_classes = len(classes) == len(usable)
     if not config.design_effect or not usable:
-        return np.ones(n_features), 1.0
+        return np.ones(n_features), np.ones(n_features), 1.0
     columns = [w["features"]["hist"] + ([w["predictions"]["counts"]] if with_classes else []) for w in usable]
-    deff = design_effects(columns, [str(w.get("device_id", "")) for w in usable])
-    return deff[:n_features], float(deff[n_features]) if with_classes else float(np.median(deff))
+    estimate, upper = design_effect_bounds(columns, [str(w.get("device_id", "")) for w in usable],
+                                           config.deff_confidence or None, bounded=n_features)
+    deff_classes = float(upper[n_features]) if with_classes else float(np.median(upper))
+    return upper[:n_features], estimate[:n_features], deff_classes
 
 
 def _effective_scale(fs: FeatureStats, deff: np.ndarray, config: MonitorConfig) -> np.ndarray:
@@ -177,9 +184,10 @@ def _missing_values(ref: list[dict], fs: FeatureStats, config: MonitorConfig) ->
 
 
 def feature_drift(
-    profile: dict, fs: FeatureStats, deff: np.ndarray, config: MonitorConfig
+    profile: dict, fs: FeatureStats, deff: np.ndarray, config: MonitorConfig, deff_hold: np.ndarray | None = None
 ) -> tuple[Verdict, Verdict, dict]:
-    """The feature_drift and missing_values verdicts, and PSI per feature."""
+    """The feature_drift and missing_values verdicts, and PSI per feature. ``deff``: the design effects a
+    verdict opens on; ``deff_hold`` (default ``deff``): those an open alert holds on (see dependence)."""
     ref = profile["features"]
     names = [f["name"] for f in ref]
     floor, problems = effect_floors(profile.get("drift_thresholds"), names, config.psi_threshold)
@@ -193,7 +201,12 @@ def feature_drift(
     # the floor applies to the effect, not to the sample's PSI: sampling noise (more of it on a small
     # reference, and more around a small real effect) must not carry a change over it
     flagged = significant & (psi >= _psi_bars(ref, current, m * scale, floor_a, config.floor_z))
-    holding = _significant(chi2_p, ks_p, config.hold_alpha, config) & (psi >= config.close_ratio * floor_a)
+    hold_p = (chi2_p, ks_p)
+    if deff_hold is not None and not np.array_equal(deff_hold, deff):
+        held = _effective_scale(fs, deff_hold, config)
+        hold_p = feature_tests([f["hist"] for f in ref], [(np.asarray(h, dtype=np.float64) * s).tolist()
+                                                          for h, s in zip(fs.histograms(), held, strict=True)])[1:]
+    holding = _significant(*hold_p, config.hold_alpha, config) & (psi >= config.close_ratio * floor_a)
     scores = {n: round(float(p), 4) for n, p in zip(names, psi, strict=True)}
     chosen = [n for n, f in zip(names, flagged, strict=True) if f]
     detail = {"psi": {n: scores[n] for n in chosen}, "floors": {n: floor[names.index(n)] for n in chosen},
@@ -319,9 +332,9 @@ def _drift_verdicts(profile: dict, windows: list[dict], fs: FeatureStats, classe
     # the sketch is within about 13%: fewer than 3/4 of the rows distinct is repetition, not its error
     if rows is not None and rows < min(config.horizon, REPEATS_BELOW * sum(w.get("count") or 0 for w in windows)):
         config = replace(config, horizon=max(1, int(round(rows))))
-    deff, deff_classes = dependence(windows if dependence_from is None else dependence_from,
-                                    len(profile["features"]), config)
-    drift, nan, scores = feature_drift(profile, fs, deff, config)
+    deff, deff_hold, deff_classes = dependence(windows if dependence_from is None else dependence_from,
+                                               len(profile["features"]), config)
+    drift, nan, scores = feature_drift(profile, fs, deff, config, deff_hold)
     n_eff = effective_samples(float(classes.sum()), deff_classes, config.horizon) if classes is not None else 0.0
     pred = prediction_drift(profile, classes, n_eff, config)
     conf = confidence_drift(profile, windows, deff_classes, config)

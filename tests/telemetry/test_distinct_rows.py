@@ -55,12 +55,14 @@ def test_a_device_looping_the_held_out_rows_raises_no_drift_alarm(held_out):
 def test_without_the_distinct_rows_the_same_stream_raises_a_false_alarm(held_out):
     """What the monitor did before: the alarm the sketch removes (so the test above can fail). Without
     the distinct rows the tests believe all 1,000 inferences and find features significant; with the
-    effect floor at the sample's mean PSI (floor_z 0) that alone raised the alarm."""
+    effect floor at the sample's mean PSI (floor_z 0) that alone raised the alarm (the design effects at
+    their estimate, as then: their upper bound alone makes the tests believe fewer)."""
     manifest, X = held_out
     windows = looped(X, manifest, "pi-1")
-    without = feature_verdict(evaluate(windows, manifest, MonitorConfig(distinct_cap=False)))
+    without = feature_verdict(evaluate(windows, manifest, MonitorConfig(distinct_cap=False, deff_confidence=0)))
     assert without.detail["effective_samples"] == 1000 and without.detail["significant"]
-    assert feature_verdict(evaluate(windows, manifest, MonitorConfig(distinct_cap=False, floor_z=0))).firing
+    at_mean = MonitorConfig(distinct_cap=False, deff_confidence=0, floor_z=0)
+    assert feature_verdict(evaluate(windows, manifest, at_mean)).firing
     with_sketch = feature_verdict(evaluate(windows, manifest, MonitorConfig(floor_z=0)))
     assert not with_sketch.firing and not with_sketch.detail["significant"]
 
@@ -89,9 +91,12 @@ def test_fresh_rows_are_not_capped():
     X = rng.normal(size=(5000, 4))
     manifest = reference_manifest(rng.normal(size=(800, 4)), None, "gauss")
     windows = [make_window(X[w * 100:(w + 1) * 100], manifest, "pi", w, start=10.0 * w) for w in range(10)]
-    capped = feature_verdict(evaluate(windows, manifest, MonitorConfig()))
-    uncapped = feature_verdict(evaluate(windows, manifest, MonitorConfig(distinct_cap=False)))
-    assert capped.detail["effective_samples"] == uncapped.detail["effective_samples"] > 800
+    for confidence in (0.0, 0.9):      # the design effects at their estimate, and at their upper bound
+        capped = feature_verdict(evaluate(windows, manifest, MonitorConfig(deff_confidence=confidence)))
+        uncapped = feature_verdict(evaluate(windows, manifest,
+                                            MonitorConfig(distinct_cap=False, deff_confidence=confidence)))
+        assert capped.detail["effective_samples"] == uncapped.detail["effective_samples"]
+        assert capped.detail["effective_samples"] > (800 if confidence == 0 else 600)
 
 
 def test_the_agents_window_recorder_sketches_its_rows():
