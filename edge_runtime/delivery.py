@@ -49,6 +49,7 @@ class WindowDelivery:
     """
 
     GAP_GRACE = 2.0     # seconds an older window may trail a newer confirmed one before it is resent
+    CONFIRM_GRACE = 1.0  # at a stop: how long after the broker's last PUBACK a first confirmation is waited for
 
     def __init__(self, spool: WindowSpool, link, topic: str, confirm: str = "monitor", compress: bool = False,  # noqa: PLR0913
                  resend_after: float = 30.0, max_resend: float = 600.0, max_inflight: int = 50,
@@ -67,6 +68,9 @@ class WindowDelivery:
         self._sent: dict[int, tuple[float, int]] = {}        # seq -> (last publish, attempts), awaiting the monitor
         self._last_new = -1                                  # highest seq published since the last (re)connect
         self._next_resend_check = 0.0
+        self._last_puback = float("-inf")                    # when the broker last acknowledged a window
+        self._draining = False                               # a stop is waiting for the spool (see drain)
+        self._drain_begun = False                            # ... and the publisher thread took it up
         self.confirmed = 0
         self.resent = 0
 
@@ -74,6 +78,32 @@ class WindowDelivery:
     def monitor_seen(self) -> bool:
         """A monitor has confirmed at least one window of this run."""
         return self.confirmed > 0
+
+    def drain(self) -> None:
+        """A stop began and waits for the spool (from any thread; the next :meth:`step` takes it up).
+
+        The spool keeps going out: windows not yet published in this connection (the one the stop closed,
+        those of earlier runs) as always, and, once a monitor is in sight, every unconfirmed window at once
+        instead of after its resend backoff (which may be longer than the drain): when the drain begins
+        if a monitor confirmed windows of this run, and at each confirmation those sent before the window
+        it confirms (a broker delivers one client's messages in order: they did not reach the monitor,
+        which may have come after them) or GAP_GRACE ago or longer. Without a monitor in sight nothing is
+        published twice.
+        """
+        self._draining = True
+
+    def _begin_drain(self) -> None:
+        self._drain_begun = True
+        if self.confirm == "monitor" and self.monitor_seen:
+            self._hurry()
+
+    def _hurry(self, before: float = float("-inf")) -> None:
+        """Make due at once every unconfirmed window last sent before ``before`` or GAP_GRACE ago or longer."""
+        now = time.monotonic()
+        for seq, (sent_at, attempts) in list(self._sent.items()):
+            if sent_at < before or now - sent_at >= self.GAP_GRACE:
+                self._sent[seq] = (float("-inf"), attempts)
+        self._next_resend_check = 0.0
 
     def reconnected(self) -> None:
         """After a reconnect everything unconfirmed goes out again, oldest first."""
@@ -88,12 +118,15 @@ class WindowDelivery:
         self._apply_confirmations()
         if not self.link.connected.is_set():
             return
+        if self._draining and not self._drain_begun:
+            self._begin_drain()
         room = self.max_inflight - len(self._inflight)
         if room > 0:
             room -= self._publish(self.spool.peek(limit=room, after=self._last_new), now, new=True)
         if room > 0 and self._resend_check_due(now):
-            self._next_resend_check = now + 1.0
-            self._resend_overdue(now, room)
+            # more overdue windows than room: look again at the next step, not a second later
+            more = self._resend_overdue(now, room)
+            self._next_resend_check = now if more else now + 1.0
 
     def _resend_check_due(self, now: float) -> bool:
         """Whether to look for overdue windows now (a monitor confirms them; at most once a second)."""
@@ -104,15 +137,18 @@ class WindowDelivery:
         return sorted(s for s, (t, n) in self._sent.items()
                       if now - t >= min(self.max_resend, self.resend_after * 2 ** min(n - 1, 10)))
 
-    def _resend_overdue(self, now: float, room: int) -> None:
-        """Publish again up to room overdue windows; forget those no longer spooled."""
-        due = self._overdue(now)[:room]
+    def _resend_overdue(self, now: float, room: int) -> bool:
+        """Publish again up to room overdue windows; forget those no longer spooled. True when more were
+        overdue than there was room for."""
+        overdue = self._overdue(now)
+        due = overdue[:room]
         if not due:
-            return
+            return False
         rows = self.spool.get(due)
         for gone in set(due) - {s for s, _ in rows}:
             self._sent.pop(gone, None)
         self.resent += self._publish(rows, now, new=False)
+        return len(overdue) > room
 
     def _publish(self, rows: list[tuple[int, bytes]], now: float, new: bool) -> int:
         n = 0
@@ -152,6 +188,8 @@ class WindowDelivery:
             except queue.Empty:
                 return
             seq = self._inflight.pop(mid, None)
+            if seq is not None:
+                self._last_puback = now
             if seq is not None and ok and self.confirm == "broker":
                 # acknowledged is enough; one the broker refused stays spooled and is resent
                 self.spool.delete(seq)
@@ -164,13 +202,18 @@ class WindowDelivery:
             except queue.Empty:
                 return
             self.confirmed += self.spool.delete_ranges(ranges)
-            self._forget(ranges)
+            last_sent = self._forget(ranges)
             self._mark_gaps(max((hi for _, hi in ranges), default=-1))
+            if self._draining:
+                self._hurry(before=last_sent)
 
-    def _forget(self, ranges: list[tuple[int, int]]) -> None:
-        """Stop waiting for the confirmation of the windows in the ranges (inclusive)."""
+    def _forget(self, ranges: list[tuple[int, int]]) -> float:
+        """Stop waiting for the confirmation of the windows in the ranges (inclusive); returns when the last
+        of them was last published (-inf when none was awaited)."""
+        last = float("-inf")
         for seq in [s for s in self._sent if any(lo <= s <= hi for lo, hi in ranges)]:
-            self._sent.pop(seq, None)
+            last = max(last, self._sent.pop(seq)[0])
+        return last
 
     def _mark_gaps(self, newest: int) -> None:
         """Make windows older than the newest confirmed one due at once.
@@ -188,11 +231,21 @@ class WindowDelivery:
     def inflight(self) -> int:
         return len(self._inflight)
 
-    def settled(self) -> bool:
+    def settled(self, now: float | None = None) -> bool:
         """Nothing left to wait for at a stop: all confirmed, or (without a monitor in sight) every
-        publish acknowledged by the broker; what is unconfirmed stays spooled for the next run."""
+        publish acknowledged by the broker; what is unconfirmed stays spooled for the next run.
+
+        With ``confirm="monitor"``, no monitor is in sight when none has confirmed a window of this run,
+        not even within :data:`CONFIRM_GRACE` of the broker's last PUBACK (a short run may stop before the
+        first confirmation came; a monitor that is there confirms what it receives within a round trip and
+        a commit): once one is, the drain waits for the whole spool, up to its timeout.
+        """
         if not len(self.spool):
             return True
-        if self.confirm == "monitor" and self.monitor_seen:
+        acknowledged = not self._inflight and self._last_new >= self.spool.newest()
+        if self.confirm != "monitor":
+            return acknowledged
+        if self.monitor_seen:
             return False
-        return not self._inflight and self._last_new >= self.spool.newest()
+        now = time.monotonic() if now is None else now
+        return acknowledged and now - self._last_puback >= self.CONFIRM_GRACE

@@ -3,7 +3,7 @@
 A thread steps :class:`~edge_runtime.delivery.WindowDelivery` (new windows out, PUBACKs and the monitor's
 confirmations in, overdue windows resent, everything unconfirmed again after a reconnect) and publishes
 the results of commands. At a stop, :meth:`Publisher.drain` waits a bounded time for what is spooled to be
-confirmed, and :meth:`Publisher.stop` ends the thread.
+confirmed (sending it meanwhile, the backlog included), and :meth:`Publisher.stop` ends the thread.
 """
 
 from __future__ import annotations
@@ -99,9 +99,17 @@ class Publisher:
         return self.delivery.settled() and self._results.empty()
 
     def drain(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for the confirmations (or the broker's acknowledgements, without a
-        monitor in sight); a broker that is not there gets a few seconds to come back (a short run may stop
-        before it connected)."""
+        """Send the spool and wait up to ``timeout`` seconds for its confirmations (or the broker's
+        acknowledgements, without a monitor in sight); a broker that is not there gets a few seconds to come
+        back (a short run may stop before it connected).
+
+        While connected, the thread keeps publishing what is spooled, windows of earlier runs included, and
+        once a monitor confirms anything, the unconfirmed windows already sent go out again at once (see
+        WindowDelivery.drain); that monitor is waited for until the spool is empty or the time is up.
+        Without a monitor in sight (nothing confirmed in this run, not even within
+        WindowDelivery.CONFIRM_GRACE of the broker's last acknowledgement) the drain ends once the broker
+        has acknowledged every window."""
+        self.delivery.drain()
         now = time.monotonic()
         deadline, offline_deadline = now + timeout, now + min(timeout, OFFLINE_GRACE_S)
         while not self.idle and time.monotonic() < deadline:
