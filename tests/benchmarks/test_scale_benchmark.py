@@ -47,3 +47,13 @@ def test_scale_quick_runs_end_to_end(tmp_path):
     assert mqtt["acked"] == 400 and mqtt["rejected"] == 0
     assert [r["devices"] for r in doc["fleet"]] == [50, 200]
     assert (tmp_path / "s.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_scale_measures_publish_to_verdict_and_both_ack_qos(tmp_path):
+    doc = scale.main(["--quick", "--skip", "ingest,fleet", "--evaluate", "--ack-qos", "0,1", "--plot", ""])
+    assert [r["ack_qos"] for r in doc["mqtt"]] == [0, 1]
+    for row in doc["mqtt"]:
+        assert row["distinct_stored"] == row["acked"] == 400 and row["windows_no_verdict"] == 0
+        # every window was seen by an evaluation of its device that started after the window was stored
+        assert row["evaluations"] >= 200 and row["latency_verdict_ms"]["p50"] >= row["latency_stored_ms"]["p50"]
+        assert row["windows_per_worker_cpu_s"] > 0

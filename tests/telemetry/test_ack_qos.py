@@ -1,0 +1,60 @@
+"""``edgeops monitor --ack-qos 0``: confirmations without a PUBACK to track still empty a real agent's spool."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from helpers import eventually
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ack_qos", [0, 1])
+def test_an_agent_is_confirmed_at_either_ack_qos(ack_qos, mosquitto, bc_rf_bundle, reference_data, tmp_path):
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry.monitor import FleetMonitor
+
+    inputs = tmp_path / "bc.npy"
+    np.save(inputs, reference_data["breast_cancer"].X_test)           # 171 rows: 5 windows of 40
+    mon = FleetMonitor(parse_broker_url(mosquitto.url), f"sqlite:///{tmp_path}/m.db", fleet="lab",
+                       ack_qos=ack_qos).start()
+    seen, lock, subscribed = [], threading.Lock(), threading.Event()
+    watch = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"ack-watch-{ack_qos}")
+
+    def on_message(client, userdata, msg):
+        with lock:
+            seen.append(msg.qos)
+
+    watch.on_message = on_message
+    watch.on_subscribe = lambda *a: subscribed.set()
+    watch.connect("127.0.0.1", mosquitto.port)
+    watch.loop_start()
+    watch.subscribe("edgeops/lab/+/ack", 1)       # delivered at the lower of this and the monitor's QoS
+    try:
+        assert mon.connected.wait(10) and subscribed.wait(10)
+        run = subprocess.run(
+            [sys.executable, "-m", "edgeops", "run", str(bc_rf_bundle), "--device-id", "dev-q", "--fleet", "lab",
+             "--broker", mosquitto.url, "--input", str(inputs), "--state-dir", str(tmp_path / "dev-q"),
+             "--window-size", "40"], capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stderr
+        assert " 0 windows left in the spool" in run.stderr     # every window confirmed by the monitor
+        assert eventually(lambda: mon.stats.stored == 5, 30), dict(mon.stats.rejected)
+        with lock:
+            assert seen and set(seen) == {ack_qos}, seen
+    finally:
+        watch.loop_stop()
+        watch.disconnect()
+        mon.stop()
+
+
+def test_an_ack_qos_other_than_0_or_1_is_refused():
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry.monitor import FleetMonitor
+
+    with pytest.raises(ValueError, match="--ack-qos 2"):
+        FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), "sqlite://", ack_qos=2)
