@@ -3,7 +3,9 @@ again and confirmed within the drain timeout once a monitor is there; without on
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import threading
 import time
 
 import numpy as np
@@ -13,6 +15,7 @@ import edge_runtime
 from edge_runtime.agent import STOP_BOUND_S, DeviceAgent
 from edge_runtime.delivery import WindowDelivery
 from edge_runtime.mqtt import parse_broker_url
+from edge_runtime.spool import WindowSpool
 from helpers import eventually
 
 
@@ -107,3 +110,63 @@ def test_the_drain_waits_for_a_short_runs_backlog(mosquitto, bc_mlp_bundle, rows
         assert eventually(lambda: stored(db) == list(range(18)), 10), stored(db)
     finally:
         monitor.stop()
+
+
+class FakeLink:
+    """A link that is connected and numbers its publishes (what WindowDelivery needs of MqttLink)."""
+
+    def __init__(self):
+        self.connected = threading.Event()
+        self.connected.set()
+        self.sent: list[int] = []        # seq of every publish, in order
+
+    def publish(self, topic, payload, qos=1):
+        self.sent.append(json.loads(payload)["seq"])
+        return len(self.sent)
+
+
+def delivery_with_acknowledged_windows(tmp_path, n: int) -> tuple[WindowDelivery, FakeLink]:
+    spool, link = WindowSpool(tmp_path / "spool.sqlite"), FakeLink()
+    for _ in range(n):
+        spool.append({"kind": "test"})
+    delivery = WindowDelivery(spool, link, "t/telemetry", max_inflight=4)
+    while len(link.sent) < n or delivery.inflight:
+        delivery.step()
+        for mid in range(1, len(link.sent) + 1):
+            delivery.pubacks.put((mid, True))
+    delivery.step()
+    return delivery, link
+
+
+def test_the_drain_resends_what_a_monitor_missed_at_its_first_confirmation(tmp_path):
+    """Ten windows acknowledged by the broker, none confirmed; at the stop a new window is confirmed: the ten,
+    sent before it, go out again at once (four in flight at a time), not after resend_after (30 s)."""
+    delivery, link = delivery_with_acknowledged_windows(tmp_path, 10)
+    delivery.drain()
+    assert delivery.settled(now=time.monotonic()) is False     # a first confirmation may still come
+    delivery.spool.append({"kind": "test"})                     # the window the stop closed
+    delivery.step()
+    assert link.sent[-1] == 10
+    delivery.confirmations.put([(10, 10)])
+    for _ in range(10):
+        delivery.step()
+        for mid in range(1, len(link.sent) + 1):
+            delivery.pubacks.put((mid, True))
+    assert sorted(link.sent[11:]) == list(range(10))          # each resent once
+    assert delivery.resent == 10 and not delivery.settled()      # a monitor is in sight: wait for the ten
+    delivery.confirmations.put([(0, 9)])
+    delivery.step()
+    assert delivery.settled()
+    delivery.spool.close()
+
+
+def test_without_a_confirmation_the_drain_resends_nothing_and_settles_after_the_grace(tmp_path):
+    delivery, link = delivery_with_acknowledged_windows(tmp_path, 10)
+    delivery.drain()
+    for _ in range(5):
+        delivery.step()
+    assert link.sent == list(range(10))
+    last_ack = delivery._last_puback
+    assert not delivery.settled(now=last_ack + WindowDelivery.CONFIRM_GRACE / 2)
+    assert delivery.settled(now=last_ack + WindowDelivery.CONFIRM_GRACE)
+    delivery.spool.close()
