@@ -293,7 +293,7 @@ def _broker(workdir: Path, workers: int, nats: bool, native: bool = False):
 
 
 def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = False,  # noqa: PLR0913
-              nats: bool = False, native: bool = False, ack_qos: int = 1) -> dict:
+              nats: bool = False, native: bool = False, ack_qos: int = 1, backlog: bool = False) -> dict:
     """One run: a broker (Mosquitto, or the NATS cluster with one MQTT worker: it has no shared subscriptions,
     or with ``native`` workers sharing a JetStream consumer), ``workers`` monitor processes, the load generator
     (over MQTT)."""
@@ -321,7 +321,14 @@ def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = F
         pub = Publisher(pub_url, load.fleet).connect()
         keys = load.keys
         try:
+            if backlog:      # the workers paused: the broker queues the whole load in their sessions
+                for p in procs:
+                    p.send_signal(signal.SIGSTOP)
             sent = pub.publish(load, rate)
+            if backlog:      # ... then they consume it with no publisher competing for the cores
+                sent["started"] = time.time()
+                for p in procs:
+                    p.send_signal(signal.SIGCONT)
             stored, t_all = _wait_stored(engine, len(keys), 60 + len(keys) / 500)
             acked = pub.wait_acked(keys, 30)
         finally:
@@ -339,7 +346,7 @@ def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = F
         seconds = t_all - sent["started"]
         cpu = sum(s.get("cpu_s", 0.0) for s in stats)
         return {"workers": workers, "database": "postgresql" if pg else "sqlite",
-                "broker": label, "evaluation": evaluate, "ack_qos": None if native else ack_qos,
+                "broker": label, "evaluation": evaluate, "ack_qos": None if native else ack_qos, "backlog": backlog,
                 "windows": len(keys), "stored": stored, "distinct_stored": len({(r.device_id, r.seq) for r in rows}),
                 "acked": acked, "duplicates": sum(s["duplicates"] for s in stats),
                 "rejected": sum(s["rejected"] for s in stats), "per_worker_stored": [s["stored"] for s in stats],
@@ -455,6 +462,10 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of o
     ap.add_argument("--ack-qos", default="1", metavar="QOS[,QOS]",
                     help="QoS of the workers' confirmations over MQTT (edgeops monitor --ack-qos); 0,1 runs each "
                          "worker count with both")
+    ap.add_argument("--backlog", action="store_true",
+                    help="the workers paused while the load is published (the broker queues it), then resumed: "
+                         "stored/s is how fast they drain it with no publisher on the same cores (latencies "
+                         "then count the wait)")
     ap.add_argument("--evaluate", action="store_true",
                     help="workers also evaluate every device that sent windows (off: ingestion alone is measured)")
     ap.add_argument("--ingest-reps", type=int, default=3)
@@ -494,12 +505,14 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 - a sequence of o
             qos = [int(x) for x in args.ack_qos.split(",") if x.strip()]
             for n in [int(x) for x in args.workers.split(",") if x.strip()]:
                 for q in qos:
-                    doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate, ack_qos=q))
+                    doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate, ack_qos=q,
+                                                 backlog=args.backlog))
             if args.nats:
                 for q in qos:
                     doc["mqtt"].append(over_mqtt(load, 1, args.rate, Path(tmp), args.evaluate, nats=True, ack_qos=q))
             for n in [int(x) for x in args.nats_native.split(",") if x.strip()]:
-                doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate, native=True))
+                doc["mqtt"].append(over_mqtt(load, n, args.rate, Path(tmp), args.evaluate, native=True,
+                                             backlog=args.backlog))
         rows = [{**r, **{f"stored_{k}": v for k, v in (r.get("latency_stored_ms") or {}).items()},
                  **{f"acked_{k}": v for k, v in (r.get("latency_acked_ms") or {}).items()},
                  **{f"verdict_{k}": v for k, v in (r.get("latency_verdict_ms") or {}).items()}} for r in doc["mqtt"]]

@@ -57,3 +57,10 @@ def test_scale_measures_publish_to_verdict_and_both_ack_qos(tmp_path):
         # every window was seen by an evaluation of its device that started after the window was stored
         assert row["evaluations"] >= 200 and row["latency_verdict_ms"]["p50"] >= row["latency_stored_ms"]["p50"]
         assert row["windows_per_worker_cpu_s"] > 0
+
+
+def test_scale_backlog_lets_the_workers_drain_a_queued_load():
+    doc = scale.main(["--quick", "--skip", "ingest,fleet", "--backlog", "--ack-qos", "0", "--plot", ""])
+    (row,) = doc["mqtt"]
+    assert row["backlog"] and row["distinct_stored"] == row["acked"] == 400 and row["duplicates"] == 0
+    assert row["windows_per_s"] > 0
