@@ -199,6 +199,9 @@ class NodeRotation:
         return True
 
 
+DOTTED_CLOSE_S = 2.0     # a connection closed this soon after a publish to a dotted topic: see _explain_dotted_topic
+
+
 class MqttLink:
     """A paho-mqtt 2.x v5 client with a persistent session, a last will and reconnect backoff.
 
@@ -239,6 +242,8 @@ class MqttLink:
         self.last_contact: float | None = None     # wall time of the broker's last answer (for /metrics)
         self.refused: str | None = None
         self._stopping = False
+        self._last_publish: tuple[str, float] = ("", 0.0)    # topic and monotonic time of the latest publish
+        self._dotted_warned = False
 
     def start(self) -> None:
         """Connect in the background; returns at once (the link retries until stopped)."""
@@ -298,6 +303,7 @@ class MqttLink:
         """Queue a publish; returns its message id, or None when not connected."""
         if not self.connected.is_set():
             return None
+        self._last_publish = (topic_name, time.monotonic())
         info = self.client.publish(topic_name, payload, qos=qos, retain=retain)
         if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
             return None
@@ -356,8 +362,20 @@ class MqttLink:
         if self.connected.is_set() and not self._stopping:
             log.warning("lost broker %s:%d (%s); reconnecting with backoff, windows are kept on disk",
                         *self.node, reason_code)
+            self._explain_dotted_topic()
         self.connected.clear()
         self._next_node()
+
+    def _explain_dotted_topic(self) -> None:
+        """nats-server (2.9) closes an MQTT connection that publishes to a topic with a '.' in it, and the
+        resent publish closes the next one: say why, once, instead of reconnecting in silence."""
+        name, when = self._last_publish
+        if "." in name and time.monotonic() - when < DOTTED_CLOSE_S and not self._dotted_warned:
+            self._dotted_warned = True
+            log.error("broker %s:%d closed the connection right after a publish to %r: a NATS server (before "
+                      "2.10) refuses MQTT topics with a '.' in them, so fleet and device ids with a dot cannot "
+                      "be used there; the windows stay on disk until the ids or the broker change",
+                      *self.node, name)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self.last_contact = time.time()
