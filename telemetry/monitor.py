@@ -46,6 +46,9 @@ from telemetry.profile_check import check_against_profile
 FLEET_EVAL_SHARE = 4.0   # a fleet's merge: at most about 1 / (1 + 4) of evaluation time
 FLEET_DEVICE_MAX_AGE = 3600.0   # a device silent this long no longer counts in its fleet's verdict
 FLEET_RELOAD_S = 30.0           # shared workers reload their fleet view from the database this often
+# a refused subscription is tried again after 1 s, then 2 s; at the third refusal the monitor reconnects
+# instead (to the next node of a cluster), 4 s later
+RESUBSCRIBE_S = (1.0, 30.0, 4.0)
 INBOX_MAX = 20_000              # received messages waiting to be stored, at most (then the MQTT client waits)
 
 log = logging.getLogger("edgeops.monitor")
@@ -84,6 +87,19 @@ class MonitorStats:
     scores: dict = field(default_factory=dict)          # (fleet, device) -> {feature: psi}
     accuracy: dict = field(default_factory=dict)        # (fleet, device) -> (labelled accuracy, holdout's, labelled)
     broker_dropped: float | None = None
+
+
+def drop_connection(client) -> None:
+    """Close a paho client's connection as a network failure would: its loop reconnects (paho has no call to
+    reconnect from another thread; ``disconnect`` would end the loop)."""
+    import socket
+
+    sock = client.socket()
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class FleetMonitor:
@@ -194,8 +210,43 @@ class FleetMonitor:
                 log.error("broker %s refused the monitor: %s", self.broker.url, rc)
                 return
             self._log_session(flags.session_present)
-            client.subscribe([(t, 1) for t in self._subscriptions()])
+            subscribe(client, self._subscriptions(), RESUBSCRIBE_S[0])
             self.connected.set()
+
+        pending: dict[int, tuple[list[str], float]] = {}      # SUBSCRIBE mid -> its topics, the next wait
+
+        def subscribe(client, topics: list[str], wait: float) -> None:
+            result, mid = client.subscribe([(t, 1) for t in topics])
+            if result == 0:
+                pending[mid] = (topics, wait)
+
+        def on_subscribe(client, userdata, mid, reason_codes, properties):
+            # a broker may refuse a subscription for a while (a cluster electing the leader of its
+            # session store, permissions being changed): a monitor that goes on without it stores nothing
+            topics, wait = pending.pop(mid, ([], RESUBSCRIBE_S[0]))
+            refused = [t for t, rc in zip(topics, reason_codes, strict=False) if rc.is_failure]
+            if any(t.startswith("$SYS/") for t in refused):     # a broker's own counters: not every broker has them
+                log.info("broker %s does not offer %s", self.broker.url,
+                         ", ".join(t for t in refused if t.startswith("$SYS/")))
+                refused = [t for t in refused if not t.startswith("$SYS/")]
+            if not refused or self._stop.is_set():
+                return
+            reconnect = wait >= RESUBSCRIBE_S[2]
+            log.error("broker %s refused the monitor's subscription to %s (%s); %s in %.0f s", self.broker.url,
+                      ", ".join(refused), reason_codes[topics.index(refused[0])],
+                      "reconnecting" if reconnect else "subscribing again", wait)
+
+            def again() -> None:
+                if not client.is_connected() or self._stop.is_set():   # a reconnect subscribes anew
+                    return
+                if reconnect:       # the refusal may belong to this connection (its permissions, its node)
+                    drop_connection(client)
+                else:
+                    subscribe(client, refused, min(2 * wait, RESUBSCRIBE_S[1]))
+
+            timer = threading.Timer(wait, again)
+            timer.daemon = True
+            timer.start()
 
         nodes = NodeRotation(self.broker)
 
@@ -209,6 +260,7 @@ class FleetMonitor:
             put_bounded(self._inbox, (msg.topic, msg.payload, msg.mid, msg.qos), self._stop)
 
         c.on_connect, c.on_disconnect, c.on_message = on_connect, on_disconnect, on_message
+        c.on_subscribe = on_subscribe
         c.on_connect_fail = lambda client, userdata: nodes.advance(client)
         self.client = c
         c.connect_async(**connect_args(self.broker, self.session_expiry))

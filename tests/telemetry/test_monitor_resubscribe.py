@@ -1,0 +1,99 @@
+"""A subscription the broker refuses is tried again: a monitor that went on without it would store nothing.
+
+Seen in the NATS chaos test: after a node was killed, a monitor's session resumed on another node while the
+cluster elected new leaders, nats-server refused its subscription (a timeout adding the JetStream consumer),
+and the monitor, connected, received nothing more. Here a real nats-server refuses the subscription by its
+permissions until they are changed and the server reloads its configuration."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from helpers import eventually
+
+CONFIG = """
+listen: 127.0.0.1:{client_port}
+server_name: resub
+jetstream {{ store_dir: "{store}" }}
+mqtt {{ listen: 127.0.0.1:{mqtt_port} }}
+authorization {{
+  users = [
+    {{user: monitor, password: pw, permissions: {{subscribe: {rule}}}}},
+    {{user: device, password: pw}}
+  ]
+}}
+"""
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    from devtools.brokers import free_port
+    from devtools.nats_cluster import find_nats
+
+    binary = find_nats()
+    if binary is None:
+        assert not os.environ.get("CI"), "nats-server is not installed (.ci/run installs it)"
+        pytest.skip("nats-server is not installed")
+    ports = {"client_port": free_port(), "mqtt_port": free_port(), "store": str(tmp_path / "js")}
+    conf = tmp_path / "nats.conf"
+
+    def write(rule: str) -> None:
+        conf.write_text(CONFIG.format(rule=rule, **ports))
+
+    write('{deny: ["edgeops.>"]}')          # the fleet's topics refused to the monitor
+    log = open(tmp_path / "nats.log", "ab")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+
+    def allow() -> None:
+        write('{allow: [">"]}')
+        proc.send_signal(signal.SIGHUP)          # nats-server reloads its configuration
+
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and b"Server is ready" not in (tmp_path / "nats.log").read_bytes():
+            time.sleep(0.05)
+        yield ports["mqtt_port"], allow
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+
+
+def test_a_refused_subscription_is_tried_again_until_the_broker_takes_it(nats_server, tmp_path, caplog):
+    from benchmarks.loadgen import build
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry.monitor import FleetMonitor
+
+    port, allow = nats_server
+    caplog.set_level(logging.INFO, logger="edgeops")
+    load = build(devices=1, windows=1, fleet="f1")
+    broker = parse_broker_url(f"mqtt://127.0.0.1:{port}?protocol=3.1.1", "monitor", "pw")
+    mon = FleetMonitor(broker, f"sqlite:///{tmp_path}/m.db", fleet="f1", bundles=[load.manifest]).start()
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev-000000", protocol=mqtt.MQTTv311)
+    device.username_pw_set("device", "pw")
+    try:
+        refused = lambda: [r for r in caplog.records if "refused the monitor's subscription" in r.getMessage()]  # noqa: E731
+        assert eventually(lambda: len(refused()) >= 2, 20), [r.getMessage() for r in caplog.records]
+        assert "edgeops/f1/+/telemetry" in refused()[0].getMessage()
+        allow()
+        # the next attempt (at most a few seconds later) is taken: a window published now is stored
+        device.connect("127.0.0.1", port)
+        device.loop_start()
+        topic, payload, _, _ = load.messages[0]
+
+        def stored() -> bool:
+            device.publish(topic, payload, qos=1)            # again until the subscription is in place
+            return mon.stats.stored == 1
+
+        assert eventually(stored, 30), (dict(mon.stats.rejected), [r.getMessage() for r in caplog.records][-5:])
+    finally:
+        device.loop_stop()
+        device.disconnect()
+        mon.stop()
