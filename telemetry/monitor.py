@@ -210,8 +210,7 @@ class FleetMonitor:
                 log.error("broker %s refused the monitor: %s", self.broker.url, rc)
                 return
             self._log_session(flags.session_present)
-            subscribe(client, self._subscriptions(), RESUBSCRIBE_S[0])
-            self.connected.set()
+            subscribe(client, self._subscriptions(), RESUBSCRIBE_S[0])    # connected once the broker takes it
 
         pending: dict[int, tuple[list[str], float]] = {}      # SUBSCRIBE mid -> its topics, the next wait
 
@@ -229,6 +228,8 @@ class FleetMonitor:
                 log.info("broker %s does not offer %s", self.broker.url,
                          ", ".join(t for t in refused if t.startswith("$SYS/")))
                 refused = [t for t in refused if not t.startswith("$SYS/")]
+            if not refused:
+                self.connected.set()        # connected and subscribed: messages flow (as over JetStream)
             if not refused or self._stop.is_set():
                 return
             reconnect = wait >= RESUBSCRIBE_S[2]

@@ -60,8 +60,7 @@ def test_a_backlog_no_monitor_saw_is_sent_and_confirmed_by_the_drain(mosquitto, 
         published_without_a_monitor(agent, rows)
         db = tmp_path / "m.db"
         monitor = FleetMonitor(parse_broker_url(mosquitto.url), f"sqlite:///{db}", fleet="drain").start()
-        assert monitor.connected.wait(30)
-        time.sleep(0.5)                   # its SUBACK
+        assert monitor.connected.wait(30)         # connected and subscribed
         t0 = time.monotonic()
         left = agent.stop(drain_timeout=10.0)
         took = time.monotonic() - t0
@@ -100,8 +99,7 @@ def test_the_drain_waits_for_a_short_runs_backlog(mosquitto, bc_mlp_bundle, rows
     db = tmp_path / "m.db"
     monitor = FleetMonitor(parse_broker_url(mosquitto.url), f"sqlite:///{db}", fleet="drain").start()
     try:
-        assert monitor.connected.wait(30)
-        time.sleep(0.5)
+        assert monitor.connected.wait(30)         # connected and subscribed
         again = make_agent(mosquitto, bc_mlp_bundle, tmp_path)
         again.start()
         again.run(rows[:1])
