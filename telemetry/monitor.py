@@ -41,6 +41,7 @@ from telemetry.drift.silence import SilenceDetector, typical_period
 from telemetry.evaluate import Evaluation, MonitorConfig, Verdict, evaluate
 from telemetry.fleet_view import FleetView
 from telemetry.ingest import put_bounded, store_bisecting
+from telemetry.mqtt_stream import CutPayload
 from telemetry.profile_check import check_against_profile
 
 FLEET_EVAL_SHARE = 4.0   # a fleet's merge: at most about 1 / (1 + 4) of evaluation time
@@ -49,6 +50,7 @@ FLEET_RELOAD_S = 30.0           # shared workers reload their fleet view from th
 # a refused subscription is tried again after 1 s, then 2 s; at the third refusal the monitor reconnects
 # instead (to the next node of a cluster), 4 s later
 RESUBSCRIBE_S = (1.0, 30.0, 4.0)
+MQTT_CLIENTS = ("stream", "paho")
 INBOX_MAX = 20_000              # received messages waiting to be stored, at most (then the MQTT client waits)
 
 log = logging.getLogger("edgeops.monitor")
@@ -102,6 +104,53 @@ def drop_connection(client) -> None:
             pass
 
 
+class _Resubscriber:
+    """Subscribes the monitor's topics and handles the broker's answer: a broker may refuse a subscription
+    for a while (a cluster electing the leader of its session store, permissions being changed), and a
+    monitor that goes on without it stores nothing. A refused topic is tried again after 1 s, then 2 s; at
+    the third refusal the monitor reconnects (to the next node of a cluster), 4 s later."""
+
+    def __init__(self, monitor: "FleetMonitor", subscribe, drop, is_connected):
+        self.monitor = monitor
+        self._subscribe, self._drop, self._is_connected = subscribe, drop, is_connected
+        self.pending: dict[int, tuple[list[str], float]] = {}      # SUBSCRIBE packet id -> topics, next wait
+
+    def subscribe(self, topics: list[str], wait: float) -> None:
+        mid = self._subscribe(topics)
+        if mid is not None:
+            self.pending[mid] = (topics, wait)
+
+    def answered(self, mid: int, codes: list[int]) -> None:
+        """A SUBACK: ``codes`` are its return (reason) codes, one per topic; 0x80 and above refuse."""
+        m = self.monitor
+        topics, wait = self.pending.pop(mid, ([], RESUBSCRIBE_S[0]))
+        refused = [(t, c) for t, c in zip(topics, codes, strict=False) if c >= 0x80]
+        own = [(t, c) for t, c in refused if t.startswith("$SYS/")]     # a broker's counters: not every one has them
+        if own:
+            log.info("broker %s does not offer %s", m.broker.url, ", ".join(t for t, _ in own))
+        refused = [(t, c) for t, c in refused if not t.startswith("$SYS/")]
+        if not refused:
+            m.connected.set()        # connected and subscribed: messages flow (as over JetStream)
+        if not refused or m._stop.is_set():
+            return
+        reconnect = wait >= RESUBSCRIBE_S[2]
+        log.error("broker %s refused the monitor's subscription to %s (reason code 0x%02x); %s in %.0f s",
+                  m.broker.url, ", ".join(t for t, _ in refused), refused[0][1],
+                  "reconnecting" if reconnect else "subscribing again", wait)
+
+        def again() -> None:
+            if not self._is_connected() or m._stop.is_set():   # a reconnect subscribes anew
+                return
+            if reconnect:       # the refusal may belong to this connection (its permissions, its node)
+                self._drop()
+            else:
+                self.subscribe([t for t, _ in refused], min(2 * wait, RESUBSCRIBE_S[1]))
+
+        timer = threading.Timer(wait, again)
+        timer.daemon = True
+        timer.start()
+
+
 class FleetMonitor:
     """Consumes ``<prefix>/<fleet>/+/telemetry|status|bench`` and keeps the fleet's verdicts current.
 
@@ -119,6 +168,8 @@ class FleetMonitor:
         bundles: manifests whose reference profiles drift is measured against.
         webhook: URL to POST alert transitions to.
         trigger: runs a command and/or POSTs the incident when a drift or accuracy alert opens (retrain.py).
+        ack_qos: QoS of the confirmations to the devices.
+        mqtt_client: "stream" (telemetry.mqtt_stream: reads and acknowledges in batches) or "paho".
     """
 
     def __init__(self, broker: BrokerAddress, db_url: str = "sqlite:///monitor.db", fleet: str = "+",  # noqa: PLR0913
@@ -126,7 +177,7 @@ class FleetMonitor:
                  bundles: list[dict] | None = None, webhook: str | None = None, prefix: str = "edgeops",
                  eval_interval: float = 1.0, session_expiry: int = 3600, max_payload: int = MAX_PAYLOAD,
                  max_skew: float = MAX_CLOCK_SKEW, quarantine_keep: int = 10_000, confirm: bool = True,
-                 trigger=None, ack_qos: int = 1):
+                 trigger=None, ack_qos: int = 1, mqtt_client: str = "stream"):
         if share and not broker.v5:
             raise ValueError(f"--share needs MQTT 5 shared subscriptions; {broker.url} speaks MQTT 3.1.1")
         self.broker = broker
@@ -148,6 +199,10 @@ class FleetMonitor:
         # monitor a third less CPU per window (no PUBACK to track) and a device that missed one sends the
         # window again, which is stored once and confirmed again
         self.ack_qos = ack_qos
+        if mqtt_client not in MQTT_CLIENTS:
+            raise ValueError(f"--mqtt-client {mqtt_client}: one of {', '.join(MQTT_CLIENTS)}")
+        # "stream": telemetry.mqtt_stream, which reads and acknowledges in batches; "paho": a paho-mqtt client
+        self.mqtt_client = mqtt_client
         self.client_id = client_id or default_client_id(fleet, share)
         self.session_expiry = session_expiry
         for m in bundles or []:
@@ -198,6 +253,39 @@ class FleetMonitor:
 
     def _connect(self) -> None:
         """Connect and subscribe; each received message goes to the inbox as (topic, payload, token, qos)."""
+        if self.mqtt_client == "paho":
+            self._connect_paho()
+            return
+        from telemetry.mqtt_stream import StreamConnection
+
+        resubscribe = _Resubscriber(self, lambda topics: conn.subscribe(topics), lambda: conn.drop(),
+                                    lambda: conn.is_connected())
+
+        def on_connect(session_present: bool) -> None:
+            self._log_session(session_present)
+            resubscribe.subscribe(self._subscriptions(), RESUBSCRIBE_S[0])   # connected once the broker takes it
+
+        def on_disconnect(reason: str) -> None:
+            if not self._stop.is_set():
+                log.warning("monitor lost broker %s:%d (%s); reconnecting", *conn.current, reason)
+            self.connected.clear()
+
+        def on_messages(messages: list) -> None:
+            for m in messages:
+                if not put_bounded(self._inbox, m, self._stop):
+                    return
+
+        conn = StreamConnection(self.broker, self.client_id, session_expiry=self.session_expiry,
+                                receive_max=1000, max_packet=self.max_payload + 2 * 65_536,
+                                on_connect=on_connect, on_subscribe=resubscribe.answered, on_messages=on_messages,
+                                on_disconnect=on_disconnect,
+                                on_refused=lambda why: log.error("broker %s refused the monitor: %s",
+                                                                 self.broker.url, why))
+        self.client = conn
+        conn.start()
+
+    def _connect_paho(self) -> None:
+        """The same over a paho-mqtt client (``--mqtt-client paho``)."""
         from edge_runtime.mqtt import NodeRotation, connect_args, make_client
 
         # a persistent session (on an MQTT 3.1.1 broker: a non-clean one, and no shared subscription)
@@ -205,49 +293,18 @@ class FleetMonitor:
                         reconnect=(1, 30))
         c.manual_ack_set(True)  # acknowledge a window only once it is in the database
 
+        def subscribe(topics: list[str]) -> int | None:
+            result, mid = c.subscribe([(t, 1) for t in topics])
+            return mid if result == 0 else None
+
+        resubscribe = _Resubscriber(self, subscribe, lambda: drop_connection(c), c.is_connected)
+
         def on_connect(client, userdata, flags, rc, properties):
             if rc.is_failure:
                 log.error("broker %s refused the monitor: %s", self.broker.url, rc)
                 return
             self._log_session(flags.session_present)
-            subscribe(client, self._subscriptions(), RESUBSCRIBE_S[0])    # connected once the broker takes it
-
-        pending: dict[int, tuple[list[str], float]] = {}      # SUBSCRIBE mid -> its topics, the next wait
-
-        def subscribe(client, topics: list[str], wait: float) -> None:
-            result, mid = client.subscribe([(t, 1) for t in topics])
-            if result == 0:
-                pending[mid] = (topics, wait)
-
-        def on_subscribe(client, userdata, mid, reason_codes, properties):
-            # a broker may refuse a subscription for a while (a cluster electing the leader of its
-            # session store, permissions being changed): a monitor that goes on without it stores nothing
-            topics, wait = pending.pop(mid, ([], RESUBSCRIBE_S[0]))
-            refused = [t for t, rc in zip(topics, reason_codes, strict=False) if rc.is_failure]
-            if any(t.startswith("$SYS/") for t in refused):     # a broker's own counters: not every broker has them
-                log.info("broker %s does not offer %s", self.broker.url,
-                         ", ".join(t for t in refused if t.startswith("$SYS/")))
-                refused = [t for t in refused if not t.startswith("$SYS/")]
-            if not refused:
-                self.connected.set()        # connected and subscribed: messages flow (as over JetStream)
-            if not refused or self._stop.is_set():
-                return
-            reconnect = wait >= RESUBSCRIBE_S[2]
-            log.error("broker %s refused the monitor's subscription to %s (%s); %s in %.0f s", self.broker.url,
-                      ", ".join(refused), reason_codes[topics.index(refused[0])],
-                      "reconnecting" if reconnect else "subscribing again", wait)
-
-            def again() -> None:
-                if not client.is_connected() or self._stop.is_set():   # a reconnect subscribes anew
-                    return
-                if reconnect:       # the refusal may belong to this connection (its permissions, its node)
-                    drop_connection(client)
-                else:
-                    subscribe(client, refused, min(2 * wait, RESUBSCRIBE_S[1]))
-
-            timer = threading.Timer(wait, again)
-            timer.daemon = True
-            timer.start()
+            resubscribe.subscribe(self._subscriptions(), RESUBSCRIBE_S[0])   # connected once the broker takes it
 
         nodes = NodeRotation(self.broker)
 
@@ -261,7 +318,8 @@ class FleetMonitor:
             put_bounded(self._inbox, (msg.topic, msg.payload, msg.mid, msg.qos), self._stop)
 
         c.on_connect, c.on_disconnect, c.on_message = on_connect, on_disconnect, on_message
-        c.on_subscribe = on_subscribe
+        c.on_subscribe = lambda client, userdata, mid, codes, properties: resubscribe.answered(
+            mid, [rc.value for rc in codes])
         c.on_connect_fail = lambda client, userdata: nodes.advance(client)
         self.client = c
         c.connect_async(**connect_args(self.broker, self.session_expiry))
@@ -269,14 +327,23 @@ class FleetMonitor:
 
     def _acknowledge(self, batch: list) -> None:
         """Acknowledge a committed batch's messages to the broker (which then forgets them)."""
-        for _, _, mid, qos in batch:
-            if qos and self.client is not None:
-                self.client.ack(mid, qos)
+        if self.client is None:
+            return
+        if self.mqtt_client == "paho":
+            for _, _, mid, qos in batch:
+                if qos:
+                    self.client.ack(mid, qos)
+            return
+        self.client.ack([mid for _, _, mid, qos in batch if qos])
 
     def _disconnect(self) -> None:
-        if self.client is not None:
+        if self.client is None:
+            return
+        if self.mqtt_client == "paho":
             self.client.disconnect()
             self.client.loop_stop()
+        else:
+            self.client.stop()
 
     @property
     def _shared(self) -> bool:
@@ -314,35 +381,50 @@ class FleetMonitor:
     # -- ingestion -----------------------------------------------------------------------------
 
     def _ingest_loop(self) -> None:
-        while not self._stop.is_set() or not self._inbox.empty():
-            batch = []
-            try:
-                batch.append(self._inbox.get(timeout=0.05))
-            except queue.Empty:
-                continue
-            while len(batch) < 1000:
+        """Validate batches from the inbox here while a second thread commits and acknowledges the previous
+        one: the database's round trips overlap the next batch's parsing, and batches stay in order."""
+        ready: queue.Queue = queue.Queue(maxsize=1)      # at most one validated batch waits for its commit
+        committer = threading.Thread(target=self._commit_loop, args=(ready,), name="edgeops-monitor-commit",
+                                     daemon=True)
+        committer.start()
+        try:
+            while not self._stop.is_set() or not self._inbox.empty():
+                batch = []
                 try:
-                    batch.append(self._inbox.get_nowait())
+                    batch.append(self._inbox.get(timeout=0.05))
                 except queue.Empty:
-                    break
-            if self._ingest_until_done(batch):
+                    continue
+                while len(batch) < 1000:
+                    try:
+                        batch.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                ready.put((batch, *self._prepare(batch)))
+        finally:
+            ready.put(None)
+            committer.join()
+
+    def _commit_loop(self, ready: queue.Queue) -> None:
+        while (item := ready.get()) is not None:
+            batch, parsed, refused = item
+            if self._commit_until_done(parsed, refused, len(batch)):
                 self._acknowledge(batch)
 
-    def _ingest_until_done(self, batch: list) -> bool:
-        """Ingest a batch; while the database is unreachable, retry with backoff (nothing is acknowledged
-        meanwhile, so nothing is lost). Any other failure is contained by :meth:`ingest` itself. False when
-        stopping before the batch could be stored (it is then not acknowledged)."""
+    def _commit_until_done(self, parsed: list, refused: list, size: int) -> bool:
+        """Commit a validated batch; while the database is unreachable, retry with backoff (nothing is
+        acknowledged meanwhile, so nothing is lost). Any other failure is contained by :meth:`_commit`
+        itself. False when stopping before the batch could be stored (it is then not acknowledged)."""
         delay = 0.2
         while True:
             try:
-                self.ingest(batch)
+                self._commit(parsed, refused)
                 return True
             except Exception as exc:  # noqa: BLE001 - transient database failures only reach here
                 if self._stop.is_set():
-                    log.warning("stopping with %d messages not stored; the broker redelivers them", len(batch))
+                    log.warning("stopping with %d messages not stored; the broker redelivers them", size)
                     return False
                 log.warning("the database failed for a batch of %d messages (%s); retrying in %.1f s",
-                            len(batch), str(exc).splitlines()[0][:200], delay)
+                            size, str(exc).splitlines()[0][:200], delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -354,6 +436,10 @@ class FleetMonitor:
         ``<prefix>/<fleet>/<device>/ack``), so a device forgets a window only once it is committed here.
         Raises only when the database is unreachable (the caller retries the batch).
         """
+        self._commit(*self._prepare(batch))
+
+    def _prepare(self, batch: list[tuple[str, bytes, int, int]]) -> tuple[list, list]:
+        """Validate a batch: (parsed messages, refused ones with their reasons)."""
         now = time.time()
         parsed: list[tuple[str, bytes, Message]] = []
         refused: list[tuple[str, str, str, bytes]] = []
@@ -369,7 +455,7 @@ class FleetMonitor:
                 refused.append((topic, rej.reason, rej.detail, payload))
                 continue
             parsed.append((topic, payload, msg))
-        self._commit(parsed, refused)
+        return parsed, refused
 
     def _broker_stat(self, payload: bytes) -> None:
         try:
@@ -401,6 +487,9 @@ class FleetMonitor:
     def _validate(self, topic: str, payload: bytes, now: float) -> Message:
         """Parse and check one message; any failure, expected or not, becomes a Rejected."""
         try:
+            if isinstance(payload, CutPayload):      # read only in part: too large to hold
+                raise Rejected("oversized", f"a {payload.packet_size}-byte packet is over the "
+                                            f"{self.max_payload}-byte limit (its first bytes are kept)")
             msg = self._parse(topic, payload, now)
             if msg.kind == "telemetry":
                 manifest = self._manifest(msg.doc["model"])
@@ -480,9 +569,14 @@ class FleetMonitor:
             if seq is not None:
                 done[(fleet, device)].append(seq)
                 bad[(fleet, device)][seq] = reason
-        for (fleet, device), seqs in done.items():
-            doc = ack_message(seqs, bad.get((fleet, device)))
-            self.client.publish(wire_topic(self.prefix, fleet, device, ACK), encode(doc), qos=self.ack_qos)
+        acks = [(wire_topic(self.prefix, fleet, device, ACK), encode(ack_message(seqs, bad.get((fleet, device)))))
+                for (fleet, device), seqs in done.items()]
+        many = getattr(self.client, "publish_many", None)
+        if many is not None:        # one write for the batch's confirmations
+            many(acks, qos=self.ack_qos)
+            return
+        for topic, payload in acks:
+            self.client.publish(topic, payload, qos=self.ack_qos)
 
     def _reject(self, topic: str, rej: Rejected) -> None:
         parts = topic.split("/")

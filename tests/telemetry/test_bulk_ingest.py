@@ -145,8 +145,13 @@ class _Client:
             ranges = tuple(map(tuple, parse_ack(payload)))
             self.log.append(("device_ack", topic.split("/")[2], ranges, time.monotonic()))
 
-    def ack(self, mid, qos):
-        self.log.append(("broker_ack", mid, None, time.monotonic()))
+    def publish_many(self, items, qos=0, retain=False):
+        for topic, payload in items:
+            self.publish(topic, payload, qos, retain)
+
+    def ack(self, mids):         # telemetry.mqtt_stream.StreamConnection: a committed batch's PUBACKs at once
+        for mid in mids:
+            self.log.append(("broker_ack", mid, None, time.monotonic()))
 
 
 def test_nothing_is_acknowledged_before_its_commit_and_a_database_outage_loses_nothing(tmp_path, load, monkeypatch):
