@@ -17,7 +17,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from edge_runtime import compact
-from edge_runtime.messages import TelemetryWindow
 from edge_runtime.mqtt import BrokerAddress
 from edge_runtime.wire import (
     ACK,
@@ -52,6 +51,7 @@ FLEET_RELOAD_S = 30.0           # shared workers reload their fleet view from th
 RESUBSCRIBE_S = (1.0, 30.0, 4.0)
 MQTT_CLIENTS = ("stream", "paho")
 INBOX_MAX = 20_000              # received messages waiting to be stored, at most (then the MQTT client waits)
+INBOX_READS = 64                # the stream connection's reads (up to 256 KiB each) waiting, at most
 
 log = logging.getLogger("edgeops.monitor")
 
@@ -102,6 +102,11 @@ def drop_connection(client) -> None:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _items(item) -> list:
+    """The inbox holds single messages (paho, JetStream) or lists of them (one read of the stream connection)."""
+    return item if type(item) is list else [item]
 
 
 class _Resubscriber:
@@ -211,6 +216,7 @@ class FleetMonitor:
         self._bundles_reloaded = 0.0
         self.stats = MonitorStats()
         self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_MAX)
+        self._inbox_busy = 500          # evaluations wait while more items than this wait to be stored
         self._dirty: set[tuple[str, str, str, str]] = set()
         self._dirty_lock = threading.Lock()
         # a fleet-level evaluation merges the recent windows of every device of the fleet: it waits
@@ -271,10 +277,10 @@ class FleetMonitor:
             self.connected.clear()
 
         def on_messages(messages: list) -> None:
-            for m in messages:
-                if not put_bounded(self._inbox, m, self._stop):
-                    return
+            put_bounded(self._inbox, messages, self._stop)      # one read's messages, one item
 
+        self._inbox = queue.Queue(maxsize=INBOX_READS)      # items are reads: lists of messages
+        self._inbox_busy = 2
         conn = StreamConnection(self.broker, self.client_id, session_expiry=self.session_expiry,
                                 receive_max=1000, max_packet=self.max_payload + 2 * 65_536,
                                 on_connect=on_connect, on_subscribe=resubscribe.answered, on_messages=on_messages,
@@ -389,14 +395,13 @@ class FleetMonitor:
         committer.start()
         try:
             while not self._stop.is_set() or not self._inbox.empty():
-                batch = []
                 try:
-                    batch.append(self._inbox.get(timeout=0.05))
+                    batch = _items(self._inbox.get(timeout=0.05))
                 except queue.Empty:
                     continue
                 while len(batch) < 1000:
                     try:
-                        batch.append(self._inbox.get_nowait())
+                        batch += _items(self._inbox.get_nowait())
                     except queue.Empty:
                         break
                 ready.put((batch, *self._prepare(batch)))
@@ -539,13 +544,18 @@ class FleetMonitor:
                           ", ".join(f"{f}/{d}#{q}" for f, d, q in result.duplicate_keys[:20]))
             self.stats.stored += new
             self.stats.duplicates += dup
-            for _, _, doc in windows:
-                w = TelemetryWindow.from_canonical(doc)
-                key = (w.fleet, w.device_id)
-                self.stats.inferences[key] += w.count
-                self.stats.errors[key] += w.errors
-                self.stats.latest[key] = w.latency_ms
-                self._mark(w.fleet, w.device_id, w.model.to_canonical())
+            st = self.stats
+            dirty = set()
+            for fleet, device, doc in windows:       # validated windows (wire.check_telemetry's dicts)
+                key = (fleet, device)
+                st.inferences[key] += doc["count"]
+                st.errors[key] += doc["errors"]
+                st.latest[key] = doc["latency_ms"]
+                model = doc["model"]
+                if model["name"]:
+                    dirty.add((fleet, device, model["name"], model["version"]))
+            with self._dirty_lock:
+                self._dirty |= dirty
         if refused:       # after the windows: a batch the database refuses is retried without these
             store.quarantine_messages(self.engine, refused, keep=self.quarantine_keep)
             for _, reason, _, _ in refused:
@@ -626,7 +636,7 @@ class FleetMonitor:
                 break
             # ingestion first: windows waiting in the inbox are not acknowledged yet, while an evaluation
             # that waits loses nothing (it reads the stored windows whenever it runs)
-            while self._inbox.qsize() > 500 and not self._stop.is_set():
+            while self._inbox.qsize() > self._inbox_busy and not self._stop.is_set():
                 time.sleep(0.02)
             events += self._evaluate_contained(fleet, device, name, version)
             fleets.add((fleet, name, version))

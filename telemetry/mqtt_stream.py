@@ -15,10 +15,12 @@ and reconnection with backoff that rotates through the nodes (the backoff grows 
 of nodes has failed, not at each node). It never uses topic aliases, and asks for at most QoS 1.
 
 A broker that sends something malformed, or a packet over ``max_packet`` bytes, does not stall it:
-a malformed stream closes the connection (the session redelivers what was not acknowledged), and an
-oversized PUBLISH is handed over cut to ``max_packet + 1`` bytes, so that the monitor refuses it as
-oversized, quarantines its head and acknowledges it, without holding the whole packet in memory.
-MQTT 5 brokers are also told the limit (Maximum Packet Size) and then drop such packets themselves.
+a malformed stream closes the connection (the session redelivers what was not acknowledged), and a
+PUBLISH over ``max_packet`` is handed over as its first 64 KiB (topic, packet id and the payload's
+head, a :class:`CutPayload` naming the packet's size) while the rest is skipped as it arrives, so that
+the monitor refuses it as oversized, quarantines its head and acknowledges it, without holding the
+whole packet in memory. Brokers are not told a Maximum Packet Size: an MQTT 5 broker would then drop
+such a message unseen, and its device would send the window again forever.
 """
 
 from __future__ import annotations
@@ -190,6 +192,7 @@ class StreamConnection:
         self._dropped_out = 0
         self._last_sent = 0.0
         self._last_heard = 0.0
+        self._last_ping = 0.0
         self._thread: threading.Thread | None = None
 
     # -- public ------------------------------------------------------------------------------------
@@ -362,12 +365,8 @@ class StreamConnection:
             pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
             if not pending:
                 ready, _, _ = select.select([sock], [], [], 0.5)
-                now = time.monotonic()
                 if not ready:
-                    if now - self._last_heard > (1.5 * self.keepalive if self._connected else CONNECT_TIMEOUT):
-                        raise OSError(f"the broker said nothing for {now - self._last_heard:.0f} s")
-                    if self._connected and now - self._last_sent >= self.keepalive / 2:
-                        self._send(b"\xc0\x00")
+                    self._keep_alive(time.monotonic())
                     continue
             try:
                 data = sock.recv(READ_SIZE)
@@ -377,8 +376,24 @@ class StreamConnection:
                 return
             self._last_heard = time.monotonic()
             self._feed(data)
-            if self._connected and self._last_heard - self._last_sent >= self.keepalive / 2:
-                self._send(b"\xc0\x00")
+            self._keep_alive(self._last_heard)
+
+    def _keep_alive(self, now: float) -> None:
+        """PINGREQ when nothing was sent, or nothing heard, for half the keepalive (at most one per half);
+        a broker silent for 1.5 keepalives (or a CONNECT unanswered for 10 s) is taken as gone.
+        Keepalive 0 turns both off (MQTT 3.1.2.10)."""
+        if not self._connected:
+            if now - self._last_heard > CONNECT_TIMEOUT:
+                raise OSError(f"the broker did not answer the CONNECT in {now - self._last_heard:.0f} s")
+            return
+        if not self.keepalive:
+            return
+        if now - self._last_heard > 1.5 * self.keepalive:
+            raise OSError(f"the broker said nothing for {now - self._last_heard:.0f} s")
+        half = self.keepalive / 2
+        if (now - self._last_sent >= half or now - self._last_heard >= half) and now - self._last_ping >= half:
+            self._last_ping = now
+            self._send(b"\xc0\x00")
 
     def _feed(self, data: bytes) -> None:
         """Cut what was read into packets; hand the messages over in one call."""
