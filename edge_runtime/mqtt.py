@@ -181,22 +181,41 @@ class NodeRotation:
     def __init__(self, address: BrokerAddress):
         self.hosts = address.hosts
         self.index = 0
+        self.rounds = 0          # full rounds of nodes tried since the last successful connection
 
     @property
     def current(self) -> tuple[str, int]:
         return self.hosts[self.index]
+
+    def connected(self) -> None:
+        """A node took the connection: the next failure starts with the shortest wait again."""
+        self.rounds = 0
 
     def advance(self, client) -> bool:
         """Point ``client`` (a paho client whose connection is closed) at the next node; False with one node."""
         if len(self.hosts) < 2:
             return False
         self.index = (self.index + 1) % len(self.hosts)
+        self.rounds += self.index == 0
         if client is not None:
             # paho's host/port setters refuse while its reconnect loop owns the connection state (inside the
             # disconnect and connect-failure callbacks); its reconnect reads these two fields, so set them
             client._host, client._port = self.current
+            self._pace(client)
             log.info("trying broker node %s:%d", *self.current)
         return True
+
+    def _pace(self, client) -> None:
+        """paho doubles its reconnect wait at each failed attempt, so across a cluster the last nodes were
+        tried after the longest waits (1, 2, 4, 8 s ... for the 1st, 2nd, 3rd, 4th node). The wait doubles
+        once per full round of nodes instead: every node of the first round after the shortest wait."""
+        lock = getattr(client, "_reconnect_delay_mutex", None)
+        if lock is None or not hasattr(client, "_reconnect_min_delay"):
+            return          # another paho version: its own backoff stays
+        low, high = client._reconnect_min_delay, client._reconnect_max_delay
+        wait = min(low * 2 ** min(self.rounds, 20), high)
+        with lock:      # paho doubles the delay it holds just before waiting
+            client._reconnect_delay = None if wait <= low else wait / 2
 
 
 DOTTED_CLOSE_S = 2.0     # a connection closed this soon after a publish to a dotted topic: see _explain_dotted_topic
@@ -338,6 +357,7 @@ class MqttLink:
             log.error("broker %s refused the connection: %s", self.address.url, reason_code)
             return
         self.refused = None
+        self._nodes.connected()
         self.last_contact = time.time()
         log.info("%s to broker %s", "reconnected" if self._was_connected else "connected",
                  self.address.url if len(self.address.hosts) == 1 else "%s:%d" % self.node)

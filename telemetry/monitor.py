@@ -309,6 +309,7 @@ class FleetMonitor:
             if rc.is_failure:
                 log.error("broker %s refused the monitor: %s", self.broker.url, rc)
                 return
+            nodes.connected()
             self._log_session(flags.session_present)
             resubscribe.subscribe(self._subscriptions(), RESUBSCRIBE_S[0])   # connected once the broker takes it
 
@@ -816,9 +817,12 @@ class FleetMonitor:
         """The fleet's open alerts, retained on <prefix>/<fleet>/alerts."""
         if self.client is None:
             return
+        self.client.publish(*self._alerts_message(fleet), qos=1, retain=True)
+
+    def _alerts_message(self, fleet: str) -> tuple[str, bytes]:
         open_ = store.open_alerts(self.engine, fleet)
         doc = {"fleet": fleet, "ts": time.time(), "open": [
             {k: a[k] for k in ("device_id", "model_name", "model_version", "detector", "features", "statistic",
                                "opened_at")}
             for a in open_]}
-        self.client.publish(fleet_topic(self.prefix, fleet, ALERTS), encode(doc), qos=1, retain=True)
+        return fleet_topic(self.prefix, fleet, ALERTS), encode(doc)
