@@ -42,6 +42,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -293,10 +294,22 @@ def _broker(workdir: Path, workers: int, nats: bool, native: bool = False):
         if cluster is None:
             return None
         return cluster.nats_url() if native else cluster.url(0, 1, 2), cluster.url(1), cluster.stop
-    # the monitor acknowledges a batch after its commit: let the broker have up to 1,000 unacknowledged
-    # messages in flight to each worker (the project's test brokers allow 100)
-    broker = MosquittoBroker(workdir=workdir / f"broker-{workers}", extra_config="max_inflight_messages 1000").start()
-    return broker.url, broker.url, broker.stop
+    # the monitor acknowledges a batch after its commit: let the broker have up to RECEIVE_MAX unacknowledged
+    # messages in flight to each worker (the project's test brokers allow 100), and save its persistence file
+    # as a production broker would (the test brokers save every second, for the tests that kill them: with
+    # 50,000 windows queued that is 50 MB a second). A fresh folder each run: the sessions of an earlier
+    # run's workers would otherwise queue every window again.
+    from telemetry.monitor import RECEIVE_MAX
+
+    folder = workdir / f"broker-{workers}-{uuid.uuid4().hex[:6]}"
+    broker = MosquittoBroker(workdir=folder, extra_config=f"max_inflight_messages {RECEIVE_MAX}\n"
+                                                          "autosave_interval 1800").start()
+
+    def stop() -> None:
+        broker.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    return broker.url, broker.url, stop
 
 
 def over_mqtt(load, workers: int, rate: float, workdir: Path, evaluate: bool = False,  # noqa: PLR0913
@@ -416,7 +429,13 @@ def plot(path: Path, ingest: list[dict], mqtt: list[dict], fleets: list[dict]) -
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     ok = [r for r in mqtt if r.get("windows_per_s") and r.get("broker", "mosquitto") == "mosquitto"]
-    a.plot([r["workers"] for r in ok], [r["windows_per_s"] for r in ok], "o-", label="over Mosquitto (stored)")
+    lines: dict[tuple, list[dict]] = {}
+    for r in ok:      # one line per MQTT client, ack QoS and backlog setting
+        lines.setdefault((r.get("mqtt_client") or "paho", r.get("ack_qos"), r.get("backlog", False)), []).append(r)
+    for (client, qos, backlog), rs in sorted(lines.items(), key=lambda kv: str(kv[0])):
+        rs.sort(key=lambda r: r["workers"])
+        a.plot([r["workers"] for r in rs], [r["windows_per_s"] for r in rs], "o-" if client == "stream" else "s--",
+               label=f"over Mosquitto, {client}, acks QoS {qos}{', queued load' if backlog else ''}")
     for r in mqtt:
         if r.get("windows_per_s") and r.get("broker", "mosquitto") != "mosquitto":
             a.plot([r["workers"]], [r["windows_per_s"]], "D",
@@ -428,7 +447,7 @@ def plot(path: Path, ingest: list[dict], mqtt: list[dict], fleets: list[dict]) -
     a.axhline(10_000, ls=":", color="tab:red", label="target 10,000/s")
     a.set_xlabel("monitor worker processes")
     a.set_ylabel("windows/s")
-    a.set_xticks([r["workers"] for r in ok] or [1])
+    a.set_xticks(sorted({r["workers"] for r in ok}) or [1])
     a.set_title(f"ingest ({_cores()}, shared with broker, load, database)", fontsize=9)
     a.legend(fontsize=7)
     b.loglog([r["devices"] for r in fleets], [r["fleet_verdict_ms"] for r in fleets], "o-", label="fleet verdict")

@@ -50,6 +50,9 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--ack-wait", type=float, default=30.0, show_default=True,
               help="nats:// only: seconds after which a message a worker took and did not acknowledge (it died) "
                    "goes to another worker.")
+@click.option("--alerts-broker", metavar="URL",
+              help="nats:// only: the same servers' MQTT side (mqtt://n1:1883,...?protocol=3.1.1), where the "
+                   "fleet's open alerts are published retained (over NATS they cannot be).")
 @click.option("--max-clock-skew", type=float, default=300.0, show_default=True,
               help="Seconds a window may be dated ahead of this machine's clock; later ones are quarantined.")
 @click.option("--quarantine-keep", type=int, default=10_000, show_default=True,
@@ -134,11 +137,11 @@ def _bundles(paths: tuple[str, ...], folder: str | None) -> list[dict]:
 @click.option("--ca", "ca_file", type=click.Path(), help="CA certificate for mqtts:// (or a NATS server's TLS).")
 @click.option("--topic-prefix", default="edgeops", show_default=True)
 @click.option("--duration", type=float, help="Stop after S seconds (default: run until interrupted).")
-def monitor_cmd(broker, fleet, db, http, share, client_id, ack_wait, ack_qos, mqtt_client, max_clock_skew,
-                quarantine_keep, no_confirm, bundle_paths, bundles_dir, webhook, retention_days, recent_windows,
-                min_samples, alpha, correction, psi_threshold, ks_alpha, latency_factor, latency_min_increase_ms,
-                latency_sustain, latency_slo_ms, error_rate, close_after, username, password, ca_file, topic_prefix,
-                duration, **judgments):
+def monitor_cmd(broker, fleet, db, http, share, client_id, ack_wait, alerts_broker, ack_qos, mqtt_client,
+                max_clock_skew, quarantine_keep, no_confirm, bundle_paths, bundles_dir, webhook, retention_days,
+                recent_windows, min_samples, alpha, correction, psi_threshold, ks_alpha, latency_factor,
+                latency_min_increase_ms, latency_sustain, latency_slo_ms, error_rate, close_after, username, password,
+                ca_file, topic_prefix, duration, **judgments):
     """Consume fleet telemetry: validate, store, detect drift and latency regressions, alert."""
     from edge_runtime.mqtt import parse_broker_url
     from telemetry import store
@@ -161,8 +164,12 @@ def monitor_cmd(broker, fleet, db, http, share, client_id, ack_wait, ack_qos, mq
         if ack_wait <= 0:
             raise InvalidInputError(f"--ack-wait {ack_wait}: must be positive")
         address, make = nats_address(broker, username, password, ca_file), JetStreamMonitor
-        extra = {"ack_wait": ack_wait}
+        extra = {"ack_wait": ack_wait, "alerts_broker": alerts_broker and parse_broker_url(
+            alerts_broker, username, password, ca_file)}
     else:
+        if alerts_broker:
+            raise InvalidInputError("--alerts-broker goes with a nats:// --broker (over MQTT the alerts are "
+                                    "retained on the broker itself)")
         address, make = parse_broker_url(broker, username, password, ca_file), FleetMonitor
         extra = {"ack_qos": ack_qos, "mqtt_client": mqtt_client}
     try:

@@ -156,10 +156,14 @@ class JetStreamMonitor(FleetMonitor):
             worker that shares the stream.
         ack_wait: seconds after which a message delivered to a worker and not acknowledged (the worker
             died, or its database has been unreachable that long) is delivered again.
+        alerts_broker: the MQTT side of the same servers (``mqtt://n1:1883,mqtt://n2:1883?protocol=3.1.1``):
+            the fleet's open alerts are then published there, retained (a NATS publish cannot be a retained
+            MQTT message); without it they go out as plain messages, seen only by whoever listens then.
     """
 
     def __init__(self, broker: NatsAddress, db_url: str = "sqlite:///monitor.db", fleet: str = "+",
-                 share: str | None = None, client_id: str | None = None, ack_wait: float = 30.0, **kwargs):
+                 share: str | None = None, client_id: str | None = None, ack_wait: float = 30.0,
+                 alerts_broker=None, **kwargs):
         super().__init__(broker, db_url, fleet=fleet, share=None,
                          client_id=client_id or default_client_id(fleet, share), **kwargs)
         self.share = share
@@ -172,6 +176,8 @@ class JetStreamMonitor(FleetMonitor):
         self._nc = None
         self._js = None
         self._warned: dict[str, float] = {}
+        self.alerts_broker = alerts_broker
+        self._alerts = None         # the MQTT connection the retained alerts go through
 
     @property
     def _shared(self) -> bool:
@@ -186,6 +192,14 @@ class JetStreamMonitor(FleetMonitor):
 
     def _connect(self) -> None:
         self.client = _Link(self)
+        if self.alerts_broker is not None:
+            import uuid
+
+            from telemetry.mqtt_stream import StreamConnection
+
+            # workers share the consumers, not this connection: each its own client id, a clean session
+            self._alerts = StreamConnection(self.alerts_broker, f"{self.client_id}-alerts-{uuid.uuid4().hex[:6]}",
+                                            session_expiry=0).start()
         ready = threading.Event()
 
         def run() -> None:
@@ -211,7 +225,15 @@ class JetStreamMonitor(FleetMonitor):
         if msgs:
             self._call(self._ack, msgs)
 
+    def publish_alerts(self, fleet: str) -> None:
+        if self._alerts is None:
+            super().publish_alerts(fleet)
+            return
+        self._alerts.publish(*self._alerts_message(fleet), qos=1, retain=True)
+
     def _disconnect(self) -> None:
+        if self._alerts is not None:
+            self._alerts.stop()
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return

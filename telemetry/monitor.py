@@ -51,6 +51,10 @@ FLEET_RELOAD_S = 30.0           # shared workers reload their fleet view from th
 RESUBSCRIBE_S = (1.0, 30.0, 4.0)
 MQTT_CLIENTS = ("stream", "paho")
 INBOX_MAX = 20_000              # received messages waiting to be stored, at most (then the MQTT client waits)
+# QoS 1 messages the broker may send the monitor before it acknowledges any (MQTT 5 Receive Maximum; the
+# broker's own limit applies too: Mosquitto's max_inflight_messages). Acknowledged after their batch's commit,
+# so it must cover the batch being validated, the one being committed and the reads waiting.
+RECEIVE_MAX = 5000
 INBOX_READS = 64                # the stream connection's reads (up to 256 KiB each) waiting, at most
 
 log = logging.getLogger("edgeops.monitor")
@@ -282,7 +286,7 @@ class FleetMonitor:
         self._inbox = queue.Queue(maxsize=INBOX_READS)      # items are reads: lists of messages
         self._inbox_busy = 2
         conn = StreamConnection(self.broker, self.client_id, session_expiry=self.session_expiry,
-                                receive_max=1000, max_packet=self.max_payload + 2 * 65_536,
+                                receive_max=RECEIVE_MAX, max_packet=self.max_payload + 2 * 65_536,
                                 on_connect=on_connect, on_subscribe=resubscribe.answered, on_messages=on_messages,
                                 on_disconnect=on_disconnect,
                                 on_refused=lambda why: log.error("broker %s refused the monitor: %s",

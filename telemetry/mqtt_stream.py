@@ -189,6 +189,7 @@ class StreamConnection:
         self._mid = 0
         self._mid_lock = threading.Lock()
         self._inflight: dict[int, bytes] = {}       # our QoS 1 publishes awaiting PUBACK (resent on reconnect)
+        self._subscribing: set[int] = set()         # SUBSCRIBE packet ids awaiting their SUBACK
         self._dropped_out = 0
         self._last_sent = 0.0
         self._last_heard = 0.0
@@ -230,7 +231,11 @@ class StreamConnection:
     def subscribe(self, topics: list[str]) -> int | None:
         """Subscribe at QoS 1; returns the packet id its SUBACK will carry, or None when not connected."""
         mid = self._next_mid()
-        return mid if self._send(encode_subscribe(mid, topics, self.v5)) else None
+        self._subscribing.add(mid)
+        if self._send(encode_subscribe(mid, topics, self.v5)):
+            return mid
+        self._subscribing.discard(mid)
+        return None
 
     def ack(self, mids) -> None:
         """Acknowledge received QoS 1 messages (one write for all)."""
@@ -268,7 +273,7 @@ class StreamConnection:
         with self._mid_lock:
             for _ in range(65535):
                 self._mid = self._mid % 65535 + 1
-                if self._mid not in self._inflight:
+                if self._mid not in self._inflight and self._mid not in self._subscribing:
                     return self._mid
         raise RuntimeError("no free MQTT packet id")
 
@@ -289,6 +294,7 @@ class StreamConnection:
     def _close(self) -> None:
         sock, self._sock = self._sock, None
         self._connected = False
+        self._subscribing.clear()          # a SUBSCRIBE of a closed connection gets no SUBACK
         if sock is not None:
             try:
                 sock.close()
@@ -325,8 +331,9 @@ class StreamConnection:
             if was_connected:
                 if self.on_disconnect:
                     self.on_disconnect(reason or "closed")
-            else:
-                log.info("could not connect to broker %s:%d (%s)", host, port, reason)
+            else:       # the first failure of a series is a warning, the retries are not
+                (log.info if failed_nodes else log.warning)("could not connect to broker %s:%d (%s)", host, port,
+                                                            reason)
             if len(self.hosts) > 1:
                 self.node = (self.node + 1) % len(self.hosts)
                 log.info("trying broker node %s:%d", *self.current)
@@ -490,6 +497,7 @@ class StreamConnection:
             if len(body) < 2:
                 raise ProtocolError("a SUBACK too short")
             (mid,) = struct.unpack_from("!H", body, 0)
+            self._subscribing.discard(mid)
             pos = 2
             if self.v5:
                 got = _read_varint(body, pos, len(body))

@@ -251,3 +251,51 @@ def test_workers_share_the_stream_and_a_node_and_a_worker_die_without_loss_or_du
             w.wait()
         engine.dispose()
         cluster.stop()
+
+
+def test_the_fleets_alerts_are_retained_through_the_servers_mqtt_side(tmp_path, nats_binary):
+    """Over NATS an alert is a plain message that only current listeners see; with --alerts-broker the
+    monitor publishes the fleet's open alerts retained through a node's MQTT port, so a dashboard that
+    subscribes later still gets them."""
+    import paho.mqtt.client as mqtt
+
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry import alerts, store
+    from telemetry.evaluate import Verdict
+    from telemetry.jetstream import JetStreamMonitor, nats_address
+
+    cluster = NatsCluster(tmp_path / "nats", n=1).start()
+    monitor = JetStreamMonitor(nats_address(cluster.nats_url()), f"sqlite:///{tmp_path}/m.db", fleet=FLEET,
+                               alerts_broker=parse_broker_url(cluster.url())).start()
+
+    readers = iter(range(1000))
+
+    def retained() -> list:
+        """What a client that subscribes now gets: (retain flag, alerts document) pairs."""
+        got, done = [], threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"late-{next(readers)}", protocol=mqtt.MQTTv311)
+        c.on_message = lambda cl, u, m: (got.append((m.retain, json.loads(m.payload))), done.set())
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"edgeops/{FLEET}/alerts", 1)
+        c.connect("127.0.0.1", cluster.ports[0]["mqtt"])
+        c.loop_start()
+        try:
+            done.wait(5)
+        finally:
+            c.loop_stop()
+            c.disconnect()
+        return got
+
+    try:
+        assert monitor.connected.wait(30), cluster.log_tail()
+        change = alerts.apply(monitor.engine, FLEET, "dev-1", "bc", "1.0", Verdict("feature_drift", True, 0.4, ["f0"],
+                                                                                 {}), close_after=1)
+        assert change == "opened"
+        monitor.publish_alerts(FLEET)
+        assert eventually(lambda: (r := retained()) and r[-1][0] and r[-1][1]["open"], 20), "no retained alert"
+        opened = retained()[-1][1]["open"]
+        assert [(a["device_id"], a["detector"]) for a in opened] == [("dev-1", "feature_drift")]
+        assert store.open_alerts(monitor.engine, FLEET)
+    finally:
+        monitor.stop()
+        cluster.stop()
+    assert not monitor._alerts.is_connected()
