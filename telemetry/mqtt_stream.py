@@ -25,6 +25,7 @@ such a message unseen, and its device would send the window again forever.
 
 from __future__ import annotations
 
+import collections
 import logging
 import select
 import socket
@@ -41,7 +42,8 @@ log = logging.getLogger("edgeops.monitor.mqtt")
 CONNECT, CONNACK, PUBLISH, PUBACK = 0x10, 0x20, 0x30, 0x40
 SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
 READ_SIZE = 256 * 1024
-MAX_INFLIGHT_OUT = 20_000     # our QoS 1 publishes awaiting their PUBACK; over it, new ones are dropped (logged)
+MAX_WAITING_OUT = 100_000     # our QoS 1 publishes waiting for room in the broker's Receive Maximum; over it,
+                              # the oldest are dropped (logged): a device whose confirmation is lost sends again
 CONNECT_TIMEOUT = 10.0
 HEAD_MAX = 65_536 + 16       # of an oversized PUBLISH, what is read: its topic, packet id and payload's head
 SEND_TIMEOUT = 30.0           # a broker that takes no bytes for this long is treated as gone
@@ -139,6 +141,49 @@ def encode_pubacks(mids) -> bytes:
     return b"".join(b"\x40\x02" + struct.pack("!H", m) for m in mids)
 
 
+# MQTT 5 property identifiers by the size of their value (MQTT 5, 2.2.2.2)
+_PROP_BYTE = frozenset((0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A))
+_PROP_U16 = frozenset((0x13, 0x21, 0x22, 0x23))
+_PROP_U32 = frozenset((0x02, 0x11, 0x18, 0x27))
+_PROP_LENGTH_PREFIXED = frozenset((0x03, 0x08, 0x09, 0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F))
+
+
+def connack_receive_maximum(body: bytes) -> int:
+    """The Receive Maximum (property 0x21) of an MQTT 5 CONNACK's body; 65,535 when it is absent or the
+    properties cannot be read."""
+    got = _read_varint(body, 2, len(body))
+    if got is None:
+        return 65_535
+    length, pos = got
+    end = min(len(body), pos + length)
+    while pos < end:
+        ident = body[pos]
+        pos += 1
+        if ident == 0x21 and pos + 2 <= end:
+            return max(1, struct.unpack_from("!H", body, pos)[0])
+        if ident in _PROP_BYTE:
+            pos += 1
+        elif ident in _PROP_U16:
+            pos += 2
+        elif ident in _PROP_U32:
+            pos += 4
+        elif ident == 0x0B:
+            got = _read_varint(body, pos, end)
+            if got is None:
+                break
+            pos = got[1]
+        elif ident in _PROP_LENGTH_PREFIXED and pos + 2 <= end:
+            pos += 2 + struct.unpack_from("!H", body, pos)[0]
+        elif ident == 0x26 and pos + 2 <= end:            # a user property: two strings
+            pos += 2 + struct.unpack_from("!H", body, pos)[0]
+            if pos + 2 > end:
+                break
+            pos += 2 + struct.unpack_from("!H", body, pos)[0]
+        else:
+            break
+    return 65_535
+
+
 def tls_context(address: BrokerAddress) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=address.ca_file)
     if address.cert_file:
@@ -189,6 +234,9 @@ class StreamConnection:
         self._mid = 0
         self._mid_lock = threading.Lock()
         self._inflight: dict[int, bytes] = {}       # our QoS 1 publishes awaiting PUBACK (resent on reconnect)
+        self._waiting: collections.deque = collections.deque()   # QoS 1 (topic, payload, retain) not sent yet
+        self._out_lock = threading.Lock()
+        self._send_quota = 65_535                   # the broker's Receive Maximum (MQTT 5 CONNACK)
         self._subscribing: set[int] = set()         # SUBSCRIBE packet ids awaiting their SUBACK
         self._dropped_out = 0
         self._last_sent = 0.0
@@ -247,24 +295,37 @@ class StreamConnection:
 
     def publish_many(self, items: list[tuple[str, bytes]], qos: int = 0, retain: bool = False) -> None:
         """Publish several messages in one write. At QoS 1 each is kept until its PUBACK, and sent again
-        after a reconnect (also when published while disconnected); at QoS 0 they are dropped when the
-        connection is down."""
-        out = []
-        for topic, payload in items:
-            if qos:
-                if len(self._inflight) >= MAX_INFLIGHT_OUT:
+        after a reconnect (also when published while disconnected); no more are unacknowledged at a time
+        than the broker's Receive Maximum allows (the rest wait, in order). At QoS 0 they are dropped when
+        the connection is down."""
+        if not qos:
+            if self._connected:
+                self._send(b"".join(encode_publish(t, p, 0, retain, 0, self.v5) for t, p in items))
+            return
+        with self._out_lock:
+            for topic, payload in items:
+                if len(self._waiting) >= MAX_WAITING_OUT:
+                    self._waiting.popleft()
                     self._dropped_out += 1
                     if self._dropped_out in (1, 10, 100, 1000) or self._dropped_out % 10_000 == 0:
-                        log.warning("%d QoS 1 publishes dropped: %d await the broker's PUBACK",
-                                    self._dropped_out, len(self._inflight))
-                    continue
+                        log.warning("%d QoS 1 publishes of the monitor dropped: %d await the broker's PUBACK "
+                                    "and %d more wait", self._dropped_out, len(self._inflight), len(self._waiting))
+                self._waiting.append((topic, payload, retain))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send waiting QoS 1 publishes while the broker's Receive Maximum has room (one write)."""
+        if not self._connected:
+            return
+        out = []
+        with self._out_lock:
+            while self._waiting and len(self._inflight) < self._send_quota:
+                topic, payload, retain = self._waiting.popleft()
                 mid = self._next_mid()
                 packet = encode_publish(topic, payload, 1, retain, mid, self.v5)
                 self._inflight[mid] = packet
-            else:
-                packet = encode_publish(topic, payload, 0, retain, 0, self.v5)
-            out.append(packet)
-        if out and self._connected:
+                out.append(packet)
+        if out:
             self._send(b"".join(out))
 
     # -- internals ---------------------------------------------------------------------------------
@@ -481,11 +542,13 @@ class StreamConnection:
         if code:
             raise _Refused(CONNACK_V311.get(code, f"reason code 0x{code:02x}") if not self.v5
                            else f"reason code 0x{code:02x}")
+        self._send_quota = connack_receive_maximum(body) if self.v5 else 65_535
         self._connected = True
-        if self._inflight:            # what was published and never acknowledged, in order, marked DUP
-            again = list(self._inflight.items())
-            again.sort()
-            self._send(b"".join(bytes((p[0] | 0x08,)) + p[1:] for _, p in again))
+        with self._out_lock:          # what was published and never acknowledged, in order, marked DUP
+            again = list(self._inflight.values())
+        if again:
+            self._send(b"".join(bytes((p[0] | 0x08,)) + p[1:] for p in again))
+        self._pump()
         if self.on_connect:
             self.on_connect(bool(body[0] & 0x01))
 
@@ -510,9 +573,12 @@ class StreamConnection:
             if len(body) < 2:
                 raise ProtocolError("a PUBACK too short")
             (mid,) = struct.unpack_from("!H", body, 0)
-            self._inflight.pop(mid, None)
+            with self._out_lock:
+                self._inflight.pop(mid, None)
             if self.v5 and len(body) > 2 and body[2] >= 0x80:
                 log.warning("the broker refused a publish of the monitor (reason code 0x%02x)", body[2])
+            if self._waiting:
+                self._pump()
         elif kind == DISCONNECT:
             code = body[0] if body else 0
             raise OSError(f"the broker disconnected the monitor (reason code 0x{code:02x})")

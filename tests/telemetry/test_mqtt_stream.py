@@ -30,7 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from devtools.brokers import MosquittoBroker, free_port
 from edge_runtime.mqtt import parse_broker_url
 from helpers import eventually
-from telemetry.mqtt_stream import CutPayload, StreamConnection
+from telemetry.mqtt_stream import CutPayload, StreamConnection, connack_receive_maximum
 
 PROTOCOLS = {"5": "", "3.1.1": "?protocol=3.1.1"}
 CONNACK_OK = {"5": b"\x20\x03\x00\x00\x00", "3.1.1": b"\x20\x02\x00\x00"}
@@ -98,7 +98,8 @@ class FakeBroker:
     """A TCP server that speaks only as much MQTT as a test scripts.
 
     ``script(index, connect_body)`` gives the steps for the index-th connection: bytes to send (``gap`` seconds
-    apart, to keep fragments apart on the wire) or :class:`Expect`. After its script a connection keeps reading
+    apart, to keep fragments apart on the wire), :class:`Expect`, or a callable to run (to wait for the test).
+    After its script a connection keeps reading
     what the client sends (``received[index]``) until the client leaves or the test ends.
     """
 
@@ -183,6 +184,8 @@ class FakeBroker:
                     except EOFError:
                         self.errors.append(f"connection {index}: the client never sent {bytes(step)!r}")
                         return
+                elif callable(step):
+                    step()
                 else:
                     sock.sendall(step)
                     if self.gap:
@@ -687,3 +690,48 @@ def test_keepalive_zero_neither_pings_nor_drops_a_quiet_broker(fake_broker, stre
     assert rec.wait(lambda: rec.connects, 5)
     assert not broker.wait_connects(2, 2.0), "the client dropped a quiet broker with keepalive 0"
     assert b"\xc0\x00" not in bytes(broker.received[0])
+
+
+def test_qos1_publishes_wait_for_room_in_the_brokers_receive_maximum():
+    """A broker that allows 2 unacknowledged QoS 1 publishes (MQTT 5 Receive Maximum in its CONNACK) gets
+    no third until it acknowledges one (Mosquitto disconnects a client that sends more); the rest wait and
+    go out in order as PUBACKs come back."""
+    gate = threading.Event()
+    # CONNACK: no session, success, properties: Receive Maximum 2
+    steps = [b"\x20\x06\x00\x00\x03\x21\x00\x02", Expect(b"m/01"), Expect(b"m/02"), lambda: gate.wait(10)]
+    for k in range(1, 11, 2):       # acknowledge two, then wait for the next two
+        steps += [puback(k) + puback(k + 1)] + ([Expect(f"m/{k + 3:02d}".encode())] if k + 3 <= 10 else [])
+    broker = FakeBroker(lambda i, connect: steps)
+    rec = Recorder()
+    conn = StreamConnection(parse_broker_url(broker.url()), "rm-test", **rec.callbacks())
+    try:
+        conn.start()
+        assert rec.wait(lambda: rec.connects, 10)
+        conn.publish_many([(f"m/{k:02d}", b"x") for k in range(1, 11)], qos=1)
+        assert eventually(lambda: bytes(broker.received[0]).count(b"m/") == 2, 5)
+        time.sleep(0.5)         # room for a third that must not come
+        assert bytes(broker.received[0]).count(b"m/") == 2, "more QoS 1 publishes than the Receive Maximum"
+        gate.set()
+        assert eventually(lambda: bytes(broker.received[0]).count(b"m/") == 10, 10), bytes(broker.received[0])
+        sent = bytes(broker.received[0])
+        assert [sent.index(f"m/{k:02d}".encode()) for k in range(1, 11)] == sorted(
+            sent.index(f"m/{k:02d}".encode()) for k in range(1, 11))
+        assert eventually(lambda: not conn._inflight and not conn._waiting, 5)
+        assert not rec.disconnects
+    finally:
+        conn.stop()
+        broker.close()
+    assert not broker.errors, broker.errors
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b"\x00\x00\x00", 65_535),                                          # no properties
+    (b"\x00\x00\x03\x21\x00\x14", 20),                                  # Receive Maximum 20 (Mosquitto's default)
+    (b"\x00\x00\x0e\x24\x01\x27\x00\x01\x00\x00\x12\x00\x01a\x21\x01\x00", 256),  # after a byte, a u32, a string
+    (b"\x00\x00\x0d\x26\x00\x01k\x00\x01v\x0b\x81\x01\x21\x00\x05", 5),   # after a user property, a varint
+    (b"\x00\x00\x03\x21\x00\x00", 1),                                   # 0 is a protocol error: at least 1
+    (b"\x00\x00\x02\x21\x00", 65_535),                                   # cut short: the default
+    (b"\x00\x00\x02\x7f\x00", 65_535),                                   # an unknown property: the default
+])
+def test_the_receive_maximum_is_read_from_any_connack(body, expected):
+    assert connack_receive_maximum(body) == expected
