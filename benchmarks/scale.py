@@ -427,7 +427,7 @@ def plot(path: Path, ingest: list[dict], mqtt: list[dict], fleets: list[dict]) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 5.2))
     ok = [r for r in mqtt if r.get("windows_per_s") and r.get("broker", "mosquitto") == "mosquitto"]
     lines: dict[tuple, list[dict]] = {}
     for r in ok:      # one line per MQTT client, ack QoS and backlog setting
@@ -449,7 +449,7 @@ def plot(path: Path, ingest: list[dict], mqtt: list[dict], fleets: list[dict]) -
     a.set_ylabel("windows/s")
     a.set_xticks(sorted({r["workers"] for r in ok}) or [1])
     a.set_title(f"ingest ({_cores()}, shared with broker, load, database)", fontsize=9)
-    a.legend(fontsize=7)
+    a.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     b.loglog([r["devices"] for r in fleets], [r["fleet_verdict_ms"] for r in fleets], "o-", label="fleet verdict")
     b.loglog([r["devices"] for r in fleets], [r["device_update_ms"] for r in fleets], "s-", label="one device's update")
     b.set_xlabel("emulated devices in the fleet")
