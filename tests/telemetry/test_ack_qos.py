@@ -1,4 +1,5 @@
-"""``edgeops monitor --ack-qos 0``: confirmations without a PUBACK to track still empty a real agent's spool."""
+"""``edgeops monitor --ack-qos 0``: confirmations without a PUBACK to track still empty a real agent's spool,
+over either of the monitor's MQTT connections (``--mqtt-client stream`` or ``paho``)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ from helpers import eventually
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mqtt_client", ["stream", "paho"])
 @pytest.mark.parametrize("ack_qos", [0, 1])
-def test_an_agent_is_confirmed_at_either_ack_qos(ack_qos, mosquitto, bc_rf_bundle, reference_data, tmp_path):
+def test_an_agent_is_confirmed_at_either_ack_qos(ack_qos, mqtt_client, mosquitto, bc_rf_bundle, reference_data,
+                                                 tmp_path):
     from edge_runtime.mqtt import parse_broker_url
     from telemetry.monitor import FleetMonitor
 
     inputs = tmp_path / "bc.npy"
     np.save(inputs, reference_data["breast_cancer"].X_test)           # 171 rows: 5 windows of 40
     mon = FleetMonitor(parse_broker_url(mosquitto.url), f"sqlite:///{tmp_path}/m.db", fleet="lab",
-                       ack_qos=ack_qos).start()
+                       ack_qos=ack_qos, mqtt_client=mqtt_client).start()
     seen, lock, subscribed = [], threading.Lock(), threading.Event()
-    watch = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"ack-watch-{ack_qos}")
+    watch = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"ack-watch-{ack_qos}-{mqtt_client}")
 
     def on_message(client, userdata, msg):
         with lock:
@@ -58,3 +61,15 @@ def test_an_ack_qos_other_than_0_or_1_is_refused():
 
     with pytest.raises(ValueError, match="--ack-qos 2"):
         FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), "sqlite://", ack_qos=2)
+
+
+def test_an_unknown_mqtt_client_is_refused(tmp_path):
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry.monitor import FleetMonitor
+
+    with pytest.raises(ValueError, match="--mqtt-client gmqtt"):
+        FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), "sqlite://", mqtt_client="gmqtt")
+    run = subprocess.run([sys.executable, "-m", "edgeops", "monitor", "--broker", "mqtt://127.0.0.1:1",
+                          "--db", f"sqlite:///{tmp_path}/m.db", "--mqtt-client", "gmqtt", "--duration", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "gmqtt" in run.stderr, run.stderr      # a usage error
