@@ -13,6 +13,7 @@ import threading
 import time
 
 from edge_runtime.mqtt import MqttLink, parse_broker_url
+from helpers import eventually
 
 
 class _ClosingNode:
@@ -50,9 +51,7 @@ def test_every_node_of_the_first_round_is_tried_after_the_shortest_wait_then_the
                     min_backoff=1, max_backoff=30)
     try:
         link.start()
-        deadline = time.monotonic() + 12
-        while time.monotonic() < deadline and len(nodes[0].tries) < 2:
-            time.sleep(0.05)
+        eventually(lambda: len(nodes[0].tries) >= 2, 12)     # the first node again: a round and one more
         tries = sorted((t, i) for i, n in enumerate(nodes) for t in n.tries)
     finally:
         link.stop(timeout=2)
