@@ -5,9 +5,10 @@
 
 Not 10,000 agents: the windows are built beforehand (a few templates made by the device's own statistics
 code, telemetry.synthetic.make_window, then each device's copy wrapped by edge_runtime.wire's
-telemetry_message and encoded by wire.encode), and one paho client publishes them with QoS 1 at the
-target rate (device after device, so each device sends one window per round). It listens to the
-monitor's acks on ``<prefix>/<fleet>/+/ack`` and counts the windows confirmed as committed. A monitor
+telemetry_message and encoded by wire.encode), and one MQTT connection (the monitor's own,
+telemetry.mqtt_stream) publishes them with QoS 1 at the target rate (device after device, so each
+device sends one window per round). It listens to the monitor's acks on ``<prefix>/<fleet>/+/ack``
+and counts the windows confirmed as committed. A monitor
 must know the model (``--manifest-out`` writes it, for ``edgeops monitor --bundle``) so it checks every
 window against the profile.
 """
@@ -89,7 +90,11 @@ def build(devices: int, windows: int, fleet: str = "load", features: int = 4, pr
 
 @dataclass
 class Publisher:
-    """One paho client: publishes a Load at a rate and counts the acks the monitor sends back."""
+    """One MQTT connection: publishes a Load at a rate and counts the acks the monitor sends back.
+
+    It is the monitor's own connection (telemetry.mqtt_stream.StreamConnection), not paho: the load
+    generator shares the machine's cores with the broker, the database and the workers it measures, and
+    paho costs about a core at 10,000 publishes/s (one packet, one callback at a time)."""
 
     broker_url: str
     fleet: str
@@ -99,72 +104,69 @@ class Publisher:
     ack_times: dict = field(default_factory=dict)    # (device, seq) -> first ack's arrival
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def connect(self) -> "Publisher":
-        import paho.mqtt.client as mqtt
-
+    def connect(self, max_messages: int = 10_000_000) -> "Publisher":
         from edge_runtime.mqtt import parse_broker_url
+        from telemetry.mqtt_stream import StreamConnection
 
-        address = parse_broker_url(self.broker_url)
-        host, port = address.host, address.port
-        self.client = c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"loadgen-{uuid.uuid4().hex[:8]}",
-                                      protocol=address.paho_protocol())
-        c.max_inflight_messages_set(2000)
-        c.max_queued_messages_set(0)
         subscribed = threading.Event()
-        c.on_message = self._on_ack
-        c.on_subscribe = lambda *a: subscribed.set()
-        c.connect(host, port)
-        c.loop_start()
-        # QoS 0 is enough to count: acks are what is measured, not what must be delivered
-        c.subscribe(f"{self.prefix}/{self.fleet}/+/ack", 0)
+        # a clean session (session expiry 0); QoS 1 publishes wait for room in the broker's Receive Maximum,
+        # up to max_messages of them (none dropped)
+        self.client = c = StreamConnection(
+            parse_broker_url(self.broker_url), f"loadgen-{uuid.uuid4().hex[:8]}", session_expiry=0,
+            receive_max=65_535, max_waiting=max_messages, on_messages=self._on_acks,
+            on_subscribe=lambda mid, codes: subscribed.set() if all(x < 0x80 for x in codes) else None,
+            on_connect=lambda resumed: c.subscribe([f"{self.prefix}/{self.fleet}/+/ack"]))
+        c.start()
         if not subscribed.wait(10):
+            c.stop()
             raise RuntimeError(f"could not subscribe to the acks on {self.broker_url}")
         return self
 
-    def _on_ack(self, client, userdata, msg) -> None:
+    def _on_acks(self, messages: list) -> None:
         from edge_runtime.wire import Rejected, parse_ack
 
         now = time.time()
-        device = msg.topic.split("/")[2]
-        try:
-            ranges = parse_ack(msg.payload)
-        except Rejected:
-            return
+        mids = []
         with self._lock:
-            self.ack_messages += 1
-            for lo, hi in ranges:
-                for s in range(lo, hi + 1):
-                    key = (device, s)
-                    if key not in self.acked:
-                        self.acked.add(key)
-                        self.ack_times[key] = now
+            for topic_, payload, mid, qos in messages:
+                if qos:
+                    mids.append(mid)
+                try:
+                    ranges = parse_ack(payload)
+                except Rejected:
+                    continue
+                device = topic_.split("/")[2]
+                self.ack_messages += 1
+                for lo, hi in ranges:
+                    for s in range(lo, hi + 1):
+                        key = (device, s)
+                        if key not in self.acked:
+                            self.acked.add(key)
+                            self.ack_times[key] = now
+        self.client.ack(mids)
 
     def publish(self, load: Load, rate: float) -> dict:
         """Publish every message with QoS 1, paced at ``rate`` messages/s (0: as fast as possible); returns
         the publish time of each (device, seq) and the achieved rate once the broker confirmed them all."""
         sent_at: dict[tuple[str, int], float] = {}
-        infos = []
         t0 = time.time()
         step = max(1, int(rate / 200)) if rate else 500
         for k in range(0, len(load.messages), step):
             if rate:
                 _sleep_until(t0 + k / rate)
             now = time.time()
-            for topic_, payload, device, seq in load.messages[k:k + step]:
-                infos.append(self.client.publish(topic_, payload, qos=1))
+            chunk = load.messages[k:k + step]
+            self.client.publish_many([(topic_, payload) for topic_, payload, _, _ in chunk], qos=1)
+            for _, _, device, seq in chunk:
                 sent_at[(device, seq)] = now
         last_publish = time.time()
         deadline = time.monotonic() + 120          # for all of them: a broker that lost some does not hang the run
-        for info in infos:
-            if not info.is_published():
-                try:
-                    info.wait_for_publish(max(0.01, deadline - time.monotonic()))
-                except (RuntimeError, ValueError):      # the connection went away: counted below
-                    pass
+        while self.client.unconfirmed() and time.monotonic() < deadline:
+            time.sleep(0.01)
         done = time.time()
         n = len(load.messages)
         return {"published": n, "publish_seconds": round(last_publish - t0, 3),
-                "unconfirmed_by_broker": sum(not i.is_published() for i in infos),
+                "unconfirmed_by_broker": self.client.unconfirmed(),
                 "publish_rate": round(n / max(1e-9, last_publish - t0), 1),
                 "broker_confirmed_seconds": round(done - t0, 3), "started": t0, "sent_at": sent_at}
 
@@ -179,8 +181,7 @@ class Publisher:
             return len(keys & self.acked)
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.client.stop()
 
 
 def main(argv: list[str] | None = None) -> dict:

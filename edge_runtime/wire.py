@@ -28,7 +28,7 @@ import json
 import re
 import time
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "edgeops"
@@ -77,8 +77,7 @@ class Rejected(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     """A device message that passed validation: ``doc`` holds only known, bounded fields."""
 
     kind: str          # telemetry | status | bench
@@ -157,9 +156,10 @@ def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD):
 
 try:        # the monitor's speed-up (about 3x faster decoding); a device without it uses json alone
     from orjson import JSONDecodeError as _FastError
+    from orjson import dumps as _fast_dumps
     from orjson import loads as _fast_loads
 except ImportError:  # pragma: no cover - orjson comes with the monitor extra
-    _fast_loads = None
+    _fast_dumps = _fast_loads = None
 _FAST_MAX_NESTING = 512    # orjson 3.8 crashes the process on input nested 100,000 deep: it sees none past this
 
 
@@ -268,13 +268,22 @@ def _label_value(v, field: str):
     raise Rejected("bad_value", f"{field} must be a string or an integer, got {_short(v)}")
 
 
-def ack_message(seqs: list[int], rejected: dict[int, str] | None = None) -> dict:
+def ack_message(seqs: list[int], rejected: dict[int, str] | None = None, ts: float | None = None) -> dict:
     """What the monitor sends a device once windows are committed (stored, duplicate or quarantined).
 
     ``ranges`` are inclusive [first, last] runs of sequence numbers the device may forget.
     """
-    return {"schema_version": SCHEMA_VERSION, "type": ACK, "ts": round(time.time(), 3),
+    return {"schema_version": SCHEMA_VERSION, "type": ACK, "ts": round(time.time(), 3) if ts is None else ts,
             "ranges": seq_ranges(seqs), "rejected": {str(k): v for k, v in (rejected or {}).items()}}
+
+
+def encode_ack(seqs: list[int], rejected: dict[int, str] | None = None, ts: float | None = None) -> bytes:
+    """:func:`ack_message`, encoded: the same JSON as :func:`encode` gives (orjson's when installed, as the
+    monitor has it: a monitor encodes one per device and batch)."""
+    doc = ack_message(seqs, rejected, ts)
+    if _fast_dumps is not None:
+        return _fast_dumps(doc)
+    return encode(doc)
 
 
 def seq_ranges(seqs) -> list[list[int]]:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from edge_runtime import compact
 from edge_runtime.mqtt import BrokerAddress
@@ -25,8 +26,8 @@ from edge_runtime.wire import (
     MAX_PAYLOAD,
     Message,
     Rejected,
-    ack_message,
     encode,
+    encode_ack,
     fleet_topic,
     parse,
     parse_topic,
@@ -58,6 +59,15 @@ RECEIVE_MAX = 5000
 INBOX_READS = 64                # the stream connection's reads (up to 256 KiB each) waiting, at most
 
 log = logging.getLogger("edgeops.monitor")
+
+
+class _Prepared(NamedTuple):
+    """A validated batch, ready to commit: parsed messages (topic, payload, Message, the window's stored
+    JSON or None), refused ones (topic, reason, detail, payload) and the devices' confirmations."""
+
+    parsed: list
+    refused: list
+    acks: list
 
 _NO_FEATURES = {"count": [], "nan": [], "mean": [], "m2": [], "min": [], "max": [], "hist": []}
 
@@ -409,25 +419,25 @@ class FleetMonitor:
                         batch += _items(self._inbox.get_nowait())
                     except queue.Empty:
                         break
-                ready.put((batch, *self._prepare(batch)))
+                ready.put((batch, self._prepare(batch)))
         finally:
             ready.put(None)
             committer.join()
 
     def _commit_loop(self, ready: queue.Queue) -> None:
         while (item := ready.get()) is not None:
-            batch, parsed, refused = item
-            if self._commit_until_done(parsed, refused, len(batch)):
+            batch, prepared = item
+            if self._commit_until_done(prepared, len(batch)):
                 self._acknowledge(batch)
 
-    def _commit_until_done(self, parsed: list, refused: list, size: int) -> bool:
+    def _commit_until_done(self, prepared: _Prepared, size: int) -> bool:
         """Commit a validated batch; while the database is unreachable, retry with backoff (nothing is
         acknowledged meanwhile, so nothing is lost). Any other failure is contained by :meth:`_commit`
         itself. False when stopping before the batch could be stored (it is then not acknowledged)."""
         delay = 0.2
         while True:
             try:
-                self._commit(parsed, refused)
+                self._commit(prepared)
                 return True
             except Exception as exc:  # noqa: BLE001 - transient database failures only reach here
                 if self._stop.is_set():
@@ -446,12 +456,14 @@ class FleetMonitor:
         ``<prefix>/<fleet>/<device>/ack``), so a device forgets a window only once it is committed here.
         Raises only when the database is unreachable (the caller retries the batch).
         """
-        self._commit(*self._prepare(batch))
+        self._commit(self._prepare(batch))
 
-    def _prepare(self, batch: list[tuple[str, bytes, int, int]]) -> tuple[list, list]:
-        """Validate a batch: (parsed messages, refused ones with their reasons)."""
+    def _prepare(self, batch: list[tuple[str, bytes, int, int]]) -> _Prepared:
+        """Validate a batch and do the Python work of its commit ahead (each window's stored JSON, the
+        devices' confirmations), so that the thread committing the previous batch holds the interpreter
+        only while it talks to the database and the broker."""
         now = time.time()
-        parsed: list[tuple[str, bytes, Message]] = []
+        parsed: list[tuple[str, bytes, Message, str | None]] = []
         refused: list[tuple[str, str, str, bytes]] = []
         for topic, payload, _mid, _qos in batch:
             self.stats.received += 1
@@ -464,8 +476,8 @@ class FleetMonitor:
                 self._reject(topic, rej)
                 refused.append((topic, rej.reason, rej.detail, payload))
                 continue
-            parsed.append((topic, payload, msg))
-        return parsed, refused
+            parsed.append((topic, payload, msg, store.window_json(msg.doc) if msg.kind == "telemetry" else None))
+        return _Prepared(parsed, refused, self._confirmations(parsed, refused))
 
     def _broker_stat(self, payload: bytes) -> None:
         try:
@@ -512,8 +524,9 @@ class FleetMonitor:
             log.exception("validating a message on %s failed unexpectedly; it is quarantined", topic[:200])
             raise Rejected("internal_error", f"{type(exc).__name__}: {exc}"[:500]) from None
 
-    def _commit(self, parsed: list, refused: list) -> None:
+    def _commit(self, prepared: _Prepared) -> None:
         """Store what was parsed and quarantine what was refused; acknowledge windows to their devices."""
+        parsed, refused = prepared.parsed, prepared.refused
         try:
             self._store(parsed, refused)
         except Exception as exc:  # noqa: BLE001
@@ -525,7 +538,7 @@ class FleetMonitor:
                         str(exc).splitlines()[0][:200], len(parsed))
             store_bisecting(parsed, lambda part: self._store(part, []), self._quarantine_refused, _transient)
             self._store([], refused)
-        self._confirm(parsed, refused)
+        self._confirm(prepared.acks)
 
     def _quarantine_refused(self, item: tuple, exc: BaseException) -> None:
         rej = Rejected("database_error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"[:500])
@@ -533,8 +546,8 @@ class FleetMonitor:
         self._store([], [(item[0], rej.reason, rej.detail, item[1])])
 
     def _store(self, parsed: list, refused: list) -> None:
-        windows = [(m.fleet, m.device_id, m.doc) for _, _, m in parsed if m.kind == "telemetry"]
-        for _, _, m in parsed:
+        windows = [(m.fleet, m.device_id, m.doc) for _, _, m, _ in parsed if m.kind == "telemetry"]
+        for _, _, m, _ in parsed:
             if m.kind == "status":
                 store.store_status(self.engine, m.fleet, m.device_id, m.doc)
                 if not m.doc["online"]:
@@ -542,7 +555,8 @@ class FleetMonitor:
             elif m.kind == "bench":
                 store.store_bench(self.engine, m.fleet, m.device_id, m.doc)
         if windows:
-            result = store.store_windows(self.engine, windows)
+            result = store.store_windows(self.engine, windows,
+                                         texts=[text for _, _, m, text in parsed if m.kind == "telemetry"])
             new, dup = result
             if dup and getattr(result, "duplicate_keys", None):
                 log.debug("%d windows were stored before (redelivered): %s", dup,
@@ -566,13 +580,14 @@ class FleetMonitor:
             for _, reason, _, _ in refused:
                 self.stats.quarantined[reason] += 1
 
-    def _confirm(self, parsed: list, refused: list) -> None:
-        """Tell each device which of its windows are committed (stored, duplicates or quarantined)."""
-        if self.client is None or not self.confirm:
-            return
+    def _confirmations(self, parsed: list, refused: list) -> list[tuple[str, bytes]]:
+        """Each device's confirmation of a batch's windows (stored, duplicates or quarantined), built before
+        the commit and sent after it."""
+        if not self.confirm or self.client is None:
+            return []
         done: dict[tuple[str, str], list[int]] = defaultdict(list)
         bad: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
-        for _, _, m in parsed:
+        for _, _, m, _ in parsed:
             if m.kind == "telemetry":
                 done[(m.fleet, m.device_id)].append(m.doc["seq"])
         for topic, reason, _, payload in refused:
@@ -584,8 +599,14 @@ class FleetMonitor:
             if seq is not None:
                 done[(fleet, device)].append(seq)
                 bad[(fleet, device)][seq] = reason
-        acks = [(wire_topic(self.prefix, fleet, device, ACK), encode(ack_message(seqs, bad.get((fleet, device)))))
+        ts = round(time.time(), 3)
+        return [(wire_topic(self.prefix, fleet, device, ACK), encode_ack(seqs, bad.get((fleet, device)), ts))
                 for (fleet, device), seqs in done.items()]
+
+    def _confirm(self, acks: list[tuple[str, bytes]]) -> None:
+        """Tell each device which of its windows are committed."""
+        if self.client is None or not acks:
+            return
         many = getattr(self.client, "publish_many", None)
         if many is not None:        # one write for the batch's confirmations
             many(acks, qos=self.ack_qos)

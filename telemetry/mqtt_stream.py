@@ -209,7 +209,7 @@ class StreamConnection:
 
     def __init__(self, address: BrokerAddress, client_id: str, *, session_expiry: int = 3600,  # noqa: PLR0913
                  keepalive: int = 30, receive_max: int = 1000, max_packet: int = 1 << 20,
-                 reconnect: tuple[float, float] = (1.0, 30.0),
+                 reconnect: tuple[float, float] = (1.0, 30.0), max_waiting: int = MAX_WAITING_OUT,
                  on_connect: Callable[[bool], None] | None = None,
                  on_subscribe: Callable[[int, list[int]], None] | None = None,
                  on_messages: Callable[[list], None] | None = None,
@@ -222,6 +222,7 @@ class StreamConnection:
         self.receive_max = receive_max
         self.max_packet = max_packet
         self.reconnect = reconnect
+        self.max_waiting = max_waiting
         self.on_connect, self.on_subscribe, self.on_messages = on_connect, on_subscribe, on_messages
         self.on_disconnect, self.on_refused = on_disconnect, on_refused
         self.v5 = address.v5
@@ -304,7 +305,7 @@ class StreamConnection:
             return
         with self._out_lock:
             for topic, payload in items:
-                if len(self._waiting) >= MAX_WAITING_OUT:
+                if len(self._waiting) >= self.max_waiting:
                     self._waiting.popleft()
                     self._dropped_out += 1
                     if self._dropped_out in (1, 10, 100, 1000) or self._dropped_out % 10_000 == 0:
@@ -327,6 +328,11 @@ class StreamConnection:
                 out.append(packet)
         if out:
             self._send(b"".join(out))
+
+    def unconfirmed(self) -> int:
+        """Our QoS 1 publishes the broker has not acknowledged yet (sent, or waiting to be sent)."""
+        with self._out_lock:
+            return len(self._inflight) + len(self._waiting)
 
     # -- internals ---------------------------------------------------------------------------------
 

@@ -45,12 +45,12 @@ def _picky(real):
     """store_windows that refuses any batch holding the refused window, as a database refuses one row."""
     calls = []
 
-    def store_windows(engine, items):
+    def store_windows(engine, items, **kw):
         items = list(items)
         calls.append(len(items))
         if any(d == "dev-000003" and w["seq"] == REFUSED_SEQ for _, d, w in items):
             raise OverflowError("Python int too large to convert to SQLite INTEGER")
-        return real(engine, items)
+        return real(engine, items, **kw)
 
     store_windows.calls = calls
     return store_windows
@@ -159,13 +159,13 @@ def test_nothing_is_acknowledged_before_its_commit_and_a_database_outage_loses_n
     real = store.store_windows
     down = {"failures": 3}
 
-    def flaky(engine, items):
+    def flaky(engine, items, **kw):
         items = list(items)
         if down["failures"]:
             down["failures"] -= 1
             log.append(("db_down", None, None, time.monotonic()))
             raise sa_exc.OperationalError("INSERT", {}, Exception("the database is unreachable"))
-        out = real(engine, items)
+        out = real(engine, items, **kw)
         log.append(("commit", None, tuple(sorted((d, w["seq"]) for _, d, w in items)), time.monotonic()))
         return out
 
@@ -195,3 +195,53 @@ def test_nothing_is_acknowledged_before_its_commit_and_a_database_outage_loses_n
             assert by_mid[who] in committed
     assert m.stats.stored == len(msgs)
     assert {e[1] for e in log if e[0] == "device_ack"} == {d for _, _, d, _ in load.messages}
+
+
+def test_postgresql_stores_a_batch_in_one_statement_and_moves_last_seen_only_for_new_windows(pg_url, load):
+    """The windows and the devices' last_seen go in one autocommitted statement: a batch of duplicates alone
+    (a redelivery) leaves last_seen where it was; the stored text is the caller's when it gives one."""
+    from sqlalchemy import text
+
+    engine = store.connect(pg_url)
+    items = [(load.fleet, d, json.loads(p)) for _, p, d, _ in load.messages[:4]]
+    texts = [store.window_json(w) for _, _, w in items]
+    assert tuple(store.store_windows(engine, items[:2], texts=texts[:2])) == (2, 0)
+    with engine.connect() as conn:
+        seen = dict(conn.execute(text("select device_id, last_seen from edgeops_devices")).all())
+    assert tuple(store.store_windows(engine, items[:2], texts=texts[:2])) == (0, 2)
+    with engine.connect() as conn:
+        assert dict(conn.execute(text("select device_id, last_seen from edgeops_devices")).all()) == seen
+    # one new window among duplicates: its batch's devices are seen again, the new one added
+    assert tuple(store.store_windows(engine, items[:3], texts=texts[:3])) == (1, 2)
+    with engine.connect() as conn:
+        after = dict(conn.execute(text("select device_id, last_seen from edgeops_devices")).all())
+        payloads = dict(conn.execute(text("select device_id, payload from edgeops_windows")).all())
+    assert len(after) == 3 and all(after[d] > seen[d] for d in seen)
+    assert [payloads[d] for _, d, _ in items[:3]] == texts[:3]
+    with pytest.raises(ValueError, match="3 texts for 2 windows"):
+        store.store_windows(engine, items[:2], texts=texts[:3])
+    engine.dispose()
+
+
+def test_a_batch_with_the_same_window_twice_stores_it_once_with_its_own_text(tmp_path, load):
+    engine = store.connect(f"sqlite:///{tmp_path}/t.db")
+    items = [(load.fleet, d, json.loads(p)) for _, p, d, _ in load.messages[:3]]
+    items.insert(1, items[0])
+    texts = [store.window_json(w) for _, _, w in items]
+    assert tuple(store.store_windows(engine, items, texts=texts)) == (3, 1)
+    with engine.connect() as conn:
+        rows = conn.execute(select(store.windows.c.device_id, store.windows.c.payload)).all()
+    assert sorted(rows) == sorted({(d, t) for (_, d, _), t in zip(items, texts, strict=True)})
+
+
+@pytest.mark.parametrize("ts", [0.0, 1.5, 1764740000.123, 1e10 + 0.001])
+def test_the_monitors_fast_ack_encoding_is_the_agents_json(ts):
+    """encode_ack (orjson on the monitor) gives byte for byte what wire.encode gives, and the agent reads it."""
+    from edge_runtime.wire import ack_message, encode, encode_ack
+
+    for seqs, bad in (([3], None), ([5, 1, 2, 3, 9], {9: "bad_value"}), (list(range(1000)), {7: "clock_skew"})):
+        fast = encode_ack(seqs, bad, ts)
+        assert fast == encode(ack_message(seqs, bad, ts))
+        assert parse_ack(fast) == [tuple(r) for r in json.loads(fast)["ranges"]]
+    # a reason is one of the monitor's names (ASCII); were it not, the JSON would still mean the same
+    assert json.loads(encode_ack([1], {1: "é\u2028"}, ts)) == json.loads(encode(ack_message([1], {1: "é\u2028"}, ts)))

@@ -90,11 +90,11 @@ def test_a_row_the_database_refuses_is_quarantined_alone(tmp_path, bc, monkeypat
     m = FleetMonitor(NOWHERE, f"sqlite:///{tmp_path}/m.db", bundles=[bc[1]])
     real = store.store_windows
 
-    def picky(engine, items):
+    def picky(engine, items, **kw):
         items = list(items)
         if any(w["seq"] == 13 for _, _, w in items):
             raise OverflowError("Python int too large to convert to SQLite INTEGER")
-        return real(engine, items)
+        return real(engine, items, **kw)
 
     monkeypatch.setattr(store, "store_windows", picky)
     m.ingest([(t("dev-ok"), json.dumps(clean_window(bc, seq=s)).encode(), 0, 0) for s in (12, 13, 14)])
