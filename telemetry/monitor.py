@@ -69,6 +69,7 @@ class _Prepared(NamedTuple):
     refused: list
     acks: list
 
+
 _NO_FEATURES = {"count": [], "nan": [], "mean": [], "m2": [], "min": [], "max": [], "hist": []}
 
 
