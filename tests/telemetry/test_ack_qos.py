@@ -73,3 +73,14 @@ def test_an_unknown_mqtt_client_is_refused(tmp_path):
                           "--db", f"sqlite:///{tmp_path}/m.db", "--mqtt-client", "gmqtt", "--duration", "1"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "gmqtt" in run.stderr, run.stderr      # a usage error
+
+
+def test_alerts_broker_without_a_nats_broker_is_a_clear_error(tmp_path):
+    """--alerts-broker names the NATS servers' MQTT side; with an MQTT --broker the alerts are retained on
+    that broker already, so the flag is refused before anything starts (exit 3: an invalid input)."""
+    run = subprocess.run([sys.executable, "-m", "edgeops", "monitor", "--broker", "mqtt://127.0.0.1:1",
+                          "--db", f"sqlite:///{tmp_path}/m.db", "--alerts-broker", "mqtt://127.0.0.1:2",
+                          "--duration", "1"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3, (run.returncode, run.stderr)
+    assert "--alerts-broker goes with a nats:// --broker" in run.stderr
+    assert not (tmp_path / "m.db").exists()       # refused before the database was opened
