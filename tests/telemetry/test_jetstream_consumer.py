@@ -230,6 +230,8 @@ def test_workers_share_the_stream_and_a_node_and_a_worker_die_without_loss_or_du
             mine = {seq: count for (d, seq), count in rows().items() if d == s.name}
             assert sorted(mine) == list(range(n)), f"{s.name}: missing {sorted(set(range(n)) - set(mine))[:10]}"
             assert set(mine.values()) == {1}, f"{s.name}: windows stored more than once"
+            print(f"{s.name}: {n} windows numbered, {len(mine)} stored, {n - len(mine)} lost, "
+                  f"{sum(mine.values()) - len(mine)} stored twice")       # the counts the issue note quotes
             assert _spooled(s) == 0, f"{s.name}: {_spooled(s)} windows never confirmed"
             assert "trying broker node" in s.with_suffix(".log").read_text() or s.name != "dev-1"
         assert "monitor reconnected to NATS server" in logs[1].read_text(), logs[1].read_text()
