@@ -85,7 +85,16 @@ def _transient(exc: BaseException) -> bool:
 
     if isinstance(exc, sa.DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.DisconnectionError, sa.TimeoutError))
+    if isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.DisconnectionError, sa.TimeoutError)):
+        return True
+    # PostgreSQL's batches go through psycopg's own cursor (binary arrays), whose errors SQLAlchemy does not
+    # wrap: a session the server ended, a lost connection, a server shutting down are psycopg's
+    # OperationalError or InterfaceError, as SQLAlchemy would have classed them
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg comes with the monitor extra
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
 
 
 @dataclass

@@ -245,3 +245,34 @@ def test_the_monitors_fast_ack_encoding_is_the_agents_json(ts):
         assert parse_ack(fast) == [tuple(r) for r in json.loads(fast)["ranges"]]
     # a reason is one of the monitor's names (ASCII); were it not, the JSON would still mean the same
     assert json.loads(encode_ack([1], {1: "é\u2028"}, ts)) == json.loads(encode(ack_message([1], {1: "é\u2028"}, ts)))
+
+
+def test_a_postgresql_connection_cut_mid_batch_is_retried_not_refused(pg_url, load, caplog):
+    """The server ends the monitor's session (a restart, a failover, an administrator): the driver's own
+    error reaches the monitor, and it is a database that is away, not one refusing the batch: no halving,
+    nothing quarantined, and the batch stored once it is tried again."""
+    from sqlalchemy import create_engine, text
+
+    from helpers import PG_ADMIN
+    from telemetry.monitor import _transient
+
+    m = FleetMonitor(NOWHERE, pg_url, fleet="bulk", bundles=[load.manifest])
+    msgs = [(t, p, i, 1) for i, (t, p, _, _) in enumerate(load.messages)]
+    m.ingest(msgs[:10])
+    db = pg_url.rsplit("/", 1)[1]
+    admin = create_engine(PG_ADMIN + "test", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:      # every session of the monitor's database, pooled ones too
+            ended = conn.execute(text("select count(pg_terminate_backend(pid)) from pg_stat_activity "
+                                      "where datname = :db and pid <> pg_backend_pid()"), {"db": db}).scalar()
+        assert ended >= 1
+    finally:
+        admin.dispose()
+    with caplog.at_level("WARNING", logger="edgeops.monitor"), pytest.raises(Exception) as raised:
+        m.ingest(msgs[10:20])
+    assert _transient(raised.value), repr(raised.value)
+    assert "in halves" not in caplog.text and not m.stats.quarantined
+    m.ingest(msgs[10:20])                  # the retry, on a new connection
+    with m.engine.connect() as conn:
+        assert conn.execute(select(store.windows.c.seq).where(store.windows.c.fleet == "bulk")).all().__len__() == 20
+    m.engine.dispose()
