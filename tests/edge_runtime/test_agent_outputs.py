@@ -28,9 +28,13 @@ def make_agent(broker, bundle, tmp_path, device="out-1", **kw) -> DeviceAgent:
                        state_dir=tmp_path / device, window_size=100, confirm="broker", **kw)
 
 
-def run_agent(agent: DeviceAgent, X) -> None:
+def run_agent(agent: DeviceAgent, X, connected: bool = False) -> None:
+    """Start the agent, run it on X, stop it; ``connected``: first wait for its MQTT link (an mqtt output
+    drops what it cannot publish while the link is down, and counts it as failed)."""
     agent.start()
     try:
+        if connected:
+            assert agent.link.connected.wait(20), "the agent did not connect to the broker"
         agent.run(X)
     finally:
         agent.stop()
@@ -109,7 +113,7 @@ def test_the_mqtt_output_publishes_predictions_in_batches(session_mosquitto, bc_
     try:
         agent = make_agent(session_mosquitto, bc_mlp_bundle, tmp_path, device="out-mqtt",
                            outputs=["mqtt?qos=1&batch=25&seconds=10"])
-        run_agent(agent, X)
+        run_agent(agent, X, connected=True)
         assert col.wait_for(lambda: sum(len(m["predictions"]) for _, m in col.messages) >= 100, 20)
     finally:
         col.close()
@@ -215,8 +219,9 @@ def test_the_mqtt_output_keeps_to_its_rate_limit(session_mosquitto, bc_mlp_bundl
     try:
         agent = make_agent(session_mosquitto, bc_mlp_bundle, tmp_path, device="out-rate",
                            outputs=["mqtt?qos=1&batch=5&seconds=0&rate=20"])
-        run_agent(agent, reference_data["breast_cancer"].X_test[:40].astype(np.float32))
-        assert col.wait_for(lambda: sum(len(m["predictions"]) for _, m in col.messages) >= 40, 20)
+        run_agent(agent, reference_data["breast_cancer"].X_test[:40].astype(np.float32), connected=True)
+        assert col.wait_for(lambda: sum(len(m["predictions"]) for _, m in col.messages) >= 40, 20), \
+            (agent.sinks[0].counts, [len(m["predictions"]) for _, m in col.messages])
     finally:
         col.close()
     stamps = [m["ts"] for _, m in col.messages]
