@@ -25,18 +25,24 @@ def _widths(cells: list[list[str]]) -> list[int]:
 
 
 def _aligned(row: list[str], widths: list[int], numbers: bool) -> str:
-    """One table line: the first column left-aligned, the others too in the header, right-aligned below it."""
-    return "  ".join(c.rjust(w) if numbers and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                              strict=True)))
+    """One table line: the header and text cells left-aligned, numbers (and lists of them) right-aligned
+    below the header."""
+    return "  ".join(c.rjust(w) if numbers and i and _numeric(c) else c.ljust(w)
+                     for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+
+
+def _numeric(cell: str) -> bool:
+    return bool(cell) and (cell[0].isdigit() or cell[0] in "-[." or cell[:2] == "-.")
 
 
 def _fmt(v) -> str:
+    """A cell: a float with 4 significant digits, or whole when it is 1,000 or more (no exponent)."""
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "NO"
     if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 
 
