@@ -482,12 +482,27 @@ class FleetMonitor:
                 continue
             try:
                 msg = self._validate(topic, payload, now)
+                text = self._stored_json(topic, msg) if msg.kind == "telemetry" else None
             except Rejected as rej:
                 self._reject(topic, rej)
                 refused.append((topic, rej.reason, rej.detail, payload))
                 continue
-            parsed.append((topic, payload, msg, store.window_json(msg.doc) if msg.kind == "telemetry" else None))
-        return _Prepared(parsed, refused, self._confirmations(parsed, refused))
+            parsed.append((topic, payload, msg, text))
+        try:
+            acks = self._confirmations(parsed, refused)
+        except Exception:  # noqa: BLE001 - the batch is stored all the same; its devices send it again
+            log.exception("building the confirmations of a batch of %d messages failed; its devices will send "
+                          "those windows again (stored once)", len(batch))
+            acks = []
+        return _Prepared(parsed, refused, acks)
+
+    def _stored_json(self, topic: str, msg: Message) -> str:
+        """A validated window's stored JSON; a failure quarantines that message alone."""
+        try:
+            return store.window_json(msg.doc)
+        except Exception as exc:  # noqa: BLE001 - one window must not stop the batch or the ingest thread
+            log.exception("encoding the window on %s for storage failed; it is quarantined", topic[:200])
+            raise Rejected("internal_error", f"{type(exc).__name__}: {exc}"[:500]) from None
 
     def _broker_stat(self, payload: bytes) -> None:
         try:

@@ -276,3 +276,24 @@ def test_a_postgresql_connection_cut_mid_batch_is_retried_not_refused(pg_url, lo
     with m.engine.connect() as conn:
         assert conn.execute(select(store.windows.c.seq).where(store.windows.c.fleet == "bulk")).all().__len__() == 20
     m.engine.dispose()
+
+
+def test_a_window_that_cannot_be_encoded_for_storage_is_quarantined_alone(tmp_path, load, monkeypatch):
+    """The stored JSON is made on the ingest thread now: a failure there quarantines that message
+    (internal_error, confirmed to its device) and the batch and the thread go on."""
+    real = store.window_json
+
+    def fragile(window):
+        if window["device_id"] == "dev-000002":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(window)
+
+    monkeypatch.setattr(store, "window_json", fragile)
+    log: list = []
+    m = FleetMonitor(NOWHERE, f"sqlite:///{tmp_path}/m.db", fleet="bulk", bundles=[load.manifest])
+    m.client = _Client(log)
+    m.ingest([(t, p, i, 1) for i, (t, p, _, _) in enumerate(load.messages[:6])])
+    assert m.stats.stored == 5 and m.stats.quarantined == {"internal_error": 1}
+    assert [r["reason"] for r in store.quarantined(m.engine)] == ["internal_error"]
+    confirmed = {device for kind, device, _, _ in log if kind == "device_ack"}
+    assert confirmed == {f"dev-{i:06d}" for i in range(6)}      # the quarantined one too: it is not resent
