@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import subprocess
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -56,9 +55,8 @@ def nats_server(tmp_path):
         proc.send_signal(signal.SIGHUP)          # nats-server reloads its configuration
 
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and b"Server is ready" not in (tmp_path / "nats.log").read_bytes():
-            time.sleep(0.05)
+        assert eventually(lambda: b"Server is ready" in (tmp_path / "nats.log").read_bytes(), 15), \
+            (tmp_path / "nats.log").read_bytes()[-2000:]
         yield ports["mqtt_port"], allow
     finally:
         proc.kill()
