@@ -200,7 +200,6 @@ _DEVICES_UPSERT = ("INSERT INTO edgeops_devices (fleet, device_id, last_seen, on
 _DEVICE_COLUMNS = ("fleet", "device_id", "last_seen", "online", "model_name", "model_version")
 _SQLITE_DEVICES = _DEVICES_UPSERT.format(values="VALUES (?, ?, ?, ?, ?, ?)")
 _PG_DEVICE_ARRAYS = "unnest(%b::text[], %b::text[], %b::float8[], %b::bool[], %b::text[], %b::text[])"
-_PG_DEVICES = _DEVICES_UPSERT.format(values=f"SELECT * FROM {_PG_DEVICE_ARRAYS}")
 # a batch in one statement, so in one round trip and its own transaction: the windows, then the devices'
 # last_seen and model when any window was new (data-modifying CTEs run on one snapshot, all or nothing)
 _PG_STORE = (f"WITH ins AS ({_PG_WINDOWS}), dev AS ("
@@ -223,17 +222,6 @@ def _insert_rows_sqlite(conn, rows: list[tuple]) -> set[tuple]:
     return {tuple(r) for r in conn.exec_driver_sql(_SQLITE_NEWEST, (inserted,))} if inserted else set()
 
 
-def _insert_rows_postgresql(conn, rows: list[tuple]) -> set[tuple]:
-    """One unnest() insert with binary parameters: psycopg's text form of an array escapes every quote of
-    every JSON payload."""
-    cur = conn.connection.dbapi_connection.cursor()
-    try:
-        cur.execute(_PG_WINDOWS, tuple(list(c) for c in zip(*rows, strict=True)), binary=True)
-        return {tuple(r) for r in cur.fetchall()}
-    finally:
-        cur.close()
-
-
 def _insert_rows_core(conn, rows: list[tuple]) -> set[tuple]:
     """SQLAlchemy's portable INSERT ... ON CONFLICT DO NOTHING RETURNING, for other dialects."""
     stmt = _insert(conn.engine, windows).on_conflict_do_nothing(
@@ -241,7 +229,7 @@ def _insert_rows_core(conn, rows: list[tuple]) -> set[tuple]:
     return {tuple(r) for r in conn.execute(stmt, [dict(zip(_WINDOW_COLUMNS, r, strict=True)) for r in rows])}
 
 
-_WINDOW_INSERTS = {"sqlite": _insert_rows_sqlite, "postgresql": _insert_rows_postgresql}
+_WINDOW_INSERTS = {"sqlite": _insert_rows_sqlite}
 
 
 def _upsert_devices(conn, dialect: str, rows: list[tuple]) -> None:
@@ -249,12 +237,6 @@ def _upsert_devices(conn, dialect: str, rows: list[tuple]) -> None:
     upserting the same devices then take their row locks in the same order)."""
     if dialect == "sqlite":
         conn.exec_driver_sql(_SQLITE_DEVICES, rows)
-    elif dialect == "postgresql":
-        cur = conn.connection.dbapi_connection.cursor()
-        try:
-            cur.execute(_PG_DEVICES, tuple(list(c) for c in zip(*rows, strict=True)))
-        finally:
-            cur.close()
     else:
         ins = _insert(conn.engine, devices)
         conn.execute(ins.on_conflict_do_update(index_elements=["fleet", "device_id"], set_={
