@@ -751,15 +751,22 @@ class DeviceAgent:
             yield sample
 
     def interrupt(self) -> None:
-        """Ask :meth:`run` to return after the current inference (safe from a signal handler).
+        """Ask :meth:`run` to return after the current inference (from any thread).
 
-        The window being recorded is not lost: :meth:`stop` closes, spools and sends it. When the run
-        loop is blocked reading its input (stdin, say), KeyboardInterrupt is raised to leave the read;
-        nothing is half-written then, since no window is being spooled while an input is awaited.
+        The window being recorded is not lost: :meth:`stop` closes, spools and sends it.
+
+        Not from a signal handler: this sets a threading.Event, whose lock the run loop (the main thread,
+        where handlers run) holds inside each paced wait. A handler hands the call to a
+        :class:`~edge_runtime.signals.SignalRelay` instead, and raises KeyboardInterrupt itself when
+        :attr:`waiting_input` says the run loop is blocked reading its input (stdin, say); nothing is
+        half-written then, since no window is being spooled while an input is awaited.
         """
         self._interrupted.set()
-        if self._waiting_input:
-            raise KeyboardInterrupt
+
+    @property
+    def waiting_input(self) -> bool:
+        """True while the run loop waits for its next input."""
+        return self._waiting_input
 
     def _bad(self, where: str, reason: str) -> None:
         self.bad_inputs += 1

@@ -158,11 +158,17 @@ def _run_until_done(agent, samples, source, rate, max_inferences, duration, http
     the agent (sending its partial window) however the loop ends."""
     # a signal only asks the run loop to finish its inference: raising from the handler anywhere else
     # could interrupt a window half-way into the spool and lose it
+    # The handler itself takes no lock (see edge_runtime.signals): the relay's thread interrupts the agent.
+    from edge_runtime.signals import SignalRelay
+
     stop_guard = _StopGuard(agent.state_dir, stop_timeout)
+    relay = SignalRelay(agent.interrupt, "edgeops-stop-relay")
 
     def on_signal(signum, frame):
         stop_guard.signalled(signum)
-        agent.interrupt()
+        relay.fire()
+        if agent.waiting_input:
+            raise KeyboardInterrupt   # leaves a blocking read of the input (no window is half-spooled then)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -172,7 +178,7 @@ def _run_until_done(agent, samples, source, rate, max_inferences, duration, http
     # systemd (Type=notify, WatchdogSec=) and container health checks: a beat while the run loop progresses
     from edge_runtime import sdnotify
 
-    watchdog = sdnotify.Watchdog(lambda: None if getattr(agent, "_waiting_input", False)
+    watchdog = sdnotify.Watchdog(lambda: None if agent.waiting_input
                                  else agent.inferences + agent.bad_inputs,
                                  stall_after=max(60.0, 3.0 / rate if rate else 0.0)).start()
     sdnotify.notify("READY=1")
@@ -183,6 +189,7 @@ def _run_until_done(agent, samples, source, rate, max_inferences, duration, http
     finally:
         sdnotify.notify("STOPPING=1")
         stop_guard.arm()
+        relay.close()
         watchdog.stop()
         left = agent.stop()
         if device_http is not None:

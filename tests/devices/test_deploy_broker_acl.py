@@ -16,7 +16,7 @@ import pytest
 
 from devices import provision
 from edge_runtime.bundle import write_manifest
-from helpers import eventually
+from helpers import eventually, stop_agent
 from helpers.deploy_broker import (
     NOT_AUTHORIZED,
     REFUSED_AT_CONNECT,
@@ -127,6 +127,5 @@ def test_flashing_works_through_the_secure_broker_with_each_identity(secure_brok
         assert out["ok"] and out["version"] == "1.1.0" and out["device_id"] == "dev-1"
     finally:
         status.close()
-        agent.terminate()
-        log, _ = agent.communicate(timeout=30)
+        log = stop_agent(agent)
     assert "now running breast-cancer-mlp 1.1.0" in log

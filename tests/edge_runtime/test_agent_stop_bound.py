@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -124,3 +125,58 @@ def test_a_second_sigterm_ends_the_agent_at_once_and_a_clean_stop_leaves_no_stac
         if clean.poll() is None:
             clean.kill()
             clean.communicate()
+
+
+# Python runs a signal handler in the main thread, between two bytecodes of whatever it was doing. The
+# run loop paces its inputs with threading.Event.wait(), which holds the event's lock for a moment on
+# each call; a handler that sets that event (or takes any lock the main thread may hold) at that moment
+# waits for itself. Found in a full run: the agent stopped answering SIGTERM until the stop guard ended
+# it 45 s later, without closing its last window. Here the moment is made to happen: a profile hook
+# raises SIGTERM inside the run loop's Event.wait, with the lock held, after a few hundred waits.
+_SIGNAL_INSIDE_EVENT_WAIT = """
+import runpy, signal, sys, threading
+
+EVENT_WAIT, CONDITION_WAIT = threading.Event.wait.__code__, threading.Condition.wait.__code__
+calls = 0
+
+def hook(frame, event, arg):
+    global calls
+    if event == "call" and frame.f_code is CONDITION_WAIT and frame.f_back.f_code is EVENT_WAIT:
+        calls += 1
+        if calls == 300:
+            sys.setprofile(None)
+            signal.raise_signal(signal.SIGTERM)
+
+sys.argv = ["edgeops"] + sys.argv[1:]
+sys.setprofile(hook)
+runpy.run_module("edgeops", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_that_arrives_while_the_run_loop_holds_its_pacing_lock_still_stops_the_agent(
+        mosquitto, bc_mlp_bundle, reference_data, tmp_path):
+    np.save(tmp_path / "x.npy", reference_data["breast_cancer"].X_train)
+    (tmp_path / "signal_inside_wait.py").write_text(_SIGNAL_INSIDE_EVENT_WAIT)
+    agent = subprocess.Popen(
+        [sys.executable, str(tmp_path / "signal_inside_wait.py"), "run", str(bc_mlp_bundle), "--device-id", "dev-w",
+         "--broker", mosquitto.url, "--input", str(tmp_path / "x.npy"), "--loop", "--rate", "200",
+         "--window-size", "20", "--window-seconds", "600", "--state-dir", str(tmp_path / "state"),
+         "--stop-timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = agent.communicate(timeout=45)[0]
+    except subprocess.TimeoutExpired:
+        agent.send_signal(signal.SIGUSR1)      # every thread's stack: where it waits
+        time.sleep(1)                          # the dump is written by faulthandler's own thread
+        agent.kill()
+        raise AssertionError("the agent did not stop after its SIGTERM:\n" + agent.communicate()[0][-6000:]) \
+            from None
+    assert agent.returncode == 0, log[-3000:]
+    # a clean stop, not the stop guard's: the last (partial) window was closed into the spool, where the
+    # windows wait for a monitor's confirmation (none runs here)
+    found = re.search(r"(\d+) inferences, 0 bad inputs, (\d+) windows left in the spool", log)
+    assert found, log[-3000:]
+    inferences, left = int(found[1]), int(found[2])
+    assert inferences >= 300 and left == _spooled(tmp_path / "state") == -(-inferences // 20)
+    assert not (tmp_path / "state" / "stop-stacks.txt").exists()

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 from devtools.brokers import check_broker, free_port
 from edge_runtime.errors import InvalidInputError
 from edge_runtime.mqtt import parse_broker_url
-from helpers import eventually
+from helpers import eventually, stop_agent
 from helpers.bundle_variants import variant
 
 
@@ -83,8 +83,7 @@ def test_agent_monitor_and_flash_work_over_amqtt(amqtt, bc_mlp_bundle, reference
         assert eventually(lambda: query("select 1 from edgeops_windows where device_id = 'd1' "
                                         "and model_version = '1.1.0'"), 30, 0.3)
     finally:
-        agent.terminate()
-        out, _ = agent.communicate(timeout=30)
+        out = stop_agent(agent)
         monitor.terminate()
         _, err = monitor.communicate(timeout=30)
     assert "rejected none" in err, err[-2000:]

@@ -21,7 +21,7 @@ from edge_runtime import signing
 from edge_runtime.bundle import MANIFEST_FILE, TEMP_PREFIX, open_bundle, pack, write_manifest
 from edge_runtime.errors import BundleError, ModelFormatError, QualityCheckError, VerificationError
 from edge_runtime.slots import NO_TRUSTED_KEY, BundleSlots
-from helpers import eventually
+from helpers import eventually, stop_agent
 from helpers.bundle_variants import variant
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -353,8 +353,7 @@ def test_an_agent_started_without_a_key_tells_the_operator_why_it_refuses_a_flas
                              capture_output=True, text=True, timeout=120)
         code, stdout, stderr = res.returncode, res.stdout, res.stderr
     finally:
-        agent.terminate()
-        out, _ = agent.communicate(timeout=30)
+        out = stop_agent(agent)
     assert code == 4, stderr[-2000:] + out[-3000:]
     assert json.loads(stdout)["message"] == f"refused: {NO_TRUSTED_KEY}"
     assert NO_TRUSTED_KEY in out and "Traceback" not in out

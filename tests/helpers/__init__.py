@@ -29,3 +29,26 @@ def eventually(predicate: Callable[[], T], timeout: float = 20.0, interval: floa
 
 #: The local PostgreSQL server's admin URL (database name appended); tests make their own databases.
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/"
+
+
+def stop_agent(proc, timeout: float = 60.0) -> str:
+    """SIGTERM a ``python -m edgeops run`` subprocess started with ``stdout=PIPE, stderr=STDOUT, text=True``
+    and return its output. One that has not ended within ``timeout`` seconds gets SIGUSR1 first (the agent
+    writes every thread's stack to stderr), then SIGKILL, and the test fails with the end of its log and
+    those stacks: what it hung on, instead of a bare TimeoutExpired."""
+    import signal
+    import subprocess
+
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        try:
+            proc.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+        proc.kill()
+        out = proc.communicate(timeout=10)[0] or ""
+        raise AssertionError(f"the agent did not stop within {timeout} s of SIGTERM; its log and stacks:\n"
+                             f"{out[-12000:]}") from None
