@@ -143,16 +143,26 @@ class _Resubscriber:
         self.monitor = monitor
         self._subscribe, self._drop, self._is_connected = subscribe, drop, is_connected
         self.pending: dict[int, tuple[list[str], float]] = {}      # SUBSCRIBE packet id -> topics, next wait
+        # The SUBACK is handled by the network thread, which can be quicker than the subscribing thread
+        # noting the packet id: the lock makes the answer wait until the packet's topics are known.
+        self._lock = threading.Lock()
 
     def subscribe(self, topics: list[str], wait: float) -> None:
-        mid = self._subscribe(topics)
-        if mid is not None:
-            self.pending[mid] = (topics, wait)
+        with self._lock:     # the clients only write the packet here, they never wait for the broker
+            mid = self._subscribe(topics)
+            if mid is not None:
+                self.pending[mid] = (topics, wait)
 
     def answered(self, mid: int, codes: list[int]) -> None:
         """A SUBACK: ``codes`` are its return (reason) codes, one per topic; 0x80 and above refuse."""
         m = self.monitor
-        topics, wait = self.pending.pop(mid, ([], RESUBSCRIBE_S[0]))
+        with self._lock:
+            found = self.pending.pop(mid, None)
+        if found is None:
+            log.warning("broker %s answered a subscription the monitor did not send (packet id %d)", m.broker.url,
+                        mid)
+            return
+        topics, wait = found
         refused = [(t, c) for t, c in zip(topics, codes, strict=False) if c >= 0x80]
         own = [(t, c) for t, c in refused if t.startswith("$SYS/")]     # a broker's counters: not every one has them
         if own:

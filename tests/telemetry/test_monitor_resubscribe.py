@@ -95,3 +95,35 @@ def test_a_refused_subscription_is_tried_again_until_the_broker_takes_it(nats_se
         device.loop_stop()
         device.disconnect()
         mon.stop()
+
+
+def test_a_refusal_that_arrives_before_subscribe_returned_is_still_tried_again(tmp_path, caplog):
+    """The broker's SUBACK is read by the network thread; on a fast local broker it can be handled before
+    the thread that sent the SUBSCRIBE has noted which topics that packet carried. Here the answer is
+    handed over from another thread while the subscribing call has not returned yet (the order that made
+    the test above fail once in a full run: the refusal matched no topic, was taken for a success, and the
+    monitor never subscribed again)."""
+    import threading
+
+    from edge_runtime.mqtt import parse_broker_url
+    from telemetry.monitor import FleetMonitor, _Resubscriber
+
+    caplog.set_level(logging.INFO, logger="edgeops")
+    mon = FleetMonitor(parse_broker_url("mqtt://127.0.0.1:1"), f"sqlite:///{tmp_path}/m.db", fleet="f1")
+    sent: list[list[str]] = []
+    resub = None
+
+    def subscribe(topics):
+        mid = len(sent) + 1
+        sent.append(topics)
+        if mid == 1:     # the refusal of the first SUBSCRIBE comes in before this call returns its packet id
+            reader = threading.Thread(target=resub.answered, args=(mid, [0x87]))
+            reader.start()
+            reader.join(0.5)   # (with the fix it waits for this call to return)
+        return mid
+
+    resub = _Resubscriber(mon, subscribe, lambda: None, lambda: True)
+    resub.subscribe(["edgeops/f1/+/telemetry"], 0.1)
+    assert eventually(lambda: len(sent) >= 2, 10), [r.getMessage() for r in caplog.records]
+    assert sent[1] == ["edgeops/f1/+/telemetry"]
+    assert not mon.connected.is_set()          # refused: not subscribed, so not "connected"
