@@ -250,8 +250,6 @@ class MqttLink:
         self.client = make_client(address, client_id, session_expiry=session_expiry, will=will,
                                   reconnect=(max(1, int(min_backoff)), int(max_backoff)))
         self._connect_args = connect_args(address, session_expiry)
-        self._subscribed: dict[int, threading.Event] = {}
-        self.client.on_subscribe = self._handle_subscribe
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_publish = self._handle_publish
@@ -330,24 +328,6 @@ class MqttLink:
 
     def subscribe(self, topic_name: str, qos: int = 1) -> None:
         self.client.subscribe(topic_name, qos=qos)
-
-    def wait_subscribed(self, topics: list[tuple[str, int]] | str, timeout: float = 10.0) -> bool:
-        """Subscribe and wait for the broker's SUBACK (instead of sleeping and hoping); False on timeout
-        or when the broker refused one of the topics."""
-        done = threading.Event()
-        result, mid = self.client.subscribe(topics if isinstance(topics, list) else [(topics, 1)])
-        if result != self._mqtt.MQTT_ERR_SUCCESS:
-            return False
-        self._subscribed[mid] = done
-        ok = done.wait(timeout)
-        self._subscribed.pop(mid, None)
-        return ok and not getattr(done, "refused", False)
-
-    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        done = self._subscribed.get(mid)
-        if done is not None:
-            done.refused = any(getattr(rc, "is_failure", False) for rc in reason_codes)
-            done.set()
 
     # -- callbacks (network thread) ------------------------------------------------------------
 
