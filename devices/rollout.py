@@ -114,7 +114,9 @@ class FleetLink:
                              on_ack=self._on_ack)
         # a device answers a refused command at once: listen for results before sending anything
         self._subscribed = threading.Event()
-        self.link.client.on_subscribe = lambda client, userdata, mid, codes, props: self._subscribed.set()
+        self._topics: list[str] = []
+        self.refused_topics: list[str] = []   # subscriptions the broker refused (its ACL, say)
+        self.link.client.on_subscribe = self._on_subscribe
 
     def _on_ack(self, mid: int, ok: bool) -> None:
         if not ok:
@@ -127,7 +129,13 @@ class FleetLink:
         topics = [(f"{base}/+/cmd/result", 1), (f"{base}/+/status", 1), (f"{base}/alerts", 1)]
         if self._watch_telemetry:
             topics += [(f"{base}/+/telemetry", 1), (f"{base}/+/{wire.ACK}", 1)]
+        self._topics = [t for t, _ in topics]   # before the call: its SUBACK is read by the network thread
         self.link.client.subscribe(topics)   # one SUBACK for all
+
+    def _on_subscribe(self, client, userdata, mid, codes, properties) -> None:
+        self.refused_topics = [f"{t} ({c})" for t, c in zip(self._topics, codes, strict=False)
+                               if getattr(c, "is_failure", False) or (isinstance(c, int) and c >= 0x80)]
+        self._subscribed.set()
 
     def _on_message(self, topic_name: str, payload: bytes) -> None:
         parts = topic_name.split("/")
@@ -197,6 +205,12 @@ class FleetLink:
         if not self._subscribed.wait(10):
             self.link.stop()
             raise FlashError(f"the broker {self.link.address.url} did not confirm the subscription to results")
+        if self.refused_topics:
+            # without results and statuses a command would only ever time out: say why now
+            self.link.stop()
+            raise FlashError(f"the broker {self.link.address.url} refused this identity the subscription to "
+                             f"{', '.join(self.refused_topics)}; flashing needs to read them (the flasher's "
+                             f"credentials, on the services listener, may)")
         time.sleep(0.3)   # retained statuses and alerts arrive right after the subscription
         return self
 

@@ -257,3 +257,22 @@ def test_a_device_fetches_a_bundle_by_url_with_the_same_checks(mosquitto, bc_mlp
         agent.stop()
         server.shutdown()
         col.close()
+
+
+def test_a_flasher_whose_subscription_the_broker_refuses_is_told_so_before_sending(bc_mlp_bundle, tmp_path):
+    """Without results and statuses a flash could only time out waiting. A real nats-server refuses the
+    subscription (its permissions deny the ``monitor`` user the fleet's topics): the flash ends at once,
+    naming the topics, and sends no command. (Mosquitto grants such subscriptions and filters what its
+    ACL denies: tests/devices/test_deploy_broker_acl.py covers the command refused there.)"""
+    from helpers.nats_permissions import NatsWithPermissions
+
+    nats = NatsWithPermissions(tmp_path / "nats")
+    try:
+        res = subprocess.run([sys.executable, "-m", "edgeops", "flash", str(bc_mlp_bundle), "--device", "dev-1",
+                              "--fleet", FLEET, "--broker", f"mqtt://127.0.0.1:{nats.mqtt_port}?protocol=3.1.1",
+                              "--username", "monitor", "--password", "pw", "--json", "--timeout", "60"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        nats.close()
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "refused this identity the subscription to edgeops/lab/+/cmd/result" in res.stderr, res.stderr[-2000:]

@@ -8,60 +8,21 @@ permissions until they are changed and the server reloads its configuration."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from helpers import eventually
-
-CONFIG = """
-listen: 127.0.0.1:{client_port}
-server_name: resub
-jetstream {{ store_dir: "{store}" }}
-mqtt {{ listen: 127.0.0.1:{mqtt_port} }}
-authorization {{
-  users = [
-    {{user: monitor, password: pw, permissions: {{subscribe: {rule}}}}},
-    {{user: device, password: pw}}
-  ]
-}}
-"""
+from helpers.nats_permissions import ALLOW_ALL, NatsWithPermissions
 
 
 @pytest.fixture
 def nats_server(tmp_path):
-    from devtools.brokers import free_port
-    from devtools.nats_cluster import find_nats
-
-    binary = find_nats()
-    if binary is None:
-        assert not os.environ.get("CI"), "nats-server is not installed (.ci/run installs it)"
-        pytest.skip("nats-server is not installed")
-    ports = {"client_port": free_port(), "mqtt_port": free_port(), "store": str(tmp_path / "js")}
-    conf = tmp_path / "nats.conf"
-
-    def write(rule: str) -> None:
-        conf.write_text(CONFIG.format(rule=rule, **ports))
-
-    write('{deny: ["edgeops.>"]}')          # the fleet's topics refused to the monitor
-    log = open(tmp_path / "nats.log", "ab")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
-
-    def allow() -> None:
-        write('{allow: [">"]}')
-        proc.send_signal(signal.SIGHUP)          # nats-server reloads its configuration
-
+    server = NatsWithPermissions(tmp_path / "nats")       # the fleet's topics refused to the monitor
     try:
-        assert eventually(lambda: b"Server is ready" in (tmp_path / "nats.log").read_bytes(), 15), \
-            (tmp_path / "nats.log").read_bytes()[-2000:]
-        yield ports["mqtt_port"], allow
+        yield server.mqtt_port, lambda: server.set_rule(ALLOW_ALL)
     finally:
-        proc.kill()
-        proc.wait()
-        log.close()
+        server.close()
 
 
 def test_a_refused_subscription_is_tried_again_until_the_broker_takes_it(nats_server, tmp_path, caplog):
