@@ -814,7 +814,12 @@ class DeviceAgent:
                         c.dropped, c.failed)
 
     def _flush_windows(self) -> None:
-        """Close and spool the windows being recorded."""
+        """Spool the windows closed since the last collect, then close and spool the ones being recorded.
+        (The run loop collects now and then, and not at all when a signal took it out of a blocking read
+        of its input: a window filled by the inputs just before would be lost otherwise.)"""
+        self._spool_closed_windows(self.recorder.poll())
+        if self.second_recorder is not None:
+            self._spool_closed_windows(self.second_recorder.poll(), primary=False)
         # labels joined since the last window go out even when no inference came since
         last = self.recorder.flush(empty=self.labels is not None and self.labels.pending)
         if last is not None:

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 
 import jsonschema
 import numpy as np
@@ -132,6 +133,46 @@ def test_malformed_stdin_lines_are_counted_and_the_agent_keeps_going(mosquitto, 
         assert w["count"] == 7 and w["rejected"] == 4
         assert sum(w["predictions"]["counts"]) == 3
     finally:
+        sub.close()
+
+
+def test_sigterm_while_the_agent_waits_on_stdin_stops_it_and_sends_the_partial_window(mosquitto, bc_rf_bundle,
+                                                                                      tmp_path):
+    """The run loop blocked reading an input that never comes (stdin left open): SIGTERM leaves the read,
+    the open window is closed and sent, and the agent ends cleanly, not by its stop guard. The full window
+    before it (closed at its third input, not yet collected: the run loop collects every 0.1 s, and the
+    four inputs came within that) used to be lost here: the stop spooled only the open one."""
+    from devtools.brokers import free_port
+
+    sub = Collector(mosquitto.port)
+    port = free_port()
+    agent = subprocess.Popen(agent_cmd(bc_rf_bundle, mosquitto, "-", tmp_path / "s", "--window-size", 3,
+                                       "--http", f"127.0.0.1:{port}"),
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def inferences() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return -1
+        return next((int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                     if line.startswith("edgeops_agent_inferences_total ")), -1)
+
+    try:
+        agent.stdin.write("\n".join([json.dumps([1.0] * 30)] * 4) + "\n")
+        agent.stdin.flush()
+        assert eventually(lambda: inferences() == 4, 60)
+        agent.send_signal(signal.SIGTERM)                          # blocked reading the fifth line now
+        _, err = agent.communicate(timeout=30)
+        assert agent.returncode == 0, err[-3000:]
+        assert "4 inferences, 0 bad inputs" in err, err[-3000:]
+        assert sub.wait_for(lambda: len(sub.telemetry()) == 2), ([w["count"] for w in sub.telemetry()], err[-3000:])
+        assert [w["count"] for w in sub.telemetry()] == [3, 1]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate()
         sub.close()
 
 
