@@ -33,7 +33,7 @@ import numpy as np
 from edge_runtime import compact, wire
 from edge_runtime.delivery import WindowDelivery
 from edge_runtime.errors import EdgeOpsError, InvalidInputError
-from edge_runtime.inputs import BadSample, Labelled, input_id
+from edge_runtime.inputs import IDLE, BadSample, Labelled, input_id
 from edge_runtime.labels import LabelJoiner, predicted_class
 from edge_runtime.messages import TelemetryWindow
 from edge_runtime.model import EdgeModel
@@ -696,6 +696,11 @@ class DeviceAgent:
                 break
             if not self._pending.empty():
                 self._apply_pending()
+            if sample is IDLE:     # a live input quiet for a while: close the windows whose time is up
+                self.collect()
+                if pacer.expired(time.monotonic()):
+                    break
+                continue
             self._serve_one(sample)
             if self._run_ends(pacer, max_inferences):
                 break

@@ -13,6 +13,8 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
+import select
 import sys
 import threading
 from dataclasses import dataclass
@@ -272,13 +274,80 @@ def _valid_id(sid) -> bool:
     return sid is None or (isinstance(sid, (str, int)) and not isinstance(sid, bool) and len(str(sid)) <= MAX_ID)
 
 
-def json_lines(stream: IO[str] | None = None) -> Iterator[np.ndarray | Sample | BadSample]:
-    """Samples from JSON lines (see :func:`parse_sample`)."""
+class _Idle:
+    """What a live input yields when nothing came for a while (see :data:`IDLE`)."""
+
+    def __repr__(self) -> str:
+        return "IDLE"
+
+
+#: Yielded by live inputs (stdin, MQTT, video) after IDLE_S seconds without an input, so that the run loop
+#: closes windows on time and notices a stop although nothing arrives. Not an input: never predicted.
+IDLE = _Idle()
+IDLE_S = 0.5
+MAX_LINE = 16 << 20            # a stdin line longer than this is refused (and skipped to its end)
+
+
+def json_lines(stream: IO[str] | None = None) -> Iterator[np.ndarray | Sample | BadSample | _Idle]:
+    """Samples from JSON lines (see :func:`parse_sample`). From a stream with a file descriptor (stdin, a
+    pipe), :data:`IDLE` between them whenever no line came for IDLE_S seconds."""
     stream = stream or sys.stdin
-    for n, line in enumerate(stream, 1):
+    try:
+        lines = _fd_lines(stream.fileno())
+    except (AttributeError, OSError, ValueError):     # io.StringIO and the like: no descriptor to wait on
+        lines = iter(stream)
+    n = 0
+    for line in lines:
+        if line is IDLE:
+            yield IDLE
+            continue
+        n += 1
+        if isinstance(line, _TooLong):
+            yield BadSample(f"line {n}", f"longer than {MAX_LINE} bytes")
+            continue
         line = line.strip()
         if line:
             yield parse_sample(line, f"line {n}")
+
+
+class _TooLong:
+    """A line past MAX_LINE (its bytes are dropped as they come)."""
+
+
+def _fd_lines(fd: int, idle_s: float = IDLE_S, max_line: int = MAX_LINE) -> Iterator[bytes | _TooLong | _Idle]:
+    """The lines read from ``fd`` (without their newline), :data:`IDLE` after each ``idle_s`` without data,
+    and a _TooLong for a line longer than ``max_line`` (memory stays bounded however long it is).
+
+    >>> r, w = os.pipe()
+    >>> _ = os.write(w, b'[1]\\n[2'); os.close(w)
+    >>> list(_fd_lines(r))
+    [b'[1]', b'[2']
+    >>> os.close(r)
+    """
+    buf, too_long = bytearray(), False
+    while True:
+        ready, _, _ = select.select([fd], [], [], idle_s)
+        if not ready:
+            yield IDLE
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:                       # end of input: the last line needs no newline
+            if too_long or len(buf) > max_line:
+                yield _TooLong()
+            elif buf:
+                yield bytes(buf)
+            return
+        buf += chunk
+        while (end := buf.find(b"\n")) >= 0:
+            if too_long or end > max_line:
+                yield _TooLong()
+                too_long = False
+            else:
+                yield bytes(buf[:end])
+            del buf[:end + 1]
+        if len(buf) > max_line:
+            too_long = True
+            buf.clear()
 
 
 def _image_paths(d: Path) -> list[Path]:
@@ -300,7 +369,8 @@ def image_files(folder: str | Path, loop: bool = False) -> Iterator[Path]:
 class LiveQueue:
     """What a live source has produced and the model has not taken yet: bounded, the oldest dropped first.
 
-    Iterating blocks until an item arrives and ends once :meth:`close` is called and the queue is empty.
+    Iterating blocks until an item arrives (yielding :data:`IDLE` every IDLE_S seconds meanwhile) and ends
+    once :meth:`close` is called and the queue is empty.
     """
 
     def __init__(self, name: str, max_items: int):
@@ -328,13 +398,17 @@ class LiveQueue:
             self._ready.notify_all()
 
     def __iter__(self) -> Iterator:
+        """The items, and :data:`IDLE` after each IDLE_S seconds in which none came."""
         while True:
             with self._ready:
-                while not self._items and not self._closed:
-                    self._ready.wait(0.5)
-                if not self._items:
+                if not self._items and not self._closed:
+                    self._ready.wait(IDLE_S)
+                if self._items:
+                    item = self._items.popleft()
+                elif self._closed:
                     return
-                item = self._items.popleft()
+                else:
+                    item = IDLE
             yield item
 
 

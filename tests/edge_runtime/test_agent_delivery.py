@@ -176,6 +176,32 @@ def test_sigterm_while_the_agent_waits_on_stdin_stops_it_and_sends_the_partial_w
         sub.close()
 
 
+def test_a_window_closes_on_time_while_no_input_comes(mosquitto, bc_rf_bundle, tmp_path):
+    """Inputs that stop coming (stdin left open, a quiet sensor): the window still closes after
+    --window-seconds and goes out, instead of waiting in memory for the next input (and dying with a power
+    cut meanwhile)."""
+    sub = Collector(mosquitto.port)
+    agent = subprocess.Popen(agent_cmd(bc_rf_bundle, mosquitto, "-", tmp_path / "s", "--window-seconds", 1),
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        agent.stdin.write("\n".join([json.dumps([1.0] * 30)] * 2) + "\n")
+        agent.stdin.flush()
+        assert sub.wait_for(lambda: len(sub.telemetry()) == 1), "no window while stdin stays open"
+        assert sub.telemetry()[0]["count"] == 2
+        agent.stdin.write(json.dumps([2.0] * 30) + "\n")       # and the agent still reads what comes next
+        agent.stdin.close()
+        agent.wait(timeout=60)
+        err = agent.stderr.read()
+        assert agent.returncode == 0, err[-3000:]
+        assert sub.wait_for(lambda: len(sub.telemetry()) == 2)
+        assert [w["count"] for w in sub.telemetry()] == [2, 1]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        sub.close()
+
+
 def test_bad_device_id_and_broker_url_are_one_line_errors(bc_rf_bundle, tmp_path):
     res = subprocess.run([sys.executable, "-m", "edgeops", "run", str(bc_rf_bundle), "--device-id", "a/b",
                           "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path)],

@@ -238,3 +238,40 @@ def test_a_live_camera_faster_than_the_model_drops_old_frames_and_counts_them(se
     assert source.dropped > 0 and len(got) + source.dropped == 60
     ids = [p.id for p in got]
     assert ids == sorted(ids) and ids[-1] == 59           # the newest frames are the ones classified
+
+
+def test_stdin_lines_are_read_as_they_come_with_idle_marks_between_and_a_bound_on_length():
+    import os
+    import threading
+
+    from edge_runtime.inputs import IDLE, BadSample, _fd_lines, _TooLong, json_lines
+
+    r, w = os.pipe()
+    try:
+        # a line past the bound (in pieces) is refused and skipped to its end; memory stays bounded
+        feeder = threading.Thread(target=lambda: [os.write(w, part) for part in
+                                                  (b"[1]\n" + b"9" * 30, b"9" * 30, b"\n[2", b"]\n")])
+        feeder.start()
+        feeder.join()
+        lines = _fd_lines(r, idle_s=0.05, max_line=16)
+        got = [next(lines) for _ in range(4)]
+        assert got[0] == b"[1]" and isinstance(got[1], _TooLong) and got[2] == b"[2]" and got[3] is IDLE
+        os.close(w)
+        w = None
+        assert list(lines) == []                     # end of input ends the lines
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)
+    r, w = os.pipe()
+    try:
+        os.write(w, b'[1, 2]\n{"x": [3, 4]}\nnot json\n')
+        with os.fdopen(r, "r", closefd=False) as stream:
+            samples = json_lines(stream)
+            first = [next(samples) for _ in range(4)]
+        assert first[0].tolist() == [1, 2] and first[1].tolist() == [3, 4]
+        assert isinstance(first[2], BadSample) and first[2].where == "line 3"
+        assert first[3] is IDLE                      # nothing more came: the run loop gets its turn
+    finally:
+        os.close(r)
+        os.close(w)
