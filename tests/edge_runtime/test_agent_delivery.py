@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -30,6 +31,24 @@ def bc_inputs(tmp_path_factory, reference_data):
 def agent_cmd(bundle, broker, inputs, state, *extra):
     return [sys.executable, "-m", "edgeops", "run", str(bundle), "--device-id", "dev-1", "--fleet", "lab",
             "--broker", broker.url, "--input", str(inputs), "--state-dir", str(state), *map(str, extra)]
+
+
+@contextlib.contextmanager
+def stdin_agent(bundle, broker, state, *extra, rows: int = 0):
+    """An agent reading JSON lines from a stdin the test keeps open (``rows`` lines written at once), and a
+    collector of what it publishes; both ended however the test ends."""
+    sub = Collector(broker.port)
+    agent = subprocess.Popen(agent_cmd(bundle, broker, "-", state, *extra), stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        agent.stdin.write("\n".join([json.dumps([1.0] * 30)] * rows) + "\n")
+        agent.stdin.flush()
+        yield agent, sub
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        sub.close()
 
 
 def test_an_agent_publishes_windows_and_status_that_match_the_schema(mosquitto, bc_mlp_bundle, bc_inputs, tmp_path):
@@ -144,11 +163,7 @@ def test_sigterm_while_the_agent_waits_on_stdin_stops_it_and_sends_the_partial_w
     four inputs came within that) used to be lost here: the stop spooled only the open one."""
     from devtools.brokers import free_port
 
-    sub = Collector(mosquitto.port)
     port = free_port()
-    agent = subprocess.Popen(agent_cmd(bc_rf_bundle, mosquitto, "-", tmp_path / "s", "--window-size", 3,
-                                       "--http", f"127.0.0.1:{port}"),
-                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def inferences() -> int:
         try:
@@ -159,33 +174,23 @@ def test_sigterm_while_the_agent_waits_on_stdin_stops_it_and_sends_the_partial_w
         return next((int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
                      if line.startswith("edgeops_agent_inferences_total ")), -1)
 
-    try:
-        agent.stdin.write("\n".join([json.dumps([1.0] * 30)] * 4) + "\n")
-        agent.stdin.flush()
+    with stdin_agent(bc_rf_bundle, mosquitto, tmp_path / "s", "--window-size", 3, "--http", f"127.0.0.1:{port}",
+                     rows=4) as (agent, sub):
         assert eventually(lambda: inferences() == 4, 60)
         agent.send_signal(signal.SIGTERM)                          # blocked reading the fifth line now
-        _, err = agent.communicate(timeout=30)
+        agent.wait(timeout=30)
+        err = agent.stderr.read()
         assert agent.returncode == 0, err[-3000:]
         assert "4 inferences, 0 bad inputs" in err, err[-3000:]
         assert sub.wait_for(lambda: len(sub.telemetry()) == 2), ([w["count"] for w in sub.telemetry()], err[-3000:])
         assert [w["count"] for w in sub.telemetry()] == [3, 1]
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.communicate()
-        sub.close()
 
 
 def test_a_window_closes_on_time_while_no_input_comes(mosquitto, bc_rf_bundle, tmp_path):
     """Inputs that stop coming (stdin left open, a quiet sensor): the window still closes after
     --window-seconds and goes out, instead of waiting in memory for the next input (and dying with a power
     cut meanwhile)."""
-    sub = Collector(mosquitto.port)
-    agent = subprocess.Popen(agent_cmd(bc_rf_bundle, mosquitto, "-", tmp_path / "s", "--window-seconds", 1),
-                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        agent.stdin.write("\n".join([json.dumps([1.0] * 30)] * 2) + "\n")
-        agent.stdin.flush()
+    with stdin_agent(bc_rf_bundle, mosquitto, tmp_path / "s", "--window-seconds", 1, rows=2) as (agent, sub):
         assert sub.wait_for(lambda: len(sub.telemetry()) == 1), "no window while stdin stays open"
         assert sub.telemetry()[0]["count"] == 2
         agent.stdin.write(json.dumps([2.0] * 30) + "\n")       # and the agent still reads what comes next
@@ -195,11 +200,6 @@ def test_a_window_closes_on_time_while_no_input_comes(mosquitto, bc_rf_bundle, t
         assert agent.returncode == 0, err[-3000:]
         assert sub.wait_for(lambda: len(sub.telemetry()) == 2)
         assert [w["count"] for w in sub.telemetry()] == [2, 1]
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
-        sub.close()
 
 
 def test_bad_device_id_and_broker_url_are_one_line_errors(bc_rf_bundle, tmp_path):
