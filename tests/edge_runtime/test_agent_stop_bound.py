@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from devtools.brokers import free_port
-from helpers import eventually
+from helpers import agent_output, eventually
 
 
 def _start(bundle, tmp_path, rows, stop_timeout: str, stderr, state: str = "state"):
@@ -164,14 +164,7 @@ def test_sigterm_that_arrives_while_the_run_loop_holds_its_pacing_lock_still_sto
          "--window-size", "20", "--window-seconds", "600", "--state-dir", str(tmp_path / "state"),
          "--stop-timeout", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        log = agent.communicate(timeout=45)[0]
-    except subprocess.TimeoutExpired:
-        agent.send_signal(signal.SIGUSR1)      # every thread's stack: where it waits
-        time.sleep(1)                          # the dump is written by faulthandler's own thread
-        agent.kill()
-        raise AssertionError("the agent did not stop after its SIGTERM:\n" + agent.communicate()[0][-6000:]) \
-            from None
+    log = agent_output(agent, 45)      # a hang fails with every thread's stack: where it waits
     assert agent.returncode == 0, log[-3000:]
     # a clean stop, not the stop guard's: the last (partial) window was closed into the spool, where the
     # windows wait for a monitor's confirmation (none runs here)

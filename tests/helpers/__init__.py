@@ -36,19 +36,25 @@ def stop_agent(proc, timeout: float = 60.0) -> str:
     and return its output. One that has not ended within ``timeout`` seconds gets SIGUSR1 first (the agent
     writes every thread's stack to stderr), then SIGKILL, and the test fails with the end of its log and
     those stacks: what it hung on, instead of a bare TimeoutExpired."""
+    proc.terminate()
+    return agent_output(proc, timeout)
+
+
+def agent_output(proc, timeout: float) -> str:
+    """The output of an agent subprocess (as for :func:`stop_agent`) once it ends; one still running after
+    ``timeout`` seconds fails the test with its log and every thread's stack (SIGUSR1, then SIGKILL)."""
     import signal
     import subprocess
 
-    proc.terminate()
     try:
         return proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGUSR1)
         try:
-            proc.communicate(timeout=3)
+            proc.communicate(timeout=3)       # ends only if the process does; the stacks are written by then
         except subprocess.TimeoutExpired:
             pass
         proc.kill()
         out = proc.communicate(timeout=10)[0] or ""
-        raise AssertionError(f"the agent did not stop within {timeout} s of SIGTERM; its log and stacks:\n"
+        raise AssertionError(f"the agent did not end within {timeout} s; its log and stacks:\n"
                              f"{out[-12000:]}") from None
